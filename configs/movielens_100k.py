@@ -1,0 +1,15 @@
+"""The default experiment: the unified model on MovieLens-100K, official u1 split.
+
+`python train.py --workdir=W` uses this file; override any field with `--config.train.epochs=3` etc.
+Every field is documented in mtl_rec/config.py (base_config); only the changes are listed here.
+"""
+
+from mtl_rec import config as config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.name = 'mtl_rec_ml100k'  # model name in exports and serving
+  c.data.source = 'movielens_100k'  # real data: local files, cache, GroupLens, or the recbole wheel on PyPI
+  c.data.split = 'u1'  # official u1.base / u1.test, comparable with the literature
+  return c

@@ -1,0 +1,81 @@
+"""Orbax checkpoints: the latest N plus the best, each carrying the config and loop bookkeeping.
+
+Layout under `W/checkpoints/`: `latest/<step>/` (rolling, keep N) and `best/<step>/` (keep 1), each step holding
+`state` (the train-state pytree) and `meta` (JSON: config, early-stopping state). Orbax writes a step into a
+temporary directory and renames it when complete, so a save interrupted by a kill is never picked up by restore.
+Restoring onto another mesh or device count works because the target is a tree of ShapeDtypeStructs carrying the
+*current* mesh's shardings.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=('state', 'meta'))
+
+
+def abstract_like(state: Any) -> Any:
+  """Restore target: shapes, dtypes and shardings of `state` (which lives on the mesh to restore onto)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+class Checkpointer:
+  """Saves and restores train states under `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, keep: int):
+    root = os.path.join(workdir, 'checkpoints')
+    self.latest = _manager(os.path.join(root, 'latest'), keep)
+    self.best = _manager(os.path.join(root, 'best'), 1)
+
+  @staticmethod
+  def _save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
+    if step in mngr.all_steps():
+      return
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False) -> None:
+    """Asynchronous save of `state` at `step` (and as the best state when `best`)."""
+    self._save(self.latest, step, state, meta)
+    if best:
+      self._save(self.best, step, state, meta)
+
+  @staticmethod
+  def _restore(mngr: ocp.CheckpointManager, target: Any, step: int | None) -> tuple[Any, dict[str, Any]] | None:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      return None
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target)),
+                                                     meta=ocp.args.JsonRestore()))
+    return out.state, out.meta
+
+  def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
+    """(state, meta) of the newest complete checkpoint, placed like `target`; None if there is none."""
+    return self._restore(self.latest, target, None)
+
+  def restore_best(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
+    return self._restore(self.best, target, None)
+
+  def restore_step(self, target: Any, step: int) -> tuple[Any, dict[str, Any]]:
+    mngr = self.latest if step in self.latest.all_steps() else self.best
+    out = self._restore(mngr, target, step)
+    if out is None:
+      raise ValueError(f'no checkpoint at step {step}; available: {sorted(set(self.all_steps()))}')
+    return out
+
+  def all_steps(self) -> list[int]:
+    return sorted(set(self.latest.all_steps()) | set(self.best.all_steps()))
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()

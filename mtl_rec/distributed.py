@@ -1,0 +1,41 @@
+"""Joining a multi-process (multi-host) JAX job: flags, environment, or jax's own cluster detection."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import flags
+
+_COORDINATOR = None
+_NUM_PROCESSES = None
+_PROCESS_ID = None
+
+
+def define_flags() -> None:
+  global _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID
+  _COORDINATOR = flags.DEFINE_string(
+      'coordinator_address', os.environ.get('MTL_REC_COORDINATOR', ''),
+      'host:port of process 0 for a multi-process job (env MTL_REC_COORDINATOR). Empty: single process, or '
+      "jax's cluster auto-detection when --num_processes=-1.")
+  _NUM_PROCESSES = flags.DEFINE_integer('num_processes', int(os.environ.get('MTL_REC_NUM_PROCESSES', '1')),
+                                        'Processes in the job (env MTL_REC_NUM_PROCESSES); -1 = auto-detect.')
+  _PROCESS_ID = flags.DEFINE_integer('process_id', int(os.environ.get('MTL_REC_PROCESS_ID', '0')),
+                                     'This process (env MTL_REC_PROCESS_ID), 0..num_processes-1.')
+
+
+def initialize() -> None:
+  """Calls jax.distributed.initialize when the flags ask for more than one process (never at import)."""
+  n = _NUM_PROCESSES.value
+  if n == -1:
+    jax.distributed.initialize()
+  elif n > 1:
+    if not _COORDINATOR.value:
+      raise flags.ValidationError('--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0')
+    if not 0 <= _PROCESS_ID.value < n:
+      raise flags.ValidationError(f'--process_id={_PROCESS_ID.value} must be in [0, {n})')
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=n, process_id=_PROCESS_ID.value)
+
+
+def is_lead() -> bool:
+  return jax.process_index() == 0

@@ -1,0 +1,177 @@
+"""The unified multi-task network (Flax NNX).
+
+shared embeddings (user + item features) -> backbone (shared-bottom MLP | MMoE | PLE/CGC) -> one tower + head per task.
+
+The module returns raw per-task outputs (logits for binary/multiclass heads, values for regression); losses, masks and
+metrics live in `tasks.py`. Every parameter carries `axes` metadata with logical axis names; `sharding.py` maps them
+to mesh axes through its one rules table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtl_rec.features import FeatureSpec
+
+HEAD_UNITS = {'binary': 1, 'regression': 1}
+
+
+def _dense(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(din, dout, rngs=rngs, kernel_init=nnx.initializers.lecun_normal())
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class MLP(nnx.Module):
+  """Dense + ReLU layers (ReLU after every layer: outputs feed further layers or heads)."""
+
+  def __init__(self, din: int, dims: Sequence[int], dropout: float, rngs: nnx.Rngs):
+    self.layers = nnx.List([_dense(a, b, rngs) for a, b in zip((din, *dims[:-1]), dims)])
+    self.dropout = dropout
+    self.out_dim = dims[-1] if dims else din
+
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    for i, layer in enumerate(self.layers):
+      x = jax.nn.relu(layer(x))
+      x = _dropout(x, self.dropout, None if rng is None else jax.random.fold_in(rng, i))
+    return x
+
+
+class Embeddings(nnx.Module):
+  """One table per feature, shared by every task. Large id tables are row-sharded (logical axis 'vocab')."""
+
+  def __init__(self, specs: Sequence[FeatureSpec], dim: int, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(stddev=0.05)
+    self.specs = tuple(specs)
+    self.tables = nnx.data({
+        s.name: nnx.Param(init(rngs.params(), (s.vocab_size, dim)),
+                          axes=('vocab' if s.large else 'small_vocab', 'embed'))
+        for s in specs})
+
+  def embed(self, spec: FeatureSpec, x: jax.Array) -> jax.Array:
+    table = self.tables[spec.name][...]
+    if spec.kind == 'multi_hot':  # mean of the rows that are on
+      return (x @ table) / jnp.maximum(x.sum(-1, keepdims=True), 1.0)
+    return jnp.take(table, x, axis=0)
+
+
+class SharedBottom(nnx.Module):
+  def __init__(self, din: int, hidden: Sequence[int], tasks: Sequence[str], dropout: float, rngs: nnx.Rngs, **_):
+    self.mlp = MLP(din, hidden, dropout, rngs)
+    self.tasks = tuple(tasks)
+    self.out_dim = self.mlp.out_dim
+
+  def __call__(self, x, rng=None):
+    h = self.mlp(x, rng)
+    return {t: h for t in self.tasks}
+
+
+class MMoE(nnx.Module):
+  """Multi-gate mixture of experts (Ma et al. 2018): shared experts, one softmax gate per task."""
+
+  def __init__(self, din: int, hidden: Sequence[int], tasks: Sequence[str], dropout: float, rngs: nnx.Rngs,
+               num_experts: int = 4, **_):
+    self.experts = nnx.List([MLP(din, hidden, dropout, rngs) for _ in range(num_experts)])
+    self.gates = nnx.data({t: _dense(din, num_experts, rngs) for t in tasks})
+    self.out_dim = hidden[-1]
+
+  def __call__(self, x, rng=None):
+    e = jnp.stack([ex(x, None if rng is None else jax.random.fold_in(rng, i))
+                   for i, ex in enumerate(self.experts)], axis=1)  # [B, E, H]
+    return {t: jnp.einsum('be,beh->bh', jax.nn.softmax(g(x), -1), e) for t, g in self.gates.items()}
+
+
+class PLE(nnx.Module):
+  """Customized gate control (Tang et al. 2020, one PLE level): shared experts plus experts owned by each task."""
+
+  def __init__(self, din: int, hidden: Sequence[int], tasks: Sequence[str], dropout: float, rngs: nnx.Rngs,
+               num_shared_experts: int = 2, num_task_experts: int = 1, **_):
+    self.shared = nnx.List([MLP(din, hidden, dropout, rngs) for _ in range(num_shared_experts)])
+    self.own = nnx.data({t: nnx.List([MLP(din, hidden, dropout, rngs) for _ in range(num_task_experts)])
+                         for t in tasks})
+    self.gates = nnx.data({t: _dense(din, num_shared_experts + num_task_experts, rngs) for t in tasks})
+    self.out_dim = hidden[-1]
+
+  def __call__(self, x, rng=None):
+    def run(experts, salt):
+      return [ex(x, None if rng is None else jax.random.fold_in(rng, salt + i)) for i, ex in enumerate(experts)]
+    shared = run(self.shared, 0)
+    out = {}
+    for j, (t, gate) in enumerate(self.gates.items()):
+      e = jnp.stack(shared + run(self.own[t], 100 * (j + 1)), axis=1)
+      out[t] = jnp.einsum('be,beh->bh', jax.nn.softmax(gate(x), -1), e)
+    return out
+
+
+BACKBONES = {'shared_bottom': SharedBottom, 'mmoe': MMoE, 'ple': PLE}
+
+
+class Head(nnx.Module):
+  """A task's tower MLP and output layer."""
+
+  def __init__(self, din: int, tower: Sequence[int], units: int, dropout: float, rngs: nnx.Rngs,
+               bias_init: float = 0.0):
+    self.tower = MLP(din, tower, dropout, rngs)
+    self.out = _dense(self.tower.out_dim, units, rngs)
+    self.out.bias[...] = jnp.full((units,), bias_init, jnp.float32)
+
+  def __call__(self, h, rng=None):
+    return self.out(self.tower(h, rng))
+
+
+class MultiTaskModel(nnx.Module):
+  """Shared embeddings -> backbone -> per-task heads.
+
+  Call with `user`/`item` feature dicts (see input_pipeline) -> ({task: output}, aux) where output is [B] for
+  binary/regression heads and [B, C] for multiclass, and aux['embedding_sq_norm'] is the per-example squared norm of
+  the large id-table rows used (for the embedding L2 penalty).
+  """
+
+  def __init__(self, specs: Sequence[FeatureSpec], tasks: dict[str, dict[str, Any]], model_config: Any,
+               embed_dim: int, rngs: nnx.Rngs, rating_mean: float = 3.5):
+    mc = model_config
+    self.embeddings = Embeddings(specs, embed_dim, rngs)
+    self.interaction = bool(mc.interaction)
+    num_feats = len(specs)
+    din = embed_dim * (num_feats + (1 if self.interaction else 0))
+    self.backbone = BACKBONES[mc.backbone](
+        din, tuple(mc.hidden_dims), tuple(tasks), mc.dropout, rngs, num_experts=mc.num_experts,
+        num_shared_experts=mc.num_shared_experts, num_task_experts=mc.num_task_experts)
+    self.heads = nnx.data({
+        name: Head(self.backbone.out_dim, tuple(mc.tower_dims),
+                   5 if t['kind'] == 'multiclass' else HEAD_UNITS[t['kind']], mc.dropout, rngs,
+                   bias_init=rating_mean if t['kind'] == 'regression' else 0.0)
+        for name, t in tasks.items()})
+    self.kinds = {name: t['kind'] for name, t in tasks.items()}
+    if mc.loss_weighting == 'uncertainty':  # log sigma^2 per task (Kendall et al. 2018)
+      self.log_vars = nnx.Param(jnp.zeros((len(tasks),), jnp.float32), axes=('task',))
+    else:
+      self.log_vars = None
+
+  def __call__(self, user: dict[str, jax.Array], item: dict[str, jax.Array],
+               rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    feats, user_vecs, item_vecs, sq = [], [], [], 0.0
+    for spec in self.embeddings.specs:
+      e = self.embeddings.embed(spec, (user if spec.entity == 'user' else item)[spec.name])
+      feats.append(e)
+      (user_vecs if spec.entity == 'user' else item_vecs).append(e)
+      if spec.large:
+        sq = sq + jnp.sum(e * e, axis=-1)
+    if self.interaction:
+      feats.append(sum(user_vecs) * sum(item_vecs))
+    x = jnp.concatenate(feats, axis=-1)
+    reps = self.backbone(x, None if rng is None else jax.random.fold_in(rng, 1))
+    out = {}
+    for j, (name, head) in enumerate(self.heads.items()):
+      y = head(reps[name], None if rng is None else jax.random.fold_in(rng, 10 + j))
+      out[name] = y if self.kinds[name] == 'multiclass' else y[..., 0]
+    return out, {'embedding_sq_norm': sq}

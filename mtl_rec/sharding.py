@@ -1,0 +1,105 @@
+"""The device mesh, the one logical-axis rules table, and placement of parameters and batches.
+
+Parameters carry logical axis names (`axes` metadata, see model.py); RULES maps each name to a mesh axis (None =
+replicated). Changing how the model is sharded is changing RULES.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+RULES: dict[str, str | None] = {
+    'batch': 'data',  # examples are split over the data axis
+    'vocab': 'model',  # rows of large id tables are split over the model axis
+    'small_vocab': None,  # small categorical tables are replicated
+    'embed': None,
+    'task': None,
+}
+
+
+def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Replaces a -1 by the remaining devices; raises ValueError naming the fix if the shape does not fit."""
+  shape = tuple(int(s) for s in shape)
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f'config.mesh.shape={shape}: {num_devices} devices are not divisible by {known}; '
+                       f'choose sizes that divide {num_devices}')
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if -1 not in shape and math.prod(shape) < num_devices:
+    return shape  # a mesh smaller than the machine uses its first devices (make_mesh slices them)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f'config.mesh.shape={shape} needs {math.prod(shape)} devices but {num_devices} are available; '
+                     'set --config.mesh.shape to sizes whose product is the device count (or use -1)')
+  return shape
+
+
+def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh with Auto axes (explicit-mode axes reject gathers from row-sharded tables)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = resolve_shape(shape, len(devices))
+  devices = devices[:math.prod(shape)]
+  return jax.make_mesh(shape, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, ndim: int) -> P:
+  if axes is None:
+    return P(*([None] * ndim))
+  return P(*(RULES.get(a) if a is not None else None for a in axes))
+
+
+def param_specs(params_state: nnx.State) -> Any:
+  """PartitionSpecs for every parameter, as a pure dict shaped like `nnx.to_pure_dict(params_state)`."""
+  def spec(v: nnx.Variable) -> P:
+    return logical_to_spec(v.get_metadata().get('axes'), v[...].ndim)
+  specs = jax.tree.map(spec, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(specs) if isinstance(specs, nnx.State) else specs
+
+
+def named(mesh: Mesh, specs: Any) -> Any:
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(RULES['batch']))
+
+
+def check_divisible(batch_size: int, mesh: Mesh, row_multiple: int) -> None:
+  """Raises ValueError if the batch or id-table rows cannot be split evenly over the mesh."""
+  data, model = mesh.shape['data'], mesh.shape['model']
+  if batch_size % data:
+    raise ValueError(f'config.train.batch_size={batch_size} is not divisible by the data axis ({data}); '
+                     f'use a multiple of {data}')
+  if batch_size % jax.process_count():
+    raise ValueError(f'config.train.batch_size={batch_size} must divide evenly over {jax.process_count()} processes')
+  if row_multiple % model:
+    raise ValueError(f'config.features.row_multiple={row_multiple} is not divisible by the model axis ({model}); '
+                     f'set it to a multiple of {model}')
+
+
+def global_batch(batch: Any, sharding: NamedSharding) -> Any:
+  """Places a global numpy batch on the mesh; each process contributes only its own slice of the rows."""
+  pc, pi = jax.process_count(), jax.process_index()
+
+  def put(x: np.ndarray) -> jax.Array:
+    if pc == 1:
+      return jax.device_put(x, sharding)
+    n = x.shape[0] // pc
+    return jax.make_array_from_process_local_data(sharding, x[pi * n:(pi + 1) * n], x.shape)
+  return jax.tree.map(put, batch)
+
+
+def bytes_per_device(tree: Any) -> dict[str, int]:
+  """Bytes of `tree`'s arrays held by each addressable device."""
+  out: dict[str, int] = {}
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      key = str(shard.device)
+      out[key] = out.get(key, 0) + shard.data.nbytes
+  return out

@@ -591,3 +591,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   ckpt.close()
   return result
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  """A finished (or checkpointed) run rebuilt from its workdir: the config saved beside the weights, the data
+  pipeline re-derived from it, the trainer on the current devices, and the restored parameters."""
+
+  config: ml_collections.ConfigDict
+  exp: Experiment
+  trainer: Trainer
+  params: Any
+  step: int
+
+
+def load_run(workdir: str, step: int | None = None, devices: Any = None) -> TrainedRun:
+  """Restores `workdir`'s best checkpoint (or the checkpoint at `step`) onto `devices` (default: all)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ValueError(f'{workdir} is not a run directory (no config.json); pass the --workdir of a train.py run')
+  with open(path) as f:
+    config = config_lib.from_json(f.read())
+  exp = prepare(config)
+  rating_mean = float(exp.data.rating[exp.split.train].mean())
+  total_steps = exp.stream.steps_per_epoch * config.train.epochs
+  trainer = make_trainer(config, exp.encoder, total_steps, rating_mean, devices)
+  ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
+  try:
+    if step is None:
+      restored = ckpt.restore_best(trainer.init_state) or ckpt.restore_latest(trainer.init_state)
+      if restored is None:
+        raise ValueError(f'no checkpoint under {workdir}/checkpoints; train first')
+    else:
+      restored = ckpt.restore_step(trainer.init_state, step)
+  finally:
+    ckpt.close()
+  state, _ = restored
+  return TrainedRun(config, exp, trainer, state['params'], int(state['step']))

@@ -30,8 +30,9 @@ class NegativeSampler:
     else:
       raise ValueError(f"unknown negative distribution {distribution!r}: use 'uniform' or 'popularity'")
     # Users that saw every candidate would loop forever; find them up front.
-    per_user = np.bincount(np.asarray(exclude_users, np.int64),
-                           weights=np.isin(exclude_items, self.candidates).astype(np.float64))
+    key_items = self._keys % self.num_items
+    per_user = np.bincount(self._keys // self.num_items,
+                           weights=np.isin(key_items, self.candidates).astype(np.float64))
     self._full_users = np.nonzero(per_user >= self.candidates.size)[0]
 
   def is_positive(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:

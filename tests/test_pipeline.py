@@ -1,0 +1,183 @@
+"""Splits, features, negative sampling, batches and masked task losses on a small hand-built dataset."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_rec import config as config_lib
+from mtl_rec import features as features_lib
+from mtl_rec import tasks as tasks_lib
+from mtl_rec.data import splits as splits_lib
+from mtl_rec.data.sampling import NegativeSampler
+from mtl_rec.data.types import ItemTable, RatingsData, UserTable
+from mtl_rec.input_pipeline import Examples, TrainStream, to_batch
+
+
+def small_data(num_users=40, num_items=30, per_user=8, seed=0) -> RatingsData:
+  rng = np.random.default_rng(seed)
+  users = np.repeat(np.arange(1, num_users + 1), per_user)
+  items = np.concatenate([rng.choice(np.arange(1, num_items + 1), per_user, replace=False)
+                          for _ in range(num_users)])
+  ut = UserTable(np.arange(1, num_users + 1), rng.choice(['M', 'F'], num_users).astype(object),
+                 rng.integers(10, 70, num_users).astype(np.int32), rng.choice(['a', 'b', 'c'], num_users),
+                 rng.choice(['12345', '54321', '99999'], num_users))
+  it = ItemTable(np.arange(1, num_items + 1), np.array([f't{i}' for i in range(num_items)]),
+                 rng.integers(1950, 2000, num_items).astype(np.int32), rng.random((num_items, 4)) < 0.4,
+                 ('a', 'b', 'c', 'd'))
+  return RatingsData('small', 'test', users.astype(np.int64), items.astype(np.int64),
+                     rng.integers(1, 6, users.size).astype(np.float32), rng.permutation(users.size).astype(np.int64),
+                     ut, it)
+
+
+@pytest.mark.parametrize('method', ['random', 'leave_last_out'])
+def test_splits_are_disjoint_and_cover_every_row(method):
+  data = small_data()
+  s = splits_lib.make_split(data, method, seed=3, valid_fraction=0.1, test_fraction=0.2)
+  parts = [s.train, s.valid, s.test]
+  assert sum(p.size for p in parts) == data.num_ratings
+  assert np.unique(np.concatenate(parts)).size == data.num_ratings
+  again = splits_lib.make_split(data, method, seed=3, valid_fraction=0.1, test_fraction=0.2)
+  assert all(np.array_equal(a, b) for a, b in zip(parts, [again.train, again.valid, again.test]))
+
+
+def test_leave_last_out_holds_out_each_users_latest_rating():
+  data = small_data()
+  s = splits_lib.make_split(data, 'leave_last_out', seed=0)
+  assert s.test.size == 40
+  for row in s.test:
+    u = data.user_id[row]
+    assert data.timestamp[row] == data.timestamp[data.user_id == u].max()
+
+
+def test_u1_refuses_other_datasets():
+  with pytest.raises(ValueError, match='100,000'):
+    splits_lib.make_split(small_data(), 'u1', seed=0)
+
+
+def test_vocabularies_are_fitted_on_train_only_with_oov_row():
+  data = small_data()
+  train = np.nonzero(data.user_id != 7)[0]  # user 7 appears only outside training
+  c = config_lib.base_config()
+  enc = features_lib.fit(data, train, c.features, row_multiple=8)
+  pos7 = int(np.nonzero(data.users.user_id == 7)[0][0])
+  assert enc.user_table['user_id'][pos7] == features_lib.OOV_ROW
+  known = enc.user_table['user_id'][data.users.user_id != 7]
+  assert known.min() >= 1 and np.unique(known).size == known.size
+  spec = next(s for s in enc.specs if s.name == 'user_id')
+  assert spec.vocab_size % 8 == 0 and spec.vocab_size >= 40  # 39 known users + OOV, padded
+  assert enc.vocabs['user_id'].lookup(np.array([123456]))[0] == features_lib.OOV_ROW
+
+
+def test_age_buckets():
+  b = features_lib.age_bucket(np.array([-1, 5, 18, 24, 25, 56, 80]), (18, 25, 35, 45, 50, 56))
+  assert b.tolist() == [0, 1, 2, 2, 3, 7, 7]
+
+
+def test_sampler_never_returns_a_training_positive():
+  rng = np.random.default_rng(0)
+  users = rng.integers(0, 50, 2000)
+  items = rng.integers(0, 40, 2000)  # dense: about 2/3 of each user's items are positives
+  for dist in ('uniform', 'popularity'):
+    s = NegativeSampler(users, items, np.arange(40), 40, dist)
+    q = rng.integers(0, 50, 500)
+    neg = s.sample(q, 6, rng)
+    pos = set(zip(users.tolist(), items.tolist()))
+    assert neg.shape == (500, 6)
+    assert not any((int(u), int(i)) in pos for u, row in zip(q, neg) for i in row)
+
+
+def test_sampler_popularity_distribution_follows_counts():
+  users = np.zeros(0, np.int64)
+  counts = np.array([1, 10, 100, 1000])
+  s = NegativeSampler(users, np.zeros(0, np.int64), np.arange(4), 4, 'popularity', 0.75, popularity_counts=counts)
+  draws = s.sample(np.zeros(20000, np.int64), 1, np.random.default_rng(1)).ravel()
+  freq = np.bincount(draws, minlength=4) / draws.size
+  want = counts ** 0.75 / (counts ** 0.75).sum()
+  np.testing.assert_allclose(freq, want, atol=0.01)
+
+
+def test_sampler_rejects_users_that_saw_every_item():
+  s = NegativeSampler(np.zeros(3, np.int64), np.arange(3), np.arange(3), 3)
+  with pytest.raises(ValueError, match='every candidate'):
+    s.sample(np.array([0]), 1, np.random.default_rng(0))
+
+
+def _stream(num_negatives=3, batch_size=16):
+  data = small_data()
+  rows = np.arange(data.num_ratings)
+  c = config_lib.base_config()
+  enc = features_lib.fit(data, rows, c.features)
+  uidx, iidx = data.user_id - 1, data.item_id - 1
+  sampler = NegativeSampler(uidx, iidx, np.arange(30), 30)
+  pos = Examples(uidx, iidx, data.rating, np.ones(rows.size, np.float32))
+  return TrainStream(pos, enc, sampler, num_negatives, batch_size, 4.0, seed=0), data
+
+
+def test_train_stream_is_deterministic_and_resumable():
+  stream, data = _stream()
+  full = list(stream.epoch(2))
+  resumed = list(stream.epoch(2, start_step=5))
+  assert len(full) == stream.steps_per_epoch == data.num_ratings * 4 // 16
+  for a, b in zip(full[5:], resumed):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  other = next(stream.epoch(3))  # negatives are resampled and rows reshuffled every epoch
+  assert not np.array_equal(full[0]['item']['item_id'], other['item']['item_id'])
+
+
+def test_batches_mask_labels_of_unobserved_pairs():
+  stream, _ = _stream()
+  b = next(stream.epoch(0))
+  neg = b['observed'] == 0
+  assert neg.any() and (~neg).any()
+  assert (b['labels']['click'] == b['observed']).all()
+  assert (b['labels']['like'][neg] == 0).all() and (b['labels']['rating'][neg] == 0).all()
+
+
+def test_masked_losses_ignore_unobserved_pairs():
+  specs = tasks_lib.task_specs(config_lib.base_config())
+  b = next(_stream()[0].epoch(0))
+  batch = jax.tree.map(jnp.asarray, {k: b[k] for k in ('labels', 'observed', 'valid')})
+  rng = np.random.default_rng(0)
+  outputs = {s.name: jnp.asarray(rng.normal(size=16), jnp.float32) for s in specs}
+  _, base = tasks_lib.losses(outputs, batch, specs)
+  neg = np.asarray(batch['observed']) == 0
+  # Wild outputs on unobserved rows change the click loss but not the like/rating losses.
+  wild = {k: jnp.where(neg, 1e3, v) for k, v in outputs.items()}
+  _, changed = tasks_lib.losses(wild, batch, specs)
+  assert float(changed['click']) != pytest.approx(float(base['click']))
+  assert float(changed['like']) == pytest.approx(float(base['like']))
+  assert float(changed['rating']) == pytest.approx(float(base['rating']))
+  obs = ~neg
+  want = np.mean((np.asarray(outputs['rating'])[obs] - np.asarray(batch['labels']['rating'])[obs]) ** 2)
+  assert float(base['rating']) == pytest.approx(want, rel=1e-5)
+  # Padding rows (valid = 0) count for no task.
+  batch_pad = dict(batch, valid=jnp.where(neg, 0.0, 1.0))
+  _, padded = tasks_lib.losses(wild, batch_pad, specs)
+  _, clean = tasks_lib.losses(outputs, batch_pad, specs)
+  assert float(padded['click']) == pytest.approx(float(clean['click']))
+
+
+def test_uncertainty_weighting_scales_task_losses():
+  specs = tasks_lib.task_specs(config_lib.base_config())
+  b = next(_stream()[0].epoch(0))
+  batch = jax.tree.map(jnp.asarray, {k: b[k] for k in ('labels', 'observed', 'valid')})
+  outputs = {s.name: jnp.zeros(16) for s in specs}
+  static, per_task = tasks_lib.losses(outputs, batch, specs)
+  same, _ = tasks_lib.losses(outputs, batch, specs, log_vars=jnp.zeros(3))
+  assert float(same) == pytest.approx(float(static))
+  s = jnp.array([1.0, 0.0, -1.0])
+  weighted, _ = tasks_lib.losses(outputs, batch, specs, log_vars=s)
+  want = sum(float(jnp.exp(-s[i]) * per_task[t.name] + s[i]) for i, t in enumerate(specs))
+  assert float(weighted) == pytest.approx(want, rel=1e-5)
+
+
+def test_to_batch_gathers_side_features():
+  data = small_data()
+  enc = features_lib.fit(data, np.arange(data.num_ratings), config_lib.base_config().features)
+  ex = Examples(np.array([0, 1]), np.array([2, 3]), np.array([5.0, 3.0], np.float32), np.ones(2, np.float32))
+  b = to_batch(ex, enc, 4.0)
+  assert b['item']['genres'].shape == (2, 4)
+  np.testing.assert_array_equal(b['item']['genres'], data.items.genres[[2, 3]].astype(np.float32))
+  assert b['labels']['like'].tolist() == [1.0, 0.0]
+  assert b['labels']['rating_class'].tolist() == [4, 2]

@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_task_experts = 1  # PLE: experts owned by each task
   c.model.tower_dims = (32,)  # per-task tower MLP widths before the head
   c.model.interaction = True  # feed the element-wise product of user and item vectors to the backbone
+  c.model.gmf = True  # NeuMF's GMF path: per-task linear read-out of the user x item product added to each head
+  c.model.id_biases = True  # wide part: per-task scalar biases per user id and item id added to each head
   c.model.esmm = False  # P(click & like) = P(click) * P(like | click), trained on all rows (like must be binary)
   c.model.loss_weighting = 'static'  # 'static' (task weights) or 'uncertainty' (Kendall et al. 2018, learned)
   c.model.dropout = 0.0  # dropout rate on backbone and tower activations
@@ -119,6 +121,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)  # device mesh shape; -1 = all remaining devices
   c.mesh.axis_names = ('data', 'model')  # batch is split over 'data', embedding rows over 'model'
+
+  c.export = ml_collections.ConfigDict()
+  c.export.enabled = True  # train_and_evaluate ends by writing W/export/<version>/ (see mtl_rec/export.py)
+  c.export.max_k = 100  # largest k the exported `recommend` returns (capped at the catalog size)
+  c.export.chunk_items = 4096  # `recommend` scores the catalog in blocks of this many items (memory: users x block)
+  c.export.platforms = ('cpu',)  # jax.export lowering platforms, e.g. ('cpu', 'cuda') for one artifact on both
   return c
 
 
@@ -138,11 +146,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   one_of('data.source', c.data.source, DATA_SOURCES)
   one_of('data.split', c.data.split, SPLITS)
-  if c.data.split == 'u1' and c.data.source not in ('movielens_100k', 'tfds'):
-    raise _err('data.split', c.data.split, "the official u1 split exists only for MovieLens-100K; use 'random' or "
-               "'leave_last_out'")
-  if c.data.split == 'u1' and c.data.source == 'tfds' and '100k' not in c.data.tfds_name:
-    raise _err('data.split', c.data.split, "u1 is MovieLens-100K's split; use 'random' or 'leave_last_out'")
+  if c.data.split == 'u1' and c.data.source != 'movielens_100k':
+    # TFDS shuffles u.data's line order, which u1 is defined by.
+    raise _err('data.split', c.data.split, "the official u1 split needs MovieLens-100K in u.data order "
+               "(data.source='movielens_100k'); use 'random' or 'leave_last_out'")
   for field in ('test_fraction', 'valid_fraction'):
     v = c.data[field]
     if not 0 < v < 1:
@@ -217,6 +224,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     positive(f'eval.{field}', c.eval[field])
   if c.eval.ranking_task not in c.tasks:
     raise _err('eval.ranking_task', c.eval.ranking_task, f'name one of the tasks: {", ".join(c.tasks)}')
+
+  for field in ('max_k', 'chunk_items'):
+    positive(f'export.{field}', c.export[field])
+  if not c.export.platforms or any(p not in ('cpu', 'cuda', 'rocm', 'tpu') for p in c.export.platforms):
+    raise _err('export.platforms', c.export.platforms, "name one or more of 'cpu', 'cuda', 'rocm', 'tpu'")
 
   shape, names = tuple(c.mesh.shape), tuple(c.mesh.axis_names)
   if len(shape) != len(names) or len(set(names)) != len(names):

@@ -13,9 +13,9 @@ def get_config():
   c.data.split = 'random'  # u1 exists only for ML-100K
   c.data.synthetic.num_users = 2000  # users
   c.data.synthetic.num_items = 1000  # items
-  c.data.synthetic.interactions_per_user = 20  # observed items per user
-  c.data.synthetic.latent_dim = 8  # rank of the planted factors
-  c.features.embed_dim = 16  # the planted rank is 8: 16 is ample
+  c.data.synthetic.interactions_per_user = 40  # observed items per user: enough to recover the planted factors
+  c.data.synthetic.latent_dim = 4  # rank of the planted factors (at rank 8 and 20 items/user popularity dominates)
+  c.features.embed_dim = 16  # the planted rank is 4: 16 is ample
   c.model.hidden_dims = (64, 32)  # small backbone: this config must train in well under 3 minutes
   c.model.tower_dims = (16,)  # small towers
   c.train.batch_size = 512  # rows per step

@@ -69,14 +69,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = 'shared_bottom'  # 'shared_bottom', 'mmoe' or 'ple' (single-level CGC)
-  c.model.hidden_dims = (128, 64)  # shared-bottom MLP widths, or each expert's widths for MMoE/PLE
+  c.model.hidden_dims = (256, 128)  # shared-bottom MLP widths, or each expert's widths for MMoE/PLE
   c.model.num_experts = 4  # MMoE: experts shared by all tasks
   c.model.num_shared_experts = 2  # PLE: shared experts
   c.model.num_task_experts = 1  # PLE: experts owned by each task
   c.model.tower_dims = (32,)  # per-task tower MLP widths before the head
   c.model.interaction = True  # feed the element-wise product of user and item vectors to the backbone
-  c.model.gmf = True  # NeuMF's GMF path: per-task linear read-out of the user x item product added to each head
-  c.model.id_biases = True  # wide part: per-task scalar biases per user id and item id added to each head
+  c.model.gmf = False  # NeuMF's GMF path: per-task linear read-out of the user x item product added to each head
+  c.model.id_biases = False  # wide part: per-task scalar biases per user id and item id added to each head
   c.model.esmm = False  # P(click & like) = P(click) * P(like | click), trained on all rows (like must be binary)
   c.model.loss_weighting = 'static'  # 'static' (task weights) or 'uncertainty' (Kendall et al. 2018, learned)
   c.model.dropout = 0.0  # dropout rate on backbone and tower activations
@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 1024  # global batch size (rows: observed pairs and sampled negatives)
-  c.train.epochs = 20  # maximum epochs
+  c.train.epochs = 6  # epochs; the cosine schedule decays to 0 over them (early stopping may end sooner)
   c.train.log_every_steps = 50  # history.jsonl / TensorBoard / progress-bar interval
   c.train.checkpoint_every_steps = 500  # also saved at every epoch end
   c.train.keep_checkpoints = 3  # latest checkpoints kept (the best one is kept apart)

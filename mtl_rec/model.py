@@ -152,6 +152,17 @@ class MultiTaskModel(nnx.Module):
                    bias_init=rating_mean if t['kind'] == 'regression' else 0.0)
         for name, t in tasks.items()})
     self.kinds = {name: t['kind'] for name, t in tasks.items()}
+    # Wide part: a per-task scalar bias for every user and item id (the b_u + b_i of biased MF), added to binary
+    # logits and regression values; the deep part then only has to model the interaction.
+    # GMF part (NeuMF, He et al. 2017): a per-task linear read-out of the user x item product straight into the head,
+    # because MLPs learn dot products poorly (Rendle et al. 2020); the deep part models what a dot product cannot.
+    self.gmf = nnx.data({name: nnx.Linear(embed_dim, 1 if t['kind'] != 'multiclass' else 5, use_bias=False,
+                                          rngs=rngs, kernel_init=nnx.initializers.ones_init())
+                         for name, t in tasks.items()} if mc.gmf else {})
+    large = [s for s in specs if s.large]
+    self.id_biases = nnx.data({
+        name: {s.name: nnx.Param(jnp.zeros((s.vocab_size,), jnp.float32), axes=('vocab',)) for s in large}
+        for name, t in tasks.items() if mc.id_biases and t['kind'] != 'multiclass'})
     if mc.loss_weighting == 'uncertainty':  # log sigma^2 per task (Kendall et al. 2018)
       self.log_vars = nnx.Param(jnp.zeros((len(tasks),), jnp.float32), axes=('task',))
     else:
@@ -166,12 +177,21 @@ class MultiTaskModel(nnx.Module):
       (user_vecs if spec.entity == 'user' else item_vecs).append(e)
       if spec.large:
         sq = sq + jnp.sum(e * e, axis=-1)
+    product = sum(user_vecs) * sum(item_vecs)
     if self.interaction:
-      feats.append(sum(user_vecs) * sum(item_vecs))
+      feats.append(product)
     x = jnp.concatenate(feats, axis=-1)
     reps = self.backbone(x, None if rng is None else jax.random.fold_in(rng, 1))
     out = {}
     for j, (name, head) in enumerate(self.heads.items()):
       y = head(reps[name], None if rng is None else jax.random.fold_in(rng, 10 + j))
-      out[name] = y if self.kinds[name] == 'multiclass' else y[..., 0]
+      if name in self.gmf:
+        y = y + self.gmf[name](product)
+      if self.kinds[name] == 'multiclass':
+        out[name] = y
+        continue
+      y = y[..., 0]
+      for feature, table in self.id_biases.get(name, {}).items():
+        y = y + jnp.take(table[...], (user if feature == 'user_id' else item)[feature], axis=0)
+      out[name] = y
     return out, {'embedding_sq_norm': sq}

@@ -16,8 +16,18 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+  if read_only:  # another run's checkpoints: list and read, never create, clean up or delete anything there
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  else:
+    # cleanup_tmp_directories: a save killed mid-write leaves a `<step>.orbax-checkpoint-tmp-*` directory that
+    # restore never reads; it is removed when the run restarts.
+    # The barrier prefix: `latest` and `best` save the same step at an epoch end, and in a multi-process job two
+    # managers with the same barrier names collide ("barrier ... is already ongoing").
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory))))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=('state', 'meta'))
 
 
@@ -29,14 +39,15 @@ def abstract_like(state: Any) -> Any:
 class Checkpointer:
   """Saves and restores train states under `workdir/checkpoints`."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int, read_only: bool = False):
+    """`read_only`: only restore (e.g. from a run that may still be training: its unfinished saves are left be)."""
     root = os.path.join(workdir, 'checkpoints')
-    self.latest = _manager(os.path.join(root, 'latest'), keep)
-    self.best = _manager(os.path.join(root, 'best'), 1)
+    self.latest = _manager(os.path.join(root, 'latest'), keep, read_only)
+    self.best = _manager(os.path.join(root, 'best'), 1, read_only)
 
   @staticmethod
   def _save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
-    if step in mngr.all_steps():
+    if step in mngr.all_steps() or step == mngr.latest_step():
       return
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
@@ -79,3 +90,35 @@ class Checkpointer:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def find_checkpoint(path: str) -> tuple[str, str]:
+  """(run directory, step directory) for `path`: a run's workdir (its best checkpoint, else its latest) or one step
+  directory `W/checkpoints/{latest,best}/<step>`. Raises ValueError naming what to pass instead."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(parent)) == 'checkpoints':
+    return os.path.dirname(os.path.dirname(parent)), path
+  for kind in ('best', 'latest'):
+    directory = os.path.join(path, 'checkpoints', kind)
+    steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []  # finished saves only
+    if steps:
+      return path, os.path.join(directory, str(max(steps)))
+  raise ValueError(f'{path} holds no checkpoint: pass the --workdir of a train.py run, or one of its '
+                   'checkpoints/latest/<step> directories')
+
+
+def params_metadata(step_dir: str) -> Any:
+  """The tree of `state['params']` saved in a step directory, as ShapeDtypeStructs (no data is read)."""
+  tree = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, 'state')).item_metadata.tree
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree['params'])
+
+
+def restore_params(step_dir: str, target: Any) -> Any:
+  """Only `state['params']` of a step directory (the optimizer state is not read), placed like `target`, a tree of
+  ShapeDtypeStructs with shardings."""
+  out = ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, 'state'),
+      args=ocp.args.PyTreeRestore(item={'params': target}, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args({'params': target})))
+  return out['params']

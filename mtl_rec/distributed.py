@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import jax
-from absl import flags
+from absl import app, flags
 
 _COORDINATOR = None
 _NUM_PROCESSES = None
@@ -25,16 +25,23 @@ def define_flags() -> None:
 
 
 def initialize() -> None:
-  """Calls jax.distributed.initialize when the flags ask for more than one process (never at import)."""
+  """Calls jax.distributed.initialize when the flags ask for more than one process (never at import).
+
+  Must run before anything touches a JAX backend. Raises app.UsageError (a clean exit naming the flag) for
+  inconsistent flags.
+  """
   n = _NUM_PROCESSES.value
-  if n == -1:
+  if n == -1:  # a cluster jax recognizes (SLURM, Open MPI, TPU pods, ...) supplies all three values
     jax.distributed.initialize()
   elif n > 1:
     if not _COORDINATOR.value:
-      raise flags.ValidationError('--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0')
+      raise app.UsageError('--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0')
     if not 0 <= _PROCESS_ID.value < n:
-      raise flags.ValidationError(f'--process_id={_PROCESS_ID.value} must be in [0, {n})')
+      raise app.UsageError(f'--process_id={_PROCESS_ID.value} must be in [0, {n}) for --num_processes={n}')
     jax.distributed.initialize(_COORDINATOR.value, num_processes=n, process_id=_PROCESS_ID.value)
+  elif n != 1:
+    raise app.UsageError(f'--num_processes={n}: use 1 (single process), N > 1 with --coordinator_address and '
+                         '--process_id, or -1 to let jax detect the cluster')
 
 
 def is_lead() -> bool:

@@ -49,15 +49,22 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices: Sequence
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, ndim: int) -> P:
+  """The PartitionSpec of an array with logical `axes` (None: replicated); a name missing from RULES is an error."""
   if axes is None:
     return P(*([None] * ndim))
-  return P(*(RULES.get(a) if a is not None else None for a in axes))
+  unknown = [a for a in axes if a is not None and a not in RULES]
+  if unknown:
+    # A typo here would silently replicate a table that is meant to be sharded.
+    raise ValueError(f'logical axis {unknown[0]!r} has no entry in sharding.RULES ({", ".join(RULES)}); add it there')
+  if len(axes) != ndim:
+    raise ValueError(f'logical axes {tuple(axes)} name {len(axes)} dimensions of a {ndim}-d parameter')
+  return P(*(RULES[a] if a is not None else None for a in axes))
 
 
 def param_specs(params_state: nnx.State) -> Any:
   """PartitionSpecs for every parameter, as a pure dict shaped like `nnx.to_pure_dict(params_state)`."""
   def spec(v: nnx.Variable) -> P:
-    return logical_to_spec(v.get_metadata().get('axes'), v[...].ndim)
+    return logical_to_spec(v.get_metadata().get('axes'), len(v.get_value().shape))  # arrays or abstract shapes
   specs = jax.tree.map(spec, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(specs) if isinstance(specs, nnx.State) else specs
 
@@ -83,15 +90,24 @@ def check_divisible(batch_size: int, mesh: Mesh, row_multiple: int) -> None:
                      f'set it to a multiple of {model}')
 
 
+def process_rows(sharding: NamedSharding, num_rows: int) -> slice:
+  """The rows of a global batch that this process's devices hold: a contiguous range, or all rows where the batch is
+  replicated over processes (e.g. a data axis of size 1)."""
+  ranges = {idx[0].indices(num_rows)[:2] for idx in sharding.addressable_devices_indices_map((num_rows,)).values()}
+  lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+  if sum(b - a for a, b in ranges) < hi - lo:
+    raise ValueError(f'process {jax.process_index()} holds non-contiguous batch rows {sorted(ranges)}; build the '
+                     'mesh with sharding.make_mesh so that each process owns a contiguous block of the data axis')
+  return slice(lo, hi)
+
+
 def global_batch(batch: Any, sharding: NamedSharding) -> Any:
-  """Places a global numpy batch on the mesh; each process contributes only its own slice of the rows."""
-  pc, pi = jax.process_count(), jax.process_index()
+  """Places a global numpy batch on the mesh; each process contributes only the rows its devices hold."""
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
 
   def put(x: np.ndarray) -> jax.Array:
-    if pc == 1:
-      return jax.device_put(x, sharding)
-    n = x.shape[0] // pc
-    return jax.make_array_from_process_local_data(sharding, x[pi * n:(pi + 1) * n], x.shape)
+    return jax.make_array_from_process_local_data(sharding, x[process_rows(sharding, x.shape[0])], x.shape)
   return jax.tree.map(put, batch)
 
 

@@ -194,16 +194,21 @@ def make_trainer(config: ml_collections.ConfigDict, encoder: features_lib.Featur
   """Builds the model on the mesh from config.mesh and jits the steps with explicit shardings."""
   mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names, devices)
   sharding_lib.check_divisible(config.train.batch_size, mesh, config.features.row_multiple)
-  model = build_model(config, encoder, rating_mean)
-  graphdef, params_state = nnx.split(model)
-  param_shardings = sharding_lib.named(mesh, sharding_lib.param_specs(params_state))
-  params = jax.device_put(nnx.to_pure_dict(params_state), param_shardings)
+  # Parameters are initialized by one jit straight into their shards: no full table ever sits on one device, and
+  # one compile replaces the dozens an eager init costs.
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(config, encoder, rating_mean)))
+  param_shardings = sharding_lib.named(mesh, sharding_lib.param_specs(abstract_params))
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(config, encoder, rating_mean))),
+                   out_shardings=param_shardings)()
   tx = make_optimizer(config.optimizer, total_steps)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  # Optimizer moments follow the parameters' shardings (jit propagates them from the sharded params).
-  opt_state = jax.jit(tx.init)(params)
+  # Optimizer moments take their parameter's sharding and scalars (counts) are replicated, stated explicitly:
+  # left to jit, the counts land on one device and the step then rejects the mixed placement.
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated), 'params': params, 'opt_state': opt_state}
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  state_shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
   batch_sharding = sharding_lib.batch_sharding(mesh)
   specs = tasks_lib.task_specs(config)
   step = jax.jit(
@@ -259,19 +264,69 @@ def pointwise_metrics(trainer: Trainer, params: Any, exp: Experiment, eval_set: 
   return out
 
 
-def _catalog_scorer(trainer: Trainer, exp: Experiment) -> Callable:
-  """jit: (params, user feature batch [U], item catalog features [I]) -> ranking scores [U, I]."""
-  spec = next(s for s in exp.specs if s.name == exp.config.eval.ranking_task)
+def catalog_predictions(graphdef: Any, specs: tuple[tasks_lib.TaskSpec, ...]) -> Callable:
+  """jit: (params, user feature batch [U], item features [I]) -> {task: predictions [U, I] (or [U, I, C])}.
 
-  def score(params, users, items):
+  Every (user, item) pair of the cross product, for the tasks of `specs`, of the network `graphdef` (a trainer's,
+  or any model's with the same call signature); the fused scorers of mtl_rec.fusion and the ranking metrics below
+  build on it.
+  """
+
+  def predict_all(params, users, items):
     nu = jax.tree.leaves(users)[0].shape[0]
     ni = jax.tree.leaves(items)[0].shape[0]
     u = jax.tree.map(lambda x: jnp.repeat(x, ni, axis=0), users)
     i = jax.tree.map(lambda x: jnp.tile(x, (nu,) + (1,) * (x.ndim - 1)), items)
-    outputs, _, _ = _forward(trainer.graphdef, params, {'user': u, 'item': i})
-    s = tasks_lib.ranking_score(tasks_lib.predictions(outputs, exp.specs), spec, exp.config.data.like_threshold)
-    return s.reshape(nu, ni)
+    outputs, _, _ = _forward(graphdef, params, {'user': u, 'item': i})
+    return {k: v.reshape((nu, ni) + v.shape[1:]) for k, v in tasks_lib.predictions(outputs, specs).items()}
+  return jax.jit(predict_all)
+
+
+def catalog_features(exp: Experiment) -> dict[str, np.ndarray]:
+  """The item features of the whole catalog, in item-position order."""
+  return exp.encoder.gather(np.zeros(exp.num_items, np.int64), np.arange(exp.num_items))['item']
+
+
+def _catalog_scorer(trainer: Trainer, exp: Experiment) -> Callable:
+  """jit: (params, user feature batch [U], item catalog features [I]) -> ranking scores [U, I]."""
+  spec = next(s for s in exp.specs if s.name == exp.config.eval.ranking_task)
+  predict_all = catalog_predictions(trainer.graphdef, exp.specs)
+
+  def score(params, users, items):
+    return tasks_lib.ranking_score(predict_all(params, users, items), spec, exp.config.data.like_threshold)
   return jax.jit(score)
+
+
+def catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_rows: np.ndarray,
+                            score_users: Callable[[np.ndarray], Any]) -> dict[str, float]:
+  """Full-catalog Recall/NDCG@K (RecBole protocol, graded NDCG too) of any scorer.
+
+  `score_users(user positions [U]) -> scores [U, num_items]` (numpy or device array). For each user with a
+  held-out rating every catalog item the user has not rated in `history_rows` is ranked; the held-out items are
+  the relevant ones, with the held-out rating as gain for `ndcg@K_graded`.
+  """
+  ec, k = exp.config.eval, exp.config.eval.k
+  num_items = exp.num_items
+  h_users, h_items = exp.user_index[heldout_rows], exp.item_index[heldout_rows]
+  eval_users = np.unique(h_users)
+  row_of = np.full(exp.num_users, -1, np.int64)
+  row_of[eval_users] = np.arange(eval_users.size)
+  relevant = metrics_lib.csr_from_pairs(row_of[h_users], h_items, eval_users.size,
+                                        gains=exp.data.rating[heldout_rows])
+  seen = metrics_lib.csr_from_pairs(exp.user_index[history_rows], exp.item_index[history_rows], exp.num_users)
+  users_per_batch = max(1, min(eval_users.size, ec.ranking_rows_per_batch // num_items))
+  topk = np.zeros((eval_users.size, k), np.int64)
+  for start in range(0, eval_users.size, users_per_batch):
+    users = eval_users[start:start + users_per_batch]
+    pad = users_per_batch - users.size
+    users_p = np.concatenate([users, np.repeat(users[-1:], pad)])
+    scores = score_users(users_p)
+    exclude = np.zeros((users_p.size, num_items), bool)
+    for r, u in enumerate(users_p):
+      exclude[r, seen[1][seen[0][u]:seen[0][u + 1]]] = True
+    _, idx = metrics_lib.masked_topk(scores, exclude, k)
+    topk[start:start + users.size] = np.asarray(idx)[:users.size]
+  return metrics_lib.topk_ranking_metrics(topk, relevant, k)
 
 
 def ranking_metrics(trainer: Trainer, params: Any, exp: Experiment, heldout_rows: np.ndarray,
@@ -283,32 +338,13 @@ def ranking_metrics(trainer: Trainer, params: Any, exp: Experiment, heldout_rows
   (one score per item, e.g. popularity) the same protocol evaluates a non-personalized ranking instead.
   """
   ec, k = exp.config.eval, exp.config.eval.k
-  num_items = exp.num_items
   h_users, h_items = exp.user_index[heldout_rows], exp.item_index[heldout_rows]
-  eval_users = np.unique(h_users)
-  row_of = np.full(exp.num_users, -1, np.int64)
-  row_of[eval_users] = np.arange(eval_users.size)
-  relevant = metrics_lib.csr_from_pairs(row_of[h_users], h_items, eval_users.size,
-                                        gains=exp.data.rating[heldout_rows])
-  seen = metrics_lib.csr_from_pairs(exp.user_index[history_rows], exp.item_index[history_rows], exp.num_users)
-  catalog = exp.encoder.gather(np.zeros(num_items, np.int64), np.arange(num_items))['item']
-  users_per_batch = max(1, min(eval_users.size, ec.ranking_rows_per_batch // num_items))
-  scorer = None if item_scores is not None else _catalog_scorer(trainer, exp)
-  topk = np.zeros((eval_users.size, k), np.int64)
-  for start in range(0, eval_users.size, users_per_batch):
-    users = eval_users[start:start + users_per_batch]
-    pad = users_per_batch - users.size
-    users_p = np.concatenate([users, np.repeat(users[-1:], pad)])
-    if scorer is None:
-      scores = np.broadcast_to(item_scores, (users_p.size, num_items))
-    else:
-      scores = scorer(params, {n: v[users_p] for n, v in exp.encoder.user_table.items()}, catalog)
-    exclude = np.zeros((users_p.size, num_items), bool)
-    for r, u in enumerate(users_p):
-      exclude[r, seen[1][seen[0][u]:seen[0][u + 1]]] = True
-    _, idx = metrics_lib.masked_topk(scores, exclude, k)
-    topk[start:start + users.size] = np.asarray(idx)[:users.size]
-  out = metrics_lib.topk_ranking_metrics(topk, relevant, k)
+  if item_scores is not None:
+    score_users = lambda users: np.broadcast_to(item_scores, (users.size, exp.num_items))
+  else:
+    scorer, catalog = _catalog_scorer(trainer, exp), catalog_features(exp)
+    score_users = lambda users: scorer(params, {n: v[users] for n, v in exp.encoder.user_table.items()}, catalog)
+  out = catalog_ranking_metrics(exp, heldout_rows, history_rows, score_users)
 
   # NCF protocol: each held-out positive against `sampled_negatives` items the user never rated (fixed seed).
   rng = np.random.default_rng([exp.config.seed, 4])
@@ -376,8 +412,19 @@ class _Preemption:
   """SIGTERM (how preemption arrives) sets a flag; the loop saves a checkpoint and exits cleanly."""
 
   def __init__(self):
-    self.requested = False
+    self.requested = False  # this process got SIGTERM
+    self.stop = False  # every process agreed to stop after the current step
     self._previous = None
+
+  def check(self, sync_point: bool) -> bool:
+    """Whether to stop now. With several processes the flags are combined only at sync points (which every process
+    reaches at the same step): a process that stopped alone would leave the others hanging in a collective."""
+    if jax.process_count() == 1:
+      self.stop = self.requested
+    elif sync_point and not self.stop:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.stop = bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+    return self.stop
 
   def __enter__(self):
     try:
@@ -456,10 +503,13 @@ def format_table(metrics: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       init_from: str | None = None) -> dict[str, Any]:
   """Trains with early stopping on validation, evaluates the best checkpoint on test, writes the run directory.
 
-  Re-running with the same workdir resumes from the latest checkpoint. Returns the metrics.json content.
+  Re-running with the same workdir resumes from the latest checkpoint. `init_from` (a run's workdir or one of its
+  checkpoint step directories) warm-starts a fresh run from trained weights; see `init_from_checkpoint`. Returns the
+  metrics.json content.
   """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -473,6 +523,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            exp.split.train.size, exp.split.valid.size, exp.split.test.size, time.time() - t0)
   if lead:
     splits_lib.write_csv(exp.data, exp.split, os.path.join(workdir, 'splits'))
+  save_vocabularies(exp.encoder, os.path.join(workdir, VOCAB_FILE))
 
   spe = exp.stream.steps_per_epoch
   total_steps = spe * config.train.epochs
@@ -486,6 +537,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, saved_meta = restored
     meta.update({k: saved_meta[k] for k in meta if k in saved_meta})
     log.info('resumed from checkpoint at step %d', int(state['step']))
+  elif init_from:  # only a fresh run warm-starts: a resumed one continues from its own checkpoint
+    state = {**state, 'params': init_from_checkpoint(init_from, trainer, state['params'], exp.encoder)}
   start_step = int(state['step'])
 
   first_batch = next(exp.stream.epoch(0))
@@ -531,9 +584,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           pbar.update(1)
         if step % config.train.checkpoint_every_steps == 0 and step % spe:
           ckpt.save(step, state, meta_to_save())
-        if preemption.requested:
+        if preemption.check(sync_point=step % config.train.log_every_steps == 0):
           break
-      if preemption.requested and step % spe:
+      if preemption.stop and step % spe:
         preempted = True
         break
       # End of epoch: validate, early-stopping bookkeeping, checkpoint (latest, and best if improved).
@@ -554,7 +607,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if pbar is not None:
         pbar.write(f'epoch {epoch + 1}: valid ' + ' '.join(f'{k}={v:.4f}' for k, v in sorted(valid.items())))
       ckpt.save(step, state, meta_to_save(), best=improved)
-      if preemption.requested:
+      t_log = time.time()  # examples/s measures training, not evaluation
+      if preemption.check(sync_point=True):
         preempted = True
         break
     if preempted:
@@ -612,11 +666,16 @@ def load_run(workdir: str, step: int | None = None, devices: Any = None) -> Trai
     raise ValueError(f'{workdir} is not a run directory (no config.json); pass the --workdir of a train.py run')
   with open(path) as f:
     config = config_lib.from_json(f.read())
+  num_devices = len(jax.devices() if devices is None else devices)
+  try:
+    sharding_lib.resolve_shape(config.mesh.shape, num_devices)
+  except ValueError:  # trained on another device count: restore onto these devices, data-parallel
+    config.mesh.shape = (-1, 1)
   exp = prepare(config)
   rating_mean = float(exp.data.rating[exp.split.train].mean())
   total_steps = exp.stream.steps_per_epoch * config.train.epochs
   trainer = make_trainer(config, exp.encoder, total_steps, rating_mean, devices)
-  ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
+  ckpt = Checkpointer(workdir, config.train.keep_checkpoints, read_only=True)
   try:
     if step is None:
       restored = ckpt.restore_best(trainer.init_state) or ckpt.restore_latest(trainer.init_state)
@@ -628,3 +687,113 @@ def load_run(workdir: str, step: int | None = None, devices: Any = None) -> Trai
     ckpt.close()
   state, _ = restored
   return TrainedRun(config, exp, trainer, state['params'], int(state['step']))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Warm start (the feedback loop): a new run on new interactions starts from an earlier run's weights.
+
+VOCAB_FILE = 'vocab.npz'
+
+
+def save_vocabularies(encoder: features_lib.FeatureEncoder, path: str) -> None:
+  """Writes what maps raw values to table rows (vocabularies, genre columns, age buckets): a later run warm-started
+  from this one finds the old row of every id it shares with it."""
+  if jax.process_index() != 0:
+    return
+  arrays = {f'vocab_{name}': v.keys for name, v in encoder.vocabs.items()}
+  arrays['genre_names'] = np.asarray(encoder.genre_names, np.str_)
+  arrays['age_boundaries'] = np.asarray(encoder.age_boundaries, np.int64)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def row_sources(old_run_dir: str, encoder: features_lib.FeatureEncoder) -> dict[str, np.ndarray]:
+  """For every feature table of `encoder`: the old run's row for each new row, or -1 (no old row: keep the fresh
+  init). Known raw ids and values keep their trained rows wherever vocabularies moved them; the OOV row keeps its
+  meaning; padding rows and values the old run never saw are -1."""
+  path = os.path.join(old_run_dir, VOCAB_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f'{path} is missing: --init_from needs a run trained by this version of train.py')
+  with np.load(path) as f:
+    old = {k: f[k] for k in f.files}
+  out = {}
+  for spec in encoder.specs:
+    src = np.full(spec.vocab_size, -1, np.int64)
+    if spec.name in encoder.vocabs:
+      keys = encoder.vocabs[spec.name].keys
+      old_rows = features_lib.Vocab(old[f'vocab_{spec.name}']).lookup(keys) if keys.size else keys
+      src[features_lib.OOV_ROW] = features_lib.OOV_ROW
+      src[1:1 + keys.size] = np.where(old_rows != features_lib.OOV_ROW, old_rows, -1)
+    elif spec.name == 'age':  # buckets: rows mean the same only under the same boundaries
+      if tuple(old['age_boundaries']) == encoder.age_boundaries:
+        src[:] = np.arange(spec.vocab_size)
+    elif spec.name == 'genres':  # multi-hot columns, matched by genre name
+      old_cols = {g: i for i, g in enumerate(old['genre_names'].tolist())}
+      src[:] = [old_cols.get(g, -1) for g in encoder.genre_names]
+    out[spec.name] = src
+  return out
+
+
+def _path_key(path) -> tuple[str, ...]:
+  # Checkpoint metadata spells list indices and int dict keys as strings: compare paths as strings.
+  return tuple(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def warm_start_params(params: Any, old_params: Any, sources: dict[str, np.ndarray], shardings: Any) -> Any:
+  """New parameters from old ones (a tree shaped like `params`): rows of feature tables (embeddings and id biases)
+  gathered through `sources` (-1: the row of `params`, the fresh init), every other parameter copied. `params` is
+  donated."""
+  def table_of(path) -> str | None:
+    keys = _path_key(path)
+    return keys[-1] if ('embeddings' in keys or 'id_biases' in keys) and keys[-1] in sources else None
+
+  flat_new, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = [table_of(path) for path, _ in flat_new]
+  srcs = [None if name is None else sources[name].astype(np.int32) for name in names]
+
+  def merge(news, olds, srcs):
+    out = []
+    for name, new, old, src in zip(names, news, olds, srcs):
+      if name is None:
+        out.append(old)
+      else:
+        keep = (src >= 0).reshape((-1,) + (1,) * (new.ndim - 1))
+        out.append(jnp.where(keep, jnp.take(old, jnp.clip(src, 0, old.shape[0] - 1), axis=0), new))
+    return out
+
+  merged = jax.jit(merge, out_shardings=jax.tree.leaves(shardings), donate_argnums=0)(
+      [x for _, x in flat_new], jax.tree.leaves(old_params), srcs)
+  return jax.tree_util.tree_unflatten(treedef, merged)
+
+
+def init_from_checkpoint(init_from: str, trainer: Trainer, params: Any,
+                         encoder: features_lib.FeatureEncoder) -> Any:
+  """Parameters for a new run from `init_from` (a run's workdir or one of its step directories): ids and feature
+  values the old run knew keep their trained rows, new ones their fresh init in `params`; dense weights are copied.
+  The optimizer state is not taken over. Raises ValueError if the model configs differ beyond table sizes."""
+  from mtl_rec import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  run_dir, step_dir = checkpoint_lib.find_checkpoint(init_from)
+  sources = row_sources(run_dir, encoder)
+  saved = jax.tree_util.tree_flatten_with_path(checkpoint_lib.params_metadata(step_dir))[0]
+  saved = {_path_key(p): x for p, x in saved}
+  replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+
+  def target(path, new, sharding):
+    old = saved.get(_path_key(path))
+    name = jax.tree_util.keystr(path)
+    if old is None:
+      raise ValueError(f'parameter {name} is not in the --init_from checkpoint {step_dir}: warm start needs the same '
+                       'model config (backbone, tasks, features); only the data may change')
+    is_table = _path_key(path)[-1] in sources and old.ndim == new.ndim
+    if (old.shape[1:] != new.shape[1:]) if is_table else (old.shape != new.shape):
+      raise ValueError(f'parameter {name} has shape {old.shape} in the --init_from checkpoint and {new.shape} here: '
+                       'warm start needs the same model config (embed_dim, layer widths)')
+    # Old tables are read row-sharded like the new ones where their row count allows, else replicated.
+    ok = all(d is None or old.shape[i] % trainer.mesh.shape[d] == 0 for i, d in enumerate(sharding.spec))
+    return jax.ShapeDtypeStruct(old.shape, old.dtype, sharding=sharding if ok else replicated)
+  old_params = checkpoint_lib.restore_params(
+      step_dir, jax.tree_util.tree_map_with_path(target, params, trainer.state_shardings['params']))
+  kept = {name: int((sources[name] >= 0).sum()) for name in ('user_id', 'item_id') if name in sources}
+  log.info('warm start from %s: rows kept from it %s', step_dir, kept)
+  return warm_start_params(params, old_params, sources, trainer.state_shardings['params'])

@@ -1,0 +1,187 @@
+"""Trains the synthetic config at scale for a bounded number of steps and reports memory and throughput.
+
+  python -m mtl_rec.scale_benchmark --out=scale.json                    # 2M users x 2M items, 64-dim, mesh (2, 4)
+  python -m mtl_rec.scale_benchmark --out=s.json --num_users=200000 --num_items=200000 --steps=5
+
+On CPU it simulates `--devices` devices (8 by default). The embedding tables cover every user and item id (rows
+padded to a multiple of the model axis) and are row-sharded over `model`, so the JSON's `table_bytes_per_device`
+should be about `table_bytes_total / model axis` (plus the small replicated tables).
+
+The batches are built directly, not by `train_lib.prepare`: generating the synthetic ratings is quick at this size,
+but the full pipeline (splits, vocabularies fitted on the training split, negative-sampling tables, eval sets) takes
+minutes and its vocabularies would only cover the ids that happen to be rated. Here the side features come from
+`mtl_rec.data.synthetic`, the id vocabularies are all users and items, and each batch is rated pairs drawn from the
+synthetic ratings plus `sampling.num_negatives` uniform negatives per pair — the same rows the pipeline would feed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from configs import synthetic as synthetic_config
+from mtl_rec import config as config_lib
+from mtl_rec import features as features_lib
+from mtl_rec import input_pipeline
+from mtl_rec import sharding as sharding_lib
+from mtl_rec import train_lib
+from mtl_rec.data import synthetic
+
+_OUT = flags.DEFINE_string('out', None, 'Where to write the JSON report.', required=True)
+_NUM_USERS = flags.DEFINE_integer('num_users', 2_000_000, 'Users (rows of the user id table).')
+_NUM_ITEMS = flags.DEFINE_integer('num_items', 2_000_000, 'Items (rows of the item id table).')
+_EMBED_DIM = flags.DEFINE_integer('embed_dim', 64, 'Width of every embedding table.')
+_INTERACTIONS = flags.DEFINE_integer('interactions_per_user', 2, 'Synthetic ratings per user (batches draw from them).')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8192, 'Global batch size (rated pairs plus negatives).')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps (after one untimed step).')
+_MESH = flags.DEFINE_list('mesh', ['2', '4'], 'Mesh shape (data, model); -1 = the remaining devices.')
+_DEVICES = flags.DEFINE_integer('devices', 8, 'Simulated CPU devices (ignored if XLA_FLAGS already sets a count '
+                                'or the backend is not CPU).')
+
+
+def build_encoder(data: Any, config: Any) -> Any:
+  """Features of every user and item; the id vocabularies are all ids, not only the rated ones."""
+  fc = config.features
+  enc = features_lib.fit(data, np.arange(data.num_ratings), fc, row_multiple=fc.row_multiple)
+  vocabs = {**enc.vocabs, 'user_id': features_lib.Vocab(np.sort(data.users.user_id)),
+            'item_id': features_lib.Vocab(np.sort(data.items.item_id))}
+  padded = lambda n: -(-n // fc.row_multiple) * fc.row_multiple
+  specs = tuple(dataclasses.replace(s, vocab_size=padded(vocabs[s.name].size)) if s.name in ('user_id', 'item_id')
+                else s for s in enc.specs)
+  user_table = {**enc.user_table, 'user_id': vocabs['user_id'].lookup(data.users.user_id)}
+  item_table = {**enc.item_table, 'item_id': vocabs['item_id'].lookup(data.items.item_id)}
+  return dataclasses.replace(enc, specs=specs, vocabs=vocabs, user_table=user_table, item_table=item_table)
+
+
+def make_batches(data: Any, encoder: Any, config: Any, count: int) -> list[dict[str, Any]]:
+  """`count` global batches: rated pairs (positions in the side tables) plus uniform negatives."""
+  rng = np.random.default_rng(config.seed)
+  k = config.sampling.num_negatives
+  bs = config.train.batch_size
+  n_pos = bs // (1 + k)
+  # Raw synthetic ids are 1..N in table order, so positions are id - 1.
+  out = []
+  for _ in range(count):
+    rows = rng.integers(0, data.num_ratings, n_pos)
+    pos = input_pipeline.Examples(data.user_id[rows] - 1, data.item_id[rows] - 1, data.rating[rows],
+                                  np.ones(n_pos, np.float32))
+    n_neg = bs - n_pos
+    neg_items = rng.integers(0, data.items.item_id.size, n_neg)
+    neg = input_pipeline.Examples(np.resize(np.repeat(pos.user, k), n_neg), neg_items,
+                                  np.zeros(n_neg, np.float32), np.zeros(n_neg, np.float32))
+    ex = input_pipeline.Examples.concat([pos, neg])
+    out.append(input_pipeline.to_batch(ex, encoder, config.data.like_threshold))
+  return out
+
+
+def run(num_users: int, num_items: int, embed_dim: int, batch_size: int, steps: int, mesh_shape: tuple[int, ...],
+        interactions_per_user: int = 2) -> dict[str, Any]:
+  """Builds the data, the sharded model and optimizer, runs `steps` timed steps; returns the report."""
+
+  t_start = time.time()
+  config = synthetic_config.get_config()
+  config.data.synthetic.num_users = num_users
+  config.data.synthetic.num_items = num_items
+  config.data.synthetic.interactions_per_user = interactions_per_user
+  config.features.embed_dim = embed_dim
+  config.train.batch_size = batch_size
+  config.mesh.shape = tuple(mesh_shape)
+  config_lib.validate(config)
+
+  t = time.time()
+  sc = config.data.synthetic
+  data = synthetic.generate(sc.num_users, sc.num_items, sc.interactions_per_user, sc.latent_dim, seed=config.seed)
+  encoder = build_encoder(data, config)
+  batches = make_batches(data, encoder, config, min(steps + 1, 4))
+  data_sec = time.time() - t
+  print(f'data: {data.num_ratings:,} synthetic ratings, {num_users:,} users, {num_items:,} items '
+        f'({data_sec:.1f}s)', flush=True)
+
+  t = time.time()
+  trainer = train_lib.make_trainer(config, encoder, total_steps=steps + 1, rating_mean=float(data.rating.mean()))
+  state = trainer.init_state
+  jax.block_until_ready(state)
+  init_sec = time.time() - t
+
+  t = time.time()
+  report = train_lib.memory_report(trainer, state, batches[0])
+  compile_sec = time.time() - t
+  model = trainer.mesh.shape['model']
+  tables = state['params']['embeddings']['tables']
+  table_per_device = sharding_lib.bytes_per_device(tables)
+  large = [s.name for s in encoder.specs if s.large]
+  large_total = sum(int(tables[n].nbytes) for n in large)
+  small_total = sum(int(x.nbytes) for n, x in tables.items() if n not in large)
+  opt_per_device = report['opt_state_bytes_per_device']
+  params_per_device = report['params_bytes_per_device']
+  print(f'mesh {dict(trainer.mesh.shape)}: tables {large_total + small_total:,} B in all, '
+        f'{max(table_per_device.values()):,} B per device (id tables / {model} + small tables = '
+        f'{large_total // model + small_total:,} B); params {max(params_per_device.values()):,} B, '
+        f'optimizer state {max(opt_per_device.values()):,} B per device', flush=True)
+
+  # One untimed step (placement of the first batch), then `steps` timed ones; each waits for its result so the
+  # times are per step.
+  state, m = trainer.train_step(state, sharding_lib.global_batch(batches[0], trainer.batch_sharding))
+  jax.block_until_ready(m)
+  times, losses = [], []
+  for i in range(steps):
+    batch = sharding_lib.global_batch(batches[(i + 1) % len(batches)], trainer.batch_sharding)
+    t = time.time()
+    state, m = trainer.train_step(state, batch)
+    losses.append(float(m['loss']))
+    times.append(time.time() - t)
+  total_time = sum(times)
+  result = {
+      'num_users': num_users, 'num_items': num_items, 'embed_dim': embed_dim, 'batch_size': batch_size,
+      'steps': steps, 'devices': len(jax.devices()), 'platform': jax.devices()[0].platform,
+      'mesh': dict(trainer.mesh.shape),
+      'table_rows': {n: int(tables[n].shape[0]) for n in large},
+      'table_bytes_total': large_total + small_total,
+      'id_table_bytes_total': large_total,
+      'table_bytes_per_device': table_per_device,
+      'table_bytes_per_device_max': max(table_per_device.values()),
+      'table_bytes_per_device_expected': large_total // model + small_total,
+      'params_bytes_total': int(sum(x.nbytes for x in jax.tree.leaves(state['params']))),
+      'params_bytes_per_device_max': max(params_per_device.values()),
+      'opt_state_bytes_total': int(sum(x.nbytes for x in jax.tree.leaves(state['opt_state']))),
+      'opt_state_bytes_per_device': opt_per_device,
+      'opt_state_bytes_per_device_max': max(opt_per_device.values()),
+      'step_memory_analysis': {k[len('step_'):]: v for k, v in report.items() if k.startswith('step_')},
+      'examples_per_sec': steps * batch_size / total_time,
+      'step_time_sec': {'mean': total_time / steps, 'median': statistics.median(times), 'min': min(times),
+                        'max': max(times)},
+      'losses': losses,
+      'data_sec': data_sec, 'init_sec': init_sec, 'compile_sec': compile_sec, 'wall_sec': time.time() - t_start,
+      'data_note': 'batches built directly from synthetic ratings + uniform negatives (not train_lib.prepare)',
+  }
+  if not np.all(np.isfinite(losses)):
+    raise RuntimeError(f'non-finite losses at scale: {losses}')
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+    jax.config.update('jax_num_cpu_devices', _DEVICES.value)  # before any backend exists; only CPU honours it
+  result = run(_NUM_USERS.value, _NUM_ITEMS.value, _EMBED_DIM.value, _BATCH_SIZE.value, _STEPS.value,
+               tuple(int(s) for s in _MESH.value), _INTERACTIONS.value)
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, 'w') as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  print(f'{result["examples_per_sec"]:,.0f} examples/s, step {result["step_time_sec"]["median"]:.3f}s (median of '
+        f'{result["steps"]}); table bytes per device {result["table_bytes_per_device_max"]:,} of '
+        f'{result["table_bytes_total"]:,} in all; optimizer state per device '
+        f'{result["opt_state_bytes_per_device_max"]:,}; written to {_OUT.value}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,244 @@
+"""Mesh resolution, the rules table, row-sharded tables, equal losses on every mesh, and cross-mesh restore.
+
+Runs on the 8 simulated CPU devices that conftest.py asks XLA for.
+"""
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from configs import synthetic
+from mtl_rec import config as config_lib
+from mtl_rec import sharding as sharding_lib
+from mtl_rec import train_lib
+from mtl_rec.checkpoint import Checkpointer
+
+STEPS = 20
+MESHES = [(1, 1), (4, 2), (2, 4)]
+
+
+class Run(NamedTuple):
+  trainer: train_lib.Trainer
+  state: dict  # after STEPS + 1 steps
+  losses: np.ndarray  # [STEPS + 1]
+  saved: dict | None  # host copy of the state checkpointed after STEPS steps
+  ckpt_dir: str | None
+
+
+def tiny_config(mesh_shape=(1, 1)):
+  c = synthetic.get_config()
+  c.data.synthetic.num_users = 300
+  c.data.synthetic.num_items = 200
+  c.data.synthetic.interactions_per_user = 10
+  c.train.batch_size = 64
+  c.train.progress_bar = False
+  c.model.id_biases = True  # per-id scalar tables: row-sharded 1-d parameters
+  c.mesh.shape = mesh_shape
+  return c
+
+
+@pytest.fixture(scope='module')
+def exp():
+  return train_lib.prepare(tiny_config())
+
+
+def _trainer(exp, mesh_shape):
+  c = tiny_config(mesh_shape)
+  return train_lib.make_trainer(c, exp.encoder, exp.stream.steps_per_epoch * c.train.epochs, 3.5)
+
+
+@pytest.fixture(scope='module')
+def runs(exp, tmp_path_factory):
+  """The same config and seed on each mesh: {mesh shape: Run}. The (4, 2) run also checkpoints after STEPS."""
+  out = {}
+  for shape in MESHES:
+    trainer = _trainer(exp, shape)
+    state, losses, saved, ckpt_dir = trainer.init_state, [], None, None
+    for i, batch in zip(range(STEPS + 1), exp.stream.epoch(0)):
+      if i == STEPS and shape == (4, 2):
+        ckpt_dir = str(tmp_path_factory.mktemp('ckpt'))
+        ckpt = Checkpointer(ckpt_dir, keep=2)
+        ckpt.save(STEPS, state, {'note': 'from (4, 2)'})
+        ckpt.wait()
+        ckpt.close()
+        saved = jax.device_get(state)
+      state, m = trainer.train_step(state, sharding_lib.global_batch(batch, trainer.batch_sharding))
+      losses.append(m['loss'])
+    out[shape] = Run(trainer, state, np.asarray(jax.device_get(losses), np.float64), saved, ckpt_dir)
+  return out
+
+
+@pytest.mark.parametrize('shape, devices, expected', [
+    ((-1, 1), 8, (8, 1)),
+    ((2, -1), 8, (2, 4)),
+    ((-1, 4), 8, (2, 4)),
+    ((4, 2), 8, (4, 2)),
+    ((1, 1), 8, (1, 1)),  # fewer than all devices: the first ones
+    ((-1, 1), 1, (1, 1)),
+])
+def test_resolve_shape(shape, devices, expected):
+  assert sharding_lib.resolve_shape(shape, devices) == expected
+
+
+@pytest.mark.parametrize('shape, devices, message', [
+    ((3, -1), 8, 'not divisible'),
+    ((4, 4), 8, 'needs 16 devices'),
+    ((2, 2), 1, 'needs 4 devices'),
+])
+def test_resolve_shape_errors_name_the_fix(shape, devices, message):
+  with pytest.raises(ValueError, match=message) as e:
+    sharding_lib.resolve_shape(shape, devices)
+  assert 'config.mesh.shape' in str(e.value)
+
+
+def test_make_mesh_uses_auto_axes_and_config_names():
+  mesh = sharding_lib.make_mesh((2, -1), ('data', 'model'))
+  assert dict(mesh.shape) == {'data': 2, 'model': 4}
+  assert all(t == AxisType.Auto for t in mesh.axis_types)
+  one = sharding_lib.make_mesh((-1, 1), ('data', 'model'), jax.devices()[:1])
+  assert dict(one.shape) == {'data': 1, 'model': 1}
+
+
+def test_bad_mesh_configs_fail_validation():
+  c = tiny_config((2, -1, 1))
+  with pytest.raises(ValueError, match='mesh.shape'):
+    config_lib.validate(c)
+  c = tiny_config((-1, -1))
+  with pytest.raises(ValueError, match='mesh.shape'):
+    config_lib.validate(c)
+  c = tiny_config()
+  c.mesh.axis_names = ('batch', 'model')
+  with pytest.raises(ValueError, match='data'):
+    config_lib.validate(c)
+
+
+def test_indivisible_batch_or_rows_are_errors(exp):
+  c = tiny_config((4, 2))
+  c.train.batch_size = 66
+  with pytest.raises(ValueError, match='batch_size'):
+    train_lib.make_trainer(c, exp.encoder, 10)
+  c = tiny_config((1, 8))
+  c.features.row_multiple = 4
+  with pytest.raises(ValueError, match='row_multiple'):
+    train_lib.make_trainer(c, exp.encoder, 10)
+
+
+def test_unknown_logical_axis_is_an_error():
+  with pytest.raises(ValueError, match='RULES'):
+    sharding_lib.logical_to_spec(('vocab', 'embedding'), 2)
+
+
+def test_rules_map_parameters_and_batch(runs):
+  trainer, state = runs[(4, 2)].trainer, runs[(4, 2)].state
+  params = state['params']
+  specs = jax.tree.map(lambda x: x.sharding.spec, params)
+  tables = specs['embeddings']['tables']
+  assert tables['user_id'] == P('model', None) and tables['item_id'] == P('model', None)
+  for name in ('gender', 'age', 'occupation', 'zip', 'year', 'genres'):
+    assert tables[name] == P(None, None), name
+  for task_biases in specs['id_biases'].values():
+    assert all(s == P('model') for s in task_biases.values())
+  dense = [s for path, s in jax.tree_util.tree_leaves_with_path(specs)
+           if 'embeddings' not in jax.tree_util.keystr(path) and 'id_biases' not in jax.tree_util.keystr(path)]
+  assert dense and all(all(a is None for a in s) for s in dense)
+  assert trainer.batch_sharding.spec == P('data')
+  # Adam moments follow their parameter; counts are replicated.
+  opt_specs = [x.sharding.spec for x in jax.tree.leaves(state['opt_state'])]
+  assert opt_specs.count(P('model', None)) == 2 * 2  # mu and nu of the two id tables
+  assert all(x.sharding.mesh.shape == trainer.mesh.shape for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize('shape', MESHES)
+def test_each_table_shard_holds_rows_over_model_axis(runs, exp, shape):
+  state = runs[shape].state
+  model = shape[1]
+  for name in ('user_id', 'item_id'):
+    table = state['params']['embeddings']['tables'][name]
+    spec = next(s for s in exp.encoder.specs if s.name == name)
+    assert table.shape[0] == spec.vocab_size and spec.vocab_size % model == 0
+    rows = {s.data.shape[0] for s in table.addressable_shards}
+    assert rows == {spec.vocab_size // model}
+    # Padding rows past the vocabulary are never looked up.
+    ids = exp.encoder.user_table['user_id'] if name == 'user_id' else exp.encoder.item_table['item_id']
+    assert ids.max() < exp.encoder.vocabs[name].size <= spec.vocab_size
+
+
+def test_same_losses_on_every_mesh(runs):
+  ref = runs[(1, 1)].losses
+  assert ref.shape == (STEPS + 1,) and np.all(np.isfinite(ref))
+  for shape in MESHES[1:]:
+    np.testing.assert_allclose(runs[shape].losses, ref, rtol=1e-5, err_msg=str(shape))
+
+
+def test_memory_report(runs, exp):
+  trainer, state = runs[(2, 4)].trainer, runs[(2, 4)].state
+  report = train_lib.memory_report(trainer, state, next(exp.stream.epoch(0)))
+  params = report['params_bytes_per_device']
+  assert len(params) == 8 and len(set(params.values())) == 1
+  leaves = jax.tree.leaves(state['params'])
+  total = sum(x.nbytes for x in leaves)
+  rows = sum(x.nbytes for x in leaves if x.sharding.spec and x.sharding.spec[0] == 'model')
+  # Row-sharded tables (and id biases) count a quarter per device on a model axis of 4; the rest is replicated.
+  assert params['cpu:0'] == total - rows + rows // 4
+  assert report['opt_state_bytes_per_device']['cpu:0'] >= 2 * params['cpu:0']  # Adam: two moments per parameter
+  assert report['step_argument_size_in_bytes'] > 0
+
+
+@pytest.mark.parametrize('target_shape', [(2, 4), (1, 1)])
+def test_checkpoint_restores_onto_another_mesh(runs, exp, target_shape):
+  """Saved on (4, 2), restored on (2, 4) and on a single device: identical values, the new mesh's shardings."""
+  source, target = runs[(4, 2)], runs[target_shape]
+  ckpt = Checkpointer(source.ckpt_dir, keep=2)
+  state, meta = ckpt.restore_latest(target.state)  # the target mesh's live state is the restore template
+  ckpt.close()
+  assert meta['note'] == 'from (4, 2)' and int(state['step']) == STEPS
+  assert all(x.sharding == y.sharding for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(target.state)))
+  table = state['params']['embeddings']['tables']['user_id']
+  assert len(table.sharding.device_set) == np.prod(target_shape)
+  assert {s.data.shape[0] for s in table.addressable_shards} == {table.shape[0] // target_shape[1]}
+  for a, b in zip(jax.tree.leaves(source.saved), jax.tree.leaves(jax.device_get(state)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Training goes on from the restored state as it did on the original mesh.
+  batch = list(zip(range(STEPS + 1), exp.stream.epoch(0)))[-1][1]
+  _, m = target.trainer.train_step(state, sharding_lib.global_batch(batch, target.trainer.batch_sharding))
+  np.testing.assert_allclose(float(m['loss']), source.losses[STEPS], rtol=1e-5)
+
+
+def test_warm_start_keeps_rows_of_known_ids(runs, exp):
+  """--init_from: a run on more users (new interactions) starts from the (4, 2) checkpoint on a (2, 4) mesh."""
+  source = runs[(4, 2)]
+  train_lib.save_vocabularies(exp.encoder, f'{source.ckpt_dir}/{train_lib.VOCAB_FILE}')
+  c = tiny_config((2, 4))
+  c.data.synthetic.num_users = 400
+  new_exp = train_lib.prepare(c)
+  trainer = train_lib.make_trainer(c, new_exp.encoder, 100)
+  fresh = jax.device_get(trainer.init_state['params'])
+  params = train_lib.init_from_checkpoint(source.ckpt_dir, trainer, trainer.init_state['params'], new_exp.encoder)
+  assert jax.tree.structure(params) == jax.tree.structure(fresh)
+  want = jax.tree.leaves(trainer.state_shardings['params'])
+  assert all(x.sharding == s for x, s in zip(jax.tree.leaves(params), want))
+  got, old = jax.device_get(params), source.saved['params']
+  old_vocab, new_vocab = exp.encoder.vocabs['user_id'], new_exp.encoder.vocabs['user_id']
+  new_rows = np.arange(1, new_vocab.size)
+  old_rows = old_vocab.lookup(new_vocab.keys)
+  known, unknown = new_rows[old_rows > 0], new_rows[old_rows == 0]
+  assert known.size > 100 and unknown.size > 50  # users 301..400 are new
+  for table, old_table, fresh_table in [
+      (got['embeddings']['tables']['user_id'], old['embeddings']['tables']['user_id'],
+       fresh['embeddings']['tables']['user_id']),
+      (got['id_biases']['rating']['user_id'], old['id_biases']['rating']['user_id'],
+       fresh['id_biases']['rating']['user_id'])]:
+    np.testing.assert_array_equal(table[known], old_table[old_rows[old_rows > 0]])
+    np.testing.assert_array_equal(table[unknown], fresh_table[unknown])
+    np.testing.assert_array_equal(table[0], old_table[0])  # the OOV row
+    np.testing.assert_array_equal(table[new_vocab.size:], fresh_table[new_vocab.size:])  # padding
+  np.testing.assert_array_equal(got['heads']['rating']['out']['kernel'], old['heads']['rating']['out']['kernel'])
+  np.testing.assert_array_equal(got['embeddings']['tables']['age'], old['embeddings']['tables']['age'])
+
+  c.features.embed_dim = 8  # another architecture: an error that names the parameter
+  other = train_lib.make_trainer(c, new_exp.encoder, 100)
+  with pytest.raises(ValueError, match='embed_dim'):
+    train_lib.init_from_checkpoint(source.ckpt_dir, other, other.init_state['params'], new_exp.encoder)

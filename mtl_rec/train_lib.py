@@ -644,6 +644,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer.scalars(best_step, result['test'], 'test/')
   writer.close()
   ckpt.close()
+  if config.export.enabled:
+    from mtl_rec import export as export_lib  # pylint: disable=g-import-not-at-top  (export imports train_lib)
+    # Every process calls it (gathering sharded params is collective); process 0 writes W/export/<version>/.
+    path = export_lib.export_after_training(workdir, trainer, params, exp, result)
+    if path is not None:
+      log.info('exported the best checkpoint to %s', path)
   return result
 
 

@@ -1,0 +1,477 @@
+"""Export of the scoring and retrieval functions: `W/export/<version>/`, the contract between training and serving.
+
+  python -m mtl_rec.export --workdir W            # the best checkpoint (else the latest)
+  python -m mtl_rec.export --workdir W --step S   # any checkpoint
+
+A version directory holds:
+
+  score           serialized `jax.export` artifact, symbolic batch dim `b`:
+                    (params, user features [b], item features [b], fusion weights [b, T])
+                    -> {task: [b] for every task, 'score': [b]}
+  recommend       serialized `jax.export` artifact, symbolic user dim `u`: scores the whole catalog for each user
+                  inside the graph (in blocks of `chunk_items`, merged with a running top-k; no custom ops):
+                    (params, catalog item features [I], user features [u], exclude mask bool [u, I],
+                     fusion weights [u, T]) -> {'items': int32 [u, max_k], 'scores': float32 [u, max_k]}
+  weights.npz     every parameter, keyed by '<member>/<path>' (numpy's npz: numpy alone reads it, no pickle)
+  users.npz       raw user ids ('ids') and every user's encoded features, by position
+  catalog.npz     raw item ids ('ids'), titles ('title') and every item's encoded features, by position
+  seen.npz        CSR (indptr, indices) users.npz position -> catalog positions rated in train + valid
+  vocab.npz       vocabularies too large for the manifest (the id vocabularies of big datasets)
+  manifest.json   what a server needs to call the above without any of mtl_rec's model or training code
+
+The parameters are *inputs* of the exported functions (in the order of manifest['weights']['order']), so the
+artifacts hold only the computation and stay a few hundred KB whatever the table sizes.
+
+Task outputs: binary heads give a probability, regression heads the predicted rating, multiclass rating heads the
+expected rating sum_c c * p_c. The fused ranking score is sum_t w_t * s_t with s_t = p_t for binary heads and
+(rating - 1) / 4 for rating heads (the same normalization as mtl_rec.fusion), so every s_t is on a [0, 1] scale.
+
+An export is a list of *members*, each a network (graphdef + params) answering some of the tasks: the unified
+model is one member with all tasks; the ensemble-fusion baseline is one member per task. The server cannot tell
+them apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mtl_rec import metrics as metrics_lib
+from mtl_rec import tasks as tasks_lib
+from mtl_rec import train_lib
+
+log = logging.getLogger(__name__)
+
+FORMAT = 'mtl_rec.export/1'
+RATING_MIN, RATING_MAX = 1.0, 5.0
+# Vocabularies with more entries than this go to vocab.npz instead of the manifest (a 2M-id list would make the
+# manifest a 20 MB JSON file that every tool has to parse).
+INLINE_VOCAB_MAX = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One network of an export and the tasks it answers.
+
+  The network is called as `nnx.merge(graphdef, params)(user_features, item_features)` and returns
+  ({task: raw head output}, aux), like `model.MultiTaskModel`; only the tasks of `specs` are taken from it.
+  """
+
+  graphdef: Any
+  params: Any  # pure dict (nnx.to_pure_dict layout) of arrays, on any device(s) or the host
+  specs: tuple[tasks_lib.TaskSpec, ...]
+  name: str = 'model'
+
+
+def task_value(pred: jax.Array, spec: tasks_lib.TaskSpec) -> jax.Array:
+  """One number per row from a task's prediction (tasks.predictions): probability or (expected) rating."""
+  if spec.kind == 'multiclass':
+    return (pred * jnp.arange(1, pred.shape[-1] + 1, dtype=pred.dtype)).sum(-1)
+  return pred
+
+
+def fusion_term(value: jax.Array, spec: tasks_lib.TaskSpec) -> jax.Array:
+  """s_t: a task value on the [0, 1] scale of the fused score."""
+  if spec.kind == 'binary':
+    return value
+  return (value - RATING_MIN) / (RATING_MAX - RATING_MIN)
+
+
+def _output_kind(spec: tasks_lib.TaskSpec) -> dict[str, Any]:
+  if spec.kind == 'binary':
+    return {'output': 'probability', 'range': [0.0, 1.0], 'fusion_term': 'p'}
+  what = 'predicted rating' if spec.kind == 'regression' else 'expected rating sum_c c * p_c'
+  return {'output': 'rating', 'description': what, 'scale': [RATING_MIN, RATING_MAX],
+          'fusion_term': f'(rating - {RATING_MIN:g}) / {RATING_MAX - RATING_MIN:g}'}
+
+
+def _path_key(path: tuple[Any, ...]) -> str:
+  parts = []
+  for k in path:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def host_params(params: Any) -> Any:
+  """The params as numpy arrays on the host; on a multi-host run every process must call it (it all-gathers)."""
+  leaves = jax.tree.leaves(params)
+  if all(getattr(x, 'is_fully_addressable', True) for x in leaves):
+    return jax.device_get(params)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return jax.device_get(multihost_utils.process_allgather(params, tiled=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The exported functions.
+
+
+class _Scorer:
+  """Builds the score / recommend functions over flat parameter leaves of a list of members."""
+
+  def __init__(self, members: Sequence[Member]):
+    self.members = tuple(members)
+    self.specs = tuple(s for m in self.members for s in m.specs)
+    self.task_names = tuple(s.name for s in self.specs)
+    if not self.specs:
+      raise ValueError('an export needs at least one member with at least one task')
+    if len(set(self.task_names)) != len(self.task_names):
+      raise ValueError(f'members predict overlapping tasks {self.task_names}; each task needs exactly one member')
+    if 'score' in self.task_names:
+      raise ValueError("a task may not be named 'score': that is the fused output's name")
+    self.treedefs, self.counts, self.keys, self.leaves = [], [], [], []
+    for i, m in enumerate(self.members):
+      flat, treedef = jax.tree_util.tree_flatten_with_path(m.params)
+      self.treedefs.append(treedef)
+      self.counts.append(len(flat))
+      for path, leaf in flat:
+        self.keys.append(f'm{i}/{_path_key(path)}')
+        self.leaves.append(leaf)
+
+  def unflatten(self, leaves: Sequence[jax.Array]) -> list[Any]:
+    out, start = [], 0
+    for treedef, n in zip(self.treedefs, self.counts):
+      out.append(jax.tree.unflatten(treedef, list(leaves[start:start + n])))
+      start += n
+    return out
+
+  def values(self, leaves: Sequence[jax.Array], user: dict[str, jax.Array],
+             item: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """{task: value [n]} for paired feature rows."""
+    out = {}
+    for m, params in zip(self.members, self.unflatten(leaves)):
+      outputs, _ = nnx.merge(m.graphdef, params)(user, item)
+      preds = tasks_lib.predictions(outputs, m.specs)
+      out.update({s.name: task_value(preds[s.name], s).astype(jnp.float32) for s in m.specs})
+    return out
+
+  def fused(self, values: dict[str, jax.Array], weights: jax.Array) -> jax.Array:
+    terms = jnp.stack([fusion_term(values[s.name], s) for s in self.specs], axis=-1)  # [n, T]
+    return jnp.sum(terms * weights, axis=-1)
+
+  def score(self, leaves, user, item, weights):
+    values = self.values(leaves, user, item)
+    return {**values, 'score': self.fused(values, weights)}
+
+  def recommend(self, leaves, catalog, user, exclude, weights, *, k: int, chunk: int):
+    """Top-k fused scores of the whole catalog per user, excluded items at -inf."""
+    num_items = jax.tree.leaves(catalog)[0].shape[0]
+    u = jax.tree.leaves(user)[0].shape[0]
+    num_chunks = -(-num_items // chunk)
+    pad = num_chunks * chunk - num_items
+
+    def block_scores(cat, excl):  # cat: {name: [chunk, ...]}, excl: [u, chunk]
+      rows = u * chunk
+      users = {n: jnp.broadcast_to(x[:, None], (u, chunk) + x.shape[1:]).reshape((rows,) + x.shape[1:])
+               for n, x in user.items()}
+      items = {n: jnp.broadcast_to(x[None], (u,) + x.shape).reshape((rows,) + x.shape[1:]) for n, x in cat.items()}
+      w = jnp.broadcast_to(weights[:, None, :], (u, chunk, weights.shape[-1])).reshape((rows, weights.shape[-1]))
+      s = self.fused(self.values(leaves, users, items), w).reshape((u, chunk))
+      return jax.lax.top_k(jnp.where(excl, -jnp.inf, s), k)
+
+    if num_chunks == 1:
+      scores, idx = block_scores(catalog, exclude)
+      return {'items': idx.astype(jnp.int32), 'scores': scores}
+
+    # Large catalogs: one block of items at a time against a running top-k, so memory is u * chunk rows.
+    cat = {n: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((num_chunks, chunk) + x.shape[1:])
+           for n, x in catalog.items()}
+    excl = jnp.pad(exclude, [(0, 0), (0, pad)], constant_values=True).reshape((u, num_chunks, chunk))
+    excl = jnp.moveaxis(excl, 1, 0)
+
+    def body(carry, xs):
+      best_s, best_i = carry
+      c, cat_c, excl_c = xs
+      s, i = block_scores(cat_c, excl_c)
+      all_s = jnp.concatenate([best_s, s], axis=1)
+      all_i = jnp.concatenate([best_i, i + c * chunk], axis=1)
+      top_s, pos = jax.lax.top_k(all_s, k)
+      return (top_s, jnp.take_along_axis(all_i, pos, axis=1)), None
+
+    init = (jnp.full((u, k), -jnp.inf, jnp.float32), jnp.zeros((u, k), jnp.int32))
+    (scores, idx), _ = jax.lax.scan(body, init, (jnp.arange(num_chunks, dtype=jnp.int32), cat, excl))
+    return {'items': idx.astype(jnp.int32), 'scores': scores}
+
+
+def _sds(shape: tuple[Any, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def export_functions(members: Sequence[Member], user_table: dict[str, np.ndarray],
+                     catalog: dict[str, np.ndarray], max_k: int, chunk_items: int,
+                     platforms: Sequence[str] = ('cpu',)) -> tuple[jax.export.Exported, jax.export.Exported, Any]:
+  """(score, recommend, scorer): the two functions exported with symbolic batch dims, and their parameter layout.
+
+  `user_table` / `catalog` give the feature names, dtypes and trailing shapes of user and item inputs.
+  """
+  scorer = _Scorer(members)
+  num_tasks = len(scorer.specs)
+  leaves = tuple(_sds(np.shape(x), np.asarray(x).dtype if not hasattr(x, 'dtype') else x.dtype)
+                 for x in scorer.leaves)
+  (b,) = jax.export.symbolic_shape('b')
+  user = {n: _sds((b,) + v.shape[1:], v.dtype) for n, v in user_table.items()}
+  item = {n: _sds((b,) + v.shape[1:], v.dtype) for n, v in catalog.items()}
+  score = jax.export.export(jax.jit(scorer.score), platforms=tuple(platforms))(
+      leaves, user, item, _sds((b, num_tasks), jnp.float32))
+
+  num_items = int(next(iter(catalog.values())).shape[0])
+  k = min(max_k, num_items)
+  chunk = max(min(chunk_items, num_items), k)
+  (u,) = jax.export.symbolic_shape('u')
+  users = {n: _sds((u,) + v.shape[1:], v.dtype) for n, v in user_table.items()}
+  cat = {n: _sds(v.shape, v.dtype) for n, v in catalog.items()}
+
+  def recommend(leaves, catalog, user, exclude, weights):
+    return scorer.recommend(leaves, catalog, user, exclude, weights, k=k, chunk=chunk)
+  rec = jax.export.export(jax.jit(recommend), platforms=tuple(platforms))(
+      leaves, cat, users, _sds((u, num_items), jnp.bool_), _sds((u, num_tasks), jnp.float32))
+  return score, rec, scorer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing a version directory.
+
+
+def _vocab_entry(name: str, vocab: Any, big: dict[str, np.ndarray]) -> dict[str, Any]:
+  keys = np.asarray(vocab.keys)
+  entry = {'dtype': 'int' if keys.dtype.kind in 'iu' else 'str', 'size': int(keys.shape[0]) + 1}
+  if keys.shape[0] > INLINE_VOCAB_MAX:
+    big[name] = keys.astype(np.int64) if entry['dtype'] == 'int' else keys.astype(np.str_)
+    entry['file'] = 'vocab.npz'
+    entry['key'] = name
+  else:
+    entry['values'] = keys.tolist()
+  return entry
+
+
+def _feature_inputs(encoder: Any) -> dict[str, list[dict[str, Any]]]:
+  """How a server turns raw request values into each model input (mirrors features.fit)."""
+  enc = {
+      'user_id': {'kind': 'vocab', 'raw': 'user_id', 'raw_type': 'id', 'vocab': 'user_id'},
+      'gender': {'kind': 'vocab', 'raw': 'gender', 'raw_type': 'str', 'vocab': 'gender'},
+      'occupation': {'kind': 'vocab', 'raw': 'occupation', 'raw_type': 'str', 'vocab': 'occupation'},
+      'zip': {'kind': 'vocab', 'raw': 'zip', 'raw_type': 'str', 'vocab': 'zip', 'prefix': int(encoder.zip_prefix_len),
+              'rule': 'vocab[zip[:prefix]]'},
+      'age': {'kind': 'bucket', 'raw': 'age', 'raw_type': 'int', 'boundaries': [int(a) for a in encoder.age_boundaries],
+              'rule': 'age < 0 -> 0, else searchsorted(boundaries, age, side=right) + 1'},
+      'item_id': {'kind': 'vocab', 'raw': 'item_id', 'raw_type': 'id', 'vocab': 'item_id'},
+      'year': {'kind': 'vocab', 'raw': 'year', 'raw_type': 'int', 'vocab': 'year',
+               'divide': int(encoder.year_bucket_years), 'rule': 'year < 0 -> 0, else vocab[year // divide]'},
+      'genres': {'kind': 'multi_hot', 'raw': 'genres', 'raw_type': 'list[str]', 'names': list(encoder.genre_names)},
+  }
+  out = {'user': [], 'item': []}
+  for entity, table in (('user', encoder.user_table), ('item', encoder.item_table)):
+    dim = 'b'
+    for name, col in table.items():
+      spec = next(s for s in encoder.specs if s.name == name)
+      out[entity].append({'name': name, 'dtype': str(col.dtype), 'shape': [dim, *col.shape[1:]],
+                          'kind': spec.kind, 'rows': int(spec.vocab_size), 'encoding': enc[name]})
+  return out
+
+
+def _seen_csr(exp: train_lib.Experiment) -> tuple[np.ndarray, np.ndarray]:
+  rows = np.concatenate([exp.split.train, exp.split.valid])
+  indptr, indices = metrics_lib.csr_from_pairs(exp.user_index[rows], exp.item_index[rows], exp.num_users)[:2]
+  return np.asarray(indptr, np.int64), np.asarray(indices, np.int32)
+
+
+def next_version(export_root: str) -> int:
+  """1 + the largest integer version under `export_root` (1 if none)."""
+  if not os.path.isdir(export_root):
+    return 1
+  versions = [int(d) for d in os.listdir(export_root) if d.isdigit()]
+  return max(versions, default=0) + 1
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, float)):
+    return float(x) if math.isfinite(float(x)) else None
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def write_export(export_root: str, members: Sequence[Member], exp: train_lib.Experiment,
+                 config: ml_collections.ConfigDict, metrics: dict[str, Any] | None = None,
+                 fusion_weights: dict[str, float] | None = None, name: str | None = None,
+                 version: int | None = None, source: dict[str, Any] | None = None) -> str:
+  """Writes `export_root/<version>/` for `members` and returns its path.
+
+  Args:
+    export_root: usually `W/export`; versions are integer subdirectories.
+    members: the networks; their tasks must be distinct (see `Member`).
+    exp: the experiment the members were trained on (data, encoder, split): users, catalog, vocabularies and
+      every user's seen items come from it.
+    config: the run's config (saved in the manifest; `config.export` sets max_k, chunk_items and platforms).
+    metrics: test metrics to record (e.g. metrics.json's 'test').
+    fusion_weights: default weight per task; default `config.tasks.<t>.fusion_weight` (0 for tasks not there).
+    name: model name served; default `config.name`.
+    version: default `next_version(export_root)`.
+    source: free-form provenance recorded in the manifest (workdir, step, system).
+  """
+  ec = config.export
+  encoder = exp.encoder
+  users = {n: np.asarray(v) for n, v in encoder.user_table.items()}
+  catalog = {n: np.asarray(v) for n, v in encoder.item_table.items()}
+  host_members = [dataclasses.replace(m, params=host_params(m.params)) for m in members]
+  score, rec, scorer = export_functions(host_members, users, catalog, int(ec.max_k), int(ec.chunk_items),
+                                        tuple(ec.platforms))
+  if fusion_weights is None:
+    fusion_weights = {s.name: float(config.tasks[s.name].fusion_weight) if s.name in config.tasks else 0.0
+                      for s in scorer.specs}
+  unknown = set(fusion_weights) - set(scorer.task_names)
+  if unknown:
+    raise ValueError(f'fusion weights name tasks {sorted(unknown)} that no member predicts ({scorer.task_names})')
+  weights = {t: float(fusion_weights.get(t, 0.0)) for t in scorer.task_names}
+
+  version = next_version(export_root) if version is None else int(version)
+  final = os.path.join(export_root, str(version))
+  if os.path.exists(final):
+    raise ValueError(f'{final} exists; versions are immutable: pass another --version or none for the next one')
+  os.makedirs(export_root, exist_ok=True)
+  tmp = os.path.join(export_root, f'.tmp-{version}-{os.getpid()}')
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+
+  with open(os.path.join(tmp, 'score'), 'wb') as f:
+    f.write(score.serialize())
+  with open(os.path.join(tmp, 'recommend'), 'wb') as f:
+    f.write(rec.serialize())
+  leaves = [np.asarray(x) for x in scorer.leaves]
+  np.savez(os.path.join(tmp, 'weights.npz'), **dict(zip(scorer.keys, leaves)))
+  data = exp.data
+  np.savez(os.path.join(tmp, 'users.npz'), ids=np.asarray(data.users.user_id), **users)
+  np.savez(os.path.join(tmp, 'catalog.npz'), ids=np.asarray(data.items.item_id),
+           title=np.asarray(data.items.title).astype(np.str_), **catalog)
+  indptr, indices = _seen_csr(exp)
+  np.savez(os.path.join(tmp, 'seen.npz'), indptr=indptr, indices=indices)
+  big_vocabs: dict[str, np.ndarray] = {}
+  vocabularies = {n: _vocab_entry(n, v, big_vocabs) for n, v in encoder.vocabs.items()}
+  if big_vocabs:
+    np.savez(os.path.join(tmp, 'vocab.npz'), **big_vocabs)
+
+  num_items = int(data.items.item_id.shape[0])
+  k = min(int(ec.max_k), num_items)
+  manifest = {
+      'format': FORMAT,
+      'name': name or config.name,
+      'version': version,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'jax_version': jax.__version__,
+      'platforms': list(score.platforms),
+      'source': source or {},
+      'members': [{'name': m.name, 'tasks': [s.name for s in m.specs],
+                   'num_params': int(sum(np.size(x) for x in jax.tree.leaves(m.params)))} for m in host_members],
+      'tasks': [{'name': s.name, 'kind': s.kind, 'label': s.label, **_output_kind(s)} for s in scorer.specs],
+      'fusion': {'formula': 'score = sum_t w_t * s_t', 'default_weights': weights,
+                 'order': list(scorer.task_names)},
+      'functions': {
+          'score': {'file': 'score', 'batch_dim': 'b',
+                    'args': ['params (tuple, weights.order)', 'user features {name: [b]}',
+                             'item features {name: [b, ...]}', 'fusion weights float32 [b, T] (fusion.order)'],
+                    'outputs': {**{t: 'float32 [b]' for t in scorer.task_names}, 'score': 'float32 [b]'}},
+          'recommend': {'file': 'recommend', 'batch_dim': 'u', 'max_k': k,
+                        'chunk_items': max(min(int(ec.chunk_items), num_items), k),
+                        'args': ['params (tuple, weights.order)', 'catalog item features {name: [I, ...]}',
+                                 'user features {name: [u]}', 'exclude bool [u, I]',
+                                 'fusion weights float32 [u, T] (fusion.order)'],
+                        'outputs': {'items': f'int32 [u, {k}] catalog positions',
+                                    'scores': f'float32 [u, {k}] fused scores, -inf where excluded'}},
+      },
+      'weights': {'file': 'weights.npz', 'format': 'npz',
+                  'order': [{'key': key, 'shape': list(x.shape), 'dtype': str(x.dtype)}
+                            for key, x in zip(scorer.keys, leaves)]},
+      'inputs': _feature_inputs(encoder),
+      'vocabularies': {'oov_row': 0, 'policy': 'row = 1 + position of the raw value in the sorted list; any other '
+                                                'value (unseen in training) -> row 0, the out-of-vocabulary row',
+                       'entries': vocabularies},
+      'users': {'file': 'users.npz', 'count': int(data.users.user_id.shape[0]), 'ids': 'ids',
+                'columns': list(users)},
+      'catalog': {'file': 'catalog.npz', 'count': num_items, 'ids': 'ids', 'titles': 'title',
+                  'columns': list(catalog)},
+      'seen': {'file': 'seen.npz', 'format': 'csr: items of users.npz row r are indices[indptr[r]:indptr[r+1]] '
+                                             '(catalog.npz rows)', 'history': 'train + valid ratings'},
+      'metrics': _jsonable(metrics or {}),
+      'config': _jsonable(config.to_dict()),
+  }
+  with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
+    json.dump(manifest, f, indent=1, sort_keys=False)
+  # A version appears whole or not at all: a server picking the newest version never sees a partial one.
+  os.replace(tmp, final)
+  log.info('exported %s version %d to %s', manifest['name'], version, final)
+  return final
+
+
+def export_after_training(workdir: str, trainer: train_lib.Trainer, params: Any, exp: train_lib.Experiment,
+                          result: dict[str, Any]) -> str | None:
+  """The end-of-training export (`config.export.enabled`): every process gathers, process 0 writes."""
+  member = Member(trainer.graphdef, host_params(params), trainer.specs, name='unified')
+  if jax.process_index() != 0:
+    return None
+  return write_export(os.path.join(workdir, 'export'), [member], exp, trainer.config, metrics=result.get('test'),
+                      source={'workdir': os.path.abspath(workdir), 'step': result.get('best_step'),
+                              'system': 'unified'})
+
+
+def export_run(workdir: str, step: int | None = None, export_root: str | None = None,
+               version: int | None = None) -> str:
+  """Exports a run's best checkpoint (or the one at `step`) to `export_root` (default `W/export`)."""
+  export_root = export_root or os.path.join(workdir, 'export')
+  if version is not None and os.path.exists(os.path.join(export_root, str(version))):
+    raise ValueError(f'{export_root}/{version} exists; versions are immutable: pass another --version or none')
+  run = train_lib.load_run(workdir, step, devices=jax.devices()[:1])
+  metrics = None
+  path = os.path.join(workdir, 'metrics.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get('best_step') == run.step:
+      metrics = saved.get('test')
+  if metrics is None:  # not the checkpoint metrics.json describes: measure this one
+    metrics = train_lib.full_metrics(run.trainer, run.params, run.exp, 'test')
+  member = Member(run.trainer.graphdef, run.params, run.trainer.specs, name='unified')
+  return write_export(export_root, [member], run.exp, run.config,
+                      metrics=metrics, version=version,
+                      source={'workdir': os.path.abspath(workdir), 'step': run.step, 'system': 'unified'})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """`python -m mtl_rec.export --workdir W [--step S] [--export_dir D] [--version V]`."""
+  parser = argparse.ArgumentParser(prog='python -m mtl_rec.export', description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True, help='run directory of train.py')
+  parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: best, else latest)')
+  parser.add_argument('--export_dir', default=None, help='export root (default: WORKDIR/export)')
+  parser.add_argument('--version', type=int, default=None, help='version number (default: next free integer)')
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO)
+  try:
+    path = export_run(args.workdir, args.step, args.export_dir, args.version)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  print(path)
+
+
+if __name__ == '__main__':
+  main()

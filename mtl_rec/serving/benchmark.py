@@ -1,0 +1,314 @@
+"""Serving benchmark: the exported function at batch 1/100/1000, and the HTTP server at concurrency 1/8/64.
+
+  python -m mtl_rec.serving.benchmark --export_dir=W/export [--out=serving_benchmark.json] [--duration=10]
+
+Requests are one user x 100 candidates (POST /v1/score, a random known user and 100 random catalog items, from a
+pool of pre-built bodies). The server runs as a subprocess (`serve.py`); the load generator is an aiohttp client
+with keep-alive connections, one coroutine per concurrent client, in this process. Every loop is bounded in time
+(--duration) and in count (--max_requests). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _summary(latencies_s: Sequence[float], wall_s: float, rows_per_call: int) -> dict[str, float]:
+  lat = np.asarray(latencies_s) * 1000.0
+  return {'calls': int(lat.size), 'p50_ms': float(np.percentile(lat, 50)), 'p99_ms': float(np.percentile(lat, 99)),
+          'mean_ms': float(lat.mean()), 'calls_per_s': lat.size / wall_s,
+          'rows_per_s': lat.size * rows_per_call / wall_s}
+
+
+def bench_function(version_dir: str, batch_sizes: Sequence[int], duration_s: float, max_calls: int,
+                   seed: int = 0) -> list[dict[str, Any]]:
+  """Latency of the exported `score` called directly (no HTTP, no batcher) at exact batch sizes.
+
+  Each call: host feature arrays in, outputs back on the host (np.asarray), as the server does.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from mtl_rec.serving.loader import ExportedModel  # pylint: disable=g-import-not-at-top
+  model = ExportedModel(version_dir, max_batch_rows=max(batch_sizes))
+  rng = np.random.default_rng(seed)
+  out = []
+  for b in batch_sizes:
+    users = rng.integers(0, model.num_users, b)
+    items = rng.integers(0, model.num_items, b)
+    user = {k: model.user_table[k][users] for k in model.user_inputs}
+    item = {k: v[items] for k, v in model.item_table.items()}
+    weights = np.tile(model.default_weights.astype(np.float32), (b, 1))
+    fn = model._score_fn  # pylint: disable=protected-access
+
+    def call():
+      res = fn(model.params, user, item, weights)
+      return {k: np.asarray(v) for k, v in res.items()}
+    call()  # compile this exact shape
+    lat, t_start = [], time.perf_counter()
+    while len(lat) < max_calls and time.perf_counter() - t_start < duration_s:
+      t0 = time.perf_counter()
+      call()
+      lat.append(time.perf_counter() - t0)
+    out.append({'batch': b, **_summary(lat, time.perf_counter() - t_start, b)})
+    del fn
+  jax.clear_caches()
+  return out
+
+
+def _request_bodies(version_dir: str, n: int, items_per_request: int, seed: int = 0) -> list[bytes]:
+  with np.load(os.path.join(version_dir, 'users.npz'), allow_pickle=False) as u:
+    user_ids = u['ids']
+  with np.load(os.path.join(version_dir, 'catalog.npz'), allow_pickle=False) as c:
+    item_ids = c['ids']
+  rng = np.random.default_rng(seed)
+  bodies = []
+  for _ in range(n):
+    user = str(user_ids[rng.integers(len(user_ids))])
+    items = [str(x) for x in item_ids[rng.integers(0, len(item_ids), items_per_request)]]
+    bodies.append(json.dumps({'user': {'user_id': user}, 'items': items}).encode())
+  return bodies
+
+
+async def _load(url: str, bodies: list[bytes], concurrency: int, duration_s: float, max_requests: int,
+                warmup_s: float) -> dict[str, Any]:
+  import aiohttp  # pylint: disable=g-import-not-at-top
+  latencies: list[float] = []
+  errors: dict[str, int] = {}
+  sent = 0
+  connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+  timeout = aiohttp.ClientTimeout(total=30)
+  async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    headers = {'Content-Type': 'application/json'}
+    t_begin = time.perf_counter()
+    t_measure = t_begin + warmup_s
+    t_end = t_measure + duration_s
+
+    async def worker(w: int) -> None:
+      nonlocal sent
+      j = w
+      while sent < max_requests:
+        t0 = time.perf_counter()
+        if t0 >= t_end:
+          return
+        body = bodies[j % len(bodies)]
+        j += concurrency
+        try:
+          async with session.post(url, data=body, headers=headers) as resp:
+            await resp.read()
+            status = resp.status
+        except Exception as e:  # pylint: disable=broad-except
+          status = type(e).__name__
+        t1 = time.perf_counter()
+        if t0 >= t_measure:
+          sent += 1
+          if status == 200:
+            latencies.append(t1 - t0)
+          else:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    wall = min(time.perf_counter(), t_end) - t_measure
+  if not latencies:
+    return {'concurrency': concurrency, 'calls': 0, 'errors': errors}
+  return {'concurrency': concurrency, **_summary(latencies, max(wall, 1e-9), 100), 'errors': errors}
+
+
+async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: float, max_requests: int,
+                     warmup_s: float, connections: int = 64) -> dict[str, Any]:
+  """Requests sent on a fixed schedule (`rate` per second) whatever the responses do; latency counts from the
+  scheduled send time, so a server that falls behind shows it (no coordinated omission)."""
+  import aiohttp  # pylint: disable=g-import-not-at-top
+  latencies: list[float] = []
+  errors: dict[str, int] = {}
+  connector = aiohttp.TCPConnector(limit=connections)
+  timeout = aiohttp.ClientTimeout(total=30)
+  total = min(int(rate * (warmup_s + duration_s)), max_requests)
+  async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    headers = {'Content-Type': 'application/json'}
+    t_begin = time.perf_counter()
+    t_measure = t_begin + warmup_s
+
+    async def one(i: int, t_sched: float) -> None:
+      try:
+        async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as resp:
+          await resp.read()
+          status = resp.status
+      except Exception as e:  # pylint: disable=broad-except
+        status = type(e).__name__
+      if t_sched >= t_measure:
+        if status == 200:
+          latencies.append(time.perf_counter() - t_sched)
+        else:
+          errors[str(status)] = errors.get(str(status), 0) + 1
+
+    tasks = []
+    for i in range(total):
+      t_sched = t_begin + i / rate
+      delay = t_sched - time.perf_counter()
+      if delay > 0:
+        await asyncio.sleep(delay)
+      tasks.append(asyncio.create_task(one(i, t_sched)))
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t_measure
+  if not latencies:
+    return {'rate': rate, 'calls': 0, 'errors': errors}
+  return {'rate': rate, **_summary(latencies, max(wall, 1e-9), 100), 'errors': errors}
+
+
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU seconds of a process (Linux /proc), or nan elsewhere."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+  except (OSError, IndexError, ValueError):
+    return float('nan')
+
+
+def bench_http(export_dir: str, version_dir: str, concurrencies: Sequence[int], duration_s: float,
+               max_requests: int, items_per_request: int, server_flags: Sequence[str] = (),
+               rates: Sequence[float] = ()) -> dict[str, Any]:
+  """Starts serve.py on a free port, loads it at each concurrency (closed loop) and each rate (open loop); returns
+  the results with the CPU time server and load generator spent per request, and /metrics batch stats."""
+  cmd = [sys.executable, os.path.join(REPO_ROOT, 'serve.py'), f'--export_dir={export_dir}', '--port=0',
+         *server_flags]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    url = None
+    t0 = time.time()
+    while time.time() - t0 < 300:
+      line = proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f'serve.py exited with {proc.wait()} before it was ready: {" ".join(cmd)}')
+      m = re.search(r'on (http://\S+)', line)
+      if m:
+        url = m.group(1)
+        break
+    if url is None:
+      raise RuntimeError('serve.py was not ready after 300 s')
+    bodies = _request_bodies(version_dir, 512, items_per_request)
+    results = []
+    runs = [('concurrency', c) for c in concurrencies] + [('rate', r) for r in rates]
+    for kind, value in runs:
+      server_cpu, client_cpu = _cpu_seconds(proc.pid), time.process_time()
+      if kind == 'concurrency':
+        r = asyncio.run(_load(url + '/v1/score', bodies, int(value), duration_s, max_requests, warmup_s=1.0))
+      else:
+        r = asyncio.run(_open_loop(url + '/v1/score', bodies, value, duration_s, max_requests, warmup_s=1.0))
+      # Per request over warmup + measurement (both send requests at the measured pace).
+      n = max(r['calls'] + sum(r['errors'].values()), 1) * (duration_s + 1.0) / duration_s
+      r['server_cpu_ms_per_request'] = 1000 * (_cpu_seconds(proc.pid) - server_cpu) / n
+      r['client_cpu_ms_per_request'] = 1000 * (time.process_time() - client_cpu) / n
+      results.append(r)
+    import urllib.request  # pylint: disable=g-import-not-at-top
+    with urllib.request.urlopen(url + '/metrics', timeout=10) as r:
+      metrics_text = r.read().decode()
+    return {'url': url, 'results': results, 'batching': _batch_stats(metrics_text)}
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+
+
+def _batch_stats(metrics_text: str) -> dict[str, float]:
+  def value(name: str) -> float:
+    m = re.search(rf'^{re.escape(name)} (\S+)$', metrics_text, re.M)
+    return float(m.group(1)) if m else float('nan')
+  p = 'mtl_rec_batch'
+  calls = value(f'{p}_requests_count{{function="score"}}')
+  return {'score_calls': calls,
+          'mean_requests_per_call': value(f'{p}_requests_sum{{function="score"}}') / max(calls, 1),
+          'mean_rows_per_call': value(f'{p}_rows_sum{{function="score"}}') / max(calls, 1),
+          'mean_execution_ms': 1000 * value(f'{p}_execution_seconds_sum{{function="score"}}') / max(calls, 1),
+          'mean_queue_ms': 1000 * value(f'{p}_queue_seconds_sum{{function="score"}}') /
+                           max(value(f'{p}_queue_seconds_count{{function="score"}}'), 1)}
+
+
+def format_table(report: dict[str, Any]) -> str:
+  lines = [f'{"":<30}{"p50 ms":>9}{"p99 ms":>9}{"calls/s":>10}{"rows/s":>12}{"server CPU ms/req":>19}']
+  for r in report['function']:
+    lines.append(f'{"function, batch " + str(r["batch"]):<30}{r["p50_ms"]:>9.3f}{r["p99_ms"]:>9.3f}'
+                 f'{r["calls_per_s"]:>10,.0f}{r["rows_per_s"]:>12,.0f}')
+  for r in report.get('http', {}).get('results', []):
+    label = (f'http, concurrency {r["concurrency"]}' if 'concurrency' in r else
+             f'http, open loop {r["rate"]:,.0f}/s')
+    if not r.get('calls'):
+      lines.append(f'{label:<30} no successful requests: {r.get("errors")}')
+      continue
+    err = f'  errors {r["errors"]}' if r['errors'] else ''
+    lines.append(f'{label:<30}{r["p50_ms"]:>9.3f}{r["p99_ms"]:>9.3f}{r["calls_per_s"]:>10,.0f}'
+                 f'{r["rows_per_s"]:>12,.0f}{r["server_cpu_ms_per_request"]:>19.3f}{err}')
+  fn = {r['batch']: r for r in report['function']}
+  http_rows = [r for r in report.get('http', {}).get('results', []) if r.get('calls')]
+  if 1000 in fn and http_rows:
+    busiest = max(http_rows, key=lambda r: r['calls_per_s'])
+    compute = fn[1000]['mean_ms'] / 10
+    lines.append(f'where the time goes (per request of 100 rows, at {busiest["calls_per_s"]:,.0f} requests/s): '
+                 f'model {compute:.3f} ms (batch-1000 call / 10), server total '
+                 f'{busiest["server_cpu_ms_per_request"]:.3f} CPU ms (so ~'
+                 f'{max(busiest["server_cpu_ms_per_request"] - compute, 0):.3f} ms HTTP, JSON, validation, batching), '
+                 f'load generator {busiest["client_cpu_ms_per_request"]:.3f} CPU ms')
+  la = report['machine']
+  lines.append(f'{la["cpus"]} CPUs; load average {la["load_average_at_start"][0]:.1f} at start, '
+               f'{la.get("load_average_at_end", [float("nan")])[0]:.1f} at end (other processes share the machine)')
+  b = report.get('http', {}).get('batching')
+  if b:
+    lines.append(f'server batching: {b["mean_requests_per_call"]:.1f} requests ({b["mean_rows_per_call"]:.0f} rows) '
+                 f'per model call, {b["mean_execution_ms"]:.2f} ms per call, {b["mean_queue_ms"]:.2f} ms queued')
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(prog='python -m mtl_rec.serving.benchmark', description=__doc__.split('\n')[0])
+  parser.add_argument('--export_dir', required=True, help='W/export (newest version) or W/export/<version>')
+  parser.add_argument('--out', default='serving_benchmark.json', help='JSON report path')
+  parser.add_argument('--duration', type=float, default=10.0, help='seconds per measurement')
+  parser.add_argument('--max_requests', type=int, default=200_000, help='cap on calls per measurement')
+  parser.add_argument('--batch_sizes', default='1,100,1000')
+  parser.add_argument('--concurrency', default='1,8,64', help='closed loop: clients each sending back to back')
+  parser.add_argument('--rate', default='1000', help='open loop: requests per second on a fixed schedule ("" none)')
+  parser.add_argument('--items_per_request', type=int, default=100)
+  parser.add_argument('--skip_http', action='store_true')
+  parser.add_argument('--server_flag', action='append', default=[], help='extra serve.py flag, repeatable')
+  args = parser.parse_args(argv)
+
+  from mtl_rec.serving.loader import resolve_version_dir  # pylint: disable=g-import-not-at-top
+  version_dir = resolve_version_dir(args.export_dir)
+  with open(os.path.join(version_dir, 'manifest.json')) as f:
+    manifest = json.load(f)
+  report: dict[str, Any] = {
+      'model': manifest['name'], 'version': manifest['version'], 'export_dir': version_dir,
+      'machine': {'cpus': os.cpu_count(), 'platform': platform.platform(), 'python': platform.python_version(),
+                  'load_average_at_start': list(os.getloadavg())},
+      'request': f'one user x {args.items_per_request} candidates, POST /v1/score',
+      'load_generator': 'aiohttp client, keep-alive, one coroutine per concurrent client, same machine',
+  }
+  report['function'] = bench_function(version_dir, [int(b) for b in args.batch_sizes.split(',')], args.duration,
+                                      args.max_requests)
+  if not args.skip_http:
+    report['http'] = bench_http(args.export_dir, version_dir, [int(c) for c in args.concurrency.split(',')],
+                                args.duration, args.max_requests, args.items_per_request, args.server_flag,
+                                [float(r) for r in args.rate.split(',') if r])
+  report['machine']['load_average_at_end'] = list(os.getloadavg())
+  print(format_table(report))
+  with open(args.out, 'w') as f:
+    json.dump(report, f, indent=2)
+  print(f'wrote {args.out}')
+  return report
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,321 @@
+"""An export version directory loaded for serving: artifacts compiled per batch bucket, tables, feature encoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax import export as jax_export
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_FORMATS = ('mtl_rec.export/1',)
+MAX_ID_CHARS = 256  # longer ids cannot be in any vocabulary we export; bounds the work a request can cause
+
+
+def resolve_version_dir(export_dir: str) -> str:
+  """`export_dir` itself if it holds a manifest, else its newest integer version subdirectory."""
+  if os.path.exists(os.path.join(export_dir, 'manifest.json')):
+    return export_dir
+  if not os.path.isdir(export_dir):
+    raise ValueError(f'--export_dir={export_dir} does not exist; pass W/export or W/export/<version> of a train.py '
+                     'run (or run `python -m mtl_rec.export --workdir W` first)')
+  versions = sorted((int(d) for d in os.listdir(export_dir)
+                     if d.isdigit() and os.path.exists(os.path.join(export_dir, d, 'manifest.json'))), reverse=True)
+  if not versions:
+    raise ValueError(f'--export_dir={export_dir} holds no manifest.json and no version directory with one; export '
+                     'a run with `python -m mtl_rec.export --workdir W`')
+  return os.path.join(export_dir, str(versions[0]))
+
+
+def buckets(max_size: int, smallest: int = 1) -> tuple[int, ...]:
+  """The only batch sizes ever compiled: powers of two from `smallest`, with 1.5x steps between them from 128 on
+  (padding wastes at most a third of a call, ~15% on average), up to the first size >= max_size."""
+  out, b = [], max(1, smallest)
+  while True:
+    out.append(b)
+    if b >= max_size:
+      return tuple(out)
+    if b >= 128 and b & (b - 1) == 0:
+      out.append(b * 3 // 2)
+      if out[-1] >= max_size:
+        return tuple(out)
+    b *= 2
+
+
+class IdIndex:
+  """Raw ids -> table positions with a sorted array (compact for millions of ids, vectorized lookups)."""
+
+  def __init__(self, ids: np.ndarray):
+    ids = np.asarray(ids)
+    self.is_int = ids.dtype.kind in 'iu'
+    self.ids = ids.astype(np.int64) if self.is_int else ids.astype(np.str_)
+    self.order = np.argsort(self.ids, kind='stable')
+    self.sorted = self.ids[self.order]
+    self.size = int(ids.shape[0])
+
+  def _canonical(self, raw: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(values, parseable): request ids (str or int) in the index's dtype."""
+    n = len(raw)
+    if not self.is_int:
+      return np.asarray([str(x) for x in raw], dtype=np.str_), np.ones(n, bool)
+    try:  # the common case, all decimal: one C-level pass
+      return np.fromiter(map(int, raw), np.int64, n), np.ones(n, bool)
+    except (ValueError, OverflowError):
+      pass
+    vals, ok = np.zeros(n, np.int64), np.ones(n, bool)
+    for j, x in enumerate(raw):
+      try:
+        vals[j] = int(x)
+      except (ValueError, OverflowError):
+        ok[j] = False  # not an integer (or beyond int64): cannot be in an integer id table
+    return vals, ok
+
+  def lookup(self, raw: Sequence[Any]) -> np.ndarray:
+    """Positions of `raw` ids (str or int; decimal strings match integer ids); -1 where unknown."""
+    if not len(raw) or not self.size:
+      return np.full(len(raw), -1, np.int64)
+    vals, ok = self._canonical(raw)
+    pos = np.minimum(np.searchsorted(self.sorted, vals), self.size - 1)
+    found = ok & (self.sorted[pos] == vals)
+    return np.where(found, self.order[pos], -1)
+
+  def position(self, raw: Any) -> int:
+    """Position of one id (str or int); -1 if unknown. The scalar path: a tenth of `lookup`'s cost."""
+    if not self.size:
+      return -1
+    if self.is_int:
+      try:
+        value = int(raw)
+      except (ValueError, OverflowError):
+        return -1
+      if not -(2**63) <= value < 2**63:
+        return -1
+    else:
+      value = str(raw)
+    p = int(np.searchsorted(self.sorted, value))
+    return int(self.order[p]) if p < self.size and self.sorted[p] == value else -1
+
+  def raw(self, positions: np.ndarray) -> list[Any]:
+    return self.ids[positions].tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureEncoding:
+  """How one raw value becomes a row of one embedding table (the manifest's 'encoding' entry)."""
+
+  name: str
+  kind: str  # 'vocab' | 'bucket' | 'multi_hot'
+  raw: str  # request field name
+  raw_type: str  # 'id' | 'str' | 'int' | 'list[str]'
+  vocab: dict[Any, int] | None = None  # raw value -> row (rows start at 1; absent -> 0)
+  prefix: int | None = None
+  divide: int | None = None
+  boundaries: np.ndarray | None = None
+
+  def encode(self, value: Any) -> int:
+    """The table row of a validated raw value; None (unknown) -> the OOV row 0."""
+    if value is None:
+      return 0
+    if self.kind == 'bucket':
+      return 0 if value < 0 else int(np.searchsorted(self.boundaries, value, side='right')) + 1
+    if self.prefix is not None:
+      value = value[:self.prefix]
+    if self.divide is not None:
+      if value < 0:
+        return 0
+      value = value // self.divide
+    return self.vocab.get(value, 0)
+
+
+class ExportedModel:
+  """One export version, ready to answer: parameters on the device, one compiled executable per batch bucket.
+
+  Thread-safety: `score_rows` and `recommend` may be called from worker threads (jax releases the GIL while the
+  executable runs); the tables are read-only after construction.
+  """
+
+  def __init__(self, version_dir: str, max_batch_rows: int = 4096, max_recommend_users: int = 32,
+               min_bucket_rows: int = 16):
+    self.dir = version_dir
+    with open(os.path.join(version_dir, 'manifest.json')) as f:
+      self.manifest = m = json.load(f)
+    if m.get('format') not in SUPPORTED_FORMATS:
+      raise ValueError(f'{version_dir}: export format {m.get("format")!r} is not one of {SUPPORTED_FORMATS}; '
+                       're-export the run with this version of mtl_rec')
+    self.name: str = m['name']
+    self.version: int = int(m['version'])
+    self.task_names: tuple[str, ...] = tuple(m['fusion']['order'])
+    self.tasks = {t['name']: t for t in m['tasks']}
+    # float64 on the host so that echoed weights read as given (0.4, not 0.4000000059604645); cast per batch.
+    self.default_weights = np.asarray([m['fusion']['default_weights'][t] for t in self.task_names], np.float64)
+    self.max_k: int = int(m['functions']['recommend']['max_k'])
+
+    def artifact(name: str) -> jax_export.Exported:
+      with open(os.path.join(version_dir, m['functions'][name]['file']), 'rb') as f:
+        return jax_export.deserialize(bytearray(f.read()))
+    self._score_exported = artifact('score')
+    self._recommend_exported = artifact('recommend')
+    platform = jax.devices()[0].platform
+    if platform not in self._score_exported.platforms:
+      raise ValueError(f'{version_dir} was exported for {self._score_exported.platforms}, this machine runs '
+                       f'{platform}: re-export with --config.export.platforms including {platform!r}')
+    self._score_fn = jax.jit(self._score_exported.call)
+    self._recommend_fn = jax.jit(self._recommend_exported.call)
+
+    with np.load(os.path.join(version_dir, m['weights']['file']), allow_pickle=False) as w:
+      self.params = tuple(jax.device_put(w[e['key']]) for e in m['weights']['order'])
+
+    self.user_inputs = [e['name'] for e in m['inputs']['user']]
+    self.item_inputs = [e['name'] for e in m['inputs']['item']]
+    with np.load(os.path.join(version_dir, m['users']['file']), allow_pickle=False) as u:
+      self.users = IdIndex(u[m['users']['ids']])
+      # Row `num_users` is the all-OOV row of an unknown user.
+      self.user_table = {n: np.concatenate([u[n], np.zeros((1,) + u[n].shape[1:], u[n].dtype)])
+                         for n in self.user_inputs}
+    with np.load(os.path.join(version_dir, m['catalog']['file']), allow_pickle=False) as c:
+      self.items = IdIndex(c[m['catalog']['ids']])
+      self.titles = c[m['catalog']['titles']] if m['catalog'].get('titles') in c.files else None
+      catalog = {n: c[n] for n in self.item_inputs}
+    self.num_users, self.num_items = self.users.size, self.items.size
+    self.catalog = {n: jax.device_put(v) for n, v in catalog.items()}
+    # Row `num_items` is the all-OOV row of an item missing from the catalog.
+    self.item_table = {n: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)]) for n, v in catalog.items()}
+    self.item_id_rows = self.item_table.get('item_id')
+    self.user_id_rows = self.user_table.get('user_id')
+    with np.load(os.path.join(version_dir, m['seen']['file']), allow_pickle=False) as s:
+      self.seen_indptr, self.seen_indices = s['indptr'], s['indices']
+
+    self.encodings = {e['name']: self._encoding(e) for e in m['inputs']['user'] + m['inputs']['item']}
+    # Side features a request may give for a user: the raw fields of the model's user inputs other than the id.
+    self.user_fields = {e.raw: e for n, e in self.encodings.items() if n in self.user_inputs and e.raw_type != 'id'}
+
+    self.score_buckets = buckets(max_batch_rows, min(min_bucket_rows, max_batch_rows))
+    self.recommend_buckets = buckets(max_recommend_users)
+    self.max_batch_rows = self.score_buckets[-1]
+    self.max_recommend_users = self.recommend_buckets[-1]
+
+  def _encoding(self, e: dict[str, Any]) -> FeatureEncoding:
+    enc = e['encoding']
+    vocab = None
+    if enc['kind'] == 'vocab':
+      entry = self.manifest['vocabularies']['entries'][enc['vocab']]
+      if 'values' in entry:
+        values = entry['values']
+      else:
+        with np.load(os.path.join(self.dir, entry['file']), allow_pickle=False) as v:
+          values = v[entry['key']].tolist()
+      # Id vocabularies can be large and are only needed through the users/catalog tables: keep them out of memory.
+      vocab = {} if enc['raw_type'] == 'id' else {v: i + 1 for i, v in enumerate(values)}
+    return FeatureEncoding(
+        name=e['name'], kind=enc['kind'], raw=enc['raw'], raw_type=enc.get('raw_type', 'str'), vocab=vocab,
+        prefix=enc.get('prefix'), divide=enc.get('divide'),
+        boundaries=np.asarray(enc['boundaries']) if 'boundaries' in enc else None)
+
+  # -------------------------------------------------------------------------------------------------------------
+  # Raw request values -> feature rows.
+
+  def user_features(self, position: int, overrides: dict[str, Any] | None = None) -> dict[str, int]:
+    """Encoded features of the user at table `position` (-1: unknown, all OOV), with request-given side features
+    (raw values, already validated) replacing the table's."""
+    row = position if position >= 0 else self.num_users
+    feats = {n: int(self.user_table[n][row]) for n in self.user_inputs}
+    for raw_name, value in (overrides or {}).items():
+      enc = self.user_fields.get(raw_name)
+      if enc is not None:
+        feats[enc.name] = enc.encode(value)
+    return feats
+
+  def user_is_cold(self, position: int) -> bool:
+    """True when the user's id row is the OOV row (unknown, or not seen in training)."""
+    return position < 0 or (self.user_id_rows is not None and int(self.user_id_rows[position]) == 0)
+
+  def items_cold(self, positions: np.ndarray) -> np.ndarray:
+    """Per item: True when its id row is the OOV row (missing from the catalog, or not seen in training)."""
+    rows = np.where(positions >= 0, positions, self.num_items)
+    if self.item_id_rows is None:
+      return positions < 0
+    return self.item_id_rows[rows] == 0
+
+  def seen_items(self, user_position: int) -> np.ndarray:
+    if user_position < 0:
+      return np.zeros(0, np.int64)
+    return self.seen_indices[self.seen_indptr[user_position]:self.seen_indptr[user_position + 1]]
+
+  # -------------------------------------------------------------------------------------------------------------
+  # Calls of the compiled functions.
+
+  def _bucket(self, n: int, sizes: tuple[int, ...]) -> int:
+    for b in sizes:
+      if b >= n:
+        return b
+    raise ValueError(f'{n} rows exceed the largest batch bucket {sizes[-1]}')
+
+  def score_rows(self, user: dict[str, np.ndarray], item_positions: np.ndarray,
+                 weights: np.ndarray) -> dict[str, np.ndarray]:
+    """{task: [n], 'score': [n]} for paired rows: user features [n] each, catalog positions [n] (-1: unknown
+    item, OOV features), fusion weights [n, T]. Larger inputs are split into calls of the largest bucket."""
+    n = int(item_positions.shape[0])
+    if n > self.max_batch_rows:
+      parts = [self.score_rows({k: v[s:s + self.max_batch_rows] for k, v in user.items()},
+                               item_positions[s:s + self.max_batch_rows], weights[s:s + self.max_batch_rows])
+               for s in range(0, n, self.max_batch_rows)]
+      return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    b = self._bucket(n, self.score_buckets)
+    pos = np.full(b, self.num_items, np.int64)
+    pos[:n] = np.where(item_positions >= 0, item_positions, self.num_items)
+    items = {k: v[pos] for k, v in self.item_table.items()}
+    users = {}
+    for k in self.user_inputs:
+      col = np.zeros(b, self.user_table[k].dtype)
+      col[:n] = user[k]
+      users[k] = col
+    w = np.zeros((b, len(self.task_names)), np.float32)
+    w[:n] = weights
+    out = self._score_fn(self.params, users, items, w)
+    return {k: np.asarray(v)[:n] for k, v in out.items()}
+
+  def recommend(self, user: dict[str, np.ndarray], exclude: np.ndarray,
+                weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(catalog positions [u, max_k], fused scores [u, max_k], -inf where excluded) for users' features [u],
+    exclude masks bool [u, num_items] and fusion weights [u, T]."""
+    u = int(exclude.shape[0])
+    b = self._bucket(u, self.recommend_buckets)
+    users = {}
+    for k in self.user_inputs:
+      col = np.zeros(b, self.user_table[k].dtype)
+      col[:u] = user[k]
+      users[k] = col
+    excl = np.ones((b, self.num_items), bool)
+    excl[:u] = exclude
+    w = np.zeros((b, len(self.task_names)), np.float32)
+    w[:u] = weights
+    out = self._recommend_fn(self.params, self.catalog, users, excl, w)
+    return np.asarray(out['items'])[:u], np.asarray(out['scores'])[:u]
+
+  def warmup(self) -> None:
+    """Compiles every bucket once, so no request ever waits for a compilation."""
+    for b in self.score_buckets:
+      self.score_rows({k: np.zeros(b, v.dtype) for k, v in self.user_table.items()}, np.full(b, -1, np.int64),
+                      np.tile(self.default_weights, (b, 1)))
+    for b in self.recommend_buckets:
+      self.recommend({k: np.zeros(b, v.dtype) for k, v in self.user_table.items()},
+                     np.zeros((b, self.num_items), bool), np.tile(self.default_weights, (b, 1)))
+
+  def compiled_shapes(self) -> dict[str, int]:
+    """Executables in each function's jit cache (constant after warmup when bucketing works)."""
+    return {'score': int(self._score_fn._cache_size()),  # pylint: disable=protected-access
+            'recommend': int(self._recommend_fn._cache_size())}  # pylint: disable=protected-access
+
+  def metadata(self) -> dict[str, Any]:
+    """A summary for logs and the metadata endpoints."""
+    m = self.manifest
+    return {'name': self.name, 'version': self.version, 'tasks': list(self.task_names),
+            'default_weights': dict(zip(self.task_names, self.default_weights.tolist())),
+            'users': self.num_users, 'items': self.num_items, 'max_k': self.max_k,
+            'platforms': m['platforms'], 'jax_version': m['jax_version'], 'metrics': m.get('metrics', {})}

@@ -1,0 +1,233 @@
+"""Request validation: a JSON body -> typed work for the batcher, or `BadRequest` naming the problem (a 4xx).
+
+Every check is explicit so that no client mistake reaches the model or becomes a 5xx: wrong JSON, wrong types,
+empty or oversize lists, unknown fields (a typo must not be silently ignored), non-finite numbers, k out of range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from mtl_rec.serving.loader import MAX_ID_CHARS, ExportedModel
+
+
+class BadRequest(Exception):
+  """A client error: answered with `status` and {"error": message}."""
+
+  def __init__(self, message: str, status: int = 400):
+    super().__init__(message)
+    self.message = message
+    self.status = status
+
+
+def _reject_constant(name: str) -> Any:
+  raise ValueError(f'{name} is not valid JSON (use a finite number)')
+
+
+def _finite_float(text: str) -> float:
+  value = float(text)
+  if not math.isfinite(value):
+    raise ValueError(f'the number {text[:30]} overflows to infinity')
+  return value
+
+
+def parse_json(body: bytes) -> Any:
+  """The body as JSON; NaN/Infinity literals, invalid UTF-8 and absurd nesting are rejected.
+
+  The standard library's parser, not orjson's: it fails cleanly (RecursionError) on deeply nested input, where
+  some orjson versions overflow the C stack and kill the process — a client must never be able to do that.
+  """
+  if not body:
+    raise BadRequest('empty body: send a JSON object')
+  try:
+    return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+  except RecursionError:
+    raise BadRequest('invalid JSON: nested too deeply') from None
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the constants above are ValueErrors
+    raise BadRequest(f'invalid JSON: {e}') from None
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _type_name(x: Any) -> str:
+  return {dict: 'object', list: 'array', str: 'string', bool: 'boolean', int: 'integer', float: 'number',
+          type(None): 'null'}.get(type(x), type(x).__name__)
+
+
+def check_id(x: Any, where: str) -> Any:
+  """A raw id: a string or an integer (ids are looked up as given; unknown ones are cold starts)."""
+  if isinstance(x, str):
+    if not x:
+      raise BadRequest(f'{where} is an empty string')
+    if len(x) > MAX_ID_CHARS:
+      raise BadRequest(f'{where} is {len(x)} characters long; ids have at most {MAX_ID_CHARS}')
+    return x
+  if _is_int(x):
+    return x
+  raise BadRequest(f'{where} must be a string or an integer, got {_type_name(x)}')
+
+
+def _check_fields(obj: dict[str, Any], allowed: set[str], where: str) -> None:
+  unknown = sorted(set(obj) - allowed)
+  if unknown:
+    raise BadRequest(f'unknown field {unknown[0]!r} in {where}; allowed: {", ".join(sorted(allowed))}')
+
+
+def parse_weights(value: Any, model: ExportedModel, where: str = 'weights') -> np.ndarray:
+  """Request fusion weights (a partial {task: number} override of the defaults) -> float32 [T]."""
+  w = model.default_weights.copy()
+  if value is None:
+    return w
+  if not isinstance(value, dict):
+    raise BadRequest(f'{where} must be an object {{task: number}}, got {_type_name(value)}')
+  for task, x in value.items():
+    if task not in model.task_names:
+      raise BadRequest(f'{where} names unknown task {task!r}; tasks: {", ".join(model.task_names)}')
+    if not _is_number(x) or not math.isfinite(x):
+      raise BadRequest(f'{where}.{task} must be a finite number, got {x!r}')
+    if abs(x) > 1e6:
+      raise BadRequest(f'{where}.{task}={x!r} is out of range; use |weight| <= 1e6')
+    w[model.task_names.index(task)] = x
+  return w
+
+
+def parse_user_fields(user: dict[str, Any], model: ExportedModel, where: str) -> dict[str, Any]:
+  """Side features given for a user (validated raw values; null = unknown)."""
+  out = {}
+  for name, value in user.items():
+    if name == 'user_id':
+      continue
+    enc = model.user_fields.get(name)
+    if enc is None:
+      raise BadRequest(f'unknown field {name!r} in {where}; allowed: user_id, {", ".join(sorted(model.user_fields))}')
+    if value is None:
+      out[name] = None
+    elif enc.raw_type == 'int':
+      if not _is_int(value) or not -1 <= value <= 200:
+        raise BadRequest(f'{where}.{name} must be an integer in [-1, 200] (-1 = unknown), got {value!r}')
+      out[name] = value
+    else:
+      if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        raise BadRequest(f'{where}.{name} must be a string of at most {MAX_ID_CHARS} characters, got '
+                         f'{_type_name(value)}')
+      out[name] = value
+  return out
+
+
+@dataclasses.dataclass
+class UserRef:
+  raw_id: Any
+  position: int  # in the users table; -1 unknown
+  features: dict[str, int]  # encoded model inputs
+  cold_start: bool
+  source: str  # 'table' | 'request' | 'table+request' | 'oov'
+
+  def describe(self) -> dict[str, Any]:
+    return {'user_id': self.raw_id, 'known': self.position >= 0, 'cold_start': self.cold_start,
+            'features': self.source}
+
+
+def resolve_user(user: Any, model: ExportedModel, where: str = 'user') -> UserRef:
+  """{"user_id": ..., optional side features} -> the user's encoded features and cold-start status."""
+  if not isinstance(user, dict):
+    raise BadRequest(f'{where} must be an object like {{"user_id": "196"}}, got {_type_name(user)}')
+  if 'user_id' not in user:
+    raise BadRequest(f'{where}.user_id is missing')
+  raw = check_id(user['user_id'], f'{where}.user_id')
+  fields = parse_user_fields(user, model, where)
+  pos = model.users.position(raw)
+  source = ('table' if pos >= 0 else 'oov') if not fields else ('table+request' if pos >= 0 else 'request')
+  return UserRef(raw, pos, model.user_features(pos, fields), model.user_is_cold(pos), source)
+
+
+@dataclasses.dataclass
+class ScoreWork:
+  """Rows for the score batcher: user features [n], catalog positions [n] (-1 unknown), weights [T]."""
+
+  user: dict[str, np.ndarray]
+  item_positions: np.ndarray
+  weights: np.ndarray
+
+  @property
+  def rows(self) -> int:
+    return int(self.item_positions.shape[0])
+
+
+@dataclasses.dataclass
+class ScoreRequest:
+  user: UserRef
+  items: list[Any]
+  item_cold: np.ndarray
+  work: ScoreWork
+
+
+def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest:
+  """POST /v1/score {"user": {...}, "items": [...], "weights": {...}}."""
+  if not isinstance(body, dict):
+    raise BadRequest(f'the body must be a JSON object, got {_type_name(body)}')
+  _check_fields(body, {'user', 'items', 'weights'}, 'the request')
+  if 'user' not in body:
+    raise BadRequest('user is missing: send {"user": {"user_id": "196"}, "items": ["242", ...]}')
+  user = resolve_user(body['user'], model)
+  items = body.get('items')
+  if items is None:
+    raise BadRequest('items is missing: send a non-empty array of item ids')
+  if not isinstance(items, list):
+    raise BadRequest(f'items must be an array of item ids, got {_type_name(items)}')
+  if not items:
+    raise BadRequest('items is empty: send at least one item id')
+  if len(items) > max_items:
+    raise BadRequest(f'items has {len(items)} entries; at most {max_items} per request')
+  # Fast path for well-formed lists; the per-item check finds and names the first bad entry otherwise.
+  if not (all(type(x) is str for x in items) and 0 < min(map(len, items)) and max(map(len, items)) <= MAX_ID_CHARS
+          or all(type(x) is int for x in items)):
+    for j, x in enumerate(items):
+      check_id(x, f'items[{j}]')
+  weights = parse_weights(body.get('weights'), model)
+  pos = model.items.lookup(items)
+  n = len(items)
+  feats = {k: np.full(n, v, model.user_table[k].dtype) for k, v in user.features.items()}
+  return ScoreRequest(user, items, model.items_cold(pos), ScoreWork(feats, pos, weights))
+
+
+@dataclasses.dataclass
+class RecommendRequest:
+  user: UserRef
+  k: int
+  exclude_seen: bool
+  weights: np.ndarray
+
+
+def parse_recommend(body: Any, model: ExportedModel) -> RecommendRequest:
+  """POST /v1/recommend {"user_id": "196", "k": 10, "exclude_seen": true, "weights": {...}} (or "user": {...}
+  with side features instead of "user_id")."""
+  if not isinstance(body, dict):
+    raise BadRequest(f'the body must be a JSON object, got {_type_name(body)}')
+  _check_fields(body, {'user_id', 'user', 'k', 'exclude_seen', 'weights'}, 'the request')
+  if ('user_id' in body) == ('user' in body):
+    raise BadRequest('give exactly one of user_id or user: {"user_id": "196", "k": 10}')
+  user = resolve_user(body['user'] if 'user' in body else {'user_id': body['user_id']}, model,
+                      'user' if 'user' in body else 'the request')
+  k = body.get('k', 10)
+  limit = min(model.max_k, model.num_items)
+  if not _is_int(k):
+    raise BadRequest(f'k must be an integer in [1, {limit}], got {k!r}')
+  if not 1 <= k <= limit:
+    why = (f'the catalog has {model.num_items} items' if k > model.num_items else
+           f'this export returns at most {model.max_k} (config.export.max_k)' if k > limit else 'k must be >= 1')
+    raise BadRequest(f'k={k} is out of range [1, {limit}]: {why}')
+  exclude_seen = body.get('exclude_seen', True)
+  if not isinstance(exclude_seen, bool):
+    raise BadRequest(f'exclude_seen must be true or false, got {_type_name(exclude_seen)}')
+  return RecommendRequest(user, k, exclude_seen, parse_weights(body.get('weights'), model))

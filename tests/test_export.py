@@ -1,0 +1,279 @@
+"""Export: the artifacts match the in-process model, recommend is an exact top-k, and serving needs no model code."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax import export as jax_export
+
+from configs import synthetic
+from mtl_rec import export as export_lib
+from mtl_rec import sharding as sharding_lib
+from mtl_rec import tasks as tasks_lib
+from mtl_rec import train_lib
+from mtl_rec.serving.loader import ExportedModel, resolve_version_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILES = ('score', 'recommend', 'weights.npz', 'users.npz', 'catalog.npz', 'seen.npz', 'manifest.json')
+# What a serving process must never import: the network, features, tasks, training, export, and their libraries.
+BLOCKED_MODULES = ('mtl_rec.model', 'mtl_rec.train_lib', 'mtl_rec.tasks', 'mtl_rec.features', 'mtl_rec.export',
+                   'mtl_rec.fusion', 'mtl_rec.data', 'mtl_rec.input_pipeline', 'mtl_rec.checkpoint', 'flax',
+                   'optax', 'orbax')
+IMPORT_BLOCKER = textwrap.dedent(f'''
+    import importlib.abc, sys
+    BLOCKED = {BLOCKED_MODULES!r}
+    class _Block(importlib.abc.MetaPathFinder):
+      def find_spec(self, name, path, target=None):
+        if any(name == b or name.startswith(b + '.') for b in BLOCKED):
+          raise ImportError(f'{{name}} is blocked: serving must load the export only')
+        return None
+    sys.meta_path.insert(0, _Block())
+''')
+
+
+def tiny_config():
+  """Synthetic data small enough to train, evaluate and export in seconds; the catalog (120 items) is scored by
+  `recommend` in 3 blocks of 48 (the running top-k path, padding included)."""
+  c = synthetic.get_config()
+  c.data.synthetic.num_users = 200
+  c.data.synthetic.num_items = 120
+  c.data.synthetic.interactions_per_user = 10
+  c.train.batch_size = 128
+  c.train.epochs = 1
+  c.train.progress_bar = False
+  c.train.log_every_steps = 20
+  c.eval.batch_size = 1024
+  c.mesh.shape = (1, 1)
+  c.export.max_k = 20
+  c.export.chunk_items = 48
+  return c
+
+
+def tiny_run(tmp_path_factory) -> str:
+  """A trained (and, by train_and_evaluate, exported) run, made once per test session and shared by modules."""
+  workdir = tmp_path_factory.getbasetemp() / 'tiny_exported_run'
+  if not (workdir / 'export' / '1' / 'manifest.json').exists():
+    train_lib.train_and_evaluate(tiny_config(), str(workdir))
+  return str(workdir)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def run(workdir):
+  return train_lib.load_run(workdir, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope='module')
+def version_dir(workdir):
+  return os.path.join(workdir, 'export', '1')
+
+
+@pytest.fixture(scope='module')
+def manifest(version_dir):
+  with open(os.path.join(version_dir, 'manifest.json')) as f:
+    return json.load(f)
+
+
+def _artifact(version_dir, name):
+  with open(os.path.join(version_dir, name), 'rb') as f:
+    return jax_export.deserialize(bytearray(f.read()))
+
+
+def _params(version_dir, manifest):
+  with np.load(os.path.join(version_dir, 'weights.npz'), allow_pickle=False) as w:
+    return tuple(w[e['key']] for e in manifest['weights']['order'])
+
+
+def _in_process(run, users, items):
+  """Task predictions and fused score of the restored model, computed the way training evaluates it."""
+  batch = run.exp.encoder.gather(users, items)
+  preds = run.trainer.eval_step(run.params, sharding_lib.global_batch(batch, run.trainer.batch_sharding))
+  preds = {k: np.asarray(v) for k, v in preds.items()}
+  fused = sum(run.config.tasks[s.name].fusion_weight * (preds[s.name] if s.kind == 'binary' else
+                                                        (preds[s.name] - 1) / 4) for s in run.trainer.specs)
+  return preds, fused, batch
+
+
+def test_training_writes_a_complete_export(workdir, manifest, version_dir):
+  assert sorted(os.listdir(os.path.join(workdir, 'export'))) == ['1']
+  for f in FILES:
+    assert os.path.getsize(os.path.join(version_dir, f)) > 0, f
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    metrics = json.load(f)
+  c = tiny_config()
+  assert manifest['name'] == c.name and manifest['version'] == 1
+  assert manifest['jax_version'] == jax.__version__ and manifest['platforms'] == ['cpu']
+  assert manifest['metrics'] == pytest.approx(metrics['test'], nan_ok=True)
+  assert [t['name'] for t in manifest['tasks']] == ['click', 'like', 'rating']
+  assert {t['name']: t['kind'] for t in manifest['tasks']} == {'click': 'binary', 'like': 'binary',
+                                                               'rating': 'regression'}
+  assert manifest['fusion']['default_weights'] == {t: c.tasks[t].fusion_weight for t in c.tasks}
+  assert manifest['config']['data']['synthetic']['num_users'] == 200
+  assert manifest['vocabularies']['oov_row'] == 0
+  assert manifest['catalog']['count'] == 120 and manifest['users']['count'] == 200
+  assert manifest['functions']['recommend']['max_k'] == 20
+  # The parameters are inputs, not constants: the artifacts stay small whatever the tables.
+  assert os.path.getsize(os.path.join(version_dir, 'score')) < 200_000
+
+
+def test_weights_load_with_numpy_alone(version_dir, manifest, run):
+  with np.load(os.path.join(version_dir, 'weights.npz'), allow_pickle=False) as w:
+    assert sorted(w.files) == sorted(e['key'] for e in manifest['weights']['order'])
+    for e in manifest['weights']['order']:
+      assert list(w[e['key']].shape) == e['shape'] and str(w[e['key']].dtype) == e['dtype']
+  flat = jax.tree.leaves(jax.device_get(run.params))
+  assert sum(x.size for x in flat) == manifest['members'][0]['num_params']
+
+
+@pytest.mark.parametrize('n', [37, 256])
+def test_score_matches_the_in_process_model(run, version_dir, manifest, n):
+  rng = np.random.default_rng(n)
+  users = rng.integers(0, run.exp.num_users, n)
+  items = rng.integers(0, run.exp.num_items, n)
+  preds, fused, batch = _in_process(run, users, items)
+  score = _artifact(version_dir, 'score')
+  weights = np.tile(np.asarray([manifest['fusion']['default_weights'][t] for t in manifest['fusion']['order']],
+                               np.float32), (n, 1))
+  out = jax.jit(score.call)(_params(version_dir, manifest), batch['user'], batch['item'], weights)
+  for t in ('click', 'like', 'rating'):
+    np.testing.assert_allclose(np.asarray(out[t]), preds[t], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(out['score']), fused, atol=1e-5, rtol=0)
+
+
+def test_recommend_is_the_exact_top_k_of_score(version_dir, manifest):
+  model = ExportedModel(version_dir, max_batch_rows=1024, max_recommend_users=8)
+  users = np.asarray([0, 3, 17, 50, 199])
+  feats = {k: model.user_table[k][users] for k in model.user_inputs}
+  exclude = np.zeros((users.size, model.num_items), bool)
+  for r, u in enumerate(users):
+    exclude[r, model.seen_items(u)] = True
+  weights = np.tile(model.default_weights, (users.size, 1))
+  weights[1] = [1.0, 0.0, 0.0]  # one row with overridden weights
+  top_items, top_scores = model.recommend(feats, exclude, weights)
+  k = manifest['functions']['recommend']['max_k']
+  assert top_items.shape == (users.size, k)
+  for r, u in enumerate(users):  # brute force: every catalog item through `score`
+    all_items = np.arange(model.num_items)
+    s = model.score_rows({n: np.full(model.num_items, feats[n][r]) for n in feats}, all_items,
+                         np.tile(weights[r], (model.num_items, 1)))['score']
+    s = np.where(exclude[r], -np.inf, s)
+    order = np.argsort(-s, kind='stable')[:k]
+    np.testing.assert_allclose(top_scores[r], s[order], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(top_items[r], order)
+    assert not np.isin(top_items[r], model.seen_items(u)).any()
+
+
+def test_artifacts_hold_no_custom_calls(version_dir):
+  for name in ('score', 'recommend'):
+    mlir = _artifact(version_dir, name).mlir_module()
+    assert set(re.findall(r'custom_call @(\w+)', mlir)) <= {'shape_assertion'}, name  # jax's own shape checks
+
+
+def test_serving_loads_the_export_with_model_and_training_code_blocked(version_dir, run):
+  users, items = np.asarray([1, 2, 3]), np.asarray([5, 6, 7])
+  script = IMPORT_BLOCKER + textwrap.dedent(f'''
+      import json
+      import numpy as np
+      from mtl_rec.serving.loader import ExportedModel
+      m = ExportedModel({version_dir!r}, max_batch_rows=16, max_recommend_users=1)
+      users, items = np.asarray({users.tolist()}), np.asarray({items.tolist()})
+      out = m.score_rows({{k: m.user_table[k][users] for k in m.user_inputs}}, items,
+                         np.tile(m.default_weights, (3, 1)))
+      blocked = [n for n in sys.modules if any(n == b or n.startswith(b + '.') for b in BLOCKED)]
+      print(json.dumps({{'out': {{k: v.tolist() for k, v in out.items()}}, 'blocked_loaded': blocked}}))
+  ''')
+  r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = json.loads(r.stdout.strip().splitlines()[-1])
+  assert got['blocked_loaded'] == []
+  preds, fused, _ = _in_process(run, users, items)
+  for t in ('click', 'like', 'rating'):
+    np.testing.assert_allclose(got['out'][t], preds[t], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got['out']['score'], fused, atol=1e-5, rtol=0)
+
+
+def test_cli_exports_any_checkpoint_as_the_next_version(workdir, tmp_path):
+  root = tmp_path / 'exports'
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) if d.isdigit())
+  export_lib.main(['--workdir', workdir, '--export_dir', str(root), '--step', str(steps[0])])
+  assert sorted(os.listdir(root)) == ['1']  # nothing temporary left behind
+  with open(root / '1' / 'manifest.json') as f:
+    m = json.load(f)
+  assert m['version'] == 1 and m['source']['step'] == steps[0]
+  assert 'click_auc' in m['metrics']  # measured for that checkpoint
+  assert export_lib.next_version(str(root)) == 2
+  (root / '7').mkdir()  # a version being written by someone else (no manifest yet) is not served
+  assert resolve_version_dir(str(root)) == str(root / '1')
+  with pytest.raises(ValueError, match='immutable'):
+    export_lib.export_run(workdir, export_root=str(root), version=1)
+  with pytest.raises(SystemExit, match='not a run directory'):
+    export_lib.main(['--workdir', str(tmp_path / 'nothing')])
+
+
+def test_members_export_behind_the_same_interface(run, tmp_path, version_dir):
+  """An ensemble (here: the unified network split into two members answering different tasks) exports the same
+  functions; its scores equal the single-member export's."""
+  specs = run.trainer.specs
+  members = [export_lib.Member(run.trainer.graphdef, run.params, specs[:1], name='click_model'),
+             export_lib.Member(run.trainer.graphdef, run.params, specs[1:], name='like_rating_model')]
+  path = export_lib.write_export(str(tmp_path), members, run.exp, run.config, metrics={'note': 1.0},
+                                 fusion_weights={'click': 1.0, 'like': 0.5, 'rating': 0.25}, name='ensemble')
+  ens = ExportedModel(path, max_batch_rows=64)
+  uni = ExportedModel(version_dir, max_batch_rows=64)
+  assert ens.name == 'ensemble' and [m['name'] for m in ens.manifest['members']] == ['click_model',
+                                                                                     'like_rating_model']
+  users, items = np.arange(40) % run.exp.num_users, np.arange(40) % run.exp.num_items
+  w = np.tile([1.0, 0.5, 0.25], (40, 1))
+  a = ens.score_rows({k: ens.user_table[k][users] for k in ens.user_inputs}, items, w)
+  b = uni.score_rows({k: uni.user_table[k][users] for k in uni.user_inputs}, items, w)
+  for k in ('click', 'like', 'rating', 'score'):
+    np.testing.assert_allclose(a[k], b[k], atol=1e-6)
+  with pytest.raises(ValueError, match='overlapping tasks'):
+    export_lib.write_export(str(tmp_path), members + members[:1], run.exp, run.config)
+  with pytest.raises(ValueError, match='no member predicts'):
+    export_lib.write_export(str(tmp_path), members, run.exp, run.config, fusion_weights={'ctr': 1.0})
+
+
+def test_multiclass_rating_head_exports_its_expected_rating(run, tmp_path):
+  """A like head predicting the rating class exports sum_c c * p_c, fused as (E[rating] - 1) / 4."""
+  c = tiny_config()
+  c.tasks.like.kind = 'multiclass'
+  c.tasks.like.label = 'rating_class'
+  # Random weights of the right shapes (the head kind is the point; a real init costs seconds of compiles).
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: train_lib.build_model(c, run.exp.encoder)))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: (0.1 * rng.standard_normal(x.shape)).astype(x.dtype), nnx.to_pure_dict(state))
+  path = export_lib.write_export(str(tmp_path), [export_lib.Member(graphdef, params, tasks_lib.task_specs(c))],
+                                 run.exp, c)
+  model = ExportedModel(path, max_batch_rows=64)
+  assert {t['name']: t['output'] for t in model.manifest['tasks']}['like'] == 'rating'
+  users, items = np.arange(30), np.arange(30)
+  outputs, _, _ = train_lib._forward(graphdef, params, run.exp.encoder.gather(users, items))  # eager
+  expected_like = (np.asarray(jax.nn.softmax(outputs['like'], -1)) * np.arange(1, 6)).sum(-1)
+  out = model.score_rows({k: model.user_table[k][users] for k in model.user_inputs}, items,
+                         np.tile([0.0, 1.0, 0.0], (30, 1)))
+  np.testing.assert_allclose(out['like'], expected_like, atol=1e-5)
+  np.testing.assert_allclose(out['score'], (expected_like - 1) / 4, atol=1e-5)
+
+
+def test_export_config_is_validated():
+  from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.export.max_k = 0
+  with pytest.raises(ValueError, match='export.max_k'):
+    config_lib.validate(c)
+  c = tiny_config()
+  c.export.platforms = ('gpu',)
+  with pytest.raises(ValueError, match='export.platforms'):
+    config_lib.validate(c)

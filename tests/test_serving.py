@@ -1,0 +1,384 @@
+"""serve.py end to end: plain HTTP, tritonclient.http, 30+ kinds of bad input, batching and metrics.
+
+One server per module, started the way users start it (serve.py in a subprocess), with mtl_rec's model and
+training modules blocked from import: serving must run from the export alone.
+"""
+
+import concurrent.futures
+import gzip
+import json
+import os
+import re
+import selectors
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from mtl_rec.serving.loader import ExportedModel
+from test_export import IMPORT_BLOCKER, REPO, tiny_run
+
+MAX_BODY = 65536
+MAX_ITEMS = 200
+
+
+@pytest.fixture(scope='module')
+def export_dir(tmp_path_factory):
+  return os.path.join(tiny_run(tmp_path_factory), 'export')
+
+
+@pytest.fixture(scope='module')
+def model(export_dir):
+  return ExportedModel(os.path.join(export_dir, '1'), max_batch_rows=256, max_recommend_users=4)
+
+
+@pytest.fixture(scope='module')
+def server(export_dir, tmp_path_factory):
+  """(base url, process) of serve.py on a free port."""
+  log_path = tmp_path_factory.mktemp('server') / 'stderr.log'
+  flags = [f'--export_dir={export_dir}', '--port=0', '--max_batch_rows=256', '--max_recommend_users=4',
+           '--max_wait_ms=5', f'--max_body_bytes={MAX_BODY}', f'--max_items={MAX_ITEMS}']
+  script = IMPORT_BLOCKER + f'import runpy; sys.argv = {["serve.py", *flags]!r}; runpy.run_path("serve.py", ' \
+                            'run_name="__main__")'
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+  sel = selectors.DefaultSelector()
+  sel.register(proc.stdout, selectors.EVENT_READ)
+  url, deadline = None, time.time() + 240
+  while url is None and time.time() < deadline and proc.poll() is None:
+    if sel.select(timeout=1.0):
+      m = re.search(r'on (http://\S+)', proc.stdout.readline())
+      url = m.group(1) if m else None
+  if url is None:
+    proc.kill()
+    pytest.fail(f'serve.py did not become ready: {log_path.read_text()[-3000:]}')
+  yield url, proc
+  proc.terminate()
+  try:
+    proc.wait(timeout=30)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+  assert 'Traceback' not in log_path.read_text()  # no request caused an unexpected error
+
+
+def http(url, path, body=None, method=None, headers=None, raw=False):
+  """(status, parsed JSON or raw bytes, headers)."""
+  data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+  req = urllib.request.Request(url + path, data=data, method=method or ('POST' if data is not None else 'GET'),
+                               headers={'Content-Type': 'application/json', **(headers or {})})
+  try:
+    with urllib.request.urlopen(req, timeout=60) as r:
+      status, content, hdrs = r.status, r.read(), dict(r.headers)
+  except urllib.error.HTTPError as e:
+    status, content, hdrs = e.code, e.read(), dict(e.headers)
+  return status, (content if raw else json.loads(content)), hdrs
+
+
+def known_user(model, pos=3):
+  return str(model.users.ids[pos])
+
+
+def item_ids(model, n, start=0):
+  return [str(x) for x in model.items.ids[start:start + n]]
+
+
+def test_score_over_plain_http_matches_the_export(server, model):
+  url, _ = server
+  user, items = known_user(model), item_ids(model, 50) + ['no-such-item']
+  status, out, _ = http(url, '/v1/score', {'user': {'user_id': user}, 'items': items})
+  assert status == 200, out
+  assert out['model'] == model.name and out['version'] == 1
+  assert out['user'] == {'user_id': user, 'known': True, 'cold_start': False, 'features': 'table'}
+  assert [e['item_id'] for e in out['items']] == items
+  assert [e['cold_start'] for e in out['items']] == [False] * 50 + [True]
+  pos = model.users.position(user)
+  ref = model.score_rows({k: np.full(51, model.user_table[k][pos]) for k in model.user_inputs},
+                         model.items.lookup(items), np.tile(model.default_weights, (51, 1)))
+  for t in ('click', 'like', 'rating', 'score'):
+    np.testing.assert_allclose([e[t] for e in out['items']], ref[t], atol=1e-5)
+  assert out['weights'] == {'click': 0.4, 'like': 0.3, 'rating': 0.3}
+
+
+def test_weights_override_and_integer_ids(server, model):
+  url, _ = server
+  ids = [int(x) for x in model.items.ids[:5]]
+  status, out, _ = http(url, '/v1/score', {'user': {'user_id': int(known_user(model))}, 'items': ids,
+                                           'weights': {'click': 1.0, 'like': 0, 'rating': 0}})
+  assert status == 200, out
+  assert [e['item_id'] for e in out['items']] == ids
+  np.testing.assert_allclose([e['score'] for e in out['items']], [e['click'] for e in out['items']], atol=1e-6)
+
+
+def test_cold_start_user_uses_oov_rows_or_given_features(server, model):
+  url, _ = server
+  items = item_ids(model, 10)
+  _, plain, _ = http(url, '/v1/score', {'user': {'user_id': 'new-user'}, 'items': items})
+  assert plain['user'] == {'user_id': 'new-user', 'known': False, 'cold_start': True, 'features': 'oov'}
+  status, rich, _ = http(url, '/v1/score', {'user': {'user_id': 'new-user', 'gender': 'F', 'age': 31,
+                                                     'occupation': 'engineer', 'zip': '94110'}, 'items': items})
+  assert status == 200, rich
+  assert rich['user']['features'] == 'request' and rich['user']['cold_start']
+  assert [e['score'] for e in rich['items']] != [e['score'] for e in plain['items']]
+  ref = model.score_rows({k: np.zeros(10, np.int32) for k in model.user_inputs}, model.items.lookup(items),
+                         np.tile(model.default_weights, (10, 1)))
+  np.testing.assert_allclose([e['score'] for e in plain['items']], ref['score'], atol=1e-5)
+
+
+def test_recommend_excludes_seen_items_and_agrees_with_score(server, model):
+  url, _ = server
+  user = known_user(model, 7)
+  status, out, _ = http(url, '/v1/recommend', {'user_id': user, 'k': 10})
+  assert status == 200, out
+  got = [e['item_id'] for e in out['items']]
+  assert len(got) == 10 and out['exclude_seen'] is True
+  seen = {str(model.items.ids[i]) for i in model.seen_items(model.users.position(user))}
+  assert seen and not seen & {str(i) for i in got}
+  scores = [e['score'] for e in out['items']]
+  assert scores == sorted(scores, reverse=True)
+  _, scored, _ = http(url, '/v1/score', {'user': {'user_id': user}, 'items': got})
+  np.testing.assert_allclose([e['score'] for e in scored['items']], scores, atol=1e-5)
+  _, everything, _ = http(url, '/v1/recommend', {'user_id': user, 'k': 20, 'exclude_seen': False})
+  assert everything['items'][0]['score'] >= scores[0] - 1e-6
+  assert out['items'][0]['title']
+
+
+def test_tritonclient_round_trip(server, model):
+  import tritonclient.http as triton  # pylint: disable=g-import-not-at-top
+  url, _ = server
+  client = triton.InferenceServerClient(url.replace('http://', ''))
+  assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model.name)
+  meta = client.get_model_metadata(model.name)
+  assert meta['name'] == model.name and {i['name'] for i in meta['inputs']} == {'user_id', 'item_id'}
+  assert {o['name'] for o in meta['outputs']} >= {'click', 'like', 'rating', 'score'}
+  user, items = known_user(model), item_ids(model, 20)
+  _, ref, _ = http(url, '/v1/score', {'user': {'user_id': user}, 'items': items})
+
+  # BYTES ids as binary tensors (tritonclient's default), all outputs binary.
+  u = triton.InferInput('user_id', [1], 'BYTES')
+  u.set_data_from_numpy(np.asarray([user.encode()], dtype=object))
+  i = triton.InferInput('item_id', [20], 'BYTES')
+  i.set_data_from_numpy(np.asarray([x.encode() for x in items], dtype=object))
+  res = client.infer(model.name, [u, i], request_id='r1')
+  assert res.get_response()['id'] == 'r1'
+  for t in ('click', 'like', 'rating', 'score'):
+    np.testing.assert_allclose(res.as_numpy(t), [e[t] for e in ref['items']], atol=1e-5)
+  assert not res.as_numpy('item_cold_start').any()
+
+  # INT64 ids as JSON, one user per row, selected outputs as JSON, gzip-compressed request.
+  u = triton.InferInput('user_id', [20, 1], 'INT64')
+  u.set_data_from_numpy(np.full((20, 1), int(user), np.int64), binary_data=False)
+  i = triton.InferInput('item_id', [20, 1], 'INT64')
+  i.set_data_from_numpy(np.asarray([[int(x)] for x in items], np.int64), binary_data=False)
+  res = client.infer(model.name, [u, i], outputs=[triton.InferRequestedOutput('score', binary_data=False)],
+                     request_compression_algorithm='gzip')
+  assert res.as_numpy('score').shape == (20, 1)
+  np.testing.assert_allclose(res.as_numpy('score')[:, 0], [e['score'] for e in ref['items']], atol=1e-5)
+  assert res.as_numpy('click') is None
+  with pytest.raises(Exception, match='unknown model'):
+    client.infer('no_such_model', [u, i])
+
+
+def _infer(inputs, **extra):
+  return {'inputs': inputs, **extra}
+
+
+def _t(name, data, datatype='BYTES', shape=None):
+  return {'name': name, 'datatype': datatype, 'shape': shape or [len(data)], 'data': data}
+
+
+GOOD_USER = _t('user_id', ['1'])
+GOOD_ITEMS = _t('item_id', ['1', '2'])
+
+# (name, method, path, body (bytes or JSON-able), headers, expected status, a phrase the error must contain)
+BAD_REQUESTS = [
+    ('invalid json', 'POST', '/v1/score', b'{"user": ', None, 400, 'invalid JSON'),
+    ('empty body', 'POST', '/v1/score', b'', None, 400, 'empty body'),
+    ('nan literal', 'POST', '/v1/score', b'{"user": {"user_id": "1"}, "items": ["1"], "weights": {"click": NaN}}',
+     None, 400, 'invalid JSON'),
+    ('overflowing number', 'POST', '/v1/score',
+     b'{"user": {"user_id": "1"}, "items": ["1"], "weights": {"click": 1e999}}', None, 400, 'overflows'),
+    ('infinity literal', 'POST', '/v1/score',
+     b'{"user": {"user_id": "1"}, "items": ["1"], "weights": {"click": -Infinity}}', None, 400, 'invalid JSON'),
+    ('not utf-8', 'POST', '/v1/score', b'{"user": "\xff\xfe"}', None, 400, 'invalid JSON'),
+    ('deep nesting', 'POST', '/v1/score', b'{"user": ' + b'[' * 30000 + b']' * 30000 + b'}', None, 400,
+     'nested too deeply'),
+    ('body is an array', 'POST', '/v1/score', [1, 2], None, 400, 'JSON object'),
+    ('body is a string', 'POST', '/v1/score', 'hello', None, 400, 'JSON object'),
+    ('missing user', 'POST', '/v1/score', {'items': ['1']}, None, 400, 'user is missing'),
+    ('user not an object', 'POST', '/v1/score', {'user': '1', 'items': ['1']}, None, 400, 'user must be an object'),
+    ('missing user_id', 'POST', '/v1/score', {'user': {}, 'items': ['1']}, None, 400, 'user.user_id is missing'),
+    ('user_id is a float', 'POST', '/v1/score', {'user': {'user_id': 1.5}, 'items': ['1']}, None, 400,
+     'string or an integer'),
+    ('user_id is a bool', 'POST', '/v1/score', {'user': {'user_id': True}, 'items': ['1']}, None, 400,
+     'string or an integer'),
+    ('user_id empty', 'POST', '/v1/score', {'user': {'user_id': ''}, 'items': ['1']}, None, 400, 'empty string'),
+    ('user_id too long', 'POST', '/v1/score', {'user': {'user_id': 'x' * 300}, 'items': ['1']}, None, 400,
+     'characters long'),
+    ('unknown user field', 'POST', '/v1/score', {'user': {'user_id': '1', 'shoe_size': 9}, 'items': ['1']}, None,
+     400, "unknown field 'shoe_size'"),
+    ('age is a string', 'POST', '/v1/score', {'user': {'user_id': '1', 'age': 'old'}, 'items': ['1']}, None, 400,
+     'user.age'),
+    ('age out of range', 'POST', '/v1/score', {'user': {'user_id': '1', 'age': 1000}, 'items': ['1']}, None, 400,
+     'user.age'),
+    ('gender is a number', 'POST', '/v1/score', {'user': {'user_id': '1', 'gender': 3}, 'items': ['1']}, None,
+     400, 'user.gender'),
+    ('missing items', 'POST', '/v1/score', {'user': {'user_id': '1'}}, None, 400, 'items is missing'),
+    ('items not a list', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': '1'}, None, 400,
+     'items must be an array'),
+    ('items empty', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': []}, None, 400, 'items is empty'),
+    ('item is null', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': ['1', None]}, None, 400, 'items[1]'),
+    ('item is an object', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': [{'id': 1}]}, None, 400,
+     'items[0]'),
+    ('too many items', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': ['1'] * (MAX_ITEMS + 1)}, None,
+     400, f'at most {MAX_ITEMS}'),
+    ('unknown top-level field', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': ['1'], 'itemz': []}, None,
+     400, "unknown field 'itemz'"),
+    ('weights not an object', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': ['1'], 'weights': [1]},
+     None, 400, 'weights must be an object'),
+    ('unknown weight', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': ['1'], 'weights': {'ctr': 1}},
+     None, 400, "unknown task 'ctr'"),
+    ('weight is a string', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': ['1'],
+                                                 'weights': {'click': 'high'}}, None, 400, 'finite number'),
+    ('weight huge', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': ['1'], 'weights': {'click': 1e300}},
+     None, 400, 'out of range'),
+    ('oversize body', 'POST', '/v1/score', b'{"pad": "' + b'x' * (MAX_BODY + 10) + b'"}', None, 413, 'limit'),
+    ('k zero', 'POST', '/v1/recommend', {'user_id': '1', 'k': 0}, None, 400, 'k=0 is out of range'),
+    ('k negative', 'POST', '/v1/recommend', {'user_id': '1', 'k': -3}, None, 400, 'out of range'),
+    ('k larger than the catalog', 'POST', '/v1/recommend', {'user_id': '1', 'k': 10_000}, None, 400,
+     'the catalog has 120 items'),
+    ('k above max_k', 'POST', '/v1/recommend', {'user_id': '1', 'k': 50}, None, 400, 'at most 20'),
+    ('k is a string', 'POST', '/v1/recommend', {'user_id': '1', 'k': '10'}, None, 400, 'k must be an integer'),
+    ('k is a float', 'POST', '/v1/recommend', {'user_id': '1', 'k': 2.5}, None, 400, 'k must be an integer'),
+    ('exclude_seen not bool', 'POST', '/v1/recommend', {'user_id': '1', 'exclude_seen': 'yes'}, None, 400,
+     'exclude_seen'),
+    ('recommend without user', 'POST', '/v1/recommend', {'k': 3}, None, 400, 'exactly one of user_id or user'),
+    ('recommend unknown field', 'POST', '/v1/recommend', {'user_id': '1', 'n': 3}, None, 400, "unknown field 'n'"),
+    ('wrong method', 'GET', '/v1/score', None, None, 405, 'not allowed'),
+    ('unknown path', 'GET', '/v1/nothing', None, None, 404, 'no endpoint'),
+    ('v2 unknown model', 'POST', '/v2/models/nope/infer', _infer([GOOD_USER, GOOD_ITEMS]), None, 404,
+     'unknown model'),
+    ('v2 unknown version', 'GET', '/v2/models/{model}/versions/9', None, None, 404, 'no version'),
+    ('v2 inputs missing', 'POST', '/v2/models/{model}/infer', {'id': 'x'}, None, 400, 'inputs must be'),
+    ('v2 inputs not a list', 'POST', '/v2/models/{model}/infer', {'inputs': {}}, None, 400, 'inputs must be'),
+    ('v2 unknown input', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, _t('movie', ['1'])]), None, 400,
+     "unknown input 'movie'"),
+    ('v2 missing item_id', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER]), None, 400,
+     "'item_id' is missing"),
+    ('v2 duplicate input', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, GOOD_USER, GOOD_ITEMS]), None,
+     400, 'given twice'),
+    ('v2 wrong datatype', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, _t('item_id', [1.0], 'FP32')]),
+     None, 400, 'datatype'),
+    ('v2 shape mismatch', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, _t('item_id', ['1'], shape=[3])]),
+     None, 400, 'shape [3] needs 3'),
+    ('v2 negative shape', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, _t('item_id', ['1'], shape=[-1])]),
+     None, 400, 'shape must be'),
+    ('v2 empty tensor', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, _t('item_id', [], shape=[0])]),
+     None, 400, 'empty'),
+    ('v2 user/item length mismatch', 'POST', '/v2/models/{model}/infer',
+     _infer([_t('user_id', ['1', '2', '3']), GOOD_ITEMS]), None, 400, 'one user_id per item_id'),
+    ('v2 INT64 data not ints', 'POST', '/v2/models/{model}/infer',
+     _infer([GOOD_USER, _t('item_id', ['1', '2'], 'INT64')]), None, 400, 'INT64 data must be integers'),
+    ('v2 BYTES data not strings', 'POST', '/v2/models/{model}/infer',
+     _infer([GOOD_USER, _t('item_id', [1, 2], 'BYTES')]), None, 400, 'BYTES data must be strings'),
+    ('v2 unknown output', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, GOOD_ITEMS],
+                                                                     outputs=[{'name': 'ctr'}]), None, 400,
+     "unknown output 'ctr'"),
+    ('v2 id not a string', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, GOOD_ITEMS], id=5), None, 400,
+     'id must be a string'),
+    ('v2 bad weight parameter', 'POST', '/v2/models/{model}/infer',
+     _infer([GOOD_USER, GOOD_ITEMS], parameters={'fusion_weight_ctr': 1}), None, 400, "unknown task 'ctr'"),
+    ('v2 bad header length', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, GOOD_ITEMS]),
+     {'Inference-Header-Content-Length': 'ten'}, 400, 'must be an integer'),
+    ('v2 header length beyond body', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, GOOD_ITEMS]),
+     {'Inference-Header-Content-Length': '999999'}, 400, 'outside the body'),
+    ('v2 binary size beyond body', 'POST', '/v2/models/{model}/infer', 'BINARY_OVERRUN', None, 400,
+     'runs past the end'),
+    ('v2 unclaimed binary bytes', 'POST', '/v2/models/{model}/infer', 'BINARY_EXTRA', None, 400,
+     'not claimed'),
+]
+
+
+def _binary_body(kind):
+  """A binary-extension request whose sizes are wrong: (body, headers)."""
+  ids = np.asarray([1, 2], '<i8').tobytes()
+  size = len(ids) + (8 if kind == 'BINARY_OVERRUN' else 0)
+  header = json.dumps(_infer([GOOD_USER, {'name': 'item_id', 'datatype': 'INT64', 'shape': [2],
+                                          'parameters': {'binary_data_size': size}}])).encode()
+  extra = b'\0' * 8 if kind == 'BINARY_EXTRA' else b''
+  return header + ids + extra, {'Inference-Header-Content-Length': str(len(header))}
+
+
+def test_at_least_30_kinds_of_bad_input_get_a_4xx_and_the_server_keeps_serving(server, model):
+  url, proc = server
+  assert len(BAD_REQUESTS) >= 30
+  failures = []
+  for name, method, path, body, headers, want, phrase in BAD_REQUESTS:
+    path = path.replace('{model}', model.name)
+    if body in ('BINARY_OVERRUN', 'BINARY_EXTRA'):
+      body, headers = _binary_body(body)
+    status, out, hdrs = http(url, path, body, method=method, headers=headers)
+    if (status != want or not isinstance(out, dict) or phrase not in out.get('error', '')
+        or 'application/json' not in hdrs.get('Content-Type', '')):
+      failures.append((name, status, out))
+  assert not failures, failures
+  assert proc.poll() is None
+  status, out, _ = http(url, '/v1/score', {'user': {'user_id': known_user(model)}, 'items': item_ids(model, 3)})
+  assert status == 200 and len(out['items']) == 3
+  assert http(url, '/v2/health/live')[1] == {'live': True}
+
+
+def test_concurrent_requests_are_batched_and_never_recompile(server, model):
+  url, _ = server
+  before = _metrics(url)
+  bodies = [{'user': {'user_id': known_user(model, j % 50)}, 'items': item_ids(model, 40, j % 60)}
+            for j in range(96)]
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    results = list(pool.map(lambda b: http(url, '/v1/score', b), bodies))
+  assert all(status == 200 for status, _, _ in results)
+  after = _metrics(url)
+  calls = after['mtl_rec_batch_requests_count{function="score"}'] - before.get(
+      'mtl_rec_batch_requests_count{function="score"}', 0)
+  merged = after['mtl_rec_batch_requests_sum{function="score"}'] - before.get(
+      'mtl_rec_batch_requests_sum{function="score"}', 0)
+  assert merged == 96 and calls < 96, (calls, merged)  # some calls carried several requests
+  # Every batch shape was compiled at startup: the load compiled nothing new.
+  assert after['mtl_rec_compiled_executables{function="score"}'] == len(model.score_buckets)
+  assert after['mtl_rec_compiled_executables{function="recommend"}'] == len(model.recommend_buckets)
+
+
+def _metrics(url):
+  status, text, hdrs = http(url, '/metrics', raw=True)
+  assert status == 200 and hdrs['Content-Type'].startswith('text/plain')
+  out = {}
+  for line in text.decode().splitlines():
+    if line and not line.startswith('#'):
+      key, value = line.rsplit(' ', 1)
+      out[key] = float(value)
+  return out
+
+
+def test_metrics_report_requests_errors_latency_and_batches(server):
+  url, _ = server
+  http(url, '/v1/score', b'not json')
+  m = _metrics(url)
+  assert m['mtl_rec_requests_total{endpoint="/v1/score",code="400"}'] >= 1
+  assert m['mtl_rec_request_errors_total{endpoint="/v1/score",code="400"}'] >= 1
+  assert m['mtl_rec_request_latency_seconds_count{endpoint="/v1/score"}'] >= 1
+  assert any(k.startswith('mtl_rec_request_latency_seconds_bucket{endpoint="/v1/score",le="0.005"}') for k in m)
+  assert any(k.startswith('mtl_rec_batch_rows_bucket{function="score"') for k in m)
+  assert 'mtl_rec_model_info{name="mtl_rec_synthetic",version="1"}' in m
+
+
+def test_gzip_request_bodies_and_health_endpoints(server, model):
+  url, _ = server
+  body = gzip.compress(json.dumps({'user': {'user_id': known_user(model)}, 'items': item_ids(model, 2)}).encode())
+  status, out, _ = http(url, '/v1/score', body, headers={'Content-Encoding': 'gzip'})
+  assert status == 200 and len(out['items']) == 2
+  assert http(url, '/v2/health/ready')[0] == 200
+  assert http(url, f'/v2/models/{model.name}/ready')[1] == {'name': model.name, 'ready': True}
+  assert http(url, f'/v2/models/{model.name}/versions/1')[1]['versions'] == ['1']
+  assert http(url, '/v2')[1]['extensions'] == ['binary_tensor_data']

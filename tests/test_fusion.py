@@ -1,0 +1,177 @@
+"""The ensemble-fusion baseline: member configs, the fusion fits on planted data, and a tiny ensemble end to end."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from configs import synthetic
+from mtl_rec import fusion, train_lib
+
+
+def tiny_config():
+  c = synthetic.get_config()
+  c.data.synthetic.num_users = 300
+  c.data.synthetic.num_items = 150
+  c.data.synthetic.interactions_per_user = 15
+  c.train.batch_size = 128
+  c.train.epochs = 1
+  c.train.progress_bar = False
+  c.train.log_every_steps = 10
+  c.eval.batch_size = 1024
+  c.mesh.shape = (1, 1)
+  return c
+
+
+def planted_lists(num_users=300, num_pos=5, num_neg=40, seed=0):
+  """Lists where task 0's score tracks the graded relevance and tasks 1, 2 are noise: member 0 is planted better."""
+  rng = np.random.default_rng(seed)
+  length = num_pos + num_neg
+  gains = np.zeros((num_users, length), np.float32)
+  gains[:, :num_pos] = rng.integers(1, 6, size=(num_users, num_pos))
+  good = 1.0 / (1.0 + np.exp(-(gains - 1.5 + rng.normal(0, 0.8, gains.shape))))
+  scores = np.stack([good, rng.uniform(size=gains.shape), rng.uniform(size=gains.shape)], -1).astype(np.float32)
+  return fusion.FusionLists(scores, gains, np.ones_like(gains, bool))
+
+
+def test_member_config_reduces_to_one_task():
+  c = synthetic.get_config()
+  c.model.esmm = True
+  c.tasks.like.weight = 3.0
+  expected = {'click': 'click_auc', 'like': 'like_auc', 'rating': 'rating_rmse'}
+  for task, metric in expected.items():
+    m = fusion.member_config(c, task)
+    assert list(m.tasks) == [task] and m.tasks[task].weight == 1.0
+    assert m.eval.ranking_task == task and m.train.early_stopping_metric == metric
+    assert not m.model.esmm and m.seed == c.seed and m.data.to_dict() == c.data.to_dict()
+    assert m.model.hidden_dims == c.model.hidden_dims and m.features.to_dict() == c.features.to_dict()
+  click = fusion.member_config(c, 'click')
+  assert click.sampling.num_negatives == c.sampling.num_negatives
+  assert click.train.batch_size == c.train.batch_size
+  rating = fusion.member_config(c, 'rating')
+  # Observed pairs only, as many of them per step as in a unified batch (512 / 5 -> 96, a multiple of 8 devices).
+  assert rating.sampling.num_negatives == 0
+  assert rating.train.batch_size == 96
+  assert c.tasks.like.weight == 3.0 and len(c.tasks) == 3  # the source config is untouched
+  with pytest.raises(ValueError, match='no task'):
+    fusion.member_config(c, 'watch_time')
+
+
+def test_normalized_scores_share_the_unit_interval():
+  specs = {s.name: s for s in fusion.tasks_lib.task_specs(synthetic.get_config())}
+  assert fusion.normalized_score(np.float32(0.3), specs['click']) == pytest.approx(0.3)
+  assert fusion.normalized_score(np.float32(5.0), specs['rating']) == pytest.approx(1.0)
+  assert fusion.normalized_score(np.float32(1.0), specs['rating']) == pytest.approx(0.0)
+  multiclass = fusion.tasks_lib.TaskSpec('like', 'multiclass', 'rating_class', 1.0, 0.3)
+  probs = np.zeros((1, 5), np.float32)
+  probs[0, 4] = 1.0
+  assert float(fusion.normalized_score(probs, multiclass)[0]) == pytest.approx(1.0)
+
+
+def test_learned_weights_beat_uniform_on_planted_validation_lists():
+  lists = planted_lists()
+  uniform = np.full(3, 1 / 3, np.float32)
+  learned = fusion.fit_learned_weights(lists, uniform)
+  assert np.abs(learned).sum() == pytest.approx(1.0, abs=1e-5)
+  assert np.argmax(learned) == 0 and learned[0] > 0.8, learned
+  ndcg_learned, ndcg_uniform = fusion.list_ndcg(lists, learned, 10), fusion.list_ndcg(lists, uniform, 10)
+  assert ndcg_learned > ndcg_uniform + 0.05, (ndcg_learned, ndcg_uniform)
+  loss = lambda w: float(fusion.listnet_loss(w * 20, lists.scores, lists.gains, lists.mask))
+  assert loss(learned) < loss(uniform)
+  # The same holds on fresh lists from the same process: the weights generalize, they do not memorize.
+  fresh = planted_lists(seed=1)
+  assert fusion.list_ndcg(fresh, learned, 10) > fusion.list_ndcg(fresh, uniform, 10)
+
+
+def test_list_ndcg_is_one_for_the_ideal_order_and_ignores_padding():
+  gains = np.array([[3, 5, 0, 0], [1, 0, 0, 0]], np.float32)
+  scores = gains[..., None].copy()
+  mask = np.array([[True, True, True, False], [True, True, True, True]])
+  scores[0, 3, 0] = 99.0  # padding with a huge score must not enter the ranking
+  lists = fusion.FusionLists(scores, gains, mask)
+  assert fusion.list_ndcg(lists, np.ones(1, np.float32), 2) == pytest.approx(1.0)
+  assert fusion.list_ndcg(lists, -np.ones(1, np.float32), 2) < 0.5
+
+
+def test_stacking_fits_and_predicts():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(4000, 3)).astype(np.float32)
+  x[:, 2] *= 0.01  # a nearly constant feature: standardization must not blow it up
+  target = 1.0 / (1.0 + np.exp(-(6.0 * x[:, 0] - 1.0 * x[:, 1] - 3.0)))
+  model = fusion.fit_stacking(x, target, l2=0.0, steps=3000, learning_rate=0.05)
+  pred = model.predict(x)
+  assert pred.shape == (4000,) and np.all((pred > 0) & (pred < 1))
+  assert np.abs(pred - target).mean() < 0.02
+  assert model.coef[0] == pytest.approx(6.0, rel=0.15) and model.coef[1] == pytest.approx(-1.0, abs=0.4)
+  w = model.fusion_weights
+  assert np.abs(w).sum() == pytest.approx(1.0, abs=1e-5) and np.argmax(w) == 0
+  # Ranking by the fusion weights is ranking by the meta-model's output.
+  order = np.argsort(x @ w)
+  assert np.all(np.diff(pred[order]) >= -1e-6)
+  with pytest.raises(ValueError, match='targets'):
+    fusion.fit_stacking(x, target * 2)
+
+
+def test_stacking_on_planted_lists_weights_the_good_member():
+  lists = planted_lists()
+  fit = fusion.fit_fusion(lists, np.array([0.4, 0.3, 0.3], np.float32))
+  assert set(fit['weights']) == set(fusion.FUSION_METHODS)
+  assert np.argmax(fit['weights']['stacking']) == 0
+  assert fusion.list_ndcg(lists, fit['weights']['stacking'], 10) > fusion.list_ndcg(lists, fit['weights']['fixed'], 10)
+
+
+@pytest.fixture(scope='module')
+def untrained():
+  """One freshly initialized unified network, scored two ways: as one member answering every task, and as an
+  "ensemble" of three members that each answer one task with that same network. The scoring plumbing needs no
+  training (test_benchmark trains a real ensemble end to end), and the two must agree exactly."""
+  c = tiny_config()
+  exp = train_lib.prepare(c)
+  trainer = train_lib.make_trainer(c, exp.encoder, total_steps=10)
+  params = trainer.init_state['params']
+  unified = fusion.TaskScorer([fusion.Member.from_trainer(trainer, params)], exp)
+  split = fusion.TaskScorer([fusion.Member(trainer.graphdef, params, (s,)) for s in trainer.specs], exp)
+  return c, exp, trainer, unified, split
+
+
+def test_scorer_merges_one_member_per_task(untrained):
+  c, _, _, unified, split = untrained
+  assert unified.task_names == split.task_names == tuple(c.tasks)
+  assert split.num_params == 3 * unified.num_params  # each member counts its own (here: the same) network
+  with pytest.raises(ValueError, match='overlapping'):
+    fusion.TaskScorer(split.members[:1] * 2, split.exp)
+
+
+def test_catalog_and_pair_scores_agree(untrained):
+  _, exp, _, unified, split = untrained
+  users = np.array([1, 5, 7])
+  cat = np.asarray(split.catalog_scores(users))
+  assert cat.shape == (3, exp.num_items, 3)
+  np.testing.assert_allclose(np.asarray(unified.catalog_scores(users)), cat, rtol=1e-5, atol=1e-6)
+  items = np.array([0, 3, exp.num_items - 1])
+  pairs = split.pair_scores(np.repeat(users, 3), np.tile(items, 3)).reshape(3, 3, 3)
+  np.testing.assert_allclose(cat[:, items], pairs, rtol=1e-4, atol=1e-5)
+  assert np.all((cat[..., :2] >= 0) & (cat[..., :2] <= 1))
+
+
+def test_fused_ranking_uses_the_train_lib_protocol(untrained):
+  _, exp, trainer, _, split = untrained
+  history = np.concatenate([exp.split.train, exp.split.valid])
+  fused = fusion.fused_ranking_metrics(split, {'click_only': np.array([1.0, 0.0, 0.0], np.float32)},
+                                       exp.split.test, history)['click_only']
+  direct = train_lib.ranking_metrics(trainer, trainer.init_state['params'], exp, exp.split.test, history)
+  for k in ('recall@10', 'ndcg@10', 'ndcg@10_graded'):
+    assert fused[k] == pytest.approx(direct[k], abs=1e-6), k
+
+
+def test_evaluate_fusion_reports_every_method(untrained):
+  c, _, _, _, split = untrained
+  f = fusion.evaluate_fusion(split, c, num_negatives=30)
+  assert f['tasks'] == ['click', 'like', 'rating']
+  assert f['weights']['fixed'] == pytest.approx({'click': 0.4, 'like': 0.3, 'rating': 0.3})
+  for m in fusion.FUSION_METHODS:
+    assert set(f['weights'][m]) == {'click', 'like', 'rating'}
+    assert sum(abs(v) for v in f['weights'][m].values()) == pytest.approx(1.0, abs=1e-5)
+    for which in ('valid', 'test'):
+      assert 0.0 <= f[which][m]['ndcg@10_graded'] <= 1.0 and 'recall@10' in f[which][m]
+  assert set(f['stacking']) == {'coef', 'intercept'}

@@ -1,12 +1,15 @@
 """Synthetic data with planted latent factors: for tests, sharding checks and scale runs.
 
-Scale it from the command line, e.g. --config.data.synthetic.num_users=2000000.
+Scale it from the command line, e.g. --config.data.synthetic.num_users=2000000. `--config=configs/synthetic.py:tiny`
+is a variant that trains, evaluates and exports in seconds (big_vision's `runlocal`): for smoke tests and tests.
 """
 
 from mtl_rec import config as config_lib
 
+VARIANTS = ('tiny',)
 
-def get_config():
+
+def get_config(variant: str | None = None):
   c = config_lib.base_config()
   c.name = 'mtl_rec_synthetic'  # model name in exports and serving
   c.data.source = 'synthetic'  # generated from config.seed, no files
@@ -22,4 +25,16 @@ def get_config():
   c.train.epochs = 3  # enough to learn the planted signal
   c.train.patience = 0  # no early stopping: a fixed number of steps makes runs comparable across meshes
   c.train.checkpoint_every_steps = 200  # checkpoints inside an epoch, for resume tests
+  if variant == 'tiny':
+    c.data.synthetic.num_users = 300  # a few hundred users and items: seconds per epoch on one CPU core
+    c.data.synthetic.num_items = 150  # small catalog: full-catalog ranking metrics are cheap
+    c.data.synthetic.interactions_per_user = 15  # ~4.5k ratings
+    c.train.batch_size = 128  # a few dozen steps per epoch
+    c.train.epochs = 1  # one pass: enough to exercise train, eval, checkpoint and export
+    c.train.progress_bar = False  # quiet logs in tests
+    c.train.log_every_steps = 10  # several history.jsonl rows per epoch
+    c.eval.batch_size = 1024  # the whole eval set in a few batches
+    c.mesh.shape = (1, 1)  # one device, whatever the simulated device count
+  elif variant:
+    raise ValueError(f'configs/synthetic.py:{variant} is not a variant; use one of {", ".join(VARIANTS)} or none')
   return c

@@ -14,6 +14,14 @@ def test_shipped_configs_validate(module):
   config_lib.validate(module.get_config())
 
 
+def test_tiny_variant_validates_and_unknown_variants_are_named():
+  tiny = synthetic.get_config('tiny')
+  config_lib.validate(tiny)
+  assert tiny.data.synthetic.num_users < synthetic.get_config().data.synthetic.num_users
+  with pytest.raises(ValueError, match='tiny'):
+    synthetic.get_config('huge')
+
+
 @pytest.mark.parametrize('field, value, message', [
     ('data.source', 'netflix', 'data.source'),
     ('model.backbone', 'transformer', 'shared_bottom'),

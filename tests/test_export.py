@@ -41,16 +41,11 @@ IMPORT_BLOCKER = textwrap.dedent(f'''
 def tiny_config():
   """Synthetic data small enough to train, evaluate and export in seconds; the catalog (120 items) is scored by
   `recommend` in 3 blocks of 48 (the running top-k path, padding included)."""
-  c = synthetic.get_config()
+  c = synthetic.get_config('tiny')
   c.data.synthetic.num_users = 200
   c.data.synthetic.num_items = 120
   c.data.synthetic.interactions_per_user = 10
-  c.train.batch_size = 128
-  c.train.epochs = 1
-  c.train.progress_bar = False
   c.train.log_every_steps = 20
-  c.eval.batch_size = 1024
-  c.mesh.shape = (1, 1)
   c.export.max_k = 20
   c.export.chunk_items = 48
   return c

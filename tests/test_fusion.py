@@ -10,17 +10,7 @@ from mtl_rec import fusion, train_lib
 
 
 def tiny_config():
-  c = synthetic.get_config()
-  c.data.synthetic.num_users = 300
-  c.data.synthetic.num_items = 150
-  c.data.synthetic.interactions_per_user = 15
-  c.train.batch_size = 128
-  c.train.epochs = 1
-  c.train.progress_bar = False
-  c.train.log_every_steps = 10
-  c.eval.batch_size = 1024
-  c.mesh.shape = (1, 1)
-  return c
+  return synthetic.get_config('tiny')
 
 
 def planted_lists(num_users=300, num_pos=5, num_neg=40, seed=0):

@@ -13,17 +13,9 @@ REQUIRED_KEYS = set(train_lib.REQUIRED_METRICS)
 
 
 def tiny_config(**overrides):
-  c = synthetic.get_config()
-  c.data.synthetic.num_users = 300
-  c.data.synthetic.num_items = 150
-  c.data.synthetic.interactions_per_user = 15
-  c.train.batch_size = 128
+  c = synthetic.get_config('tiny')
   c.train.epochs = 2
-  c.train.progress_bar = False
-  c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 50
-  c.eval.batch_size = 1024
-  c.mesh.shape = (1, 1)
   for key, value in overrides.items():
     section, field = key.split('__')
     c[section][field] = value

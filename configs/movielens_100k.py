@@ -12,4 +12,9 @@ def get_config():
   c.name = 'mtl_rec_ml100k'  # model name in exports and serving
   c.data.source = 'movielens_100k'  # real data: local files, cache, GroupLens, or the recbole wheel on PyPI
   c.data.split = 'u1'  # official u1.base / u1.test, comparable with the literature
+  # The click task (every observed pair against sampled negatives) teaches the shared embeddings the collaborative
+  # structure that like and rating, on observed pairs only, cannot. At weight 1 it loses that tug of war; on the
+  # u1 validation split weight 5 was better on every task than 1 (rating RMSE 0.8846 vs 0.8871, click AUC 0.917 vs
+  # 0.896, Recall@10 0.199 vs 0.148), and 10 traded rating RMSE for click.
+  c.tasks.click.weight = 5.0
   return c

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import orjson
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 import mtl_rec
 from mtl_rec.serving import protocol
@@ -111,7 +111,12 @@ class Server:
   # Handlers.
 
   async def _body(self, request: web.Request) -> bytes:
-    return await request.read()  # aiohttp raises HTTPRequestEntityTooLarge past client_max_size
+    try:
+      return await request.read()  # aiohttp raises HTTPRequestEntityTooLarge past client_max_size
+    except web.RequestPayloadError as e:  # e.g. 'Content-Encoding: gzip' on a body that is not gzip
+      reason = getattr(e.__cause__, 'message', None) or str(e).replace('\n', ' ')
+      raise BadRequest(f'the request body could not be read ({reason}); check its Content-Encoding header '
+                       '(gzip and deflate are accepted) or send it uncompressed') from None
 
   def _check_model(self, request: web.Request) -> None:
     name = request.match_info.get('name')
@@ -243,6 +248,7 @@ class Server:
 
   def app(self) -> web.Application:
     """The aiohttp application (batchers start and stop with it)."""
+    _quiet_unreadable_bodies()
     app = web.Application(middlewares=[self.middleware], client_max_size=self.options.max_body_bytes)
     r = app.router
     r.add_post('/v1/score', self.score)
@@ -283,6 +289,26 @@ def load(export_dir: str, options: ServerOptions) -> Server:
            model.name, model.version, version_dir, time.time() - t0, model.num_users, model.num_items,
            model.score_buckets, model.recommend_buckets)
   return Server(model, options)
+
+
+class _UnreadableBodyFilter(logging.Filter):
+  """aiohttp's server logger: a body that cannot be decoded (answered with a 400 by `_body`) is read once more when
+  aiohttp drains the connection, and a compressed body found truncated at its end is answered with a 400 by aiohttp
+  itself; aiohttp logs both with a traceback. Each is the client's mistake, already answered: log one line instead."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, (web.RequestPayloadError, http_exceptions.ContentEncodingError)):
+      reason = str(exc).split('\n')[-1].strip()
+      record.msg, record.args = 'closed a connection whose request body could not be read: %s', (reason,)
+      record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, 'INFO'
+    return True
+
+
+def _quiet_unreadable_bodies() -> None:
+  logger = logging.getLogger('aiohttp.server')
+  if not any(isinstance(f, _UnreadableBodyFilter) for f in logger.filters):
+    logger.addFilter(_UnreadableBodyFilter())
 
 
 def serve(export_dir: str, options: ServerOptions) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,13 @@ def _finite_float(text: str) -> float:
   return value
 
 
+# A JSON escape of a UTF-16 surrogate (\uD800-\uDFFF). A pair decodes to one character; a lone one decodes to a str
+# that no UTF-8 encoder (the response writer, the vocabulary lookup) accepts.
+_SURROGATE_ESCAPE = re.compile(rb'\\u[dD][89a-fA-F][0-9a-fA-F]{2}')
+
+
 def parse_json(body: bytes) -> Any:
-  """The body as JSON; NaN/Infinity literals, invalid UTF-8 and absurd nesting are rejected.
+  """The body as JSON; NaN/Infinity literals, invalid UTF-8, lone surrogates and absurd nesting are rejected.
 
   The standard library's parser, not orjson's: it fails cleanly (RecursionError) on deeply nested input, where
   some orjson versions overflow the C stack and kill the process — a client must never be able to do that.
@@ -45,11 +51,18 @@ def parse_json(body: bytes) -> Any:
   if not body:
     raise BadRequest('empty body: send a JSON object')
   try:
-    return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
   except RecursionError:
     raise BadRequest('invalid JSON: nested too deeply') from None
   except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the constants above are ValueErrors
     raise BadRequest(f'invalid JSON: {e}') from None
+  if _SURROGATE_ESCAPE.search(body):  # rare: only then pay for a second pass over the parsed object
+    try:
+      json.dumps(obj, ensure_ascii=False).encode('utf-8')
+    except UnicodeEncodeError:
+      raise BadRequest('invalid JSON: a \\uD800-\\uDFFF escape that is not half of a surrogate pair; strings must '
+                       'be valid Unicode') from None
+  return obj
 
 
 def _is_int(x: Any) -> bool:

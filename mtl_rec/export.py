@@ -24,7 +24,8 @@ artifacts hold only the computation and stay a few hundred KB whatever the table
 
 Task outputs: binary heads give a probability, regression heads the predicted rating, multiclass rating heads the
 expected rating sum_c c * p_c. The fused ranking score is sum_t w_t * s_t with s_t = p_t for binary heads and
-(rating - 1) / 4 for rating heads (the same normalization as mtl_rec.fusion), so every s_t is on a [0, 1] scale.
+(rating - 1) / 4 for rating heads (tasks.fusion_term, which mtl_rec.fusion uses too), so every s_t is on a [0, 1]
+scale.
 
 An export is a list of *members*, each a network (graphdef + params) answering some of the tasks: the unified
 model is one member with all tasks; the ensemble-fusion baseline is one member per task. The server cannot tell
@@ -57,7 +58,6 @@ from mtl_rec import train_lib
 log = logging.getLogger(__name__)
 
 FORMAT = 'mtl_rec.export/1'
-RATING_MIN, RATING_MAX = 1.0, 5.0
 # Vocabularies with more entries than this go to vocab.npz instead of the manifest (a 2M-id list would make the
 # manifest a 20 MB JSON file that every tool has to parse).
 INLINE_VOCAB_MAX = 10_000
@@ -77,38 +77,12 @@ class Member:
   name: str = 'model'
 
 
-def task_value(pred: jax.Array, spec: tasks_lib.TaskSpec) -> jax.Array:
-  """One number per row from a task's prediction (tasks.predictions): probability or (expected) rating."""
-  if spec.kind == 'multiclass':
-    return (pred * jnp.arange(1, pred.shape[-1] + 1, dtype=pred.dtype)).sum(-1)
-  return pred
-
-
-def fusion_term(value: jax.Array, spec: tasks_lib.TaskSpec) -> jax.Array:
-  """s_t: a task value on the [0, 1] scale of the fused score."""
-  if spec.kind == 'binary':
-    return value
-  return (value - RATING_MIN) / (RATING_MAX - RATING_MIN)
-
-
 def _output_kind(spec: tasks_lib.TaskSpec) -> dict[str, Any]:
   if spec.kind == 'binary':
     return {'output': 'probability', 'range': [0.0, 1.0], 'fusion_term': 'p'}
   what = 'predicted rating' if spec.kind == 'regression' else 'expected rating sum_c c * p_c'
-  return {'output': 'rating', 'description': what, 'scale': [RATING_MIN, RATING_MAX],
-          'fusion_term': f'(rating - {RATING_MIN:g}) / {RATING_MAX - RATING_MIN:g}'}
-
-
-def _path_key(path: tuple[Any, ...]) -> str:
-  parts = []
-  for k in path:
-    for attr in ('key', 'idx', 'name'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
+  lo, hi = tasks_lib.RATING_MIN, tasks_lib.RATING_MAX
+  return {'output': 'rating', 'description': what, 'scale': [lo, hi], 'fusion_term': f'(rating - {lo:g}) / {hi - lo:g}'}
 
 
 def host_params(params: Any) -> Any:
@@ -143,7 +117,7 @@ class _Scorer:
       self.treedefs.append(treedef)
       self.counts.append(len(flat))
       for path, leaf in flat:
-        self.keys.append(f'm{i}/{_path_key(path)}')
+        self.keys.append(f'm{i}/{"/".join(train_lib.path_parts(path))}')
         self.leaves.append(leaf)
 
   def unflatten(self, leaves: Sequence[jax.Array]) -> list[Any]:
@@ -160,11 +134,11 @@ class _Scorer:
     for m, params in zip(self.members, self.unflatten(leaves)):
       outputs, _ = nnx.merge(m.graphdef, params)(user, item)
       preds = tasks_lib.predictions(outputs, m.specs)
-      out.update({s.name: task_value(preds[s.name], s).astype(jnp.float32) for s in m.specs})
+      out.update({s.name: tasks_lib.task_value(preds[s.name], s).astype(jnp.float32) for s in m.specs})
     return out
 
   def fused(self, values: dict[str, jax.Array], weights: jax.Array) -> jax.Array:
-    terms = jnp.stack([fusion_term(values[s.name], s) for s in self.specs], axis=-1)  # [n, T]
+    terms = jnp.stack([tasks_lib.fusion_term(values[s.name], s) for s in self.specs], axis=-1)  # [n, T]
     return jnp.sum(terms * weights, axis=-1)
 
   def score(self, leaves, user, item, weights):

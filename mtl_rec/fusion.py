@@ -162,11 +162,7 @@ def count_params(params: Any) -> int:
 
 def normalized_score(pred: Any, spec: tasks_lib.TaskSpec) -> Any:
   """A task's prediction mapped to [0, 1] for fusion (works on numpy and jax arrays)."""
-  if spec.kind == 'binary':
-    return pred
-  if spec.kind == 'regression':
-    return (pred - 1.0) / 4.0
-  return ((pred * jnp.arange(1, pred.shape[-1] + 1, dtype=pred.dtype)).sum(-1) - 1.0) / 4.0
+  return tasks_lib.fusion_term(tasks_lib.task_value(pred, spec), spec)
 
 
 class TaskScorer:

@@ -84,12 +84,27 @@ def predictions(outputs: dict[str, jax.Array], specs: tuple[TaskSpec, ...]) -> d
   return preds
 
 
+RATING_MIN, RATING_MAX = 1.0, 5.0
+
+
+def task_value(pred: jax.Array, spec: TaskSpec) -> jax.Array:
+  """One number per row from a task's prediction (`predictions`): the probability of a binary head, the predicted
+  rating of a regression head, the expected rating sum_c c * p_c of a multiclass head."""
+  if spec.kind == 'multiclass':
+    return (pred * jnp.arange(1, pred.shape[-1] + 1, dtype=pred.dtype)).sum(-1)
+  return pred
+
+
+def fusion_term(value: jax.Array, spec: TaskSpec) -> jax.Array:
+  """s_t: a task value (`task_value`) on the [0, 1] scale of the fused score: p, or (rating - 1) / 4."""
+  if spec.kind == 'binary':
+    return value
+  return (value - RATING_MIN) / (RATING_MAX - RATING_MIN)
+
+
 def ranking_score(preds: dict[str, jax.Array], spec: TaskSpec, like_threshold: float) -> jax.Array:
   """One scalar per row to rank items by, from a task's prediction."""
-  p = preds[spec.name]
-  if spec.kind == 'multiclass':
-    return (p * jnp.arange(1, 6, dtype=p.dtype)).sum(-1)
-  return p
+  return task_value(preds[spec.name], spec)
 
 
 def task_metrics(spec: TaskSpec, pred: np.ndarray, labels: dict[str, np.ndarray], observed: np.ndarray,

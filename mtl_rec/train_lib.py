@@ -741,9 +741,10 @@ def row_sources(old_run_dir: str, encoder: features_lib.FeatureEncoder) -> dict[
   return out
 
 
-def _path_key(path) -> tuple[str, ...]:
-  # Checkpoint metadata spells list indices and int dict keys as strings: compare paths as strings.
-  return tuple(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+def path_parts(path: tuple[Any, ...]) -> tuple[str, ...]:
+  """A pytree key path as strings: dict keys, sequence indices and attribute names alike (checkpoint metadata spells
+  list indices and int dict keys as strings, so paths compare as strings)."""
+  return tuple(str(next((getattr(k, a) for a in ('key', 'idx', 'name') if hasattr(k, a)), k)) for k in path)
 
 
 def warm_start_params(params: Any, old_params: Any, sources: dict[str, np.ndarray], shardings: Any) -> Any:
@@ -751,7 +752,7 @@ def warm_start_params(params: Any, old_params: Any, sources: dict[str, np.ndarra
   gathered through `sources` (-1: the row of `params`, the fresh init), every other parameter copied. `params` is
   donated."""
   def table_of(path) -> str | None:
-    keys = _path_key(path)
+    keys = path_parts(path)
     return keys[-1] if ('embeddings' in keys or 'id_biases' in keys) and keys[-1] in sources else None
 
   flat_new, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -782,16 +783,16 @@ def init_from_checkpoint(init_from: str, trainer: Trainer, params: Any,
   run_dir, step_dir = checkpoint_lib.find_checkpoint(init_from)
   sources = row_sources(run_dir, encoder)
   saved = jax.tree_util.tree_flatten_with_path(checkpoint_lib.params_metadata(step_dir))[0]
-  saved = {_path_key(p): x for p, x in saved}
+  saved = {path_parts(p): x for p, x in saved}
   replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
 
   def target(path, new, sharding):
-    old = saved.get(_path_key(path))
+    old = saved.get(path_parts(path))
     name = jax.tree_util.keystr(path)
     if old is None:
       raise ValueError(f'parameter {name} is not in the --init_from checkpoint {step_dir}: warm start needs the same '
                        'model config (backbone, tasks, features); only the data may change')
-    is_table = _path_key(path)[-1] in sources and old.ndim == new.ndim
+    is_table = path_parts(path)[-1] in sources and old.ndim == new.ndim
     if (old.shape[1:] != new.shape[1:]) if is_table else (old.shape != new.shape):
       raise ValueError(f'parameter {name} has shape {old.shape} in the --init_from checkpoint and {new.shape} here: '
                        'warm start needs the same model config (embed_dim, layer widths)')

@@ -114,9 +114,8 @@ class Server:
     try:
       return await request.read()  # aiohttp raises HTTPRequestEntityTooLarge past client_max_size
     except web.RequestPayloadError as e:  # e.g. 'Content-Encoding: gzip' on a body that is not gzip
-      reason = getattr(e.__cause__, 'message', None) or str(e).replace('\n', ' ')
-      raise BadRequest(f'the request body could not be read ({reason}); check its Content-Encoding header '
-                       '(gzip and deflate are accepted) or send it uncompressed') from None
+      raise BadRequest(f'the request body could not be read ({_unreadable_reason(e)}); check that its '
+                       'Content-Encoding header matches how the body is compressed, or send it uncompressed') from None
 
   def _check_model(self, request: web.Request) -> None:
     name = request.match_info.get('name')
@@ -291,6 +290,12 @@ def load(export_dir: str, options: ServerOptions) -> Server:
   return Server(model, options)
 
 
+def _unreadable_reason(exc: BaseException) -> str:
+  """aiohttp's reason for an undecodable body ('Can not decode content-encoding: gzip'); its str() is prefixed
+  with '400, message:'."""
+  return str(exc).split('\n')[-1].strip()
+
+
 class _UnreadableBodyFilter(logging.Filter):
   """aiohttp's server logger: a body that cannot be decoded (answered with a 400 by `_body`) is read once more when
   aiohttp drains the connection, and a compressed body found truncated at its end is answered with a 400 by aiohttp
@@ -299,8 +304,8 @@ class _UnreadableBodyFilter(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, (web.RequestPayloadError, http_exceptions.ContentEncodingError)):
-      reason = str(exc).split('\n')[-1].strip()
-      record.msg, record.args = 'closed a connection whose request body could not be read: %s', (reason,)
+      record.msg = 'closed a connection whose request body could not be read: %s'
+      record.args = (_unreadable_reason(exc),)
       record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, 'INFO'
     return True
 

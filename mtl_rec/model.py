@@ -9,7 +9,7 @@ to mesh axes through its one rules table.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +60,15 @@ class Embeddings(nnx.Module):
   def embed(self, spec: FeatureSpec, x: jax.Array) -> jax.Array:
     table = self.tables[spec.name][...]
     if spec.kind == 'multi_hot':  # mean of the rows that are on
-      return (x @ table) / jnp.maximum(x.sum(-1, keepdims=True), 1.0)
+      # times a reciprocal, not divided: XLA rewrites some divisions into that and not others, which made the
+      # gradient round differently from one mesh's program to another's
+      return (x @ table) * (1.0 / jnp.maximum(x.sum(-1, keepdims=True), 1.0))
     return jnp.take(table, x, axis=0)
+
+
+def lookup_key(feature: str, task: str | None = None) -> str:
+  """The key of a row-sharded table's looked-up rows in `MultiTaskModel.lookup`'s dict."""
+  return f'embed/{feature}' if task is None else f'bias/{task}/{feature}'
 
 
 class SharedBottom(nnx.Module):
@@ -168,11 +175,35 @@ class MultiTaskModel(nnx.Module):
     else:
       self.log_vars = None
 
-  def __call__(self, user: dict[str, jax.Array], item: dict[str, jax.Array],
-               rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  def lookup(self, user: dict[str, jax.Array], item: dict[str, jax.Array],
+             take: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> dict[str, jax.Array]:
+    """The rows every row-sharded (large) table contributes to a batch, keyed by `lookup_key`.
+
+    The only use of those tables: `__call__(..., rows=lookup(...))` equals `__call__(...)`, and `lookup` reads no
+    other parameter. `take(table, ids)` indexes a table's rows (default `jnp.take(table, ids, axis=0)`). Training
+    looks the rows up apart from the dense network, with a shard-local `take`, so that the tables' gradients are
+    summed in one fixed order on any mesh (train_lib.train_step).
+    """
+    take = take or (lambda table, ids: jnp.take(table, ids, axis=0))
+    rows = {}
+    for spec in self.embeddings.specs:
+      if spec.large:
+        ids = (user if spec.entity == 'user' else item)[spec.name]
+        rows[lookup_key(spec.name)] = take(self.embeddings.tables[spec.name][...], ids)
+    for name, tables in self.id_biases.items():
+      for feature, table in tables.items():
+        rows[lookup_key(feature, name)] = take(table[...], (user if feature == 'user_id' else item)[feature])
+    return rows
+
+  def __call__(self, user: dict[str, jax.Array], item: dict[str, jax.Array], rng: jax.Array | None = None,
+               rows: dict[str, jax.Array] | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    rows = self.lookup(user, item) if rows is None else rows
     feats, user_vecs, item_vecs, sq = [], [], [], 0.0
     for spec in self.embeddings.specs:
-      e = self.embeddings.embed(spec, (user if spec.entity == 'user' else item)[spec.name])
+      if spec.large:
+        e = rows[lookup_key(spec.name)]
+      else:
+        e = self.embeddings.embed(spec, (user if spec.entity == 'user' else item)[spec.name])
       feats.append(e)
       (user_vecs if spec.entity == 'user' else item_vecs).append(e)
       if spec.large:
@@ -191,7 +222,7 @@ class MultiTaskModel(nnx.Module):
         out[name] = y
         continue
       y = y[..., 0]
-      for feature, table in self.id_biases.get(name, {}).items():
-        y = y + jnp.take(table[...], (user if feature == 'user_id' else item)[feature], axis=0)
+      for feature in self.id_biases.get(name, {}):
+        y = y + rows[lookup_key(feature, name)]
       out[name] = y
     return out, {'embedding_sq_norm': sq}

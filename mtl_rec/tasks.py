@@ -32,46 +32,65 @@ def task_specs(config: Any) -> tuple[TaskSpec, ...]:
                for name, t in config.tasks.items())
 
 
-def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+def loss_masks(batch: dict[str, Any], specs: tuple[TaskSpec, ...], esmm: bool = False) -> dict[str, jax.Array]:
+  """{task: [B] 0/1 mask of the rows its loss is defined on}: click on every valid row, the others on observed ones
+  (an ESMM like head on every valid row, see `loss_terms`)."""
+  valid, observed = batch['valid'], batch['observed']
+  masks = {s.name: valid if s.all_rows else valid * observed for s in specs}
+  if esmm:
+    masks[_esmm_pair(specs)[1]] = valid
+  return masks
 
 
-def _esmm_pair(specs: tuple[TaskSpec, ...]) -> tuple[str, str]:
-  click = next(s.name for s in specs if s.label == 'click')
-  like = next(s.name for s in specs if s.label == 'like')
-  return click, like
-
-
-def losses(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tuple[TaskSpec, ...], esmm: bool = False,
-           log_vars: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(total loss, {task: masked mean loss}). Rows a task is not defined on contribute nothing to its loss."""
-  valid, observed, labels = batch['valid'], batch['observed'], batch['labels']
-  per_task = {}
+def loss_terms(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tuple[TaskSpec, ...],
+               esmm: bool = False) -> dict[str, jax.Array]:
+  """{task: [B] per-row loss}, before masking (see `loss_masks`) and averaging."""
+  labels = batch['labels']
+  terms = {}
   for s in specs:
     out = outputs[s.name]
-    mask = valid if s.all_rows else valid * observed
     if s.kind == 'binary':
-      loss = optax.sigmoid_binary_cross_entropy(out, labels[s.label])
+      terms[s.name] = optax.sigmoid_binary_cross_entropy(out, labels[s.label])
     elif s.kind == 'regression':
-      loss = jnp.square(out - labels[s.label])
+      terms[s.name] = jnp.square(out - labels[s.label])
     else:
-      loss = optax.softmax_cross_entropy_with_integer_labels(out, labels[s.label])
-    per_task[s.name] = _masked_mean(loss, mask)
+      terms[s.name] = optax.softmax_cross_entropy_with_integer_labels(out, labels[s.label])
   if esmm:
     # ESMM: the like head is P(like | click); it is trained through P(click & like) = P(click) P(like | click) on
     # every row, which removes the sample-selection bias of training it on observed pairs only.
     click, like = _esmm_pair(specs)
     p = jax.nn.sigmoid(outputs[click]) * jax.nn.sigmoid(outputs[like])
     target = labels['click'] * labels['like']
-    bce = -(target * jnp.log(p + 1e-7) + (1 - target) * jnp.log(1 - p + 1e-7))
-    per_task[like] = _masked_mean(bce, valid)
+    terms[like] = -(target * jnp.log(p + 1e-7) + (1 - target) * jnp.log(1 - p + 1e-7))
+  return terms
+
+
+def total_loss(per_task: dict[str, jax.Array], specs: tuple[TaskSpec, ...], log_vars: jax.Array | None = None,
+               regularizer: bool | jax.Array = True) -> jax.Array:
+  """The weighted sum of per-task losses. Linear in them, so a sum of per-group partial losses gives the whole
+  batch's; uncertainty weighting's `+ s` regularizer then belongs to one group only (`regularizer` 1 there, 0
+  elsewhere)."""
   weights = jnp.asarray([s.weight for s in specs], jnp.float32)
   stacked = jnp.stack([per_task[s.name] for s in specs])
   if log_vars is None:
-    total = jnp.sum(weights * stacked)
-  else:  # uncertainty weighting: each task's loss scaled by a learned precision exp(-s) plus s as regularizer
-    total = jnp.sum(weights * (jnp.exp(-log_vars) * stacked + log_vars))
-  return total, per_task
+    return jnp.sum(weights * stacked)
+  # uncertainty weighting: each task's loss scaled by a learned precision exp(-s) plus s as regularizer
+  return jnp.sum(weights * (jnp.exp(-log_vars) * stacked + log_vars * regularizer))
+
+
+def losses(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tuple[TaskSpec, ...], esmm: bool = False,
+           log_vars: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(total loss, {task: masked mean loss}). Rows a task is not defined on contribute nothing to its loss."""
+  masks, terms = loss_masks(batch, specs, esmm), loss_terms(outputs, batch, specs, esmm)
+  per_task = {s.name: jnp.sum(terms[s.name] * masks[s.name]) / jnp.maximum(jnp.sum(masks[s.name]), 1.0)
+              for s in specs}
+  return total_loss(per_task, specs, log_vars), per_task
+
+
+def _esmm_pair(specs: tuple[TaskSpec, ...]) -> tuple[str, str]:
+  click = next(s.name for s in specs if s.label == 'click')
+  like = next(s.name for s in specs if s.label == 'like')
+  return click, like
 
 
 def predictions(outputs: dict[str, jax.Array], specs: tuple[TaskSpec, ...]) -> dict[str, jax.Array]:

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from mtl_rec import baselines as baselines_lib
 from mtl_rec import config as config_lib
@@ -129,7 +130,22 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
-def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, norm_fn: Callable[[Any], jax.Array]) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm with the norm from `norm_fn` (sharding.global_norm: the same bits on any mesh); the
+  same (empty) state, so checkpoints are interchangeable."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = norm_fn(updates)
+    # One scalar factor: XLA turns `g / norm` into `g * (1 / norm)` in some programs and not in others, which
+    # would round differently from one mesh to another.
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int,
+                   norm_fn: Callable[[Any], jax.Array] = optax.tree.norm) -> optax.GradientTransformation:
   warmup = min(oc.warmup_steps, max(total_steps - 1, 0))
   if oc.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(0.0, oc.learning_rate, warmup, max(total_steps, warmup + 1))
@@ -140,7 +156,7 @@ def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int) -> optax.Gra
     opt = optax.adamw(lr, weight_decay=oc.weight_decay, mask=_decay_mask)
   else:
     opt = optax.adam(lr)
-  return optax.chain(optax.clip_by_global_norm(oc.grad_clip_norm), opt) if oc.grad_clip_norm > 0 else opt
+  return optax.chain(clip_by_global_norm(oc.grad_clip_norm, norm_fn), opt) if oc.grad_clip_norm > 0 else opt
 
 
 @dataclasses.dataclass
@@ -167,21 +183,123 @@ def _forward(graphdef, params, batch, rng=None):
 
 
 def train_step(state: dict[str, Any], batch: dict[str, Any], *, graphdef, tx, specs, esmm: bool,
-               embedding_l2: float, seed: int) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-  """One optimizer step. Pure: (state, batch) -> (new state, metrics)."""
-  rng = jax.random.fold_in(jax.random.key(seed), state['step'])
+               embedding_l2: float, seed: int, param_shardings: Any, by_group: Any,
+               groups: int = 0) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One optimizer step. Pure: (state, batch) -> (new state, metrics).
 
+  `param_shardings` and `by_group` (the batch sharding) describe the layout on the mesh. With `groups` > 0 the
+  gradient is summed in an order that no mesh changes (`_grouped_grads`); with 0 as XLA partitions it.
+  """
+  rng = jax.random.fold_in(jax.random.key(seed), state['step'])
+  common = dict(graphdef=graphdef, specs=specs, esmm=esmm, embedding_l2=embedding_l2)
+  if groups:
+    (loss, per_task), grads = _grouped_grads(state['params'], batch, rng, groups=groups,
+                                             param_shardings=param_shardings, by_group=by_group, **common)
+  else:
+    (loss, per_task), grads = _plain_grads(state['params'], batch, rng, **common)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  metrics = {'loss': loss, **{f'loss_{k}': v for k, v in per_task.items()},
+             'grad_norm': sharding_lib.global_norm(grads, param_shardings)}  # before clipping
+  return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+
+
+def _plain_grads(params: Any, batch: dict[str, Any], rng: jax.Array, *, graphdef, specs, esmm: bool,
+                 embedding_l2: float):
+  """((loss, per-task losses), gradient) of one batch, summed the way XLA partitions it (train.grad_groups=0)."""
   def loss_fn(params):
     outputs, aux, log_vars = _forward(graphdef, params, batch, rng)
     total, per_task = tasks_lib.losses(outputs, batch, specs, esmm, log_vars)
     reg = embedding_l2 * jnp.sum(aux['embedding_sq_norm'] * batch['valid']) / jnp.maximum(batch['valid'].sum(), 1)
     return total + reg, per_task
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-  (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  metrics = {'loss': loss, **{f'loss_{k}': v for k, v in per_task.items()}}
-  return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+
+def _shard_take(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """Inside shard_map: the rows of `ids` (global row numbers) that this device's shard of `table` holds, zeros for
+  the others. Its transpose scatter-adds into the shard only, in the order of `ids`."""
+  start = jax.lax.axis_index(sharding_lib.RULES['vocab']) * table.shape[0]
+  local = ids - start
+  local = jnp.where((local >= 0) & (local < table.shape[0]), local, table.shape[0])  # out of range: filled, dropped
+  return jnp.take(table, local, axis=0, mode='fill', fill_value=0)
+
+
+def _grouped_grads(params: Any, batch: dict[str, Any], rng: jax.Array, *, graphdef, specs, esmm: bool,
+                   embedding_l2: float, groups: int, param_shardings: Any, by_group: Any):
+  """((loss, per-task losses), gradient) of one batch, summed in an order that no mesh changes.
+
+  XLA sums a sharded axis as local partial sums then an all-reduce, and it splits even replicated work over idle
+  devices, so the order of a gradient's additions (and its float32 rounding) depends on the mesh; a long run
+  amplifies that last-bit noise until runs on different meshes visibly disagree. Here every addition's order is
+  fixed by the batch alone:
+  - the row-sharded tables are looked up for the whole batch on every device (shard_map: each device reads its
+    rows, a psum over 'model' of one non-zero value per row is exact) and their gradient is each device's
+    scatter-add of all rows' cotangents into its own shard, in batch order;
+  - the dense network runs on `groups` fixed groups of rows (whole groups per device), one group at a time: the
+    same program on the same rows on every mesh (a batched program is not: XLA's CPU kernels round differently for
+    different batch counts); the per-group gradients are gathered and summed on every device
+    (`sharding.fixed_order_sum`);
+  - losses are sums of per-group sums over global denominators, so this is the batch-mean gradient up to rounding.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  shardings = treedef.flatten_up_to(param_shardings)
+  rows_at = [sharding_lib.is_row_sharded(s.spec) for s in shardings]
+  dense = [x for x, r in zip(leaves, rows_at) if not r]
+  tables = [x for x, r in zip(leaves, rows_at) if r]
+  table_specs = [s.spec for s, r in zip(shardings, rows_at) if r]
+  stand_in = lambda xs: [jnp.zeros((), x.dtype) for x in xs]  # for parameters a computation does not read
+
+  def merge(dense, tables):
+    it_d, it_t = iter(dense), iter(tables)
+    return nnx.merge(graphdef, treedef.unflatten([next(it_t) if r else next(it_d) for r in rows_at]))
+
+  mesh, whole = by_group.mesh, P()
+  large = {s.name for s in merge(stand_in(dense), stand_in(tables)).embeddings.specs if s.large}
+  ids = tuple({k: v for k, v in batch[e].items() if k in large} for e in ('user', 'item'))  # all lookup reads
+  lookup = lambda tables, ids: merge(stand_in(dense), tables).lookup(*ids, take=_shard_take)
+  rows = jax.shard_map(lambda t, i: jax.lax.psum(lookup(t, i), sharding_lib.RULES['vocab']), mesh=mesh,
+                       in_specs=(table_specs, whole), out_specs=whole, check_vma=False)(tables, ids)
+
+  masks = tasks_lib.loss_masks(batch, specs, esmm)
+  denominators = {k: jnp.maximum(jnp.sum(m), 1.0) for k, m in masks.items()}  # sums of 0/1: exact in any order
+  valid_rows = jnp.maximum(jnp.sum(batch['valid']), 1.0)
+
+  def group_loss(dense, rows_g, batch_g, masks_g, g, rng, denominators, valid_rows):
+    model = merge(dense, stand_in(tables))  # given `rows`, the network reads no row-sharded table
+    outputs, aux = model(batch_g['user'], batch_g['item'], jax.random.fold_in(rng, g), rows=rows_g)
+    terms = tasks_lib.loss_terms(outputs, batch_g, specs, esmm)
+    sums = {k: jnp.sum(terms[k] * masks_g[k]) for k in terms}
+    log_vars = model.log_vars[...] if model.log_vars is not None else None
+    total = tasks_lib.total_loss({k: v / denominators[k] for k, v in sums.items()}, specs, log_vars,
+                                 regularizer=(g == 0).astype(jnp.float32))  # once per batch: in group 0
+    total = total + embedding_l2 * jnp.sum(aux['embedding_sq_norm'] * batch_g['valid']) / valid_rows
+    return total, (total, sums)
+
+  def local_groups(dense, rows, batch, masks, group_ids, *scalars):  # one device's whole groups, one at a time
+    per_group = lambda x: x.reshape((group_ids.shape[0], -1) + x.shape[1:])
+    grad_fn = jax.grad(group_loss, argnums=(0, 1), has_aux=True)
+    return jax.lax.map(lambda a: grad_fn(dense, *a, *scalars),
+                       (*jax.tree.map(per_group, (rows, batch, masks)), group_ids))
+
+  # check_vma=False: a gradient taken inside shard_map is then this device's own (no implicit psum).
+  by_rows = P(by_group.spec[0])
+  (dense_grads, rows_grads), (group_totals, group_sums) = jax.shard_map(
+      local_groups, mesh=mesh, in_specs=(whole, by_rows, by_rows, by_rows, by_rows, whole, whole, whole),
+      out_specs=by_rows, check_vma=False)(dense, rows, batch, masks, jnp.arange(groups), rng, denominators,
+                                          valid_rows)
+  fixed_sum = lambda x: sharding_lib.fixed_order_sum(x, mesh, by_rows[0])
+  dense_grads = [fixed_sum(g) for g in dense_grads]
+  n = batch['valid'].shape[0]
+  rows_grads = jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), rows_grads)
+
+  def table_vjp(tables, ids, cotangents):
+    return jax.vjp(lambda t: lookup(t, ids), tables)[1](cotangents)[0]
+  table_grads = jax.shard_map(table_vjp, mesh=mesh, in_specs=(table_specs, whole, whole), out_specs=table_specs,
+                              check_vma=False)(tables, ids, rows_grads)
+  loss = fixed_sum(group_totals)
+  per_task = {k: fixed_sum(v) / denominators[k] for k, v in group_sums.items()}
+  it_d, it_t = iter(dense_grads), iter(table_grads)
+  return (loss, per_task), treedef.unflatten([next(it_t) if r else next(it_d) for r in rows_at])
 
 
 def eval_step(params: Any, batch: dict[str, Any], *, graphdef, specs) -> dict[str, jax.Array]:
@@ -193,15 +311,20 @@ def make_trainer(config: ml_collections.ConfigDict, encoder: features_lib.Featur
                  rating_mean: float = 3.5, devices: Any = None) -> Trainer:
   """Builds the model on the mesh from config.mesh and jits the steps with explicit shardings."""
   mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names, devices)
-  sharding_lib.check_divisible(config.train.batch_size, mesh, config.features.row_multiple)
+  groups = sharding_lib.gradient_groups(config.train.grad_groups, mesh.shape['data'])
+  if groups != config.train.grad_groups:
+    log.info('train.grad_groups=%d raised to %d, a multiple of the data axis: numbers match other meshes whose '
+             'data axis divides %d', config.train.grad_groups, groups, groups)
+  sharding_lib.check_divisible(config.train.batch_size, mesh, config.features.row_multiple, groups)
   # Parameters are initialized by one jit straight into their shards: no full table ever sits on one device, and
   # one compile replaces the dozens an eager init costs.
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(config, encoder, rating_mean)))
   param_shardings = sharding_lib.named(mesh, sharding_lib.param_specs(abstract_params))
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(config, encoder, rating_mean))),
                    out_shardings=param_shardings)()
-  tx = make_optimizer(config.optimizer, total_steps)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  tx = make_optimizer(config.optimizer, total_steps,
+                      functools.partial(sharding_lib.global_norm, shardings=param_shardings))
   # Optimizer moments take their parameter's sharding and scalars (counts) are replicated, stated explicitly:
   # left to jit, the counts land on one device and the step then rejects the mixed placement.
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
@@ -213,7 +336,8 @@ def make_trainer(config: ml_collections.ConfigDict, encoder: features_lib.Featur
   specs = tasks_lib.task_specs(config)
   step = jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, specs=specs, esmm=bool(config.model.esmm),
-                        embedding_l2=float(config.optimizer.embedding_l2), seed=int(config.seed)),
+                        embedding_l2=float(config.optimizer.embedding_l2), seed=int(config.seed), groups=groups,
+                        param_shardings=param_shardings, by_group=batch_sharding),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, specs=specs),

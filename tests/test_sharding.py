@@ -3,9 +3,11 @@
 Runs on the 8 simulated CPU devices that conftest.py asks XLA for.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
@@ -171,6 +173,102 @@ def test_same_losses_on_every_mesh(runs):
   assert ref.shape == (STEPS + 1,) and np.all(np.isfinite(ref))
   for shape in MESHES[1:]:
     np.testing.assert_allclose(runs[shape].losses, ref, rtol=1e-5, err_msg=str(shape))
+
+
+def test_same_bits_on_every_mesh(runs):
+  """Not only close: every sum of the gradient is ordered by the batch alone (train.grad_groups), so each mesh
+  computes the same float32 values, step after step; a long run then cannot drift apart."""
+  ref = jax.tree.leaves(jax.device_get(runs[(1, 1)].state))
+  for shape in MESHES[1:]:
+    np.testing.assert_array_equal(runs[shape].losses, runs[(1, 1)].losses, err_msg=str(shape))
+    for a, b in zip(ref, jax.tree.leaves(jax.device_get(runs[shape].state)), strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=str(shape))
+
+
+def _grads(trainer, params, batch, groups):
+  common = dict(graphdef=trainer.graphdef, specs=trainer.specs, esmm=bool(trainer.config.model.esmm),
+                embedding_l2=float(trainer.config.optimizer.embedding_l2))
+  rng = jax.random.key(0)
+  if not groups:
+    return jax.jit(functools.partial(train_lib._plain_grads, **common))(params, batch, rng)
+  return jax.jit(functools.partial(train_lib._grouped_grads, groups=groups,
+                                   param_shardings=trainer.state_shardings['params'],
+                                   by_group=trainer.batch_sharding, **common))(params, batch, rng)
+
+
+@pytest.mark.parametrize('shape, overrides', [
+    ((2, 4), {}),
+    ((4, 2), {'loss_weighting': 'uncertainty', 'esmm': True, 'backbone': 'mmoe', 'gmf': True}),
+])
+def test_grouped_gradient_is_the_batch_gradient(exp, shape, overrides):
+  """The fixed-order gradient is the plain batch-mean gradient (up to rounding), for every kind of parameter:
+  row-sharded tables and id biases, small tables, multi-hot pooling, dense layers, learned loss weights."""
+  c = tiny_config(shape)
+  c.model.update(overrides)
+  trainer = train_lib.make_trainer(c, exp.encoder, 100, 3.5)
+  params = trainer.init_state['params']
+  batch = sharding_lib.global_batch(next(exp.stream.epoch(0)), trainer.batch_sharding)
+  (loss, per_task), grads = _grads(trainer, params, batch, groups=8)
+  (ref_loss, ref_per_task), ref_grads = _grads(trainer, params, batch, groups=0)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for k, v in ref_per_task.items():
+    np.testing.assert_allclose(per_task[k], v, rtol=1e-6, err_msg=k)
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(ref_grads))[0]
+  assert len(flat) == len(jax.tree.leaves(grads))
+  for (path, ref), got in zip(flat, jax.tree.leaves(jax.device_get(grads)), strict=True):
+    scale = float(np.abs(ref).max())
+    assert scale > 0, path  # every parameter gets a gradient from this batch
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
+  for (path, x), g in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(grads)):
+    assert g.sharding.is_equivalent_to(x.sharding, x.ndim), jax.tree_util.keystr(path)  # tables stay row-sharded
+
+
+def test_pairwise_sum_is_a_sum():
+  x = np.random.default_rng(0).normal(size=(13, 6, 1)).astype(np.float32)
+  for axis in (0, 1, 2, -1):
+    np.testing.assert_allclose(sharding_lib.pairwise_sum(jnp.asarray(x), axis), x.astype(np.float64).sum(axis),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_norm_and_sums_give_the_same_bits_on_every_mesh():
+  rng = np.random.default_rng(1)
+  tree = {'table': rng.normal(size=(304, 16)).astype(np.float32), 'bias': rng.normal(size=(304,)).astype(np.float32),
+          'dense': rng.normal(size=(144, 64)).astype(np.float32), 'scalar': np.float32(3.0)}
+  specs = {'table': P('model', None), 'bias': P('model'), 'dense': P(None, None), 'scalar': P()}
+  groups = rng.normal(size=(8, 33)).astype(np.float32)
+  norms, sums = [], []
+  for shape in [(1, 1), (8, 1), (4, 2), (2, 4), (1, 8)]:
+    mesh = sharding_lib.make_mesh(shape, ('data', 'model'))
+    shardings = sharding_lib.named(mesh, specs)
+    norms.append(np.asarray(sharding_lib.global_norm(jax.device_put(tree, shardings), shardings)))
+    on_data = jax.device_put(groups, sharding_lib.batch_sharding(mesh))
+    sums.append(np.asarray(jax.jit(lambda x: sharding_lib.fixed_order_sum(x, mesh, 'data'))(on_data)))
+  ref = np.sqrt(sum(np.sum(np.square(np.float64(x))) for x in tree.values()))
+  np.testing.assert_allclose(norms[0], ref, rtol=1e-6)
+  np.testing.assert_allclose(sums[0], groups.astype(np.float64).sum(0), rtol=1e-5, atol=1e-6)
+  for n, s in zip(norms[1:], sums[1:]):
+    np.testing.assert_array_equal(n, norms[0])
+    np.testing.assert_array_equal(s, sums[0])
+
+
+def test_gradient_groups_follow_the_data_axis(exp):
+  assert [sharding_lib.gradient_groups(8, d) for d in (1, 2, 8, 16, 3)] == [8, 8, 8, 16, 24]
+  assert sharding_lib.gradient_groups(0, 4) == 0
+  c = tiny_config((4, 2))
+  c.train.batch_size = 36  # divisible by the data axis (4), not by the 8 gradient groups
+  with pytest.raises(ValueError, match='grad_groups'):
+    train_lib.make_trainer(c, exp.encoder, 10)
+  c.train.grad_groups = 0  # XLA's own sum: any batch the data axis divides
+  state, m = _step(train_lib.make_trainer(c, exp.encoder, 10), exp)
+  assert np.isfinite(float(m['loss'])) and int(state['step']) == 1
+  c.train.grad_groups = -1
+  with pytest.raises(ValueError, match='train.grad_groups'):
+    config_lib.validate(c)
+
+
+def _step(trainer, exp):
+  batch = next(exp.stream.epoch(0))
+  return trainer.train_step(trainer.init_state, sharding_lib.global_batch(batch, trainer.batch_sharding))
 
 
 def test_memory_report(runs, exp):

@@ -111,8 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.progress_bar = True  # tqdm progress bar with loss and examples/s
   # The batch's gradient is summed over this many fixed groups of rows, in one fixed order, so a run gives the same
   # numbers on any mesh whose data axis divides it (XLA's own sum orders the additions by the mesh, and a long run
-  # amplifies that last-bit noise). Raised to a multiple of the data axis where needed; 0 = XLA's sum (a little
-  # faster; numbers then differ across meshes).
+  # amplifies that last-bit noise). Raised to a multiple of the data axis where needed; 0 = XLA's sum (faster: a
+  # step took 1/1.6 of the time on ML-100K on 2 CPU cores; numbers then differ across meshes).
   c.train.grad_groups = 8
 
   c.eval = ml_collections.ConfigDict()

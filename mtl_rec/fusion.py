@@ -97,9 +97,9 @@ def member_config(config: ml_collections.ConfigDict, task: str) -> ml_collection
   if t.label != 'click' and config.sampling.num_negatives > 0:
     c.sampling.num_negatives = 0
     shape = sharding_lib.resolve_shape(tuple(config.mesh.shape), jax.device_count())
+    shards = shape[tuple(config.mesh.axis_names).index('data')] * jax.process_count()
     # whole rows per data shard and process, and whole gradient groups (train.grad_groups)
-    multiple = math.lcm(shape[tuple(config.mesh.axis_names).index('data')] * jax.process_count(),
-                        config.train.grad_groups or 1)
+    multiple = sharding_lib.gradient_groups(config.train.grad_groups, shards) or shards
     rows = config.train.batch_size // (1 + config.sampling.num_negatives)
     c.train.batch_size = max(multiple, rows - rows % multiple)
   config_lib.validate(c)

@@ -144,13 +144,13 @@ def check_divisible(batch_size: int, mesh: Mesh, row_multiple: int, groups: int 
   """Raises ValueError if the batch or id-table rows cannot be split evenly over the mesh (and the batch into
   `groups` gradient groups)."""
   data, model = mesh.shape['data'], mesh.shape['model']
+  if batch_size % data:
+    raise ValueError(f'config.train.batch_size={batch_size} is not divisible by the data axis ({data}); '
+                     f'use a multiple of {data}')
   if groups and batch_size % groups:
     raise ValueError(f'config.train.batch_size={batch_size} is not divisible by the {groups} gradient groups '
                      f'(train.grad_groups on a data axis of {data}); use a multiple of {groups}, or set '
                      '--config.train.grad_groups=0 to let XLA sum the gradient (numbers then depend on the mesh)')
-  if batch_size % data:
-    raise ValueError(f'config.train.batch_size={batch_size} is not divisible by the data axis ({data}); '
-                     f'use a multiple of {data}')
   if batch_size % jax.process_count():
     raise ValueError(f'config.train.batch_size={batch_size} must divide evenly over {jax.process_count()} processes')
   if row_multiple % model:

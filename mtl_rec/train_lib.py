@@ -130,22 +130,22 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
-def clip_by_global_norm(max_norm: float, norm_fn: Callable[[Any], jax.Array]) -> optax.GradientTransformation:
-  """optax.clip_by_global_norm with the norm from `norm_fn` (sharding.global_norm: the same bits on any mesh); the
-  same (empty) state, so checkpoints are interchangeable."""
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm with the norm given as `update(..., grad_norm=...)` (train_step computes it once, with
+  sharding.global_norm: the same bits on any mesh, and logs it); the same (empty) state, so checkpoints are
+  interchangeable."""
 
-  def update(updates, state, params=None):
+  def update(updates, state, params=None, *, grad_norm, **_):
     del params
-    norm = norm_fn(updates)
     # One scalar factor: XLA turns `g / norm` into `g * (1 / norm)` in some programs and not in others, which
     # would round differently from one mesh to another.
-    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    scale = jnp.where(grad_norm < max_norm, 1.0, max_norm / grad_norm)
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+  return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int,
-                   norm_fn: Callable[[Any], jax.Array] = optax.tree.norm) -> optax.GradientTransformation:
+def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """The optimizer of config.optimizer; its update takes `grad_norm=` (the gradient's global norm, for clipping)."""
   warmup = min(oc.warmup_steps, max(total_steps - 1, 0))
   if oc.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(0.0, oc.learning_rate, warmup, max(total_steps, warmup + 1))
@@ -156,7 +156,7 @@ def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int,
     opt = optax.adamw(lr, weight_decay=oc.weight_decay, mask=_decay_mask)
   else:
     opt = optax.adam(lr)
-  return optax.chain(clip_by_global_norm(oc.grad_clip_norm, norm_fn), opt) if oc.grad_clip_norm > 0 else opt
+  return optax.chain(clip_by_global_norm(oc.grad_clip_norm), opt) if oc.grad_clip_norm > 0 else opt
 
 
 @dataclasses.dataclass
@@ -197,10 +197,10 @@ def train_step(state: dict[str, Any], batch: dict[str, Any], *, graphdef, tx, sp
                                              param_shardings=param_shardings, by_group=by_group, **common)
   else:
     (loss, per_task), grads = _plain_grads(state['params'], batch, rng, **common)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  grad_norm = sharding_lib.global_norm(grads, param_shardings)  # before clipping
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'], grad_norm=grad_norm)
   params = optax.apply_updates(state['params'], updates)
-  metrics = {'loss': loss, **{f'loss_{k}': v for k, v in per_task.items()},
-             'grad_norm': sharding_lib.global_norm(grads, param_shardings)}  # before clipping
+  metrics = {'loss': loss, **{f'loss_{k}': v for k, v in per_task.items()}, 'grad_norm': grad_norm}
   return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
 
 
@@ -249,9 +249,10 @@ def _grouped_grads(params: Any, batch: dict[str, Any], rng: jax.Array, *, graphd
   table_specs = [s.spec for s, r in zip(shardings, rows_at) if r]
   stand_in = lambda xs: [jnp.zeros((), x.dtype) for x in xs]  # for parameters a computation does not read
 
-  def merge(dense, tables):
+  def join(dense, tables):  # the parameter tree from its two parts
     it_d, it_t = iter(dense), iter(tables)
-    return nnx.merge(graphdef, treedef.unflatten([next(it_t) if r else next(it_d) for r in rows_at]))
+    return treedef.unflatten([next(it_t) if r else next(it_d) for r in rows_at])
+  merge = lambda dense, tables: nnx.merge(graphdef, join(dense, tables))
 
   mesh, whole = by_group.mesh, P()
   large = {s.name for s in merge(stand_in(dense), stand_in(tables)).embeddings.specs if s.large}
@@ -298,8 +299,7 @@ def _grouped_grads(params: Any, batch: dict[str, Any], rng: jax.Array, *, graphd
                               check_vma=False)(tables, ids, rows_grads)
   loss = fixed_sum(group_totals)
   per_task = {k: fixed_sum(v) / denominators[k] for k, v in group_sums.items()}
-  it_d, it_t = iter(dense_grads), iter(table_grads)
-  return (loss, per_task), treedef.unflatten([next(it_t) if r else next(it_d) for r in rows_at])
+  return (loss, per_task), join(dense_grads, table_grads)
 
 
 def eval_step(params: Any, batch: dict[str, Any], *, graphdef, specs) -> dict[str, jax.Array]:
@@ -323,8 +323,7 @@ def make_trainer(config: ml_collections.ConfigDict, encoder: features_lib.Featur
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(config, encoder, rating_mean))),
                    out_shardings=param_shardings)()
   replicated = jax.sharding.NamedSharding(mesh, P())
-  tx = make_optimizer(config.optimizer, total_steps,
-                      functools.partial(sharding_lib.global_norm, shardings=param_shardings))
+  tx = make_optimizer(config.optimizer, total_steps)
   # Optimizer moments take their parameter's sharding and scalars (counts) are replicated, stated explicitly:
   # left to jit, the counts land on one device and the step then rejects the mixed placement.
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,

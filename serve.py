@@ -24,6 +24,8 @@ _MAX_RECOMMEND_USERS = flags.DEFINE_integer('max_recommend_users', _D.max_recomm
                                             'Users merged into one recommend call.')
 _MAX_ITEMS = flags.DEFINE_integer('max_items', _D.max_items, 'Items per /v1/score request.')
 _MAX_BODY_BYTES = flags.DEFINE_integer('max_body_bytes', _D.max_body_bytes, 'Larger request bodies get a 413.')
+_MAX_QUEUED_ROWS = flags.DEFINE_integer('max_queued_rows', _D.max_queued_rows,
+                                        'Rows waiting for the model beyond which requests get a 503 (retry later).')
 
 
 def main(argv):
@@ -33,7 +35,7 @@ def main(argv):
   options = serving_app.ServerOptions(
       host=_HOST.value, port=_PORT.value, max_batch_rows=_MAX_BATCH_ROWS.value, max_wait_ms=_MAX_WAIT_MS.value,
       max_recommend_users=_MAX_RECOMMEND_USERS.value, max_items=_MAX_ITEMS.value,
-      max_body_bytes=_MAX_BODY_BYTES.value)
+      max_body_bytes=_MAX_BODY_BYTES.value, max_queued_rows=_MAX_QUEUED_ROWS.value)
   try:
     serving_app.serve(_EXPORT_DIR.value, options)
   except (ValueError, OSError) as e:  # a bad --export_dir or a busy --port: the message names it

@@ -5,7 +5,8 @@
   python train.py --config=configs/synthetic.py --workdir=W2 --init_from=W     # warm start from W's best weights
   python train.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I   # one of N processes
 
-Re-running with the same --workdir resumes from its latest checkpoint. The logic lives in mtl_rec.train_lib.
+Re-running with the same --workdir resumes from its latest checkpoint. Training lives in mtl_rec.loop, the export
+of its best checkpoint in mtl_rec.export.
 """
 
 import logging
@@ -14,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mtl_rec import distributed, train_lib
+from mtl_rec import distributed, evaluation, export, loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/movielens_100k.py', 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/ml100k', 'Run directory: checkpoints, metrics, logs.')
@@ -30,14 +31,21 @@ def main(argv):
   logging.getLogger().setLevel(logging.WARNING)  # libraries (orbax, absl) log a lot at INFO
   logging.getLogger('mtl_rec').setLevel(logging.INFO)
   distributed.initialize()
+  config = _CONFIG.value
   try:
-    result = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _INIT_FROM.value)
+    result = loop.train_and_evaluate(config, _WORKDIR.value, _INIT_FROM.value)
+    # Every process takes part (gathering sharded parameters is collective); process 0 writes W/export/<version>/.
+    path = export.export_trained(result.run, _WORKDIR.value, result.metrics) if (
+        result.run and config.export.enabled) else None
   except ValueError as e:  # bad config values and data files: the message names the problem and the fix
     sys.exit(f'error: {e}')
-  if 'test' in result and distributed.is_lead():
-    print(f'\nTest metrics ({result["data"]["name"]}, {result["data"]["split"]} split, best step '
-          f'{result["best_step"]}), written to {_WORKDIR.value}/metrics.json:')
-    print(train_lib.format_table(result))
+  m = result.metrics
+  if 'test' in m and distributed.is_lead():
+    if path:
+      logging.getLogger('mtl_rec').info('exported the best checkpoint to %s', path)
+    print(f'\nTest metrics ({m["data"]["name"]}, {m["data"]["split"]} split, best step {m["best_step"]}), written '
+          f'to {_WORKDIR.value}/metrics.json:')
+    print(evaluation.format_table(m))
 
 
 if __name__ == '__main__':

@@ -108,6 +108,21 @@ def find_checkpoint(path: str) -> tuple[str, str]:
                    'checkpoints/latest/<step> directories')
 
 
+def step_directory(workdir: str, step: int | None = None) -> str:
+  """The step directory of `workdir`'s checkpoint at `step` (latest or best), or of its best (else latest) one when
+  `step` is None. Raises ValueError naming what exists instead."""
+  if step is None:
+    return find_checkpoint(workdir)[1]
+  steps = {}
+  for kind in ('best', 'latest'):
+    directory = os.path.join(os.path.abspath(workdir), 'checkpoints', kind)
+    for s in (ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []):
+      steps.setdefault(int(s), os.path.join(directory, str(s)))
+  if step not in steps:
+    raise ValueError(f'no checkpoint at step {step} under {workdir}; available: {sorted(steps)}')
+  return steps[step]
+
+
 def params_metadata(step_dir: str) -> Any:
   """The tree of `state['params']` saved in a step directory, as ShapeDtypeStructs (no data is read)."""
   tree = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, 'state')).item_metadata.tree

@@ -27,7 +27,7 @@ ITEM_FEATURES = ('item_id', 'genres', 'year')
 # Metrics a run can early-stop on, with the direction that is better.
 METRIC_MODES = {
     'rating_rmse': 'min', 'rating_mae': 'min', 'like_auc': 'max', 'like_logloss': 'min', 'like_accuracy': 'max',
-    'click_auc': 'max', 'click_logloss': 'min', 'recall@10': 'max', 'ndcg@10': 'max', 'loss': 'min',
+    'click_auc': 'max', 'click_logloss': 'min', 'recall@10': 'max', 'ndcg@10': 'max',
 }
 
 

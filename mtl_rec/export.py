@@ -27,9 +27,10 @@ expected rating sum_c c * p_c. The fused ranking score is sum_t w_t * s_t with s
 (rating - 1) / 4 for rating heads (tasks.fusion_term, which mtl_rec.fusion uses too), so every s_t is on a [0, 1]
 scale.
 
-An export is a list of *members*, each a network (graphdef + params) answering some of the tasks: the unified
-model is one member with all tasks; the ensemble-fusion baseline is one member per task. The server cannot tell
-them apart.
+An export is a list of networks (scoring.Network: graphdef + params + the tasks it answers): the unified model
+is one network with all tasks; the ensemble-fusion baseline is one per task. The server cannot tell them apart.
+`write_export` takes the networks and narrow inputs (`Tables`: users, catalog, seen items, feature rules and
+vocabularies); `export_trained` / `export_run` derive those from a trained run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -49,11 +49,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
+from mtl_rec import distributed
+from mtl_rec import evaluation
+from mtl_rec import files
 from mtl_rec import metrics as metrics_lib
+from mtl_rec import runs as runs_lib
+from mtl_rec import scoring
 from mtl_rec import tasks as tasks_lib
-from mtl_rec import train_lib
+from mtl_rec import trees
+from mtl_rec.encoding import Vocab, manifest_vocab
+from mtl_rec.experiment import Experiment
+from mtl_rec.features import FeatureSpec
+from mtl_rec.scoring import Network
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +72,37 @@ INLINE_VOCAB_MAX = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
-class Member:
-  """One network of an export and the tasks it answers.
+class Tables:
+  """Everything an export serves besides the networks: who the users and items are, their encoded features, what
+  each user has seen, and how raw request values are encoded (the features' rules and vocabularies)."""
 
-  The network is called as `nnx.merge(graphdef, params)(user_features, item_features)` and returns
-  ({task: raw head output}, aux), like `model.MultiTaskModel`; only the tasks of `specs` are taken from it.
-  """
+  user_ids: np.ndarray  # raw ids, by position
+  user_features: dict[str, np.ndarray]  # encoded model inputs, by position
+  item_ids: np.ndarray
+  item_features: dict[str, np.ndarray]
+  item_titles: np.ndarray | None
+  seen_indptr: np.ndarray  # CSR: user position -> catalog positions seen in train + valid
+  seen_indices: np.ndarray
+  features: tuple[FeatureSpec, ...]  # rules (FeatureSpec.encoding) of every model input
+  vocabs: dict[str, Vocab]
 
-  graphdef: Any
-  params: Any  # pure dict (nnx.to_pure_dict layout) of arrays, on any device(s) or the host
-  specs: tuple[tasks_lib.TaskSpec, ...]
-  name: str = 'model'
+
+def tables_from_experiment(exp: Experiment) -> Tables:
+  """The export tables of an experiment: all its users and items, and seen = train + valid ratings."""
+  rows = exp.history_rows('test')
+  indptr, indices = metrics_lib.csr_from_pairs(exp.user_index[rows], exp.item_index[rows], exp.num_users)[:2]
+  return Tables(user_ids=np.asarray(exp.data.users.user_id), user_features=dict(exp.encoder.user_table),
+                item_ids=np.asarray(exp.data.items.item_id), item_features=dict(exp.encoder.item_table),
+                item_titles=np.asarray(exp.data.items.title).astype(np.str_),
+                seen_indptr=np.asarray(indptr, np.int64), seen_indices=np.asarray(indices, np.int32),
+                features=exp.encoder.specs, vocabs=dict(exp.encoder.vocabs))
 
 
 def _output_kind(spec: tasks_lib.TaskSpec) -> dict[str, Any]:
   if spec.kind == 'binary':
     return {'output': 'probability', 'range': [0.0, 1.0], 'fusion_term': 'p'}
   what = 'predicted rating' if spec.kind == 'regression' else 'expected rating sum_c c * p_c'
-  lo, hi = tasks_lib.RATING_MIN, tasks_lib.RATING_MAX
+  lo, hi = spec.value_range
   return {'output': 'rating', 'description': what, 'scale': [lo, hi], 'fusion_term': f'(rating - {lo:g}) / {hi - lo:g}'}
 
 
@@ -98,26 +119,22 @@ def host_params(params: Any) -> Any:
 # The exported functions.
 
 
-class _Scorer:
-  """Builds the score / recommend functions over flat parameter leaves of a list of members."""
+class _Flat:
+  """The networks' parameters as one flat tuple of leaves (the exported functions' first argument)."""
 
-  def __init__(self, members: Sequence[Member]):
-    self.members = tuple(members)
-    self.specs = tuple(s for m in self.members for s in m.specs)
+  def __init__(self, networks: Sequence[Network]):
+    self.networks = tuple(networks)
+    self.specs = scoring.check_tasks(self.networks)
     self.task_names = tuple(s.name for s in self.specs)
-    if not self.specs:
-      raise ValueError('an export needs at least one member with at least one task')
-    if len(set(self.task_names)) != len(self.task_names):
-      raise ValueError(f'members predict overlapping tasks {self.task_names}; each task needs exactly one member')
     if 'score' in self.task_names:
       raise ValueError("a task may not be named 'score': that is the fused output's name")
     self.treedefs, self.counts, self.keys, self.leaves = [], [], [], []
-    for i, m in enumerate(self.members):
-      flat, treedef = jax.tree_util.tree_flatten_with_path(m.params)
+    for i, n in enumerate(self.networks):
+      flat, treedef = jax.tree_util.tree_flatten_with_path(n.params)
       self.treedefs.append(treedef)
       self.counts.append(len(flat))
       for path, leaf in flat:
-        self.keys.append(f'm{i}/{"/".join(train_lib.path_parts(path))}')
+        self.keys.append(f'm{i}/{trees.path_name(path)}')
         self.leaves.append(leaf)
 
   def unflatten(self, leaves: Sequence[jax.Array]) -> list[Any]:
@@ -127,19 +144,12 @@ class _Scorer:
       start += n
     return out
 
-  def values(self, leaves: Sequence[jax.Array], user: dict[str, jax.Array],
-             item: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  def values(self, leaves, user, item) -> dict[str, jax.Array]:
     """{task: value [n]} for paired feature rows."""
-    out = {}
-    for m, params in zip(self.members, self.unflatten(leaves)):
-      outputs, _ = nnx.merge(m.graphdef, params)(user, item)
-      preds = tasks_lib.predictions(outputs, m.specs)
-      out.update({s.name: tasks_lib.task_value(preds[s.name], s).astype(jnp.float32) for s in m.specs})
-    return out
+    return scoring.task_values(scoring.predictions(self.networks, self.unflatten(leaves), user, item), self.specs)
 
   def fused(self, values: dict[str, jax.Array], weights: jax.Array) -> jax.Array:
-    terms = jnp.stack([tasks_lib.fusion_term(values[s.name], s) for s in self.specs], axis=-1)  # [n, T]
-    return jnp.sum(terms * weights, axis=-1)
+    return jnp.sum(scoring.fusion_terms(values, self.specs) * weights, axis=-1)
 
   def score(self, leaves, user, item, weights):
     values = self.values(leaves, user, item)
@@ -189,21 +199,21 @@ def _sds(shape: tuple[Any, ...], dtype: Any) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def export_functions(members: Sequence[Member], user_table: dict[str, np.ndarray],
+def export_functions(networks: Sequence[Network], user_table: dict[str, np.ndarray],
                      catalog: dict[str, np.ndarray], max_k: int, chunk_items: int,
-                     platforms: Sequence[str] = ('cpu',)) -> tuple[jax.export.Exported, jax.export.Exported, Any]:
-  """(score, recommend, scorer): the two functions exported with symbolic batch dims, and their parameter layout.
+                     platforms: Sequence[str] = ('cpu',)) -> tuple[jax.export.Exported, jax.export.Exported, _Flat]:
+  """(score, recommend, flat params): the two functions exported with symbolic batch dims, and their parameters.
 
   `user_table` / `catalog` give the feature names, dtypes and trailing shapes of user and item inputs.
   """
-  scorer = _Scorer(members)
-  num_tasks = len(scorer.specs)
+  flat = _Flat(networks)
+  num_tasks = len(flat.specs)
   leaves = tuple(_sds(np.shape(x), np.asarray(x).dtype if not hasattr(x, 'dtype') else x.dtype)
-                 for x in scorer.leaves)
+                 for x in flat.leaves)
   (b,) = jax.export.symbolic_shape('b')
   user = {n: _sds((b,) + v.shape[1:], v.dtype) for n, v in user_table.items()}
   item = {n: _sds((b,) + v.shape[1:], v.dtype) for n, v in catalog.items()}
-  score = jax.export.export(jax.jit(scorer.score), platforms=tuple(platforms))(
+  score = jax.export.export(jax.jit(flat.score), platforms=tuple(platforms))(
       leaves, user, item, _sds((b, num_tasks), jnp.float32))
 
   num_items = int(next(iter(catalog.values())).shape[0])
@@ -214,57 +224,35 @@ def export_functions(members: Sequence[Member], user_table: dict[str, np.ndarray
   cat = {n: _sds(v.shape, v.dtype) for n, v in catalog.items()}
 
   def recommend(leaves, catalog, user, exclude, weights):
-    return scorer.recommend(leaves, catalog, user, exclude, weights, k=k, chunk=chunk)
+    return flat.recommend(leaves, catalog, user, exclude, weights, k=k, chunk=chunk)
   rec = jax.export.export(jax.jit(recommend), platforms=tuple(platforms))(
       leaves, cat, users, _sds((u, num_items), jnp.bool_), _sds((u, num_tasks), jnp.float32))
-  return score, rec, scorer
+  return score, rec, flat
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing a version directory.
 
 
-def _vocab_entry(name: str, vocab: Any, big: dict[str, np.ndarray]) -> dict[str, Any]:
-  keys = np.asarray(vocab.keys)
-  entry = {'dtype': 'int' if keys.dtype.kind in 'iu' else 'str', 'size': int(keys.shape[0]) + 1}
-  if keys.shape[0] > INLINE_VOCAB_MAX:
-    big[name] = keys.astype(np.int64) if entry['dtype'] == 'int' else keys.astype(np.str_)
+def _vocab_entry(name: str, vocab: Vocab, big: dict[str, np.ndarray]) -> dict[str, Any]:
+  entry = manifest_vocab(vocab)
+  if vocab.keys.shape[0] > INLINE_VOCAB_MAX:
+    big[name] = np.asarray(entry.pop('values'), np.int64 if entry['dtype'] == 'int' else np.str_)
     entry['file'] = 'vocab.npz'
     entry['key'] = name
-  else:
-    entry['values'] = keys.tolist()
   return entry
 
 
-def _feature_inputs(encoder: Any) -> dict[str, list[dict[str, Any]]]:
-  """How a server turns raw request values into each model input (mirrors features.fit)."""
-  enc = {
-      'user_id': {'kind': 'vocab', 'raw': 'user_id', 'raw_type': 'id', 'vocab': 'user_id'},
-      'gender': {'kind': 'vocab', 'raw': 'gender', 'raw_type': 'str', 'vocab': 'gender'},
-      'occupation': {'kind': 'vocab', 'raw': 'occupation', 'raw_type': 'str', 'vocab': 'occupation'},
-      'zip': {'kind': 'vocab', 'raw': 'zip', 'raw_type': 'str', 'vocab': 'zip', 'prefix': int(encoder.zip_prefix_len),
-              'rule': 'vocab[zip[:prefix]]'},
-      'age': {'kind': 'bucket', 'raw': 'age', 'raw_type': 'int', 'boundaries': [int(a) for a in encoder.age_boundaries],
-              'rule': 'age < 0 -> 0, else searchsorted(boundaries, age, side=right) + 1'},
-      'item_id': {'kind': 'vocab', 'raw': 'item_id', 'raw_type': 'id', 'vocab': 'item_id'},
-      'year': {'kind': 'vocab', 'raw': 'year', 'raw_type': 'int', 'vocab': 'year',
-               'divide': int(encoder.year_bucket_years), 'rule': 'year < 0 -> 0, else vocab[year // divide]'},
-      'genres': {'kind': 'multi_hot', 'raw': 'genres', 'raw_type': 'list[str]', 'names': list(encoder.genre_names)},
-  }
+def _inputs(tables: Tables) -> dict[str, list[dict[str, Any]]]:
+  """Every model input: its dtype and shape, its table's rows, and its encoding rule (FeatureSpec.encoding), which
+  the server applies to raw request values with mtl_rec.encoding, exactly as training did."""
   out = {'user': [], 'item': []}
-  for entity, table in (('user', encoder.user_table), ('item', encoder.item_table)):
-    dim = 'b'
+  for entity, table in (('user', tables.user_features), ('item', tables.item_features)):
     for name, col in table.items():
-      spec = next(s for s in encoder.specs if s.name == name)
-      out[entity].append({'name': name, 'dtype': str(col.dtype), 'shape': [dim, *col.shape[1:]],
-                          'kind': spec.kind, 'rows': int(spec.vocab_size), 'encoding': enc[name]})
+      spec = next(s for s in tables.features if s.name == name)
+      out[entity].append({'name': name, 'dtype': str(col.dtype), 'shape': ['b', *col.shape[1:]],
+                          'kind': spec.kind, 'rows': int(spec.vocab_size), 'encoding': dict(spec.encoding)})
   return out
-
-
-def _seen_csr(exp: train_lib.Experiment) -> tuple[np.ndarray, np.ndarray]:
-  rows = np.concatenate([exp.split.train, exp.split.valid])
-  indptr, indices = metrics_lib.csr_from_pairs(exp.user_index[rows], exp.item_index[rows], exp.num_users)[:2]
-  return np.asarray(indptr, np.int64), np.asarray(indices, np.int32)
 
 
 def next_version(export_root: str) -> int:
@@ -275,29 +263,15 @@ def next_version(export_root: str) -> int:
   return max(versions, default=0) + 1
 
 
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.floating, float)):
-    return float(x) if math.isfinite(float(x)) else None
-  if isinstance(x, np.integer):
-    return int(x)
-  return x
-
-
-def write_export(export_root: str, members: Sequence[Member], exp: train_lib.Experiment,
-                 config: ml_collections.ConfigDict, metrics: dict[str, Any] | None = None,
-                 fusion_weights: dict[str, float] | None = None, name: str | None = None,
-                 version: int | None = None, source: dict[str, Any] | None = None) -> str:
-  """Writes `export_root/<version>/` for `members` and returns its path.
+def write_export(export_root: str, networks: Sequence[Network], tables: Tables, config: ml_collections.ConfigDict,
+                 metrics: dict[str, Any] | None = None, fusion_weights: dict[str, float] | None = None,
+                 name: str | None = None, version: int | None = None, source: dict[str, Any] | None = None) -> str:
+  """Writes `export_root/<version>/` for `networks` and returns its path.
 
   Args:
     export_root: usually `W/export`; versions are integer subdirectories.
-    members: the networks; their tasks must be distinct (see `Member`).
-    exp: the experiment the members were trained on (data, encoder, split): users, catalog, vocabularies and
-      every user's seen items come from it.
+    networks: the networks; their tasks must be distinct.
+    tables: users, catalog, seen items, feature rules and vocabularies (`tables_from_experiment`).
     config: the run's config (saved in the manifest; `config.export` sets max_k, chunk_items and platforms).
     metrics: test metrics to record (e.g. metrics.json's 'test').
     fusion_weights: default weight per task; default `config.tasks.<t>.fusion_weight` (0 for tasks not there).
@@ -306,19 +280,17 @@ def write_export(export_root: str, members: Sequence[Member], exp: train_lib.Exp
     source: free-form provenance recorded in the manifest (workdir, step, system).
   """
   ec = config.export
-  encoder = exp.encoder
-  users = {n: np.asarray(v) for n, v in encoder.user_table.items()}
-  catalog = {n: np.asarray(v) for n, v in encoder.item_table.items()}
-  host_members = [dataclasses.replace(m, params=host_params(m.params)) for m in members]
-  score, rec, scorer = export_functions(host_members, users, catalog, int(ec.max_k), int(ec.chunk_items),
-                                        tuple(ec.platforms))
+  users = {n: np.asarray(v) for n, v in tables.user_features.items()}
+  catalog = {n: np.asarray(v) for n, v in tables.item_features.items()}
+  host = [dataclasses.replace(n, params=host_params(n.params)) for n in networks]
+  score, rec, flat = export_functions(host, users, catalog, int(ec.max_k), int(ec.chunk_items), tuple(ec.platforms))
   if fusion_weights is None:
     fusion_weights = {s.name: float(config.tasks[s.name].fusion_weight) if s.name in config.tasks else 0.0
-                      for s in scorer.specs}
-  unknown = set(fusion_weights) - set(scorer.task_names)
+                      for s in flat.specs}
+  unknown = set(fusion_weights) - set(flat.task_names)
   if unknown:
-    raise ValueError(f'fusion weights name tasks {sorted(unknown)} that no member predicts ({scorer.task_names})')
-  weights = {t: float(fusion_weights.get(t, 0.0)) for t in scorer.task_names}
+    raise ValueError(f'fusion weights name tasks {sorted(unknown)} that no network predicts ({flat.task_names})')
+  weights = {t: float(fusion_weights.get(t, 0.0)) for t in flat.task_names}
 
   version = next_version(export_root) if version is None else int(version)
   final = os.path.join(export_root, str(version))
@@ -333,20 +305,18 @@ def write_export(export_root: str, members: Sequence[Member], exp: train_lib.Exp
     f.write(score.serialize())
   with open(os.path.join(tmp, 'recommend'), 'wb') as f:
     f.write(rec.serialize())
-  leaves = [np.asarray(x) for x in scorer.leaves]
-  np.savez(os.path.join(tmp, 'weights.npz'), **dict(zip(scorer.keys, leaves)))
-  data = exp.data
-  np.savez(os.path.join(tmp, 'users.npz'), ids=np.asarray(data.users.user_id), **users)
-  np.savez(os.path.join(tmp, 'catalog.npz'), ids=np.asarray(data.items.item_id),
-           title=np.asarray(data.items.title).astype(np.str_), **catalog)
-  indptr, indices = _seen_csr(exp)
-  np.savez(os.path.join(tmp, 'seen.npz'), indptr=indptr, indices=indices)
+  leaves = [np.asarray(x) for x in flat.leaves]
+  np.savez(os.path.join(tmp, 'weights.npz'), **dict(zip(flat.keys, leaves)))
+  np.savez(os.path.join(tmp, 'users.npz'), ids=tables.user_ids, **users)
+  titles = {} if tables.item_titles is None else {'title': tables.item_titles}
+  np.savez(os.path.join(tmp, 'catalog.npz'), ids=tables.item_ids, **titles, **catalog)
+  np.savez(os.path.join(tmp, 'seen.npz'), indptr=tables.seen_indptr, indices=tables.seen_indices)
   big_vocabs: dict[str, np.ndarray] = {}
-  vocabularies = {n: _vocab_entry(n, v, big_vocabs) for n, v in encoder.vocabs.items()}
+  vocabularies = {n: _vocab_entry(n, v, big_vocabs) for n, v in tables.vocabs.items()}
   if big_vocabs:
     np.savez(os.path.join(tmp, 'vocab.npz'), **big_vocabs)
 
-  num_items = int(data.items.item_id.shape[0])
+  num_items = int(tables.item_ids.shape[0])
   k = min(int(ec.max_k), num_items)
   manifest = {
       'format': FORMAT,
@@ -356,16 +326,16 @@ def write_export(export_root: str, members: Sequence[Member], exp: train_lib.Exp
       'jax_version': jax.__version__,
       'platforms': list(score.platforms),
       'source': source or {},
-      'members': [{'name': m.name, 'tasks': [s.name for s in m.specs],
-                   'num_params': int(sum(np.size(x) for x in jax.tree.leaves(m.params)))} for m in host_members],
-      'tasks': [{'name': s.name, 'kind': s.kind, 'label': s.label, **_output_kind(s)} for s in scorer.specs],
+      'members': [{'name': n.name, 'tasks': [s.name for s in n.specs],
+                   'num_params': scoring.count_params(n.params)} for n in host],
+      'tasks': [{'name': s.name, 'kind': s.kind, 'label': s.label, **_output_kind(s)} for s in flat.specs],
       'fusion': {'formula': 'score = sum_t w_t * s_t', 'default_weights': weights,
-                 'order': list(scorer.task_names)},
+                 'order': list(flat.task_names)},
       'functions': {
           'score': {'file': 'score', 'batch_dim': 'b',
                     'args': ['params (tuple, weights.order)', 'user features {name: [b]}',
                              'item features {name: [b, ...]}', 'fusion weights float32 [b, T] (fusion.order)'],
-                    'outputs': {**{t: 'float32 [b]' for t in scorer.task_names}, 'score': 'float32 [b]'}},
+                    'outputs': {**{t: 'float32 [b]' for t in flat.task_names}, 'score': 'float32 [b]'}},
           'recommend': {'file': 'recommend', 'batch_dim': 'u', 'max_k': k,
                         'chunk_items': max(min(int(ec.chunk_items), num_items), k),
                         'args': ['params (tuple, weights.order)', 'catalog item features {name: [I, ...]}',
@@ -376,19 +346,18 @@ def write_export(export_root: str, members: Sequence[Member], exp: train_lib.Exp
       },
       'weights': {'file': 'weights.npz', 'format': 'npz',
                   'order': [{'key': key, 'shape': list(x.shape), 'dtype': str(x.dtype)}
-                            for key, x in zip(scorer.keys, leaves)]},
-      'inputs': _feature_inputs(encoder),
+                            for key, x in zip(flat.keys, leaves)]},
+      'inputs': _inputs(tables),
       'vocabularies': {'oov_row': 0, 'policy': 'row = 1 + position of the raw value in the sorted list; any other '
                                                 'value (unseen in training) -> row 0, the out-of-vocabulary row',
                        'entries': vocabularies},
-      'users': {'file': 'users.npz', 'count': int(data.users.user_id.shape[0]), 'ids': 'ids',
-                'columns': list(users)},
-      'catalog': {'file': 'catalog.npz', 'count': num_items, 'ids': 'ids', 'titles': 'title',
-                  'columns': list(catalog)},
+      'users': {'file': 'users.npz', 'count': int(tables.user_ids.shape[0]), 'ids': 'ids', 'columns': list(users)},
+      'catalog': {'file': 'catalog.npz', 'count': num_items, 'ids': 'ids',
+                  'titles': 'title' if titles else None, 'columns': list(catalog)},
       'seen': {'file': 'seen.npz', 'format': 'csr: items of users.npz row r are indices[indptr[r]:indptr[r+1]] '
                                              '(catalog.npz rows)', 'history': 'train + valid ratings'},
-      'metrics': _jsonable(metrics or {}),
-      'config': _jsonable(config.to_dict()),
+      'metrics': files.jsonable(metrics or {}),
+      'config': files.jsonable(config.to_dict()),
   }
   with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
     json.dump(manifest, f, indent=1, sort_keys=False)
@@ -398,15 +367,15 @@ def write_export(export_root: str, members: Sequence[Member], exp: train_lib.Exp
   return final
 
 
-def export_after_training(workdir: str, trainer: train_lib.Trainer, params: Any, exp: train_lib.Experiment,
-                          result: dict[str, Any]) -> str | None:
-  """The end-of-training export (`config.export.enabled`): every process gathers, process 0 writes."""
-  member = Member(trainer.graphdef, host_params(params), trainer.specs, name='unified')
-  if jax.process_index() != 0:
+def export_trained(run: runs_lib.Run, workdir: str, metrics: dict[str, Any] | None = None) -> str | None:
+  """Exports a trained run to `workdir/export/<next version>`: every process gathers the parameters (a collective),
+  process 0 writes; returns the version directory there (None elsewhere)."""
+  network = dataclasses.replace(run.network, params=host_params(run.network.params))
+  if not distributed.is_lead():
     return None
-  return write_export(os.path.join(workdir, 'export'), [member], exp, trainer.config, metrics=result.get('test'),
-                      source={'workdir': os.path.abspath(workdir), 'step': result.get('best_step'),
-                              'system': 'unified'})
+  return write_export(os.path.join(workdir, 'export'), [network], tables_from_experiment(run.exp), run.config,
+                      metrics=(metrics or {}).get('test'),
+                      source={'workdir': os.path.abspath(workdir), 'step': run.step, 'system': 'unified'})
 
 
 def export_run(workdir: str, step: int | None = None, export_root: str | None = None,
@@ -415,19 +384,18 @@ def export_run(workdir: str, step: int | None = None, export_root: str | None = 
   export_root = export_root or os.path.join(workdir, 'export')
   if version is not None and os.path.exists(os.path.join(export_root, str(version))):
     raise ValueError(f'{export_root}/{version} exists; versions are immutable: pass another --version or none')
-  run = train_lib.load_run(workdir, step, devices=jax.devices()[:1])
+  run = runs_lib.load(workdir, step, devices=jax.devices()[:1])
   metrics = None
   path = os.path.join(workdir, 'metrics.json')
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+    saved = files.read_json(path)
     if saved.get('best_step') == run.step:
       metrics = saved.get('test')
   if metrics is None:  # not the checkpoint metrics.json describes: measure this one
-    metrics = train_lib.full_metrics(run.trainer, run.params, run.exp, 'test')
-  member = Member(run.trainer.graphdef, run.params, run.trainer.specs, name='unified')
-  return write_export(export_root, [member], run.exp, run.config,
-                      metrics=metrics, version=version,
+    scorer = scoring.NetworkScorer([run.network], run.exp.encoder, run.config.eval.batch_size)
+    metrics = evaluation.full_metrics(scorer, run.exp, 'test')
+  return write_export(export_root, [run.network], tables_from_experiment(run.exp), run.config, metrics=metrics,
+                      version=version,
                       source={'workdir': os.path.abspath(workdir), 'step': run.step, 'system': 'unified'})
 
 

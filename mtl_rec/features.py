@@ -1,79 +1,39 @@
-"""Feature specs and encoders: raw side features -> integer rows of embedding tables.
+"""Feature specs and encoders: raw side features -> rows of embedding tables, by rules that are data.
 
 Vocabularies are fitted on the training split only; row 0 of every categorical table is the reserved
-out-of-vocabulary (OOV) row, so ids and values never seen in training (cold start) still get an embedding.
+out-of-vocabulary (OOV) row, so ids and values never seen in training (cold start) still get an embedding. Each
+feature's rule (`FeatureSpec.encoding`, see `mtl_rec.encoding`) is what both training and serving apply.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
+from mtl_rec import encoding
 from mtl_rec.data.types import RatingsData
+from mtl_rec.encoding import OOV_ROW, Vocab
 
-OOV_ROW = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Vocab:
-  """Sorted known values; `lookup` maps values to rows 1..n and anything else to OOV_ROW."""
-
-  keys: np.ndarray  # sorted unique values (int64 or str)
-
-  @classmethod
-  def fit(cls, values: np.ndarray) -> 'Vocab':
-    return cls(np.unique(np.asarray(values)))
-
-  @property
-  def size(self) -> int:
-    """Number of rows including the OOV row."""
-    return int(self.keys.shape[0]) + 1
-
-  def lookup(self, values: np.ndarray) -> np.ndarray:
-    values = np.asarray(values)
-    if self.keys.size == 0:
-      return np.zeros(values.shape, np.int32)
-    if values.dtype.kind != self.keys.dtype.kind:  # e.g. str ids against an int vocabulary
-      try:
-        values = values.astype(self.keys.dtype)
-      except ValueError:
-        return np.zeros(values.shape, np.int32)
-    pos = np.searchsorted(self.keys, values)
-    pos_c = np.minimum(pos, self.keys.shape[0] - 1)
-    found = self.keys[pos_c] == values
-    return np.where(found, pos_c + 1, OOV_ROW).astype(np.int32)
-
-  def to_json(self) -> dict[str, Any]:
-    return {'dtype': 'int' if self.keys.dtype.kind in 'iu' else 'str', 'values': self.keys.tolist()}
-
-  @classmethod
-  def from_json(cls, d: dict[str, Any]) -> 'Vocab':
-    dtype = np.int64 if d['dtype'] == 'int' else np.str_
-    return cls(np.asarray(d['values'], dtype=dtype))
+__all__ = ['OOV_ROW', 'Vocab', 'FeatureSpec', 'FeatureEncoder', 'fit', 'feature_rules']
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSpec:
-  """One model input: which entity it describes, how it is embedded, and how many rows its table has."""
+  """One model input: which entity it describes, how it is embedded, its table's rows, and its encoding rule."""
 
   name: str
   entity: str  # 'user' or 'item'
   kind: str  # 'categorical' (one row per example) or 'multi_hot' (mean-pooled rows)
   vocab_size: int  # rows, the OOV row included (for multi_hot: number of columns)
   large: bool  # id tables: row-sharded over the 'model' mesh axis and L2-regularized per use
-
-
-def age_bucket(age: np.ndarray, boundaries: Sequence[int]) -> np.ndarray:
-  """Bucket index 1..len(boundaries)+1; unknown ages (< 0) -> OOV_ROW."""
-  age = np.asarray(age)
-  return np.where(age < 0, OOV_ROW, np.searchsorted(np.asarray(boundaries), age, side='right') + 1).astype(np.int32)
+  encoding: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the rule (mtl_rec.encoding), JSON-able
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureEncoder:
-  """Fitted vocabularies and the encoded side tables of every user and item of the dataset.
+  """Fitted rules and vocabularies, and the encoded side tables of every user and item of the dataset.
 
   `user_table[name]` / `item_table[name]` are indexed by position in `data.users` / `data.items`, so a batch of
   (user index, item index) pairs gets its features with one fancy-indexing gather on the host.
@@ -83,29 +43,43 @@ class FeatureEncoder:
   vocabs: dict[str, Vocab]
   user_table: dict[str, np.ndarray]
   item_table: dict[str, np.ndarray]
-  genre_names: tuple[str, ...]
-  age_boundaries: tuple[int, ...]
-  year_bucket_years: int
-  zip_prefix_len: int
-
-  def user_specs(self) -> list[FeatureSpec]:
-    return [s for s in self.specs if s.entity == 'user']
-
-  def item_specs(self) -> list[FeatureSpec]:
-    return [s for s in self.specs if s.entity == 'item']
 
   def gather(self, user_index: np.ndarray, item_index: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """Model inputs for pairs given as positions in the side tables."""
     return {'user': {k: v[user_index] for k, v in self.user_table.items()},
             'item': {k: v[item_index] for k, v in self.item_table.items()}}
 
-  def vocab_json(self) -> dict[str, Any]:
-    return {name: v.to_json() for name, v in self.vocabs.items()}
+  def spec(self, name: str) -> FeatureSpec:
+    return next(s for s in self.specs if s.name == name)
 
 
-def fit(data: RatingsData, train_rows: np.ndarray, features_config: Any,
-        row_multiple: int = 1) -> FeatureEncoder:
-  """Fits vocabularies on the training ratings `train_rows` and encodes every user and item of `data`.
+# name -> (entity, column of the side table, the rule before fitting); a rule of kind 'vocab' gets its vocabulary
+# (named like the feature) fitted on the training split.
+def feature_rules(features_config: Any, genre_names: tuple[str, ...]) -> dict[str, tuple[str, str, dict[str, Any]]]:
+  """Every feature config.features can name, with its rule (config.features sets prefix, bucket edges, spans)."""
+  fc = features_config
+  vocab = lambda raw, raw_type, **kw: {'kind': 'vocab', 'raw': raw, 'raw_type': raw_type, 'vocab': raw, **kw}
+  return {
+      'user_id': ('user', 'user_id', vocab('user_id', 'id')),
+      'gender': ('user', 'gender', vocab('gender', 'str')),
+      'age': ('user', 'age', {'kind': 'bucket', 'raw': 'age', 'raw_type': 'int',
+                              'boundaries': [int(b) for b in fc.age_boundaries]}),
+      'occupation': ('user', 'occupation', vocab('occupation', 'str')),
+      'zip': ('user', 'zip_code', vocab('zip', 'str', prefix=int(fc.zip_prefix_len))),
+      'item_id': ('item', 'item_id', vocab('item_id', 'id')),
+      'genres': ('item', 'genres', {'kind': 'multi_hot', 'raw': 'genres', 'raw_type': 'list[str]',
+                                    'names': list(genre_names)}),
+      'year': ('item', 'year', vocab('year', 'int', divide=int(fc.year_bucket_years))),
+  }
+
+
+def _known(values: np.ndarray) -> np.ndarray:
+  """Values that mean something (not '' for strings, not -1 for ints after `encoding.vocab_values`)."""
+  return values != ('' if values.dtype.kind == 'U' else -1)
+
+
+def fit(data: RatingsData, train_rows: np.ndarray, features_config: Any, row_multiple: int = 1) -> FeatureEncoder:
+  """Fits the rules on the training ratings `train_rows` and encodes every user and item of `data`.
 
   Args:
     data: the whole dataset (side tables of all users and items).
@@ -116,50 +90,23 @@ def fit(data: RatingsData, train_rows: np.ndarray, features_config: Any,
       are never looked up.
   """
   fc = features_config
-  users, items = data.users, data.items
-  train_users = np.unique(data.user_id[train_rows])
-  train_items = np.unique(data.item_id[train_rows])
-  u_known = np.isin(users.user_id, train_users)
-  i_known = np.isin(items.item_id, train_items)
-  zips = np.asarray([z[:fc.zip_prefix_len] for z in users.zip_code.astype(str)], dtype=np.str_)
-  year_bucket = np.where(items.year < 0, -1, items.year // fc.year_bucket_years).astype(np.int64)
-
-  vocabs = {
-      'user_id': Vocab.fit(train_users),
-      'item_id': Vocab.fit(train_items),
-      'gender': Vocab.fit(users.gender[u_known & (users.gender != '')].astype(np.str_)),
-      'occupation': Vocab.fit(users.occupation[u_known & (users.occupation != '')].astype(np.str_)),
-      'zip': Vocab.fit(zips[u_known & (zips != '')]),
-      'year': Vocab.fit(year_bucket[i_known & (year_bucket >= 0)]),
-  }
-  user_cols = {
-      'user_id': vocabs['user_id'].lookup(users.user_id),
-      'gender': vocabs['gender'].lookup(users.gender.astype(np.str_)),
-      'age': age_bucket(users.age, fc.age_boundaries),
-      'occupation': vocabs['occupation'].lookup(users.occupation.astype(np.str_)),
-      'zip': vocabs['zip'].lookup(zips),
-  }
-  item_cols = {
-      'item_id': vocabs['item_id'].lookup(items.item_id),
-      'year': vocabs['year'].lookup(year_bucket),
-      'genres': items.genres.astype(np.float32),
-  }
-
-  def padded(n: int) -> int:
-    return -(-n // row_multiple) * row_multiple
-
-  sizes = {
-      'user_id': padded(vocabs['user_id'].size), 'item_id': padded(vocabs['item_id'].size),
-      'gender': vocabs['gender'].size, 'age': len(fc.age_boundaries) + 2, 'occupation': vocabs['occupation'].size,
-      'zip': vocabs['zip'].size, 'year': vocabs['year'].size, 'genres': len(items.genre_names),
-  }
-  specs = tuple(
-      [FeatureSpec(n, 'user', 'categorical', sizes[n], n == 'user_id') for n in fc.user] +
-      [FeatureSpec(n, 'item', 'multi_hot' if n == 'genres' else 'categorical', sizes[n], n == 'item_id')
-       for n in fc.item])
-  return FeatureEncoder(
-      specs=specs, vocabs=vocabs,
-      user_table={n: user_cols[n] for n in fc.user},
-      item_table={n: item_cols[n] for n in fc.item},
-      genre_names=tuple(items.genre_names), age_boundaries=tuple(fc.age_boundaries),
-      year_bucket_years=int(fc.year_bucket_years), zip_prefix_len=int(fc.zip_prefix_len))
+  tables = {'user': data.users, 'item': data.items}
+  known = {'user': np.isin(data.users.user_id, data.user_id[train_rows]),
+           'item': np.isin(data.items.item_id, data.item_id[train_rows])}
+  rules = feature_rules(fc, tuple(data.items.genre_names))
+  vocabs: dict[str, Vocab] = {}
+  specs, encoded = [], {'user': {}, 'item': {}}
+  for name in (*fc.user, *fc.item):
+    entity, column, rule = rules[name]
+    raw = getattr(tables[entity], column)
+    if rule['kind'] == 'vocab':
+      values = encoding.vocab_values(rule, raw)
+      vocabs[rule['vocab']] = Vocab.fit(values[known[entity] & _known(values)])
+    encoded[entity][name] = encoding.encode(rule, raw, vocabs)
+    large = name in ('user_id', 'item_id')
+    rows = encoding.rows(rule, vocabs)
+    if large:
+      rows = -(-rows // row_multiple) * row_multiple
+    specs.append(FeatureSpec(name, entity, 'multi_hot' if rule['kind'] == 'multi_hot' else 'categorical', rows,
+                             large, rule))
+  return FeatureEncoder(specs=tuple(specs), vocabs=vocabs, user_table=encoded['user'], item_table=encoded['item'])

@@ -1,7 +1,7 @@
 """The ensemble-fusion baseline: one single-task model per task, their scores fused into one ranking score.
 
 The classic alternative to the unified network: for every task of `config.tasks` a separate model with the same
-features and the same backbone/tower sizes but its own embeddings, trained by `train_lib.train_and_evaluate` on the
+features and the same backbone/tower sizes but its own embeddings, trained by `loop.train_and_evaluate` on the
 same split and seed (`member_config` says exactly what changes). Both systems rank items by one fused score
 
   score(u, i) = sum_t w_t * s_t(u, i),   s_t = p_t for binary heads,
@@ -9,8 +9,8 @@ same split and seed (`member_config` says exactly what changes). Both systems ra
                                          (E[rating] - 1) / 4 for multiclass rating heads,
 
 so every task score lives in [0, 1] and the weights are comparable. The unified model fuses its own heads, the
-ensemble its members' heads: `TaskScorer` hides the difference (a list of members, each a network — graphdef +
-params — whose task predictions are merged), as mtl_rec.export does for serving.
+ensemble its members' heads: a `scoring.NetworkScorer` of one network or of one per task hides the difference, as
+mtl_rec.export does for serving.
 
 Fusion weights (all fitted on the validation split only; the test split is never looked at):
   fixed     `config.tasks[t].fusion_weight`.
@@ -20,17 +20,15 @@ Fusion weights (all fitted on the validation split only; the test split is never
             proportional to the gains, the model distribution is softmax(fused score). It rewards ranking rated
             items above unrated ones and high ratings above low ones — what graded NDCG measures.
   stacking  a logistic-regression meta-model over the same list entries: sigmoid(b + v . s) fitted pointwise to
-            the soft label gain / 5 (L2-regularized, optax). Its ranking is that of v . s, so it exports as fusion
-            weights v like the other two.
+            the soft label gain / (highest rating) (L2-regularized, optax). Its ranking is that of v . s, so it
+            exports as fusion weights v like the other two.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
-import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -39,20 +37,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 
-from mtl_rec import checkpoint as checkpoint_lib
 from mtl_rec import config as config_lib
+from mtl_rec import evaluation
+from mtl_rec import files
+from mtl_rec import loop
 from mtl_rec import metrics as metrics_lib
-from mtl_rec import sharding as sharding_lib
-from mtl_rec import tasks as tasks_lib
-from mtl_rec import train_lib
+from mtl_rec import runs as runs_lib
+from mtl_rec import scoring
+from mtl_rec import trainer as trainer_lib
 from mtl_rec.data.sampling import NegativeSampler
+from mtl_rec.experiment import Experiment
+from mtl_rec.scoring import Network, NetworkScorer
 
 log = logging.getLogger(__name__)
 
 FUSION_METHODS = ('fixed', 'learned', 'stacking')
-MAX_GAIN = 5.0  # ratings are 1..5: stacking's soft label is gain / MAX_GAIN
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,10 +96,7 @@ def member_config(config: ml_collections.ConfigDict, task: str) -> ml_collection
     c.export.enabled = False
   if t.label != 'click' and config.sampling.num_negatives > 0:
     c.sampling.num_negatives = 0
-    shape = sharding_lib.resolve_shape(tuple(config.mesh.shape), jax.device_count())
-    shards = shape[tuple(config.mesh.axis_names).index('data')] * jax.process_count()
-    # whole rows per data shard and process, and whole gradient groups (train.grad_groups)
-    multiple = sharding_lib.gradient_groups(config.train.grad_groups, shards) or shards
+    multiple = trainer_lib.batch_multiple(config)
     rows = config.train.batch_size // (1 + config.sampling.num_negatives)
     c.train.batch_size = max(multiple, rows - rows % multiple)
   config_lib.validate(c)
@@ -108,114 +105,6 @@ def member_config(config: ml_collections.ConfigDict, task: str) -> ml_collection
 
 def member_workdir(workdir: str, task: str) -> str:
   return os.path.join(workdir, f'member_{task}')
-
-
-@dataclasses.dataclass
-class Member:
-  """One trained network and the tasks it predicts (the same shape as mtl_rec.export.Member)."""
-
-  graphdef: Any
-  params: Any  # pure dict (nnx.to_pure_dict layout)
-  specs: tuple[tasks_lib.TaskSpec, ...]
-
-  @classmethod
-  def from_trainer(cls, trainer: train_lib.Trainer, params: Any) -> 'Member':
-    return cls(trainer.graphdef, params, trainer.specs)
-
-
-def _same_data(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
-  """Whether two configs give the same data, split and features (prepare() would build the same encoder)."""
-  return (a.seed == b.seed and a.data.to_dict() == b.data.to_dict() and a.features.to_dict() == b.features.to_dict())
-
-
-def load_member(workdir: str, exp: train_lib.Experiment | None = None) -> tuple[Member, train_lib.Experiment]:
-  """A finished run's best checkpoint (else its latest) as a Member, and its experiment.
-
-  Only the parameters are restored, onto abstract targets: unlike train_lib.load_run no trainer is built (no
-  parameter init, no optimizer state), which is most of a reload's time for small models. `exp` is reused when
-  it was prepared from the same data, split and features.
-  """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ValueError(f'{workdir} is not a run directory (no config.json); train it first')
-  with open(path) as f:
-    config = config_lib.from_json(f.read())
-  if exp is None or not _same_data(exp.config, config):
-    exp = train_lib.prepare(config)
-  rating_mean = float(exp.data.rating[exp.split.train].mean())
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: train_lib.build_model(config, exp.encoder, rating_mean)))
-  mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
-  shardings = sharding_lib.named(mesh, sharding_lib.param_specs(abstract))
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(abstract), shardings)
-  _, step_dir = checkpoint_lib.find_checkpoint(workdir)
-  params = checkpoint_lib.restore_params(step_dir, target)
-  return Member(graphdef, params, tasks_lib.task_specs(config)), exp
-
-
-def count_params(params: Any) -> int:
-  """Number of scalars in a params pytree (embedding tables as stored, padding rows included)."""
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Task scores of a system (unified = one member, ensemble = one member per task).
-
-
-def normalized_score(pred: Any, spec: tasks_lib.TaskSpec) -> Any:
-  """A task's prediction mapped to [0, 1] for fusion (works on numpy and jax arrays)."""
-  return tasks_lib.fusion_term(tasks_lib.task_value(pred, spec), spec)
-
-
-class TaskScorer:
-  """Normalized task scores [..., T] of a set of members, in the order of `task_names`.
-
-  All members are evaluated inside one jitted function (one compile per input shape, not one per member).
-  """
-
-  def __init__(self, members: Sequence[Member], exp: train_lib.Experiment):
-    self.members = tuple(members)
-    self.exp = exp
-    self.specs = tuple(s for m in self.members for s in m.specs)
-    self.task_names = tuple(s.name for s in self.specs)
-    if len(set(self.task_names)) != len(self.task_names):
-      raise ValueError(f'members predict overlapping tasks {self.task_names}; each task needs exactly one member')
-    self.params = [m.params for m in self.members]
-    self._cross = self.cross_fn()
-    self._pairs = jax.jit(lambda params, batch: self._stack(
-        [train_lib.eval_step(p, batch, graphdef=m.graphdef, specs=m.specs)
-         for p, m in zip(params, self.members)]))
-    self._catalog = train_lib.catalog_features(exp)
-
-  @property
-  def num_params(self) -> int:
-    return sum(count_params(p) for p in self.params)
-
-  def _stack(self, preds: Sequence[dict[str, Any]]) -> Any:
-    merged = {k: v for p in preds for k, v in p.items()}
-    return jnp.stack([normalized_score(merged[s.name], s) for s in self.specs], axis=-1)
-
-  def cross_fn(self) -> Callable:
-    """jit: (params list, user features [U], item features [I]) -> task scores [U, I, T]; the serving path."""
-    fns = [train_lib.catalog_predictions(m.graphdef, m.specs) for m in self.members]
-
-    def scores(params_list, users, items):
-      return self._stack([f(p, users, items) for f, p in zip(fns, params_list)])
-    return jax.jit(scores)
-
-  def catalog_scores(self, users: np.ndarray) -> jax.Array:
-    """[U, num_items, T] for user positions `users` against the whole catalog."""
-    feats = {n: v[users] for n, v in self.exp.encoder.user_table.items()}
-    return self._cross(self.params, feats, self._catalog)
-
-  def pair_scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """[N, T] for (user position, item position) pairs, in fixed-size batches (one compiled shape)."""
-    n, out = users.shape[0], []
-    bs = min(self.exp.config.eval.batch_size, max(n, 1))
-    for start in range(0, n, bs):
-      idx = np.minimum(np.arange(start, start + bs), n - 1)
-      out.append(np.asarray(self._pairs(self.params, self.exp.encoder.gather(users[idx], items[idx])))[:n - start])
-    return np.concatenate(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,10 +120,9 @@ class FusionLists:
   mask: np.ndarray  # bool [U, L]; False on padding
 
 
-def build_lists(scorer: TaskScorer, heldout_rows: np.ndarray, history_rows: np.ndarray, num_negatives: int,
-                seed: int) -> FusionLists:
+def build_lists(scorer: NetworkScorer, exp: Experiment, heldout_rows: np.ndarray, history_rows: np.ndarray,
+                num_negatives: int, seed: int) -> FusionLists:
   """Lists for every user with a held-out rating; negatives avoid the user's history and held-out items."""
-  exp = scorer.exp
   h_users, h_items = exp.user_index[heldout_rows], exp.item_index[heldout_rows]
   known = np.concatenate([history_rows, heldout_rows])
   sampler = NegativeSampler(exp.user_index[known], exp.item_index[known],
@@ -253,7 +141,7 @@ def build_lists(scorer: TaskScorer, heldout_rows: np.ndarray, history_rows: np.n
   cols = counts[:, None] + np.arange(num_negatives)[None, :]
   items[np.arange(users.size)[:, None], cols] = negs
   mask[np.arange(users.size)[:, None], cols] = True
-  flat = scorer.pair_scores(np.repeat(users, length), items.reshape(-1))
+  flat = scorer.terms_pairs(np.repeat(users, length), items.reshape(-1))
   return FusionLists(flat.reshape(users.size, length, -1).astype(np.float32), gains, mask)
 
 
@@ -345,9 +233,10 @@ def fit_stacking(features: np.ndarray, targets: np.ndarray, l2: float = 1e-3, st
   return StackingModel(coef=coef.astype(np.float32), intercept=float(theta[-1] - (mu * coef).sum()))
 
 
-def fit_fusion(lists: FusionLists, fixed: np.ndarray) -> dict[str, Any]:
-  """Weights of every method (FUSION_METHODS) and the stacking model, all from the validation lists."""
-  stack = fit_stacking(lists.scores[lists.mask], lists.gains[lists.mask] / MAX_GAIN)
+def fit_fusion(lists: FusionLists, fixed: np.ndarray, max_gain: float) -> dict[str, Any]:
+  """Weights of every method (FUSION_METHODS) and the stacking model, all from the validation lists; stacking's soft
+  label is gain / `max_gain` (the highest rating)."""
+  stack = fit_stacking(lists.scores[lists.mask], lists.gains[lists.mask] / max_gain)
   fixed = np.asarray(fixed, np.float32)
   return {'weights': {'fixed': fixed, 'learned': fit_learned_weights(lists, fixed),
                       'stacking': stack.fusion_weights},
@@ -361,7 +250,7 @@ def fit_fusion(lists: FusionLists, fixed: np.ndarray) -> dict[str, Any]:
 class _CachedCatalogScores:
   """Task scores per catalog batch, computed once and fused with any number of weight vectors."""
 
-  def __init__(self, scorer: TaskScorer):
+  def __init__(self, scorer: NetworkScorer):
     self.scorer = scorer
     self._cache: dict[bytes, jax.Array] = {}
 
@@ -371,16 +260,16 @@ class _CachedCatalogScores:
     def score(users: np.ndarray) -> jax.Array:
       key = users.tobytes()
       if key not in self._cache:
-        self._cache[key] = self.scorer.catalog_scores(users)
+        self._cache[key] = self.scorer.terms_catalog(users)
       return self._cache[key] @ w
     return score
 
 
-def fused_ranking_metrics(scorer: TaskScorer, weights: dict[str, np.ndarray], heldout_rows: np.ndarray,
-                          history_rows: np.ndarray) -> dict[str, dict[str, float]]:
-  """{method: full-catalog ranking metrics of the fused score} with train_lib's protocol (graded NDCG included)."""
+def fused_ranking_metrics(scorer: NetworkScorer, exp: Experiment, weights: dict[str, np.ndarray],
+                          heldout_rows: np.ndarray, history_rows: np.ndarray) -> dict[str, dict[str, float]]:
+  """{method: full-catalog ranking metrics of the fused score}, evaluation's protocol (graded NDCG included)."""
   cache = _CachedCatalogScores(scorer)
-  return {m: train_lib.catalog_ranking_metrics(scorer.exp, heldout_rows, history_rows, cache.score_users(w))
+  return {m: evaluation.catalog_ranking_metrics(exp, heldout_rows, history_rows, cache.score_users(w))
           for m, w in weights.items()}
 
 
@@ -388,16 +277,16 @@ def fixed_weights(config: ml_collections.ConfigDict, task_names: Sequence[str]) 
   return np.asarray([config.tasks[t].fusion_weight for t in task_names], np.float32)
 
 
-def evaluate_fusion(scorer: TaskScorer, config: ml_collections.ConfigDict,
+def evaluate_fusion(scorer: NetworkScorer, exp: Experiment, config: ml_collections.ConfigDict,
                     num_negatives: int = 200) -> dict[str, Any]:
   """Fits every fusion method on validation and evaluates the fused rankings on validation and test.
 
   Returns {'tasks', 'weights': {method: {task: w}}, 'stacking': {...}, 'valid_list_ndcg': {method: v},
-  'valid': {method: metrics}, 'test': {method: metrics}}; metrics as `train_lib.catalog_ranking_metrics`.
+  'valid': {method: metrics}, 'test': {method: metrics}}; metrics as `evaluation.catalog_ranking_metrics`.
   """
-  exp, split, k = scorer.exp, scorer.exp.split, config.eval.k
-  lists = build_lists(scorer, split.valid, split.train, num_negatives, config.seed)
-  fit = fit_fusion(lists, fixed_weights(config, scorer.task_names))
+  split, k = exp.split, config.eval.k
+  lists = build_lists(scorer, exp, split.valid, split.train, num_negatives, config.seed)
+  fit = fit_fusion(lists, fixed_weights(config, scorer.task_names), exp.labels.rating_range[1])
   weights = fit['weights']
   stack = fit['stacking_model']
   return {
@@ -405,8 +294,8 @@ def evaluate_fusion(scorer: TaskScorer, config: ml_collections.ConfigDict,
       'weights': {m: dict(zip(scorer.task_names, map(float, w))) for m, w in weights.items()},
       'stacking': {'coef': dict(zip(scorer.task_names, map(float, stack.coef))), 'intercept': stack.intercept},
       'valid_list_ndcg': {m: list_ndcg(lists, w, k) for m, w in weights.items()},
-      'valid': fused_ranking_metrics(scorer, weights, split.valid, split.train),
-      'test': fused_ranking_metrics(scorer, weights, split.test, np.concatenate([split.train, split.valid])),
+      'valid': fused_ranking_metrics(scorer, exp, weights, split.valid, exp.history_rows('valid')),
+      'test': fused_ranking_metrics(scorer, exp, weights, split.test, exp.history_rows('test')),
   }
 
 
@@ -419,32 +308,32 @@ def train_members(config: ml_collections.ConfigDict, workdir: str,
                   ) -> dict[str, dict[str, Any]]:
   """Trains one member per task (or resumes/skips finished ones) and returns {task: its metrics.json}.
 
-  `train_fn(config, workdir)` defaults to `train_lib.train_and_evaluate`; the benchmark passes one that runs it in
-  a subprocess to measure peak memory.
+  `train_fn(config, workdir) -> metrics.json's content` defaults to `loop.train_and_evaluate`; the benchmark passes
+  one that runs it in a subprocess to measure peak memory.
   """
-  train_fn = train_fn or train_lib.train_and_evaluate
+  train_fn = train_fn or (lambda c, wd: loop.train_and_evaluate(c, wd).metrics)
   results = {}
   for task in config.tasks:
     wd = member_workdir(workdir, task)
     done = os.path.join(wd, 'metrics.json')
     if os.path.exists(done):  # finished earlier: training again would only resume to the same result
-      with open(done) as f:
-        results[task] = json.load(f)
+      results[task] = files.read_json(done)
       continue
     log.info('ensemble member %s -> %s', task, wd)
     results[task] = train_fn(member_config(config, task), wd)
   return results
 
 
-def load_members(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[Member], train_lib.Experiment]:
-  """The trained members (best checkpoints) and one experiment for evaluation (the encoders all agree)."""
+def load_members(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[Network], Experiment]:
+  """The trained members (best checkpoints), each named by its task, and one experiment that evaluates them all
+  (their data, features and evaluation sets agree)."""
   members, exp = [], None
   for task in config.tasks:
-    member, member_exp = load_member(member_workdir(workdir, task), exp)
-    if exp is not None and member_exp is not exp:
+    run = runs_lib.load(member_workdir(workdir, task), exp=exp)
+    if exp is not None and run.exp is not exp:
       raise ValueError(f'member {task} was trained on other data, features or another seed; retrain {workdir}')
-    members.append(member)
-    exp = member_exp
+    members.append(dataclasses.replace(run.network, name=task))
+    exp = run.exp
   return members, exp
 
 
@@ -464,7 +353,8 @@ class EnsembleRun:
   """A trained and evaluated ensemble: `summary` is ensemble.json's content; `scorer` serves its fused scores."""
 
   summary: dict[str, Any]
-  scorer: TaskScorer
+  scorer: NetworkScorer
+  exp: Experiment
   member_results: dict[str, dict[str, Any]]  # {task: the member's metrics.json}
 
 
@@ -479,25 +369,15 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config)
   results = train_members(config, workdir, train_fn)
   members, exp = load_members(config, workdir)
-  scorer = TaskScorer(members, exp)
+  scorer = NetworkScorer(members, exp.encoder, config.eval.batch_size)
   summary = {
       'test': member_test_metrics(config, results),
-      'members': {t: {'workdir': member_workdir(workdir, t), 'params': count_params(m.params),
+      'members': {t: {'workdir': member_workdir(workdir, t), 'params': scoring.count_params(m.params),
                       'wall_time_sec': results[t].get('wall_time_sec'), 'best_step': results[t].get('best_step')}
                   for t, m in zip(config.tasks, members)},
       'params': scorer.num_params,
-      'fusion': evaluate_fusion(scorer, config, num_negatives),
+      'fusion': evaluate_fusion(scorer, exp, config, num_negatives),
   }
-  with open(os.path.join(workdir, 'ensemble.json'), 'w') as f:
-    json.dump(summary, f, indent=2, sort_keys=True, default=_jsonable)
-  return EnsembleRun(summary, scorer, results)
+  files.write_json(os.path.join(workdir, 'ensemble.json'), summary)
+  return EnsembleRun(summary, scorer, exp, results)
 
-
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  raise TypeError(f'not JSON serializable: {type(x)}')

@@ -22,13 +22,22 @@ from mtl_rec.features import FeatureEncoder
 Batch = dict
 
 
-def _labels(rating: np.ndarray, observed: np.ndarray, like_threshold: float) -> dict[str, np.ndarray]:
-  return {
-      'click': observed.astype(np.float32),
-      'like': ((rating >= like_threshold) & (observed > 0)).astype(np.float32),
-      'rating': np.where(observed > 0, rating, 0).astype(np.float32),
-      'rating_class': np.where(observed > 0, np.clip(np.round(rating) - 1, 0, 4), 0).astype(np.int32),
-  }
+@dataclasses.dataclass(frozen=True)
+class Labels:
+  """Every label of a row from its rating and whether it was observed: click (observed), like (rating >= the
+  threshold), rating, and rating_class (the rating's class: 0 for the lowest rating of the data's scale)."""
+
+  like_threshold: float
+  rating_range: tuple[float, float]  # the data's lowest and highest rating
+
+  def __call__(self, rating: np.ndarray, observed: np.ndarray) -> dict[str, np.ndarray]:
+    lo, hi = self.rating_range
+    return {
+        'click': observed.astype(np.float32),
+        'like': ((rating >= self.like_threshold) & (observed > 0)).astype(np.float32),
+        'rating': np.where(observed > 0, rating, 0).astype(np.float32),
+        'rating_class': np.where(observed > 0, np.clip(np.round(rating) - lo, 0, hi - lo), 0).astype(np.int32),
+    }
 
 
 @dataclasses.dataclass
@@ -61,9 +70,9 @@ def with_negatives(pos: Examples, sampler: NegativeSampler, k: int, rng: np.rand
   return Examples.concat([pos, Examples(neg_users, neg_items, np.zeros(n, np.float32), np.zeros(n, np.float32))])
 
 
-def to_batch(ex: Examples, encoder: FeatureEncoder, like_threshold: float, valid: np.ndarray | None = None) -> Batch:
+def to_batch(ex: Examples, encoder: FeatureEncoder, labels: Labels, valid: np.ndarray | None = None) -> Batch:
   batch = encoder.gather(ex.user, ex.item)
-  batch['labels'] = _labels(ex.rating, ex.observed, like_threshold)
+  batch['labels'] = labels(ex.rating, ex.observed)
   batch['observed'] = ex.observed.astype(np.float32)
   batch['valid'] = np.ones(len(ex), np.float32) if valid is None else valid.astype(np.float32)
   return batch
@@ -73,13 +82,13 @@ class TrainStream:
   """Epochs of shuffled global batches; negatives are resampled every epoch; the last partial batch is dropped."""
 
   def __init__(self, positives: Examples, encoder: FeatureEncoder, sampler: NegativeSampler, num_negatives: int,
-               batch_size: int, like_threshold: float, seed: int):
+               batch_size: int, labels: Labels, seed: int):
     self.positives = positives
     self.encoder = encoder
     self.sampler = sampler
     self.num_negatives = num_negatives
     self.batch_size = batch_size
-    self.like_threshold = like_threshold
+    self.labels = labels
     self.seed = seed
     self.rows_per_epoch = len(positives) * (1 + num_negatives)
     self.steps_per_epoch = self.rows_per_epoch // batch_size
@@ -94,7 +103,7 @@ class TrainStream:
     order = rng.permutation(len(ex))
     for step in range(start_step, self.steps_per_epoch):
       idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-      yield to_batch(ex.take(idx), self.encoder, self.like_threshold)
+      yield to_batch(ex.take(idx), self.encoder, self.labels)
 
 
 @dataclasses.dataclass
@@ -109,10 +118,10 @@ class EvalSet:
     rng = np.random.default_rng([seed, 3, salt])
     return cls(with_negatives(positives, sampler, click_negatives, rng))
 
-  def batches(self, encoder: FeatureEncoder, batch_size: int, like_threshold: float) -> Iterator[Batch]:
+  def batches(self, encoder: FeatureEncoder, batch_size: int, labels: Labels) -> Iterator[Batch]:
     """Fixed-size batches; the last is padded (valid = 0) so one compiled eval step serves all."""
     n = len(self.examples)
     for start in range(0, n, batch_size):
       idx = np.arange(start, start + batch_size)
       valid = idx < n
-      yield to_batch(self.examples.take(np.minimum(idx, n - 1)), encoder, like_threshold, valid)
+      yield to_batch(self.examples.take(np.minimum(idx, n - 1)), encoder, labels, valid)

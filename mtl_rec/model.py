@@ -9,15 +9,15 @@ to mesh axes through its one rules table.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtl_rec import config as config_lib
 from mtl_rec.features import FeatureSpec
-
-HEAD_UNITS = {'binary': 1, 'regression': 1}
+from mtl_rec.tasks import TaskSpec
 
 
 def _dense(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -64,11 +64,6 @@ class Embeddings(nnx.Module):
       # gradient round differently from one mesh's program to another's
       return (x @ table) * (1.0 / jnp.maximum(x.sum(-1, keepdims=True), 1.0))
     return jnp.take(table, x, axis=0)
-
-
-def lookup_key(feature: str, task: str | None = None) -> str:
-  """The key of a row-sharded table's looked-up rows in `MultiTaskModel.lookup`'s dict."""
-  return f'embed/{feature}' if task is None else f'bias/{task}/{feature}'
 
 
 class SharedBottom(nnx.Module):
@@ -119,7 +114,7 @@ class PLE(nnx.Module):
     return out
 
 
-BACKBONES = {'shared_bottom': SharedBottom, 'mmoe': MMoE, 'ple': PLE}
+BACKBONES = dict(zip(config_lib.BACKBONES, (SharedBottom, MMoE, PLE)))  # config.BACKBONES names them
 
 
 class Head(nnx.Module):
@@ -140,70 +135,54 @@ class MultiTaskModel(nnx.Module):
 
   Call with `user`/`item` feature dicts (see input_pipeline) -> ({task: output}, aux) where output is [B] for
   binary/regression heads and [B, C] for multiclass, and aux['embedding_sq_norm'] is the per-example squared norm of
-  the large id-table rows used (for the embedding L2 penalty).
+  the large id-table rows used (for the embedding L2 penalty). Row-sharded tables are read only by
+  `jnp.take(table, ids, axis=0)` of the inputs `table_inputs()` names.
   """
 
-  def __init__(self, specs: Sequence[FeatureSpec], tasks: dict[str, dict[str, Any]], model_config: Any,
-               embed_dim: int, rngs: nnx.Rngs, rating_mean: float = 3.5):
+  def __init__(self, specs: Sequence[FeatureSpec], tasks: Sequence[TaskSpec], model_config: Any, embed_dim: int,
+               rngs: nnx.Rngs):
     mc = model_config
     self.embeddings = Embeddings(specs, embed_dim, rngs)
     self.interaction = bool(mc.interaction)
     num_feats = len(specs)
     din = embed_dim * (num_feats + (1 if self.interaction else 0))
     self.backbone = BACKBONES[mc.backbone](
-        din, tuple(mc.hidden_dims), tuple(tasks), mc.dropout, rngs, num_experts=mc.num_experts,
+        din, tuple(mc.hidden_dims), tuple(t.name for t in tasks), mc.dropout, rngs, num_experts=mc.num_experts,
         num_shared_experts=mc.num_shared_experts, num_task_experts=mc.num_task_experts)
-    self.heads = nnx.data({
-        name: Head(self.backbone.out_dim, tuple(mc.tower_dims),
-                   5 if t['kind'] == 'multiclass' else HEAD_UNITS[t['kind']], mc.dropout, rngs,
-                   bias_init=rating_mean if t['kind'] == 'regression' else 0.0)
-        for name, t in tasks.items()})
-    self.kinds = {name: t['kind'] for name, t in tasks.items()}
+    self.heads = nnx.data({t.name: Head(self.backbone.out_dim, tuple(mc.tower_dims), t.units, mc.dropout, rngs,
+                                        bias_init=t.bias_init)
+                           for t in tasks})
+    self.kinds = {t.name: t.kind for t in tasks}
     # Wide part: a per-task scalar bias for every user and item id (the b_u + b_i of biased MF), added to binary
     # logits and regression values; the deep part then only has to model the interaction.
     # GMF part (NeuMF, He et al. 2017): a per-task linear read-out of the user x item product straight into the head,
     # because MLPs learn dot products poorly (Rendle et al. 2020); the deep part models what a dot product cannot.
-    self.gmf = nnx.data({name: nnx.Linear(embed_dim, 1 if t['kind'] != 'multiclass' else 5, use_bias=False,
-                                          rngs=rngs, kernel_init=nnx.initializers.ones_init())
-                         for name, t in tasks.items()} if mc.gmf else {})
+    self.gmf = nnx.data({t.name: nnx.Linear(embed_dim, t.units, use_bias=False, rngs=rngs,
+                                            kernel_init=nnx.initializers.ones_init())
+                         for t in tasks} if mc.gmf else {})
     large = [s for s in specs if s.large]
     self.id_biases = nnx.data({
-        name: {s.name: nnx.Param(jnp.zeros((s.vocab_size,), jnp.float32), axes=('vocab',)) for s in large}
-        for name, t in tasks.items() if mc.id_biases and t['kind'] != 'multiclass'})
+        t.name: {s.name: nnx.Param(jnp.zeros((s.vocab_size,), jnp.float32), axes=('vocab',)) for s in large}
+        for t in tasks if mc.id_biases and t.kind != 'multiclass'})
     if mc.loss_weighting == 'uncertainty':  # log sigma^2 per task (Kendall et al. 2018)
       self.log_vars = nnx.Param(jnp.zeros((len(tasks),), jnp.float32), axes=('task',))
     else:
       self.log_vars = None
 
-  def lookup(self, user: dict[str, jax.Array], item: dict[str, jax.Array],
-             take: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> dict[str, jax.Array]:
-    """The rows every row-sharded (large) table contributes to a batch, keyed by `lookup_key`.
+  def table_inputs(self) -> dict[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """{parameter path (nnx.to_pure_dict layout): batch inputs (entity, feature)} for every row-sharded table: the
+    id inputs that index it. What reads those tables, stated as data (the fixed-order gradient uses it)."""
+    entity = {s.name: s.entity for s in self.embeddings.specs}
+    out = {('embeddings', 'tables', s.name): ((s.entity, s.name),) for s in self.embeddings.specs if s.large}
+    for task, tables in self.id_biases.items():
+      out.update({('id_biases', task, feature): ((entity[feature], feature),) for feature in tables})
+    return out
 
-    The only use of those tables: `__call__(..., rows=lookup(...))` equals `__call__(...)`, and `lookup` reads no
-    other parameter. `take(table, ids)` indexes a table's rows (default `jnp.take(table, ids, axis=0)`). Training
-    looks the rows up apart from the dense network, with a shard-local `take`, so that the tables' gradients are
-    summed in one fixed order on any mesh (train_lib.train_step).
-    """
-    take = take or (lambda table, ids: jnp.take(table, ids, axis=0))
-    rows = {}
-    for spec in self.embeddings.specs:
-      if spec.large:
-        ids = (user if spec.entity == 'user' else item)[spec.name]
-        rows[lookup_key(spec.name)] = take(self.embeddings.tables[spec.name][...], ids)
-    for name, tables in self.id_biases.items():
-      for feature, table in tables.items():
-        rows[lookup_key(feature, name)] = take(table[...], (user if feature == 'user_id' else item)[feature])
-    return rows
-
-  def __call__(self, user: dict[str, jax.Array], item: dict[str, jax.Array], rng: jax.Array | None = None,
-               rows: dict[str, jax.Array] | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    rows = self.lookup(user, item) if rows is None else rows
+  def __call__(self, user: dict[str, jax.Array], item: dict[str, jax.Array],
+               rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     feats, user_vecs, item_vecs, sq = [], [], [], 0.0
     for spec in self.embeddings.specs:
-      if spec.large:
-        e = rows[lookup_key(spec.name)]
-      else:
-        e = self.embeddings.embed(spec, (user if spec.entity == 'user' else item)[spec.name])
+      e = self.embeddings.embed(spec, (user if spec.entity == 'user' else item)[spec.name])
       feats.append(e)
       (user_vecs if spec.entity == 'user' else item_vecs).append(e)
       if spec.large:
@@ -222,7 +201,12 @@ class MultiTaskModel(nnx.Module):
         out[name] = y
         continue
       y = y[..., 0]
-      for feature in self.id_biases.get(name, {}):
-        y = y + rows[lookup_key(feature, name)]
+      for feature, table in self.id_biases.get(name, {}).items():
+        y = y + jnp.take(table[...], (user if feature in user else item)[feature], axis=0)
       out[name] = y
     return out, {'embedding_sq_norm': sq}
+
+
+def build(config: Any, features: Sequence[FeatureSpec], tasks: Sequence[TaskSpec]) -> MultiTaskModel:
+  """The model of `config` for these features and tasks, initialized from config.seed."""
+  return MultiTaskModel(features, tasks, config.model, config.features.embed_dim, nnx.Rngs(params=config.seed))

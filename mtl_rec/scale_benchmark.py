@@ -7,7 +7,7 @@ On CPU it simulates `--devices` devices (8 by default). The embedding tables cov
 padded to a multiple of the model axis) and are row-sharded over `model`, so the JSON's `table_bytes_per_device`
 should be about `table_bytes_total / model axis` (plus the small replicated tables).
 
-The batches are built directly, not by `train_lib.prepare`: generating the synthetic ratings is quick at this size,
+The batches are built directly, not by `experiment.build`: generating the synthetic ratings is quick at this size,
 but the full pipeline (splits, vocabularies fitted on the training split, negative-sampling tables, eval sets) takes
 minutes and its vocabularies would only cover the ids that happen to be rated. Here the side features come from
 `mtl_rec.data.synthetic`, the id vocabularies are all users and items, and each batch is rated pairs drawn from the
@@ -27,12 +27,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from configs import synthetic as synthetic_config
 from mtl_rec import config as config_lib
 from mtl_rec import features as features_lib
 from mtl_rec import input_pipeline
 from mtl_rec import sharding as sharding_lib
-from mtl_rec import train_lib
+from mtl_rec import tasks as tasks_lib
+from mtl_rec import trainer as trainer_lib
 from mtl_rec.data import synthetic
 
 _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON report.', required=True)
@@ -61,6 +61,25 @@ def build_encoder(data: Any, config: Any) -> Any:
   return dataclasses.replace(enc, specs=specs, vocabs=vocabs, user_table=user_table, item_table=item_table)
 
 
+def scale_config(num_users: int, num_items: int, embed_dim: int, batch_size: int, mesh_shape: tuple[int, ...],
+                 interactions_per_user: int) -> Any:
+  """The benchmark's config: the small network of configs/synthetic.py on tables of the given size."""
+  config = config_lib.base_config()
+  config.data.source = 'synthetic'
+  config.data.split = 'random'
+  config.data.synthetic.num_users = num_users
+  config.data.synthetic.num_items = num_items
+  config.data.synthetic.interactions_per_user = interactions_per_user
+  config.data.synthetic.latent_dim = 4
+  config.features.embed_dim = embed_dim
+  config.model.hidden_dims = (64, 32)
+  config.model.tower_dims = (16,)
+  config.train.batch_size = batch_size
+  config.mesh.shape = tuple(mesh_shape)
+  config_lib.validate(config)
+  return config
+
+
 def make_batches(data: Any, encoder: Any, config: Any, count: int) -> list[dict[str, Any]]:
   """`count` global batches: rated pairs (positions in the side tables) plus uniform negatives."""
   rng = np.random.default_rng(config.seed)
@@ -68,6 +87,7 @@ def make_batches(data: Any, encoder: Any, config: Any, count: int) -> list[dict[
   bs = config.train.batch_size
   n_pos = bs // (1 + k)
   # Raw synthetic ids are 1..N in table order, so positions are id - 1.
+  labels = input_pipeline.Labels(config.data.like_threshold, (float(data.rating.min()), float(data.rating.max())))
   out = []
   for _ in range(count):
     rows = rng.integers(0, data.num_ratings, n_pos)
@@ -78,7 +98,7 @@ def make_batches(data: Any, encoder: Any, config: Any, count: int) -> list[dict[
     neg = input_pipeline.Examples(np.resize(np.repeat(pos.user, k), n_neg), neg_items,
                                   np.zeros(n_neg, np.float32), np.zeros(n_neg, np.float32))
     ex = input_pipeline.Examples.concat([pos, neg])
-    out.append(input_pipeline.to_batch(ex, encoder, config.data.like_threshold))
+    out.append(input_pipeline.to_batch(ex, encoder, labels))
   return out
 
 
@@ -87,14 +107,7 @@ def run(num_users: int, num_items: int, embed_dim: int, batch_size: int, steps: 
   """Builds the data, the sharded model and optimizer, runs `steps` timed steps; returns the report."""
 
   t_start = time.time()
-  config = synthetic_config.get_config()
-  config.data.synthetic.num_users = num_users
-  config.data.synthetic.num_items = num_items
-  config.data.synthetic.interactions_per_user = interactions_per_user
-  config.features.embed_dim = embed_dim
-  config.train.batch_size = batch_size
-  config.mesh.shape = tuple(mesh_shape)
-  config_lib.validate(config)
+  config = scale_config(num_users, num_items, embed_dim, batch_size, mesh_shape, interactions_per_user)
 
   t = time.time()
   sc = config.data.synthetic
@@ -106,13 +119,14 @@ def run(num_users: int, num_items: int, embed_dim: int, batch_size: int, steps: 
         f'({data_sec:.1f}s)', flush=True)
 
   t = time.time()
-  trainer = train_lib.make_trainer(config, encoder, total_steps=steps + 1, rating_mean=float(data.rating.mean()))
+  specs = tasks_lib.task_specs(config, (float(data.rating.min()), float(data.rating.max())), float(data.rating.mean()))
+  trainer = trainer_lib.make_trainer(config, encoder.specs, specs, total_steps=steps + 1)
   state = trainer.init_state
   jax.block_until_ready(state)
   init_sec = time.time() - t
 
   t = time.time()
-  report = train_lib.memory_report(trainer, state, batches[0])
+  report = trainer_lib.memory_report(trainer, state, batches[0])
   compile_sec = time.time() - t
   model = trainer.mesh.shape['model']
   tables = state['params']['embeddings']['tables']
@@ -160,7 +174,7 @@ def run(num_users: int, num_items: int, embed_dim: int, batch_size: int, steps: 
                         'max': max(times)},
       'losses': losses,
       'data_sec': data_sec, 'init_sec': init_sec, 'compile_sec': compile_sec, 'wall_sec': time.time() - t_start,
-      'data_note': 'batches built directly from synthetic ratings + uniform negatives (not train_lib.prepare)',
+      'data_note': 'batches built directly from synthetic ratings + uniform negatives (not experiment.build)',
   }
   if not np.all(np.isfinite(losses)):
     raise RuntimeError(f'non-finite losses at scale: {losses}')

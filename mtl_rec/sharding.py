@@ -10,7 +10,6 @@ import math
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -81,63 +80,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def is_row_sharded(spec: P) -> bool:
   """Whether a parameter's rows are split over the mesh (the large id tables), whatever the axis's size."""
   return len(spec) > 0 and spec[0] is not None and spec[0] == RULES['vocab']
-
-
-# Sums that give the same bits on every mesh. XLA sums a sharded axis as local partial sums then an all-reduce, it
-# splits even replicated work over idle devices, and how it vectorizes a reduction depends on what it fuses it
-# with, so the order of the additions (and the float32 rounding) depends on the mesh's program; a long run
-# amplifies that last-bit noise. Here partial results are gathered (exact) inside shard_map, where nothing is split
-# behind our back, and summed by explicit pairwise additions, which no compiler pass reorders.
-
-
-def pairwise_sum(x: jax.Array, axis: int = 0) -> jax.Array:
-  """x.sum(axis) as a fixed binary tree of elementwise additions (zero-padded to a power of two)."""
-  axis = axis % x.ndim
-  n = x.shape[axis]
-  size = 1 << max(n - 1, 0).bit_length()
-  if size != n:
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - n)
-    x = jnp.pad(x, pad)
-  while x.shape[axis] > 1:
-    half = x.shape[axis] // 2
-    x = jax.lax.slice_in_dim(x, 0, half, axis=axis) + jax.lax.slice_in_dim(x, half, 2 * half, axis=axis)
-  return jnp.squeeze(x, axis)
-
-
-def fixed_order_sum(x: jax.Array, mesh: Mesh, axis: str | None) -> jax.Array:
-  """x.sum(0), replicated, in an order that does not depend on the mesh; axis 0 of x is split over mesh `axis`."""
-  def local(x):
-    return pairwise_sum(x if axis is None else jax.lax.all_gather(x, axis, axis=0, tiled=True))
-  return jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P(), check_vma=False)(x)
-
-
-def global_norm(tree: Any, shardings: Any) -> jax.Array:
-  """optax.global_norm of a tree laid out as `shardings` (a matching tree of NamedShardings, at most the first axis
-  split), in an order that does not depend on the mesh: each row's sum of squares (a row lives whole on one
-  device), gathered, then summed; leaves in tree order."""
-  leaves, treedef = jax.tree.flatten(tree)
-  specs = [s.spec for s in treedef.flatten_up_to(shardings)]
-  if any(any(a is not None for a in spec[1:]) for spec in specs):
-    raise ValueError('sharding.global_norm supports parameters split on their first axis only')
-  mesh = next(iter(jax.tree.leaves(shardings))).mesh
-
-  def local(*leaves):
-    total = jnp.zeros((), jnp.float32)
-    for x, spec in zip(leaves, specs):
-      sq = jnp.square(x.astype(jnp.float32)).reshape((x.shape[0], -1) if x.ndim else (1, 1))
-      rows = pairwise_sum(sq, axis=1)
-      if len(spec) and spec[0] is not None:
-        rows = jax.lax.all_gather(rows, spec[0], axis=0, tiled=True)
-      total = total + pairwise_sum(rows)
-    return jnp.sqrt(total)
-  return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(), check_vma=False)(*leaves)
-
-
-def gradient_groups(grad_groups: int, data_size: int) -> int:
-  """The number of row groups a batch's gradient is summed over (train.grad_groups, see train_lib.train_step): the
-  configured count, raised to a multiple of the data axis size where it is not one; 0 (off) stays 0."""
-  return math.lcm(grad_groups, data_size) if grad_groups else 0
 
 
 def check_divisible(batch_size: int, mesh: Mesh, row_multiple: int, groups: int = 0) -> None:

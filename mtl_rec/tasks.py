@@ -20,16 +20,34 @@ class TaskSpec:
   label: str  # 'click' | 'like' | 'rating' | 'rating_class'
   weight: float  # static loss weight
   fusion_weight: float  # default weight in the fused ranking score
+  value_range: tuple[float, float] | None = None  # rating labels: the scale (lowest, highest rating) of the data
+  threshold: float | None = None  # like and rating_class: like = rating >= threshold
+  bias_init: float = 0.0  # the head's initial output bias (regression: the training mean)
 
   @property
   def all_rows(self) -> bool:
     """click is defined on every row (observed and sampled); the others only on observed pairs."""
     return self.label == 'click'
 
+  @property
+  def units(self) -> int:
+    """Outputs of the head: 1, or one per rating class."""
+    if self.kind != 'multiclass':
+      return 1
+    lo, hi = self.value_range
+    return int(round(hi - lo)) + 1
 
-def task_specs(config: Any) -> tuple[TaskSpec, ...]:
-  return tuple(TaskSpec(name, t.kind, t.label, float(t.weight), float(t.fusion_weight))
-               for name, t in config.tasks.items())
+
+def task_specs(config: Any, rating_range: tuple[float, float], rating_mean: float) -> tuple[TaskSpec, ...]:
+  """The tasks of `config.tasks`; rating labels take their scale and head init from the data."""
+  out = []
+  for name, t in config.tasks.items():
+    rated = t.label in ('rating', 'rating_class')
+    out.append(TaskSpec(name, t.kind, t.label, float(t.weight), float(t.fusion_weight),
+                        value_range=tuple(map(float, rating_range)) if rated else None,
+                        threshold=float(config.data.like_threshold) if t.label in ('like', 'rating_class') else None,
+                        bias_init=float(rating_mean) if t.kind == 'regression' else 0.0))
+  return tuple(out)
 
 
 def loss_masks(batch: dict[str, Any], specs: tuple[TaskSpec, ...], esmm: bool = False) -> dict[str, jax.Array]:
@@ -40,6 +58,14 @@ def loss_masks(batch: dict[str, Any], specs: tuple[TaskSpec, ...], esmm: bool = 
   if esmm:
     masks[_esmm_pair(specs)[1]] = valid
   return masks
+
+
+def normalizers(batch: dict[str, Any], specs: tuple[TaskSpec, ...], esmm: bool = False) -> dict[str, Any]:
+  """The whole batch's denominators of the mean losses: rows per task mask, and valid rows. Sums of 0/1 values, so
+  they are exact in any order; a loss summed over parts of the batch divides by these."""
+  masks = loss_masks(batch, specs, esmm)
+  return {'tasks': {k: jnp.maximum(jnp.sum(m), 1.0) for k, m in masks.items()},
+          'valid_rows': jnp.maximum(jnp.sum(batch['valid']), 1.0)}
 
 
 def loss_terms(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tuple[TaskSpec, ...],
@@ -65,26 +91,29 @@ def loss_terms(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tupl
   return terms
 
 
-def total_loss(per_task: dict[str, jax.Array], specs: tuple[TaskSpec, ...], log_vars: jax.Array | None = None,
-               regularizer: bool | jax.Array = True) -> jax.Array:
-  """The weighted sum of per-task losses. Linear in them, so a sum of per-group partial losses gives the whole
-  batch's; uncertainty weighting's `+ s` regularizer then belongs to one group only (`regularizer` 1 there, 0
-  elsewhere)."""
+def masked_sums(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tuple[TaskSpec, ...],
+                esmm: bool = False) -> dict[str, jax.Array]:
+  """{task: sum of its row losses over the rows it is defined on}; divided by `normalizers`' counts, the mean loss.
+  Rows a task is not defined on (and padding rows) contribute nothing."""
+  terms, masks = loss_terms(outputs, batch, specs, esmm), loss_masks(batch, specs, esmm)
+  return {k: jnp.sum(terms[k] * masks[k]) for k in terms}
+
+
+def weighted_loss(per_task: dict[str, jax.Array], specs: tuple[TaskSpec, ...],
+                  log_vars: jax.Array | None = None) -> jax.Array:
+  """The weighted sum of per-task losses (linear in them: per-part losses add up to the batch's). Under uncertainty
+  weighting each task's loss is scaled by a learned precision exp(-s); the `+ s` that keeps s finite is
+  `uncertainty_regularizer`, which depends on the parameters alone."""
   weights = jnp.asarray([s.weight for s in specs], jnp.float32)
   stacked = jnp.stack([per_task[s.name] for s in specs])
   if log_vars is None:
     return jnp.sum(weights * stacked)
-  # uncertainty weighting: each task's loss scaled by a learned precision exp(-s) plus s as regularizer
-  return jnp.sum(weights * (jnp.exp(-log_vars) * stacked + log_vars * regularizer))
+  return jnp.sum(weights * (jnp.exp(-log_vars) * stacked))
 
 
-def losses(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tuple[TaskSpec, ...], esmm: bool = False,
-           log_vars: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(total loss, {task: masked mean loss}). Rows a task is not defined on contribute nothing to its loss."""
-  masks, terms = loss_masks(batch, specs, esmm), loss_terms(outputs, batch, specs, esmm)
-  per_task = {s.name: jnp.sum(terms[s.name] * masks[s.name]) / jnp.maximum(jnp.sum(masks[s.name]), 1.0)
-              for s in specs}
-  return total_loss(per_task, specs, log_vars), per_task
+def uncertainty_weights(specs: tuple[TaskSpec, ...]) -> jax.Array:
+  """d(uncertainty regularizer)/d(log_vars): the static task weights (Kendall et al. 2018's sum_t w_t s_t)."""
+  return jnp.asarray([s.weight for s in specs], jnp.float32)
 
 
 def _esmm_pair(specs: tuple[TaskSpec, ...]) -> tuple[str, str]:
@@ -103,31 +132,25 @@ def predictions(outputs: dict[str, jax.Array], specs: tuple[TaskSpec, ...]) -> d
   return preds
 
 
-RATING_MIN, RATING_MAX = 1.0, 5.0
-
-
 def task_value(pred: jax.Array, spec: TaskSpec) -> jax.Array:
   """One number per row from a task's prediction (`predictions`): the probability of a binary head, the predicted
   rating of a regression head, the expected rating sum_c c * p_c of a multiclass head."""
   if spec.kind == 'multiclass':
-    return (pred * jnp.arange(1, pred.shape[-1] + 1, dtype=pred.dtype)).sum(-1)
+    lo = spec.value_range[0]
+    return (pred * (jnp.arange(pred.shape[-1], dtype=pred.dtype) + lo)).sum(-1)
   return pred
 
 
 def fusion_term(value: jax.Array, spec: TaskSpec) -> jax.Array:
-  """s_t: a task value (`task_value`) on the [0, 1] scale of the fused score: p, or (rating - 1) / 4."""
+  """s_t: a task value (`task_value`) on the [0, 1] scale of the fused score: p, or (rating - lo) / (hi - lo)."""
   if spec.kind == 'binary':
     return value
-  return (value - RATING_MIN) / (RATING_MAX - RATING_MIN)
+  lo, hi = spec.value_range
+  return (value - lo) / (hi - lo)
 
 
-def ranking_score(preds: dict[str, jax.Array], spec: TaskSpec, like_threshold: float) -> jax.Array:
-  """One scalar per row to rank items by, from a task's prediction."""
-  return task_value(preds[spec.name], spec)
-
-
-def task_metrics(spec: TaskSpec, pred: np.ndarray, labels: dict[str, np.ndarray], observed: np.ndarray,
-                 like_threshold: float) -> dict[str, float]:
+def task_metrics(spec: TaskSpec, pred: np.ndarray, labels: dict[str, np.ndarray],
+                 observed: np.ndarray) -> dict[str, float]:
   """Host-side metrics of one task over the rows it is defined on (valid rows only are passed in)."""
   n = spec.name
   rows = np.ones_like(observed, bool) if spec.all_rows else observed > 0
@@ -138,10 +161,10 @@ def task_metrics(spec: TaskSpec, pred: np.ndarray, labels: dict[str, np.ndarray]
       out[f'{n}_accuracy'] = metrics_lib.accuracy(y, p)
     return out
   if spec.kind == 'regression':
-    y, p = labels[spec.label][rows], np.clip(pred[rows], 1.0, 5.0)
+    y, p = labels[spec.label][rows], np.clip(pred[rows], *spec.value_range)
     return {f'{n}_rmse': metrics_lib.rmse(y, p), f'{n}_mae': metrics_lib.mae(y, p)}
   probs, y = pred[rows], labels['rating_class'][rows]
-  first_like_class = int(np.ceil(like_threshold)) - 1
+  first_like_class = int(np.ceil(spec.threshold - spec.value_range[0]))
   p_like = probs[:, first_like_class:].sum(-1)
   y_like = (y >= first_like_class).astype(np.float32)
   return {f'{n}_class_accuracy': float(np.mean(probs.argmax(-1) == y)),

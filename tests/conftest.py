@@ -1,6 +1,75 @@
-"""Simulated devices for sharding tests: must be set before jax is imported anywhere."""
+"""Shared test setup: simulated devices, the tiny config, and one trained + exported tiny run per session.
+
+XLA_FLAGS must be set before jax is imported anywhere: the sharding tests run on 8 simulated CPU devices.
+Tests marked `slow` (end-to-end training, subprocesses, servers) are skipped by `pytest -m "not slow"`.
+"""
 
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import textwrap  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What a serving process must never import: the network, features, tasks, training, export, and their libraries.
+BLOCKED_MODULES = ('mtl_rec.model', 'mtl_rec.trainer', 'mtl_rec.loop', 'mtl_rec.deterministic', 'mtl_rec.tasks',
+                   'mtl_rec.features', 'mtl_rec.experiment', 'mtl_rec.scoring', 'mtl_rec.evaluation',
+                   'mtl_rec.export', 'mtl_rec.fusion', 'mtl_rec.data', 'mtl_rec.input_pipeline', 'mtl_rec.checkpoint',
+                   'mtl_rec.runs', 'flax', 'optax', 'orbax')
+
+
+@pytest.fixture(scope='session')
+def import_blocker():
+  """Python source that makes importing any of BLOCKED_MODULES fail: the prefix of a serving subprocess."""
+  return textwrap.dedent(f'''
+      import importlib.abc, sys
+      BLOCKED = {BLOCKED_MODULES!r}
+      class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+          if any(name == b or name.startswith(b + '.') for b in BLOCKED):
+            raise ImportError(f'{{name}} is blocked: serving must load the export only')
+          return None
+      sys.meta_path.insert(0, _Block())
+  ''')
+
+
+def make_tiny_config(**overrides):
+  """configs/synthetic.py:tiny (seconds per run on one device), with `section__field=value` overrides."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  c = synthetic.get_config('tiny')
+  for key, value in overrides.items():
+    section, field = key.split('__')
+    c[section][field] = value
+  return c
+
+
+@pytest.fixture(scope='session')
+def tiny_config():
+  """A factory: `tiny_config(train__epochs=2, ...)` returns a fresh configs/synthetic.py:tiny config."""
+  return make_tiny_config
+
+
+def exported_run_config():
+  """The tiny run that the export and serving tests share: 200 users, a catalog of 120 items that `recommend`
+  scores in 3 blocks of 48 (the running top-k path, padding included)."""
+  c = make_tiny_config()
+  c.data.synthetic.num_users = 200
+  c.data.synthetic.num_items = 120
+  c.data.synthetic.interactions_per_user = 10
+  c.train.log_every_steps = 20
+  c.export.max_k = 20
+  c.export.chunk_items = 48
+  return c
+
+
+@pytest.fixture(scope='session')
+def exported_run(tmp_path_factory):
+  """(workdir, TrainResult) of the tiny run, trained and exported once per session (W/export/1)."""
+  from mtl_rec import export, loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('tiny_exported_run'))
+  result = loop.train_and_evaluate(exported_run_config(), workdir)
+  export.export_trained(result.run, workdir, result.metrics)
+  return workdir, result

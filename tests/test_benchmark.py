@@ -6,19 +6,16 @@ import os
 import numpy as np
 import pytest
 
-from configs import synthetic
-from mtl_rec import benchmark, fusion, train_lib
+from mtl_rec import benchmark, benchmark_report, evaluation, fusion
+
+pytestmark = pytest.mark.slow
 
 SECTIONS = ('## Per-task test metrics', '## Fused ranking quality', '## Cost', '## Baselines', '## Targets',
             '## Plots', '## Notes')
 
 
-def tiny_config():
-  return synthetic.get_config('tiny')
-
-
 @pytest.fixture(scope='module')
-def report(tmp_path_factory):
+def report(tmp_path_factory, tiny_config):
   out = str(tmp_path_factory.mktemp('bench'))
   # One backbone and one seed keep this under a minute; isolate=True exercises the subprocess + peak-RSS path.
   r = benchmark.run_benchmark(tiny_config(), out, seeds=1, backbones=('shared_bottom',), isolate=True,
@@ -45,7 +42,7 @@ def test_report_files_and_sections(report):
 
 def test_per_task_metrics_cover_metrics_json_for_both_systems(report):
   _, r = report
-  assert set(train_lib.REQUIRED_METRICS) <= set(r['per_task'])
+  assert set(evaluation.REQUIRED_METRICS) <= set(r['per_task'])
   assert 'ndcg@10_graded' in r['per_task']
   for cells in r['per_task'].values():
     for name in ('unified_shared_bottom', 'ensemble'):
@@ -68,7 +65,7 @@ def test_cost_is_measured_side_by_side(report):
   out, r = report
   for name in ('unified_shared_bottom', 'ensemble'):
     cost = {k: v['mean'] for k, v in r['cost'][name].items()}
-    for key, _, _ in benchmark.COST_ROWS:
+    for key, _, _ in benchmark_report.COST_ROWS:
       assert cost.get(key) is not None and cost[key] > 0, (name, key)
   u, e = r['cost']['unified_shared_bottom'], r['cost']['ensemble']
   # The ensemble holds three networks, each with its own embeddings: more parameters than one shared network.
@@ -96,7 +93,7 @@ def test_ensemble_members_are_single_task_runs(report):
     assert os.path.exists(os.path.join(fusion.member_workdir(wd, task), 'resources.json'))
 
 
-def test_finished_runs_are_not_retrained(report, monkeypatch):
+def test_finished_runs_are_not_retrained(report, monkeypatch, tiny_config):
   out, _ = report
   wd = os.path.join(out, 'seed0', 'unified_shared_bottom')
   monkeypatch.setattr(benchmark, '_isolated_train', lambda *a: pytest.fail('a finished run was trained again'))
@@ -105,15 +102,15 @@ def test_finished_runs_are_not_retrained(report, monkeypatch):
 
 
 def test_summary_and_error_bar_rule():
-  s = benchmark._summary([1.0, 2.0, 3.0])  # pylint: disable=protected-access
+  s = benchmark_report._summary([1.0, 2.0, 3.0])  # pylint: disable=protected-access
   assert s['mean'] == 2.0 and s['std'] == pytest.approx(1.0) and s['n'] == 3
-  assert benchmark._summary([0.5])['std'] == 0.0  # pylint: disable=protected-access
-  within = benchmark._within  # pylint: disable=protected-access
+  assert benchmark_report._summary([0.5])['std'] == 0.0  # pylint: disable=protected-access
+  within = benchmark_report._within  # pylint: disable=protected-access
   assert within({'mean': 0.80, 'std': 0.01}, {'mean': 0.805, 'std': 0.0}, 'max')  # gap <= std_u + std_e
   assert not within({'mean': 0.78, 'std': 0.01}, {'mean': 0.81, 'std': 0.01}, 'max')
   assert within({'mean': 0.90, 'std': 0.0}, {'mean': 0.95, 'std': 0.0}, 'min')  # lower RMSE is better
-  assert benchmark.metric_mode('rating_rmse') == 'min' and benchmark.metric_mode('ndcg@10_graded') == 'max'
-  assert benchmark.metric_mode('click_logloss') == 'min'
+  assert benchmark_report.metric_mode('rating_rmse') == 'min' and benchmark_report.metric_mode('ndcg@10_graded') == 'max'
+  assert benchmark_report.metric_mode('click_logloss') == 'min'
 
 
 def test_system_cost_sums_the_members_step_times():

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from mtl_rec import data as data_lib
-from mtl_rec.data import DataError, RatingsData, movielens, synthetic, tfds_source
+from mtl_rec.data import DataError, RatingsData, fetch, movielens, synthetic, tfds_source
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -132,11 +132,11 @@ def test_second_load_comes_from_cache(ml100k, cache_dir):
 
 def test_cache_dir_defaults_to_env(monkeypatch, tmp_path):
   monkeypatch.setenv('MTL_REC_DATA', str(tmp_path / 'x'))
-  assert movielens.default_cache_dir() == tmp_path / 'x'
-  assert movielens.default_cache_dir(tmp_path / 'y') == tmp_path / 'y'
-  assert movielens.default_cache_dir('') == tmp_path / 'x'  # the config's '' means 'not given'
+  assert fetch.default_cache_dir() == tmp_path / 'x'
+  assert fetch.default_cache_dir(tmp_path / 'y') == tmp_path / 'y'
+  assert fetch.default_cache_dir('') == tmp_path / 'x'  # the config's '' means 'not given'
   monkeypatch.delenv('MTL_REC_DATA')
-  assert movielens.default_cache_dir() == pathlib.Path.home() / '.cache' / 'mtl_rec'
+  assert fetch.default_cache_dir() == pathlib.Path.home() / '.cache' / 'mtl_rec'
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_download_path(ml100k, grouplens_dir, tmp_path):
 
   with mock.patch('urllib.request.urlopen', side_effect=fake_urlopen):
     loaded = movielens.load_100k(cache_dir=cache)
-  assert calls == [(movielens.ML_100K_URL, movielens.DOWNLOAD_TIMEOUT_S)]
+  assert calls == [(movielens.ML_100K_URL, fetch.DOWNLOAD_TIMEOUT_S)]
   assert calls[0][1] <= 10
   assert 'grouplens download' in loaded.source
   assert (cache / 'ml-100k.zip').is_file() and not (cache / 'ml-100k.zip.part').exists()
@@ -192,7 +192,7 @@ def test_failed_download_leaves_nothing(grouplens_dir, tmp_path, failure):
     effect = [FakeResponse(b'<html>captive portal</html>')]
   dest = tmp_path / 'cache' / 'ml-100k.zip'
   with mock.patch('urllib.request.urlopen', side_effect=effect):
-    assert not movielens._download(movielens.ML_100K_URL, dest)  # pylint: disable=protected-access
+    assert not fetch.download(movielens.ML_100K_URL, dest)
   assert not dest.exists() and not dest.with_name('ml-100k.zip.part').exists()
 
 

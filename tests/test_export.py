@@ -1,4 +1,5 @@
-"""Export: the artifacts match the in-process model, recommend is an exact top-k, and serving needs no model code."""
+"""Export: the artifacts match the in-process model, recommend is an exact top-k, serving needs no model code, and
+serving encodes raw feature values exactly as training did."""
 
 import json
 import os
@@ -13,60 +14,27 @@ import pytest
 from flax import nnx
 from jax import export as jax_export
 
-from configs import synthetic
+from conftest import REPO
+from mtl_rec import encoding
 from mtl_rec import export as export_lib
-from mtl_rec import sharding as sharding_lib
+from mtl_rec import model as model_lib
+from mtl_rec import runs as runs_lib
 from mtl_rec import tasks as tasks_lib
-from mtl_rec import train_lib
+from mtl_rec.scoring import Network, NetworkScorer
 from mtl_rec.serving.loader import ExportedModel, resolve_version_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 FILES = ('score', 'recommend', 'weights.npz', 'users.npz', 'catalog.npz', 'seen.npz', 'manifest.json')
-# What a serving process must never import: the network, features, tasks, training, export, and their libraries.
-BLOCKED_MODULES = ('mtl_rec.model', 'mtl_rec.train_lib', 'mtl_rec.tasks', 'mtl_rec.features', 'mtl_rec.export',
-                   'mtl_rec.fusion', 'mtl_rec.data', 'mtl_rec.input_pipeline', 'mtl_rec.checkpoint', 'flax',
-                   'optax', 'orbax')
-IMPORT_BLOCKER = textwrap.dedent(f'''
-    import importlib.abc, sys
-    BLOCKED = {BLOCKED_MODULES!r}
-    class _Block(importlib.abc.MetaPathFinder):
-      def find_spec(self, name, path, target=None):
-        if any(name == b or name.startswith(b + '.') for b in BLOCKED):
-          raise ImportError(f'{{name}} is blocked: serving must load the export only')
-        return None
-    sys.meta_path.insert(0, _Block())
-''')
-
-
-def tiny_config():
-  """Synthetic data small enough to train, evaluate and export in seconds; the catalog (120 items) is scored by
-  `recommend` in 3 blocks of 48 (the running top-k path, padding included)."""
-  c = synthetic.get_config('tiny')
-  c.data.synthetic.num_users = 200
-  c.data.synthetic.num_items = 120
-  c.data.synthetic.interactions_per_user = 10
-  c.train.log_every_steps = 20
-  c.export.max_k = 20
-  c.export.chunk_items = 48
-  return c
-
-
-def tiny_run(tmp_path_factory) -> str:
-  """A trained (and, by train_and_evaluate, exported) run, made once per test session and shared by modules."""
-  workdir = tmp_path_factory.getbasetemp() / 'tiny_exported_run'
-  if not (workdir / 'export' / '1' / 'manifest.json').exists():
-    train_lib.train_and_evaluate(tiny_config(), str(workdir))
-  return str(workdir)
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  return tiny_run(tmp_path_factory)
+def workdir(exported_run):
+  return exported_run[0]
 
 
 @pytest.fixture(scope='module')
 def run(workdir):
-  return train_lib.load_run(workdir, devices=jax.devices()[:1])
+  return runs_lib.load(workdir, devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope='module')
@@ -93,20 +61,19 @@ def _params(version_dir, manifest):
 def _in_process(run, users, items):
   """Task predictions and fused score of the restored model, computed the way training evaluates it."""
   batch = run.exp.encoder.gather(users, items)
-  preds = run.trainer.eval_step(run.params, sharding_lib.global_batch(batch, run.trainer.batch_sharding))
-  preds = {k: np.asarray(v) for k, v in preds.items()}
+  preds = NetworkScorer([run.network], run.exp.encoder, run.config.eval.batch_size).predict_pairs(users, items)
   fused = sum(run.config.tasks[s.name].fusion_weight * (preds[s.name] if s.kind == 'binary' else
-                                                        (preds[s.name] - 1) / 4) for s in run.trainer.specs)
+                                                        (preds[s.name] - 1) / 4) for s in run.network.specs)
   return preds, fused, batch
 
 
-def test_training_writes_a_complete_export(workdir, manifest, version_dir):
+def test_training_writes_a_complete_export(workdir, manifest, version_dir, run):
   assert sorted(os.listdir(os.path.join(workdir, 'export'))) == ['1']
   for f in FILES:
     assert os.path.getsize(os.path.join(version_dir, f)) > 0, f
   with open(os.path.join(workdir, 'metrics.json')) as f:
     metrics = json.load(f)
-  c = tiny_config()
+  c = run.config
   assert manifest['name'] == c.name and manifest['version'] == 1
   assert manifest['jax_version'] == jax.__version__ and manifest['platforms'] == ['cpu']
   assert manifest['metrics'] == pytest.approx(metrics['test'], nan_ok=True)
@@ -127,7 +94,7 @@ def test_weights_load_with_numpy_alone(version_dir, manifest, run):
     assert sorted(w.files) == sorted(e['key'] for e in manifest['weights']['order'])
     for e in manifest['weights']['order']:
       assert list(w[e['key']].shape) == e['shape'] and str(w[e['key']].dtype) == e['dtype']
-  flat = jax.tree.leaves(jax.device_get(run.params))
+  flat = jax.tree.leaves(jax.device_get(run.network.params))
   assert sum(x.size for x in flat) == manifest['members'][0]['num_params']
 
 
@@ -175,9 +142,9 @@ def test_artifacts_hold_no_custom_calls(version_dir):
     assert set(re.findall(r'custom_call @(\w+)', mlir)) <= {'shape_assertion'}, name  # jax's own shape checks
 
 
-def test_serving_loads_the_export_with_model_and_training_code_blocked(version_dir, run):
+def test_serving_loads_the_export_with_model_and_training_code_blocked(version_dir, run, import_blocker):
   users, items = np.asarray([1, 2, 3]), np.asarray([5, 6, 7])
-  script = IMPORT_BLOCKER + textwrap.dedent(f'''
+  script = import_blocker + textwrap.dedent(f'''
       import json
       import numpy as np
       from mtl_rec.serving.loader import ExportedModel
@@ -219,10 +186,11 @@ def test_cli_exports_any_checkpoint_as_the_next_version(workdir, tmp_path):
 def test_members_export_behind_the_same_interface(run, tmp_path, version_dir):
   """An ensemble (here: the unified network split into two members answering different tasks) exports the same
   functions; its scores equal the single-member export's."""
-  specs = run.trainer.specs
-  members = [export_lib.Member(run.trainer.graphdef, run.params, specs[:1], name='click_model'),
-             export_lib.Member(run.trainer.graphdef, run.params, specs[1:], name='like_rating_model')]
-  path = export_lib.write_export(str(tmp_path), members, run.exp, run.config, metrics={'note': 1.0},
+  n, specs = run.network, run.network.specs
+  members = [Network(n.graphdef, n.params, specs[:1], name='click_model'),
+             Network(n.graphdef, n.params, specs[1:], name='like_rating_model')]
+  tables = export_lib.tables_from_experiment(run.exp)
+  path = export_lib.write_export(str(tmp_path), members, tables, run.config, metrics={'note': 1.0},
                                  fusion_weights={'click': 1.0, 'like': 0.5, 'rating': 0.25}, name='ensemble')
   ens = ExportedModel(path, max_batch_rows=64)
   uni = ExportedModel(version_dir, max_batch_rows=64)
@@ -235,26 +203,29 @@ def test_members_export_behind_the_same_interface(run, tmp_path, version_dir):
   for k in ('click', 'like', 'rating', 'score'):
     np.testing.assert_allclose(a[k], b[k], atol=1e-6)
   with pytest.raises(ValueError, match='overlapping tasks'):
-    export_lib.write_export(str(tmp_path), members + members[:1], run.exp, run.config)
-  with pytest.raises(ValueError, match='no member predicts'):
-    export_lib.write_export(str(tmp_path), members, run.exp, run.config, fusion_weights={'ctr': 1.0})
+    export_lib.write_export(str(tmp_path), members + members[:1], tables, run.config)
+  with pytest.raises(ValueError, match='no network predicts'):
+    export_lib.write_export(str(tmp_path), members, tables, run.config, fusion_weights={'ctr': 1.0})
 
 
 def test_multiclass_rating_head_exports_its_expected_rating(run, tmp_path):
   """A like head predicting the rating class exports sum_c c * p_c, fused as (E[rating] - 1) / 4."""
-  c = tiny_config()
+  c = run.config.copy_and_resolve_references()
   c.tasks.like.kind = 'multiclass'
   c.tasks.like.label = 'rating_class'
+  specs = tasks_lib.task_specs(c, run.exp.labels.rating_range, run.exp.rating_mean)
+  assert specs[1].units == 5
   # Random weights of the right shapes (the head kind is the point; a real init costs seconds of compiles).
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: train_lib.build_model(c, run.exp.encoder)))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.build(c, run.exp.encoder.specs, specs)))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: (0.1 * rng.standard_normal(x.shape)).astype(x.dtype), nnx.to_pure_dict(state))
-  path = export_lib.write_export(str(tmp_path), [export_lib.Member(graphdef, params, tasks_lib.task_specs(c))],
-                                 run.exp, c)
+  path = export_lib.write_export(str(tmp_path), [Network(graphdef, params, specs)],
+                                 export_lib.tables_from_experiment(run.exp), c)
   model = ExportedModel(path, max_batch_rows=64)
   assert {t['name']: t['output'] for t in model.manifest['tasks']}['like'] == 'rating'
   users, items = np.arange(30), np.arange(30)
-  outputs, _, _ = train_lib._forward(graphdef, params, run.exp.encoder.gather(users, items))  # eager
+  batch = run.exp.encoder.gather(users, items)
+  outputs, _ = nnx.merge(graphdef, params)(batch['user'], batch['item'])  # eager
   expected_like = (np.asarray(jax.nn.softmax(outputs['like'], -1)) * np.arange(1, 6)).sum(-1)
   out = model.score_rows({k: model.user_table[k][users] for k in model.user_inputs}, items,
                          np.tile([0.0, 1.0, 0.0], (30, 1)))
@@ -262,7 +233,7 @@ def test_multiclass_rating_head_exports_its_expected_rating(run, tmp_path):
   np.testing.assert_allclose(out['score'], (expected_like - 1) / 4, atol=1e-5)
 
 
-def test_export_config_is_validated():
+def test_export_config_is_validated(tiny_config):
   from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
   c = tiny_config()
   c.export.max_k = 0
@@ -272,3 +243,27 @@ def test_export_config_is_validated():
   c.export.platforms = ('gpu',)
   with pytest.raises(ValueError, match='export.platforms'):
     config_lib.validate(c)
+
+
+def test_serving_encodes_raw_values_exactly_as_training(run, version_dir):
+  """The rule is data: the server reads every input's encoding rule and vocabulary from the manifest; encoding the
+  users' raw side values that way gives the rows training computed, value for value."""
+  model = ExportedModel(version_dir, max_batch_rows=16)
+  users = run.exp.data.users
+  raw = {'gender': users.gender, 'age': users.age, 'occupation': users.occupation, 'zip': users.zip_code}
+  assert set(model.user_fields) == set(raw)
+  for field, values in raw.items():
+    name, rule = model.user_fields[field]
+    served = encoding.encode(rule, list(values.tolist()), model.vocabs)
+    np.testing.assert_array_equal(served, run.exp.encoder.user_table[name], err_msg=field)
+  # One value at a time, as requests give them, with unknown values on the OOV row.
+  pos = 5
+  given = {'gender': str(users.gender[pos]), 'age': int(users.age[pos]), 'occupation': str(users.occupation[pos]),
+           'zip': str(users.zip_code[pos])}
+  feats = model.user_features(-1, given)
+  for field in given:
+    name = model.user_fields[field][0]
+    assert feats[name] == run.exp.encoder.user_table[name][pos], field
+  unknown = model.user_features(-1, {'gender': 'not-a-gender', 'age': -1, 'zip': 'zz999', 'occupation': None})
+  assert [unknown[n] for n in ('gender', 'age', 'zip', 'occupation')] == [0, 0, 0, 0]
+  assert model.user_features(-1, {'age': 10**6})['age'] == len(model.rules['age']['boundaries']) + 1  # top bucket

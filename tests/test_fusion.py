@@ -1,16 +1,11 @@
 """The ensemble-fusion baseline: member configs, the fusion fits on planted data, and a tiny ensemble end to end."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 from configs import synthetic
-from mtl_rec import fusion, train_lib
-
-
-def tiny_config():
-  return synthetic.get_config('tiny')
+from mtl_rec import evaluation, experiment, fusion, tasks, trainer
+from mtl_rec.scoring import Network, NetworkScorer
 
 
 def planted_lists(num_users=300, num_pos=5, num_neg=40, seed=0):
@@ -47,15 +42,19 @@ def test_member_config_reduces_to_one_task():
     fusion.member_config(c, 'watch_time')
 
 
-def test_normalized_scores_share_the_unit_interval():
-  specs = {s.name: s for s in fusion.tasks_lib.task_specs(synthetic.get_config())}
-  assert fusion.normalized_score(np.float32(0.3), specs['click']) == pytest.approx(0.3)
-  assert fusion.normalized_score(np.float32(5.0), specs['rating']) == pytest.approx(1.0)
-  assert fusion.normalized_score(np.float32(1.0), specs['rating']) == pytest.approx(0.0)
-  multiclass = fusion.tasks_lib.TaskSpec('like', 'multiclass', 'rating_class', 1.0, 0.3)
+def test_fusion_terms_share_the_unit_interval():
+  specs = {s.name: s for s in tasks.task_specs(synthetic.get_config(), (1.0, 5.0), 3.5)}
+  term = lambda pred, spec: float(np.asarray(tasks.fusion_term(tasks.task_value(pred, spec), spec)).reshape(-1)[0])
+  assert term(np.float32(0.3), specs['click']) == pytest.approx(0.3)
+  assert term(np.float32(5.0), specs['rating']) == pytest.approx(1.0)
+  assert term(np.float32(1.0), specs['rating']) == pytest.approx(0.0)
+  multiclass = tasks.TaskSpec('like', 'multiclass', 'rating_class', 1.0, 0.3, value_range=(1.0, 5.0), threshold=4.0)
   probs = np.zeros((1, 5), np.float32)
   probs[0, 4] = 1.0
-  assert float(fusion.normalized_score(probs, multiclass)[0]) == pytest.approx(1.0)
+  assert term(probs, multiclass) == pytest.approx(1.0)
+  # Another rating scale (0-10 stars) maps onto [0, 1] just the same: the scale comes from the data.
+  ten = tasks.TaskSpec('rating', 'regression', 'rating', 1.0, 0.3, value_range=(0.0, 10.0))
+  assert term(np.float32(7.5), ten) == pytest.approx(0.75)
 
 
 def test_learned_weights_beat_uniform_on_planted_validation_lists():
@@ -104,59 +103,62 @@ def test_stacking_fits_and_predicts():
 
 def test_stacking_on_planted_lists_weights_the_good_member():
   lists = planted_lists()
-  fit = fusion.fit_fusion(lists, np.array([0.4, 0.3, 0.3], np.float32))
+  fit = fusion.fit_fusion(lists, np.array([0.4, 0.3, 0.3], np.float32), max_gain=5.0)
   assert set(fit['weights']) == set(fusion.FUSION_METHODS)
   assert np.argmax(fit['weights']['stacking']) == 0
   assert fusion.list_ndcg(lists, fit['weights']['stacking'], 10) > fusion.list_ndcg(lists, fit['weights']['fixed'], 10)
 
 
 @pytest.fixture(scope='module')
-def untrained():
-  """One freshly initialized unified network, scored two ways: as one member answering every task, and as an
-  "ensemble" of three members that each answer one task with that same network. The scoring plumbing needs no
+def untrained(tiny_config):
+  """One freshly initialized unified network, scored two ways: as one network answering every task, and as an
+  "ensemble" of three networks that each answer one task with that same network. The scoring plumbing needs no
   training (test_benchmark trains a real ensemble end to end), and the two must agree exactly."""
   c = tiny_config()
-  exp = train_lib.prepare(c)
-  trainer = train_lib.make_trainer(c, exp.encoder, total_steps=10)
-  params = trainer.init_state['params']
-  unified = fusion.TaskScorer([fusion.Member.from_trainer(trainer, params)], exp)
-  split = fusion.TaskScorer([fusion.Member(trainer.graphdef, params, (s,)) for s in trainer.specs], exp)
-  return c, exp, trainer, unified, split
+  exp = experiment.build(c)
+  t = trainer.make_trainer(c, exp.encoder.specs, exp.specs, total_steps=10)
+  params = t.init_state['params']
+  unified = NetworkScorer([Network(t.graphdef, params, exp.specs)], exp.encoder, c.eval.batch_size)
+  split = NetworkScorer([Network(t.graphdef, params, (s,)) for s in exp.specs], exp.encoder, c.eval.batch_size)
+  return c, exp, t, unified, split
 
 
-def test_scorer_merges_one_member_per_task(untrained):
+def test_scorer_merges_one_network_per_task(untrained):
   c, _, _, unified, split = untrained
   assert unified.task_names == split.task_names == tuple(c.tasks)
-  assert split.num_params == 3 * unified.num_params  # each member counts its own (here: the same) network
+  assert split.num_params == 3 * unified.num_params  # each network counts its own (here: the same) parameters
   with pytest.raises(ValueError, match='overlapping'):
-    fusion.TaskScorer(split.members[:1] * 2, split.exp)
+    NetworkScorer(split.networks[:1] * 2, split.encoder, 64)
 
 
 def test_catalog_and_pair_scores_agree(untrained):
   _, exp, _, unified, split = untrained
   users = np.array([1, 5, 7])
-  cat = np.asarray(split.catalog_scores(users))
+  cat = np.asarray(split.terms_catalog(users))
   assert cat.shape == (3, exp.num_items, 3)
-  np.testing.assert_allclose(np.asarray(unified.catalog_scores(users)), cat, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(unified.terms_catalog(users)), cat, rtol=1e-5, atol=1e-6)
   items = np.array([0, 3, exp.num_items - 1])
-  pairs = split.pair_scores(np.repeat(users, 3), np.tile(items, 3)).reshape(3, 3, 3)
+  pairs = split.terms_pairs(np.repeat(users, 3), np.tile(items, 3)).reshape(3, 3, 3)
   np.testing.assert_allclose(cat[:, items], pairs, rtol=1e-4, atol=1e-5)
   assert np.all((cat[..., :2] >= 0) & (cat[..., :2] <= 1))
+  w = np.array([0.5, 0.2, 0.3], np.float32)
+  np.testing.assert_allclose(split.score_pairs(np.repeat(users, 3), np.tile(items, 3), w).reshape(3, 3),
+                             cat[:, items] @ w, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_ranking_uses_the_train_lib_protocol(untrained):
-  _, exp, trainer, _, split = untrained
-  history = np.concatenate([exp.split.train, exp.split.valid])
-  fused = fusion.fused_ranking_metrics(split, {'click_only': np.array([1.0, 0.0, 0.0], np.float32)},
+def test_fused_ranking_uses_the_evaluation_protocol(untrained):
+  _, exp, _, unified, split = untrained
+  history = exp.history_rows('test')
+  fused = fusion.fused_ranking_metrics(split, exp, {'click_only': np.array([1.0, 0.0, 0.0], np.float32)},
                                        exp.split.test, history)['click_only']
-  direct = train_lib.ranking_metrics(trainer, trainer.init_state['params'], exp, exp.split.test, history)
+  direct = evaluation.ranking_metrics(unified, unified.weights('click'), exp, exp.split.test, history)
   for k in ('recall@10', 'ndcg@10', 'ndcg@10_graded'):
     assert fused[k] == pytest.approx(direct[k], abs=1e-6), k
 
 
 def test_evaluate_fusion_reports_every_method(untrained):
-  c, _, _, _, split = untrained
-  f = fusion.evaluate_fusion(split, c, num_negatives=30)
+  c, exp, _, _, split = untrained
+  f = fusion.evaluate_fusion(split, exp, c, num_negatives=30)
   assert f['tasks'] == ['click', 'like', 'rating']
   assert f['weights']['fixed'] == pytest.approx({'click': 0.4, 'like': 0.3, 'rating': 0.3})
   for m in fusion.FUSION_METHODS:

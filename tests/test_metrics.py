@@ -272,53 +272,6 @@ def test_sampled_ties_are_pessimistic():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Negative sampling.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def test_sample_unobserved_excludes_observed_and_duplicates():
-  rng = np.random.default_rng(0)
-  num_users, num_items = 50, 120
-  pairs = []
-  for u in range(num_users):
-    # Some users observe almost everything, forcing the exact fallback path.
-    n = 20 if u % 5 else 110
-    pairs += [(u, i) for i in rng.choice(np.arange(1, num_items), n, replace=False)]
-  pairs = np.array(pairs)
-  csr = metrics.csr_from_pairs(pairs[:, 0], pairs[:, 1], num_users)
-  users = np.repeat(np.arange(num_users), 3)
-  samples = metrics.sample_unobserved(users, num_items, csr, 9, rng, min_item=1)
-  assert samples.shape == (users.size, 9)
-  assert samples.min() >= 1 and samples.max() < num_items
-  indptr, indices = csr
-  for row, u in enumerate(users):
-    seen = set(indices[indptr[u]:indptr[u + 1]].tolist())
-    assert not seen & set(samples[row].tolist())
-    assert len(set(samples[row].tolist())) == 9
-
-
-def test_sample_unobserved_is_uniform():
-  rng = np.random.default_rng(1)
-  csr = metrics.csr_from_pairs(np.array([0, 0]), np.array([0, 5]), 1)
-  samples = metrics.sample_unobserved(np.zeros(20000, np.int64), 10, csr, 3, rng)
-  counts = np.bincount(samples.ravel(), minlength=10)
-  assert counts[0] == 0 and counts[5] == 0
-  free = counts[[1, 2, 3, 4, 6, 7, 8, 9]]
-  expected = 20000 * 3 / 8
-  assert np.all(np.abs(free - expected) < 5 * math.sqrt(expected))
-
-
-def test_sample_unobserved_errors():
-  rng = np.random.default_rng(0)
-  csr = metrics.csr_from_pairs(np.array([0, 0, 0]), np.array([0, 1, 2]), 2)
-  with pytest.raises(ValueError, match='unobserved'):
-    metrics.sample_unobserved(np.array([0]), 5, csr, 3, rng)
-  assert metrics.sample_unobserved(np.array([0]), 5, csr, 2, rng).shape == (1, 2)
-  with pytest.raises(ValueError):
-    metrics.sample_unobserved(np.array([2]), 5, csr, 1, rng)  # row outside the CSR
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Baselines.
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -376,24 +329,3 @@ def test_bias_model_defaults_beat_global_mean_and_clip():
     baselines.fit_bias_model(np.array([0, 1]), np.array([0]), np.array([3.0]), 2, 1)
   with pytest.raises(ValueError):
     model.predict(np.array([num_users]), np.array([0]))
-
-
-def test_observed_lookup_bitmap_and_binary_search_agree():
-  rng = np.random.default_rng(0)
-  keys = np.sort(rng.choice(100_000, 3000, replace=False)).astype(np.int64)
-  queries = rng.integers(0, 100_000, 50_000)
-  bitmap = metrics._observed_lookup(keys, 100_000)  # pylint: disable=protected-access
-  search = metrics._observed_lookup(keys, 1 << 40)  # pylint: disable=protected-access
-  np.testing.assert_array_equal(bitmap(queries), np.isin(queries, keys))
-  np.testing.assert_array_equal(search(queries), np.isin(queries, keys))
-
-
-def test_unobserved_sampler_reuse_matches_function():
-  csr = metrics.csr_from_pairs(np.array([0, 0, 1]), np.array([1, 2, 3]), 2)
-  sampler = metrics.UnobservedSampler(6, csr, min_item=1)
-  got = sampler.sample(np.array([0, 1, 0]), 2, np.random.default_rng(7))
-  want = metrics.sample_unobserved(np.array([0, 1, 0]), 6, csr, 2, np.random.default_rng(7), min_item=1)
-  np.testing.assert_array_equal(got, want)
-  assert sampler.sample(np.array([0]), 3, np.random.default_rng(0)).shape == (1, 3)
-  with pytest.raises(ValueError):
-    sampler.sample(np.array([0]), 4, np.random.default_rng(0))  # only {3, 4, 5} are free for user 0

@@ -11,8 +11,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
 TIMEOUT = 420
 OVERRIDES = [
     '--config=configs/synthetic.py',

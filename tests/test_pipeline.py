@@ -6,12 +6,25 @@ import numpy as np
 import pytest
 
 from mtl_rec import config as config_lib
+from mtl_rec import encoding
 from mtl_rec import features as features_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec.data import splits as splits_lib
 from mtl_rec.data.sampling import NegativeSampler
 from mtl_rec.data.types import ItemTable, RatingsData, UserTable
-from mtl_rec.input_pipeline import Examples, TrainStream, to_batch
+from mtl_rec.input_pipeline import Examples, Labels, TrainStream, to_batch
+
+LABELS = Labels(4.0, (1.0, 5.0))
+
+
+def specs_of(config):
+  return tasks_lib.task_specs(config, (1.0, 5.0), 3.5)
+
+
+def mean_losses(outputs, batch, specs, esmm=False):
+  """{task: masked mean loss}: the train step's per-task sums over the batch's normalizers."""
+  sums, norms = tasks_lib.masked_sums(outputs, batch, specs, esmm), tasks_lib.normalizers(batch, specs, esmm)
+  return {k: v / norms['tasks'][k] for k, v in sums.items()}
 
 
 def small_data(num_users=40, num_items=30, per_user=8, seed=0) -> RatingsData:
@@ -70,8 +83,10 @@ def test_vocabularies_are_fitted_on_train_only_with_oov_row():
 
 
 def test_age_buckets():
-  b = features_lib.age_bucket(np.array([-1, 5, 18, 24, 25, 56, 80]), (18, 25, 35, 45, 50, 56))
+  rule = {'kind': 'bucket', 'raw': 'age', 'raw_type': 'int', 'boundaries': [18, 25, 35, 45, 50, 56]}
+  b = encoding.encode(rule, np.array([-1, 5, 18, 24, 25, 56, 80]), {})
   assert b.tolist() == [0, 1, 2, 2, 3, 7, 7]
+  assert encoding.rows(rule, {}) == 8  # OOV + 7 buckets
 
 
 def test_sampler_never_returns_a_training_positive():
@@ -111,7 +126,7 @@ def _stream(num_negatives=3, batch_size=16):
   uidx, iidx = data.user_id - 1, data.item_id - 1
   sampler = NegativeSampler(uidx, iidx, np.arange(30), 30)
   pos = Examples(uidx, iidx, data.rating, np.ones(rows.size, np.float32))
-  return TrainStream(pos, enc, sampler, num_negatives, batch_size, 4.0, seed=0), data
+  return TrainStream(pos, enc, sampler, num_negatives, batch_size, LABELS, seed=0), data
 
 
 def test_train_stream_is_deterministic_and_resumable():
@@ -135,16 +150,16 @@ def test_batches_mask_labels_of_unobserved_pairs():
 
 
 def test_masked_losses_ignore_unobserved_pairs():
-  specs = tasks_lib.task_specs(config_lib.base_config())
+  specs = specs_of(config_lib.base_config())
   b = next(_stream()[0].epoch(0))
   batch = jax.tree.map(jnp.asarray, {k: b[k] for k in ('labels', 'observed', 'valid')})
   rng = np.random.default_rng(0)
   outputs = {s.name: jnp.asarray(rng.normal(size=16), jnp.float32) for s in specs}
-  _, base = tasks_lib.losses(outputs, batch, specs)
+  base = mean_losses(outputs, batch, specs)
   neg = np.asarray(batch['observed']) == 0
   # Wild outputs on unobserved rows change the click loss but not the like/rating losses.
   wild = {k: jnp.where(neg, 1e3, v) for k, v in outputs.items()}
-  _, changed = tasks_lib.losses(wild, batch, specs)
+  changed = mean_losses(wild, batch, specs)
   assert float(changed['click']) != pytest.approx(float(base['click']))
   assert float(changed['like']) == pytest.approx(float(base['like']))
   assert float(changed['rating']) == pytest.approx(float(base['rating']))
@@ -153,21 +168,29 @@ def test_masked_losses_ignore_unobserved_pairs():
   assert float(base['rating']) == pytest.approx(want, rel=1e-5)
   # Padding rows (valid = 0) count for no task.
   batch_pad = dict(batch, valid=jnp.where(neg, 0.0, 1.0))
-  _, padded = tasks_lib.losses(wild, batch_pad, specs)
-  _, clean = tasks_lib.losses(outputs, batch_pad, specs)
+  padded = mean_losses(wild, batch_pad, specs)
+  clean = mean_losses(outputs, batch_pad, specs)
   assert float(padded['click']) == pytest.approx(float(clean['click']))
+  # A part of the batch sums its rows over the whole batch's normalizers: the parts add up to the batch.
+  norms = tasks_lib.normalizers(batch, specs)
+  half = lambda x, s: jax.tree.map(lambda a: a[s], x)
+  parts = [tasks_lib.masked_sums(half(outputs, s), half(batch, s), specs) for s in (slice(0, 7), slice(7, 16))]
+  for k in base:
+    assert float((parts[0][k] + parts[1][k]) / norms['tasks'][k]) == pytest.approx(float(base[k]), rel=1e-6)
 
 
 def test_uncertainty_weighting_scales_task_losses():
-  specs = tasks_lib.task_specs(config_lib.base_config())
+  specs = specs_of(config_lib.base_config())
   b = next(_stream()[0].epoch(0))
   batch = jax.tree.map(jnp.asarray, {k: b[k] for k in ('labels', 'observed', 'valid')})
   outputs = {s.name: jnp.zeros(16) for s in specs}
-  static, per_task = tasks_lib.losses(outputs, batch, specs)
-  same, _ = tasks_lib.losses(outputs, batch, specs, log_vars=jnp.zeros(3))
+  per_task = mean_losses(outputs, batch, specs)
+  static = tasks_lib.weighted_loss(per_task, specs)
+  same = tasks_lib.weighted_loss(per_task, specs, log_vars=jnp.zeros(3))
   assert float(same) == pytest.approx(float(static))
   s = jnp.array([1.0, 0.0, -1.0])
-  weighted, _ = tasks_lib.losses(outputs, batch, specs, log_vars=s)
+  # The data part scales each task by exp(-s); the regularizer sum_t w_t s_t depends on the parameters alone.
+  weighted = tasks_lib.weighted_loss(per_task, specs, log_vars=s) + jnp.sum(tasks_lib.uncertainty_weights(specs) * s)
   want = sum(float(jnp.exp(-s[i]) * per_task[t.name] + s[i]) for i, t in enumerate(specs))
   assert float(weighted) == pytest.approx(want, rel=1e-5)
 
@@ -176,7 +199,7 @@ def test_to_batch_gathers_side_features():
   data = small_data()
   enc = features_lib.fit(data, np.arange(data.num_ratings), config_lib.base_config().features)
   ex = Examples(np.array([0, 1]), np.array([2, 3]), np.array([5.0, 3.0], np.float32), np.ones(2, np.float32))
-  b = to_batch(ex, enc, 4.0)
+  b = to_batch(ex, enc, LABELS)
   assert b['item']['genres'].shape == (2, 4)
   np.testing.assert_array_equal(b['item']['genres'], data.items.genres[[2, 3]].astype(np.float32))
   assert b['labels']['like'].tolist() == [1.0, 0.0]

@@ -16,7 +16,9 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
 TIMEOUT = 300
 OVERRIDES = [
     '--config=configs/synthetic.py',

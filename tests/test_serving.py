@@ -19,16 +19,18 @@ import urllib.request
 import numpy as np
 import pytest
 
+from conftest import REPO
 from mtl_rec.serving.loader import ExportedModel
-from test_export import IMPORT_BLOCKER, REPO, tiny_run
+
+pytestmark = pytest.mark.slow
 
 MAX_BODY = 65536
 MAX_ITEMS = 200
 
 
 @pytest.fixture(scope='module')
-def export_dir(tmp_path_factory):
-  return os.path.join(tiny_run(tmp_path_factory), 'export')
+def export_dir(exported_run):
+  return os.path.join(exported_run[0], 'export')
 
 
 @pytest.fixture(scope='module')
@@ -36,13 +38,10 @@ def model(export_dir):
   return ExportedModel(os.path.join(export_dir, '1'), max_batch_rows=256, max_recommend_users=4)
 
 
-@pytest.fixture(scope='module')
-def server(export_dir, tmp_path_factory):
-  """(base url, process) of serve.py on a free port."""
-  log_path = tmp_path_factory.mktemp('server') / 'stderr.log'
-  flags = [f'--export_dir={export_dir}', '--port=0', '--max_batch_rows=256', '--max_recommend_users=4',
-           '--max_wait_ms=5', f'--max_body_bytes={MAX_BODY}', f'--max_items={MAX_ITEMS}']
-  script = IMPORT_BLOCKER + f'import runpy; sys.argv = {["serve.py", *flags]!r}; runpy.run_path("serve.py", ' \
+def start_server(export_dir, log_path, import_blocker, *flags):
+  """serve.py in a subprocess on a free port, with the model and training modules blocked: (url, process)."""
+  flags = [f'--export_dir={export_dir}', '--port=0', *flags]
+  script = import_blocker + f'import runpy; sys.argv = {["serve.py", *flags]!r}; runpy.run_path("serve.py", ' \
                             'run_name="__main__")'
   with open(log_path, 'w') as log:
     proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -56,13 +55,26 @@ def server(export_dir, tmp_path_factory):
   if url is None:
     proc.kill()
     pytest.fail(f'serve.py did not become ready: {log_path.read_text()[-3000:]}')
-  yield url, proc
+  return url, proc
+
+
+def stop_server(proc, log_path):
   proc.terminate()
   try:
     proc.wait(timeout=30)
   except subprocess.TimeoutExpired:
     proc.kill()
   assert 'Traceback' not in log_path.read_text()  # no request caused an unexpected error
+
+
+@pytest.fixture(scope='module')
+def server(export_dir, tmp_path_factory, import_blocker):
+  """(base url, process) of serve.py on a free port."""
+  log_path = tmp_path_factory.mktemp('server') / 'stderr.log'
+  url, proc = start_server(export_dir, log_path, import_blocker, '--max_batch_rows=256', '--max_recommend_users=4',
+                           '--max_wait_ms=5', f'--max_body_bytes={MAX_BODY}', f'--max_items={MAX_ITEMS}')
+  yield url, proc
+  stop_server(proc, log_path)
 
 
 def http(url, path, body=None, method=None, headers=None, raw=False):
@@ -228,7 +240,9 @@ BAD_REQUESTS = [
      400, "unknown field 'shoe_size'"),
     ('age is a string', 'POST', '/v1/score', {'user': {'user_id': '1', 'age': 'old'}, 'items': ['1']}, None, 400,
      'user.age'),
-    ('age out of range', 'POST', '/v1/score', {'user': {'user_id': '1', 'age': 1000}, 'items': ['1']}, None, 400,
+    ('age beyond int64', 'POST', '/v1/score', {'user': {'user_id': '1', 'age': 2**70}, 'items': ['1']}, None, 400,
+     'user.age'),
+    ('age is a boolean', 'POST', '/v1/score', {'user': {'user_id': '1', 'age': True}, 'items': ['1']}, None, 400,
      'user.age'),
     ('gender is a number', 'POST', '/v1/score', {'user': {'user_id': '1', 'gender': 3}, 'items': ['1']}, None,
      400, 'user.gender'),
@@ -388,3 +402,27 @@ def test_gzip_request_bodies_and_health_endpoints(server, model):
   assert http(url, f'/v2/models/{model.name}/ready')[1] == {'name': model.name, 'ready': True}
   assert http(url, f'/v2/models/{model.name}/versions/1')[1]['versions'] == ['1']
   assert http(url, '/v2')[1]['extensions'] == ['binary_tensor_data']
+
+
+def test_requests_beyond_the_queue_limit_get_a_503_and_the_server_recovers(export_dir, model, tmp_path,
+                                                                          import_blocker):
+  """A server that lets 16 rows wait, and holds each batch open 400 ms for companions: of concurrent requests of 10
+  rows each, the first waits and those that would pile up beyond the limit are turned away at once with a 503."""
+  log_path = tmp_path / 'stderr.log'
+  url, proc = start_server(export_dir, log_path, import_blocker, '--max_batch_rows=16', '--max_queued_rows=16',
+                           '--max_wait_ms=400', '--max_recommend_users=1')
+  try:
+    body = {'user': {'user_id': known_user(model)}, 'items': item_ids(model, 10)}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      answers = list(pool.map(lambda _: http(url, '/v1/score', body), range(8)))
+    statuses = sorted(s for s, _, _ in answers)
+    assert 200 in statuses and 503 in statuses, statuses
+    for status, out, hdrs in answers:
+      if status == 503:
+        assert 'retry later' in out['error'] and 'application/json' in hdrs['Content-Type']
+    status, out, _ = http(url, '/v1/score', body)  # the queue drained: served again
+    assert status == 200 and len(out['items']) == 10
+    _, text, _ = http(url, '/metrics', raw=True)
+    assert re.search(rb'mtl_rec_request_errors_total\{endpoint="/v1/score",code="503"\} [1-9]', text), text[-3000:]
+  finally:
+    stop_server(proc, log_path)

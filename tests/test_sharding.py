@@ -10,12 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
-from configs import synthetic
 from mtl_rec import config as config_lib
+from mtl_rec import deterministic
+from mtl_rec import experiment as experiment_lib
 from mtl_rec import sharding as sharding_lib
-from mtl_rec import train_lib
+from mtl_rec import tasks as tasks_lib
+from mtl_rec import trainer as trainer_lib
+from mtl_rec import warm_start
 from mtl_rec.checkpoint import Checkpointer
 
 STEPS = 20
@@ -23,41 +27,39 @@ MESHES = [(1, 1), (4, 2), (2, 4)]
 
 
 class Run(NamedTuple):
-  trainer: train_lib.Trainer
+  trainer: trainer_lib.Trainer
   state: dict  # after STEPS + 1 steps
   losses: np.ndarray  # [STEPS + 1]
   saved: dict | None  # host copy of the state checkpointed after STEPS steps
   ckpt_dir: str | None
 
 
-def tiny_config(mesh_shape=(1, 1)):
-  c = synthetic.get_config()
-  c.data.synthetic.num_users = 300
-  c.data.synthetic.num_items = 200
-  c.data.synthetic.interactions_per_user = 10
-  c.train.batch_size = 64
-  c.train.progress_bar = False
-  c.model.id_biases = True  # per-id scalar tables: row-sharded 1-d parameters
-  c.mesh.shape = mesh_shape
-  return c
+@pytest.fixture(scope='session')
+def config_on(tiny_config):
+  """A factory: the tiny config on mesh `shape`, with id biases (row-sharded 1-d parameters) and 64-row batches."""
+  def make(shape=(1, 1)):
+    c = tiny_config(train__batch_size=64, model__id_biases=True, mesh__shape=shape)
+    c.data.synthetic.num_items = 200
+    c.data.synthetic.interactions_per_user = 10
+    return c
+  return make
 
 
 @pytest.fixture(scope='module')
-def exp():
-  return train_lib.prepare(tiny_config())
+def exp(config_on):
+  return experiment_lib.build(config_on())
 
 
-def _trainer(exp, mesh_shape):
-  c = tiny_config(mesh_shape)
-  return train_lib.make_trainer(c, exp.encoder, exp.stream.steps_per_epoch * c.train.epochs, 3.5)
+def _trainer(c, exp, total_steps=100):
+  return trainer_lib.make_trainer(c, exp.encoder.specs, exp.specs, total_steps)
 
 
 @pytest.fixture(scope='module')
-def runs(exp, tmp_path_factory):
+def runs(exp, config_on, tmp_path_factory):
   """The same config and seed on each mesh: {mesh shape: Run}. The (4, 2) run also checkpoints after STEPS."""
   out = {}
   for shape in MESHES:
-    trainer = _trainer(exp, shape)
+    trainer = _trainer(config_on(shape), exp, exp.stream.steps_per_epoch)
     state, losses, saved, ckpt_dir = trainer.init_state, [], None, None
     for i, batch in zip(range(STEPS + 1), exp.stream.epoch(0)):
       if i == STEPS and shape == (4, 2):
@@ -104,28 +106,28 @@ def test_make_mesh_uses_auto_axes_and_config_names():
   assert dict(one.shape) == {'data': 1, 'model': 1}
 
 
-def test_bad_mesh_configs_fail_validation():
-  c = tiny_config((2, -1, 1))
+def test_bad_mesh_configs_fail_validation(config_on):
+  c = config_on((2, -1, 1))
   with pytest.raises(ValueError, match='mesh.shape'):
     config_lib.validate(c)
-  c = tiny_config((-1, -1))
+  c = config_on((-1, -1))
   with pytest.raises(ValueError, match='mesh.shape'):
     config_lib.validate(c)
-  c = tiny_config()
+  c = config_on()
   c.mesh.axis_names = ('batch', 'model')
   with pytest.raises(ValueError, match='data'):
     config_lib.validate(c)
 
 
-def test_indivisible_batch_or_rows_are_errors(exp):
-  c = tiny_config((4, 2))
+def test_indivisible_batch_or_rows_are_errors(exp, config_on):
+  c = config_on((4, 2))
   c.train.batch_size = 66
   with pytest.raises(ValueError, match='batch_size'):
-    train_lib.make_trainer(c, exp.encoder, 10)
-  c = tiny_config((1, 8))
+    _trainer(c, exp)
+  c = config_on((1, 8))
   c.features.row_multiple = 4
   with pytest.raises(ValueError, match='row_multiple'):
-    train_lib.make_trainer(c, exp.encoder, 10)
+    _trainer(c, exp)
 
 
 def test_unknown_logical_axis_is_an_error():
@@ -133,6 +135,7 @@ def test_unknown_logical_axis_is_an_error():
     sharding_lib.logical_to_spec(('vocab', 'embedding'), 2)
 
 
+@pytest.mark.slow  # compiles on several meshes
 def test_rules_map_parameters_and_batch(runs):
   trainer, state = runs[(4, 2)].trainer, runs[(4, 2)].state
   params = state['params']
@@ -153,6 +156,7 @@ def test_rules_map_parameters_and_batch(runs):
   assert all(x.sharding.mesh.shape == trainer.mesh.shape for x in jax.tree.leaves(state))
 
 
+@pytest.mark.slow  # compiles on several meshes
 @pytest.mark.parametrize('shape', MESHES)
 def test_each_table_shard_holds_rows_over_model_axis(runs, exp, shape):
   state = runs[shape].state
@@ -168,6 +172,7 @@ def test_each_table_shard_holds_rows_over_model_axis(runs, exp, shape):
     assert ids.max() < exp.encoder.vocabs[name].size <= spec.vocab_size
 
 
+@pytest.mark.slow  # compiles on several meshes
 def test_same_losses_on_every_mesh(runs):
   ref = runs[(1, 1)].losses
   assert ref.shape == (STEPS + 1,) and np.all(np.isfinite(ref))
@@ -175,6 +180,7 @@ def test_same_losses_on_every_mesh(runs):
     np.testing.assert_allclose(runs[shape].losses, ref, rtol=1e-5, err_msg=str(shape))
 
 
+@pytest.mark.slow  # compiles on several meshes
 def test_same_bits_on_every_mesh(runs):
   """Not only close: every sum of the gradient is ordered by the batch alone (train.grad_groups), so each mesh
   computes the same float32 values, step after step; a long run then cannot drift apart."""
@@ -185,31 +191,40 @@ def test_same_bits_on_every_mesh(runs):
       np.testing.assert_array_equal(a, b, err_msg=str(shape))
 
 
-def _grads(trainer, params, batch, groups):
-  common = dict(graphdef=trainer.graphdef, specs=trainer.specs, esmm=bool(trainer.config.model.esmm),
-                embedding_l2=float(trainer.config.optimizer.embedding_l2))
-  rng = jax.random.key(0)
-  if not groups:
-    return jax.jit(functools.partial(train_lib._plain_grads, **common))(params, batch, rng)
-  return jax.jit(functools.partial(train_lib._grouped_grads, groups=groups,
-                                   param_shardings=trainer.state_shardings['params'],
-                                   by_group=trainer.batch_sharding, **common))(params, batch, rng)
+def _grads(trainer, params, batch, groups, table_inputs=None, seed=0):
+  """((loss, per-task sums), grads) of trainer.loss_fn: the fixed-order gradient for `groups` > 0, else jax's."""
+  esmm = bool(trainer.config.model.esmm)
+  loss = functools.partial(trainer_lib.loss_fn, graphdef=trainer.graphdef, specs=trainer.specs, esmm=esmm,
+                           embedding_l2=float(trainer.config.optimizer.embedding_l2))
+  if groups:
+    value_and_grad = deterministic.value_and_grad(loss, groups=groups,
+                                                  param_shardings=trainer.state_shardings['params'],
+                                                  batch_sharding=trainer.batch_sharding, table_inputs=table_inputs)
+  else:
+    value_and_grad = jax.value_and_grad(loss, has_aux=True)
+  norms = lambda b: tasks_lib.normalizers(b, trainer.specs, esmm)
+  return jax.jit(lambda p, b: value_and_grad(p, b, jax.random.key(seed), norms(b)))(params, batch)
 
 
+def _table_inputs(trainer):
+  return nnx.merge(trainer.graphdef, trainer.init_state['params']).table_inputs()
+
+
+@pytest.mark.slow  # compiles on several meshes
 @pytest.mark.parametrize('shape, overrides', [
     ((2, 4), {}),
     ((4, 2), {'loss_weighting': 'uncertainty', 'esmm': True, 'backbone': 'mmoe', 'gmf': True}),
 ])
-def test_grouped_gradient_is_the_batch_gradient(exp, shape, overrides):
+def test_grouped_gradient_is_the_batch_gradient(exp, config_on, shape, overrides):
   """The fixed-order gradient is the plain batch-mean gradient (up to rounding), for every kind of parameter:
   row-sharded tables and id biases, small tables, multi-hot pooling, dense layers, learned loss weights."""
-  c = tiny_config(shape)
+  c = config_on(shape)
   c.model.update(overrides)
-  trainer = train_lib.make_trainer(c, exp.encoder, 100, 3.5)
+  trainer = _trainer(c, exp)
   params = trainer.init_state['params']
   batch = sharding_lib.global_batch(next(exp.stream.epoch(0)), trainer.batch_sharding)
-  (loss, per_task), grads = _grads(trainer, params, batch, groups=8)
-  (ref_loss, ref_per_task), ref_grads = _grads(trainer, params, batch, groups=0)
+  (loss, per_task), grads = _grads(trainer, params, batch, 8, _table_inputs(trainer))
+  (ref_loss, ref_per_task), ref_grads = _grads(trainer, params, batch, 0)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   for k, v in ref_per_task.items():
     np.testing.assert_allclose(per_task[k], v, rtol=1e-6, err_msg=k)
@@ -223,13 +238,37 @@ def test_grouped_gradient_is_the_batch_gradient(exp, shape, overrides):
     assert g.sharding.is_equivalent_to(x.sharding, x.ndim), jax.tree_util.keystr(path)  # tables stay row-sharded
 
 
+@pytest.mark.slow  # compiles on several meshes
+def test_dropout_under_the_grouped_gradient(exp, config_on):
+  """Dropout masks come from the step's rng folded with the group's index: dropout is applied (the gradient
+  differs from the one without it), gives the same bits on every mesh, and follows the rng."""
+  out = {}
+  for shape, rate, seed in [((1, 1), 0.3, 0), ((4, 2), 0.3, 0), ((2, 4), 0.3, 0), ((1, 1), 0.0, 0),
+                            ((1, 1), 0.3, 1)]:
+    c = config_on(shape)
+    c.model.dropout = rate
+    trainer = _trainer(c, exp)
+    batch = sharding_lib.global_batch(next(exp.stream.epoch(0)), trainer.batch_sharding)
+    (loss, _), grads = _grads(trainer, trainer.init_state['params'], batch, 8, _table_inputs(trainer), seed)
+    out[shape, rate, seed] = jax.device_get((loss, grads))
+  ref = jax.tree.leaves(out[(1, 1), 0.3, 0])
+  for shape in [(4, 2), (2, 4)]:
+    for a, b in zip(ref, jax.tree.leaves(out[shape, 0.3, 0]), strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=str(shape))
+  assert ref[0] != out[(1, 1), 0.0, 0][0]  # the loss with dropout is not the loss without
+  assert ref[0] != out[(1, 1), 0.3, 1][0]  # another rng, other masks
+  kernel = lambda g: g['backbone']['mlp']['layers'][0]['kernel']
+  assert not np.array_equal(kernel(out[(1, 1), 0.3, 0][1]), kernel(out[(1, 1), 0.0, 0][1]))
+
+
 def test_pairwise_sum_is_a_sum():
   x = np.random.default_rng(0).normal(size=(13, 6, 1)).astype(np.float32)
   for axis in (0, 1, 2, -1):
-    np.testing.assert_allclose(sharding_lib.pairwise_sum(jnp.asarray(x), axis), x.astype(np.float64).sum(axis),
+    np.testing.assert_allclose(deterministic.pairwise_sum(jnp.asarray(x), axis), x.astype(np.float64).sum(axis),
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles on several meshes
 def test_norm_and_sums_give_the_same_bits_on_every_mesh():
   rng = np.random.default_rng(1)
   tree = {'table': rng.normal(size=(304, 16)).astype(np.float32), 'bias': rng.normal(size=(304,)).astype(np.float32),
@@ -240,9 +279,9 @@ def test_norm_and_sums_give_the_same_bits_on_every_mesh():
   for shape in [(1, 1), (8, 1), (4, 2), (2, 4), (1, 8)]:
     mesh = sharding_lib.make_mesh(shape, ('data', 'model'))
     shardings = sharding_lib.named(mesh, specs)
-    norms.append(np.asarray(sharding_lib.global_norm(jax.device_put(tree, shardings), shardings)))
+    norms.append(np.asarray(deterministic.global_norm(jax.device_put(tree, shardings), shardings)))
     on_data = jax.device_put(groups, sharding_lib.batch_sharding(mesh))
-    sums.append(np.asarray(jax.jit(lambda x: sharding_lib.fixed_order_sum(x, mesh, 'data'))(on_data)))
+    sums.append(np.asarray(jax.jit(lambda x: deterministic.fixed_order_sum(x, mesh, 'data'))(on_data)))
   ref = np.sqrt(sum(np.sum(np.square(np.float64(x))) for x in tree.values()))
   np.testing.assert_allclose(norms[0], ref, rtol=1e-6)
   np.testing.assert_allclose(sums[0], groups.astype(np.float64).sum(0), rtol=1e-5, atol=1e-6)
@@ -251,15 +290,18 @@ def test_norm_and_sums_give_the_same_bits_on_every_mesh():
     np.testing.assert_array_equal(s, sums[0])
 
 
-def test_gradient_groups_follow_the_data_axis(exp):
-  assert [sharding_lib.gradient_groups(8, d) for d in (1, 2, 8, 16, 3)] == [8, 8, 8, 16, 24]
-  assert sharding_lib.gradient_groups(0, 4) == 0
-  c = tiny_config((4, 2))
+@pytest.mark.slow  # compiles on several meshes
+def test_gradient_groups_follow_the_data_axis(exp, config_on):
+  assert [deterministic.gradient_groups(8, d) for d in (1, 2, 8, 16, 3)] == [8, 8, 8, 16, 24]
+  assert deterministic.gradient_groups(0, 4) == 0
+  c = config_on((4, 2))
+  assert trainer_lib.batch_multiple(c) == 8
   c.train.batch_size = 36  # divisible by the data axis (4), not by the 8 gradient groups
   with pytest.raises(ValueError, match='grad_groups'):
-    train_lib.make_trainer(c, exp.encoder, 10)
+    _trainer(c, exp)
   c.train.grad_groups = 0  # XLA's own sum: any batch the data axis divides
-  state, m = _step(train_lib.make_trainer(c, exp.encoder, 10), exp)
+  assert trainer_lib.batch_multiple(c) == 4
+  state, m = _step(_trainer(c, exp), exp)
   assert np.isfinite(float(m['loss'])) and int(state['step']) == 1
   c.train.grad_groups = -1
   with pytest.raises(ValueError, match='train.grad_groups'):
@@ -271,9 +313,10 @@ def _step(trainer, exp):
   return trainer.train_step(trainer.init_state, sharding_lib.global_batch(batch, trainer.batch_sharding))
 
 
+@pytest.mark.slow  # compiles on several meshes
 def test_memory_report(runs, exp):
   trainer, state = runs[(2, 4)].trainer, runs[(2, 4)].state
-  report = train_lib.memory_report(trainer, state, next(exp.stream.epoch(0)))
+  report = trainer_lib.memory_report(trainer, state, next(exp.stream.epoch(0)))
   params = report['params_bytes_per_device']
   assert len(params) == 8 and len(set(params.values())) == 1
   leaves = jax.tree.leaves(state['params'])
@@ -285,6 +328,7 @@ def test_memory_report(runs, exp):
   assert report['step_argument_size_in_bytes'] > 0
 
 
+@pytest.mark.slow  # compiles on several meshes
 @pytest.mark.parametrize('target_shape', [(2, 4), (1, 1)])
 def test_checkpoint_restores_onto_another_mesh(runs, exp, target_shape):
   """Saved on (4, 2), restored on (2, 4) and on a single device: identical values, the new mesh's shardings."""
@@ -305,16 +349,19 @@ def test_checkpoint_restores_onto_another_mesh(runs, exp, target_shape):
   np.testing.assert_allclose(float(m['loss']), source.losses[STEPS], rtol=1e-5)
 
 
-def test_warm_start_keeps_rows_of_known_ids(runs, exp):
+@pytest.mark.slow  # compiles on several meshes
+def test_warm_start_keeps_rows_of_known_ids(runs, exp, config_on):
   """--init_from: a run on more users (new interactions) starts from the (4, 2) checkpoint on a (2, 4) mesh."""
   source = runs[(4, 2)]
-  train_lib.save_vocabularies(exp.encoder, f'{source.ckpt_dir}/{train_lib.VOCAB_FILE}')
-  c = tiny_config((2, 4))
+  warm_start.save_features(exp.encoder, source.ckpt_dir)
+  c = config_on((2, 4))
   c.data.synthetic.num_users = 400
-  new_exp = train_lib.prepare(c)
-  trainer = train_lib.make_trainer(c, new_exp.encoder, 100)
+  new_exp = experiment_lib.build(c)
+  trainer = _trainer(c, new_exp)
   fresh = jax.device_get(trainer.init_state['params'])
-  params = train_lib.init_from_checkpoint(source.ckpt_dir, trainer, trainer.init_state['params'], new_exp.encoder)
+  init = lambda t: warm_start.init_from_checkpoint(source.ckpt_dir, t.init_state['params'],
+                                                   t.state_shardings['params'], new_exp.encoder)
+  params = init(trainer)
   assert jax.tree.structure(params) == jax.tree.structure(fresh)
   want = jax.tree.leaves(trainer.state_shardings['params'])
   assert all(x.sharding == s for x, s in zip(jax.tree.leaves(params), want))
@@ -337,6 +384,5 @@ def test_warm_start_keeps_rows_of_known_ids(runs, exp):
   np.testing.assert_array_equal(got['embeddings']['tables']['age'], old['embeddings']['tables']['age'])
 
   c.features.embed_dim = 8  # another architecture: an error that names the parameter
-  other = train_lib.make_trainer(c, new_exp.encoder, 100)
   with pytest.raises(ValueError, match='embed_dim'):
-    train_lib.init_from_checkpoint(source.ckpt_dir, other, other.init_state['params'], new_exp.encoder)
+    init(_trainer(c, new_exp))

@@ -1,35 +1,30 @@
-"""End-to-end training on small synthetic data: learning, every backbone, the run directory, resume."""
+"""End-to-end training on small synthetic data: learning, every backbone, the run directory, early stopping and
+model selection, resume, determinism, train.py."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from configs import synthetic
-from mtl_rec import train_lib
+from conftest import REPO
+from mtl_rec import evaluation, export, files, loop, runs
+from mtl_rec.scoring import NetworkScorer
 
-REQUIRED_KEYS = set(train_lib.REQUIRED_METRICS)
-
-
-def tiny_config(**overrides):
-  c = synthetic.get_config('tiny')
-  c.train.epochs = 2
-  c.train.checkpoint_every_steps = 50
-  for key, value in overrides.items():
-    section, field = key.split('__')
-    c[section][field] = value
-  return c
+pytestmark = pytest.mark.slow
+REQUIRED_KEYS = set(evaluation.REQUIRED_METRICS)
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_config):
   workdir = str(tmp_path_factory.mktemp('run'))
-  c = tiny_config(train__epochs=4)
+  c = tiny_config(train__epochs=4, train__checkpoint_every_steps=50)
   c.data.synthetic.interactions_per_user = 40
   c.data.synthetic.num_users = 600
   c.data.synthetic.num_items = 300
-  return workdir, train_lib.train_and_evaluate(c, workdir)
+  return workdir, loop.train_and_evaluate(c, workdir).metrics
 
 
 def test_learns_the_planted_signal(trained):
@@ -43,16 +38,15 @@ def test_learns_the_planted_signal(trained):
 
 def test_run_directory_contract(trained):
   workdir, m = trained
-  with open(os.path.join(workdir, 'metrics.json')) as f:
-    saved = json.load(f)
+  saved = files.read_json(os.path.join(workdir, 'metrics.json'))
   assert set(saved) >= {'best_step', 'valid', 'test', 'baselines'}
   assert isinstance(saved['best_step'], int)
   assert REQUIRED_KEYS <= set(saved['test']) and REQUIRED_KEYS <= set(saved['valid'])
   assert all(np.isfinite(v) for v in saved['test'].values())
   with open(os.path.join(workdir, 'history.jsonl')) as f:
     rows = [json.loads(line) for line in f]
-  assert rows and all({'step', 'loss', 'loss_click', 'loss_like', 'loss_rating', 'examples_per_sec'} <= set(r)
-                      for r in rows)
+  assert rows and all({'step', 'loss', 'loss_click', 'loss_like', 'loss_rating', 'examples_per_sec', 'grad_norm'}
+                      <= set(r) for r in rows)
   assert [r['step'] for r in rows] == sorted(r['step'] for r in rows)
   for name in ('train', 'valid', 'test'):
     with open(os.path.join(workdir, 'splits', f'{name}.csv')) as f:
@@ -61,63 +55,90 @@ def test_run_directory_contract(trained):
        for name in ('train', 'valid', 'test')}
   assert n['train'] == m['data']['train'] and n['test'] == m['data']['test']
   assert os.path.exists(os.path.join(workdir, 'config.json'))
+  rules = files.read_json(os.path.join(workdir, 'features.json'))
+  assert rules['age']['kind'] == 'bucket' and rules['user_id'] == {'kind': 'vocab', 'raw': 'user_id',
+                                                                   'raw_type': 'id', 'vocab': 'user_id'}
   assert os.listdir(os.path.join(workdir, 'checkpoints', 'best'))
   assert any(f.startswith('events') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
 
 
+def test_early_stopping_selects_and_exports_the_best_checkpoint(tmp_path, tiny_config):
+  """Validation RMSE gets worse after a few epochs on this small log (a high constant learning rate overfits it):
+  training stops `patience` epochs after the best one, and that best checkpoint, not the last, is evaluated,
+  written to metrics.json and exported."""
+  c = tiny_config(train__epochs=12, train__patience=2, optimizer__learning_rate=0.02, optimizer__schedule='constant',
+                  optimizer__weight_decay=0.0, optimizer__embedding_l2=0.0, train__early_stopping_metric='rating_rmse')
+  result = loop.train_and_evaluate(c, str(tmp_path))
+  m = result.metrics
+  spe = result.run.exp.stream.steps_per_epoch
+  epochs_run = m['steps'] // spe
+  best_epoch = m['best_step'] // spe
+  assert m['best_step'] < m['steps'], 'the last epoch was the best: the case this test is about did not happen'
+  assert epochs_run == best_epoch + 2 < c.train.epochs  # stopped `patience` epochs after the best
+  assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints' / 'best')) == [m['best_step']]
+  # The saved metrics are the best checkpoint's: re-evaluating it gives them again, the last one does not.
+  best = runs.load(str(tmp_path))
+  assert best.step == m['best_step'] == result.run.step
+  scorer = lambda run: NetworkScorer([run.network], run.exp.encoder, c.eval.batch_size)
+  again = evaluation.full_metrics(scorer(best), best.exp, 'valid')
+  assert again['rating_rmse'] == pytest.approx(m['valid']['rating_rmse'], rel=1e-6)
+  last = runs.load(str(tmp_path), step=m['steps'], exp=best.exp)
+  assert evaluation.full_metrics(scorer(last), last.exp, 'valid')['rating_rmse'] > m['valid']['rating_rmse']
+  path = export.export_trained(result.run, str(tmp_path), m)
+  manifest = files.read_json(os.path.join(path, 'manifest.json'))
+  assert manifest['source']['step'] == m['best_step'] and manifest['metrics'] == pytest.approx(m['test'])
+
+
 @pytest.mark.parametrize('backbone', ['mmoe', 'ple'])
-def test_each_backbone_trains(tmp_path, backbone):
-  c = tiny_config(model__backbone=backbone, train__epochs=1)
-  m = train_lib.train_and_evaluate(c, str(tmp_path))
+def test_each_backbone_trains(tmp_path, tiny_config, backbone):
+  m = loop.train_and_evaluate(tiny_config(model__backbone=backbone), str(tmp_path)).metrics
   with open(tmp_path / 'history.jsonl') as f:
     losses = [json.loads(line)['loss'] for line in f]
   assert losses[-1] < losses[0]
   assert m['test']['click_auc'] > 0.6
 
 
-def test_esmm_and_uncertainty_weighting_train(tmp_path):
-  c = tiny_config(model__esmm=True, model__loss_weighting='uncertainty', train__epochs=1)
-  m = train_lib.train_and_evaluate(c, str(tmp_path))
+def test_esmm_and_uncertainty_weighting_train(tmp_path, tiny_config):
+  c = tiny_config(model__esmm=True, model__loss_weighting='uncertainty')
+  m = loop.train_and_evaluate(c, str(tmp_path)).metrics
   assert np.isfinite(m['test']['like_auc']) and m['test']['click_auc'] > 0.6
 
 
-def test_multiclass_like_head(tmp_path):
-  c = tiny_config(train__epochs=1)
+def test_multiclass_like_head(tmp_path, tiny_config):
+  c = tiny_config()
   c.tasks.like.kind = 'multiclass'
   c.tasks.like.label = 'rating_class'
-  m = train_lib.train_and_evaluate(c, str(tmp_path))
+  m = loop.train_and_evaluate(c, str(tmp_path)).metrics
   assert {'like_auc', 'like_accuracy', 'like_class_accuracy'} <= set(m['test'])
 
 
-def test_same_seed_same_metrics(tmp_path):
-  c = tiny_config(train__epochs=1)
-  a = train_lib.train_and_evaluate(c, str(tmp_path / 'a'))
-  b = train_lib.train_and_evaluate(c, str(tmp_path / 'b'))
+def test_same_seed_same_metrics(tmp_path, tiny_config):
+  a = loop.train_and_evaluate(tiny_config(), str(tmp_path / 'a')).metrics
+  b = loop.train_and_evaluate(tiny_config(), str(tmp_path / 'b')).metrics
   assert a['test'] == b['test']
 
 
-def test_rerun_resumes_instead_of_starting_over(tmp_path):
-  c = tiny_config(train__epochs=1)
-  first = train_lib.train_and_evaluate(c, str(tmp_path))
+def test_rerun_resumes_instead_of_starting_over(tmp_path, tiny_config):
+  c = tiny_config()
+  first = loop.train_and_evaluate(c, str(tmp_path)).metrics
   c.train.epochs = 2  # same workdir, longer schedule: continues from the saved step
-  second = train_lib.train_and_evaluate(c, str(tmp_path))
+  second = loop.train_and_evaluate(c, str(tmp_path)).metrics
   with open(tmp_path / 'history.jsonl') as f:
     steps = [json.loads(line)['step'] for line in f]
   assert second['steps'] == 2 * first['steps']
   assert steps == sorted(set(steps))  # no step logged twice
 
 
-def test_train_py_prints_the_test_table(tmp_path):
-  import subprocess
-  import sys
+def test_train_py_prints_the_test_table_and_exports(tmp_path):
   r = subprocess.run(
       [sys.executable, 'train.py', '--config=configs/synthetic.py', f'--workdir={tmp_path}',
        '--config.data.synthetic.num_users=200', '--config.data.synthetic.num_items=100',
        '--config.train.epochs=1', '--config.train.batch_size=128', '--config.train.progress_bar=False',
        '--config.mesh.shape=(1,1)'],
-      capture_output=True, text=True, timeout=300)
+      capture_output=True, text=True, timeout=300, cwd=REPO)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'Test metrics' in r.stdout
   for key in ('rating_rmse', 'like_auc', 'recall@10', 'popularity', 'bias-only'):
     assert key in r.stdout
   assert (tmp_path / 'metrics.json').exists()
+  assert (tmp_path / 'export' / '1' / 'manifest.json').exists()

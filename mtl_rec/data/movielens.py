@@ -18,24 +18,16 @@ truncated file raises `DataError` naming the file, the line and the fix.
 
 from __future__ import annotations
 
-import dataclasses
-import http.client
 import io
 import logging
 import os
 import pathlib
 import re
-import subprocess
-import sys
-import urllib.error
-import urllib.request
-import zipfile
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import tqdm
 
+from mtl_rec.data import fetch
 from mtl_rec.data.types import DataError, ItemTable, RatingsData, UserTable
 
 log = logging.getLogger(__name__)
@@ -57,56 +49,6 @@ ML_100K_COUNTS = (100_000, 943, 1_682)
 ML_1M_COUNTS = (1_000_209, 6_040, 3_706)
 ML_1M_MOVIES_IN_FILE = 3_883
 
-DOWNLOAD_TIMEOUT_S = 10.0
-PIP_TIMEOUT_S = 600.0
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """The cache directory: `cache_dir` if given (non-empty), else `$MTL_REC_DATA`, else `~/.cache/mtl_rec`."""
-  if cache_dir:
-    return pathlib.Path(cache_dir).expanduser()
-  env = os.environ.get('MTL_REC_DATA')
-  if env:
-    return pathlib.Path(env).expanduser()
-  return pathlib.Path.home() / '.cache' / 'mtl_rec'
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Files in a directory or a zip archive.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Bundle:
-  """Named data files inside a directory or a zip (possibly one folder deep, e.g. `ml-100k/u.data`).
-
-  `fix` is the sentence appended to every error about these files, telling the user how to repair them.
-  """
-
-  root: pathlib.Path
-  fix: str
-
-  def read(self, name: str) -> tuple[bytes, str]:
-    """Returns the bytes of file `name` and a display name for error messages."""
-    if self.root.is_dir():
-      for candidate in [self.root / name, *sorted(self.root.glob(f'*/{name}'))]:
-        if candidate.is_file():
-          return candidate.read_bytes(), str(candidate)
-      raise DataError(f'{self.root} has no file {name!r}. {self.fix}')
-    try:
-      with zipfile.ZipFile(self.root) as zf:
-        members = [m for m in zf.namelist() if m == name or m.endswith('/' + name)]
-        if not members:
-          raise DataError(f'{self.root} has no member {name!r}. {self.fix}')
-        # The shallowest match, so a stray copy deeper in the archive never wins over `ml-100k/u.data`.
-        member = min(members, key=lambda m: (m.count('/'), m))
-        # ZipFile.read checks the CRC, so a damaged or truncated archive fails here rather than parsing junk.
-        return zf.read(member), f'{self.root}:{member}'
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as e:
-      raise DataError(f'{self.root} is not a readable zip archive ({e}). {self.fix}') from e
-
-
-def _is_bundle(path: pathlib.Path) -> bool:
-  return path.is_dir() or (path.is_file() and zipfile.is_zipfile(path))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,7 +249,7 @@ def _verify(data: RatingsData, where: str, fix: str, full_counts: tuple[int, int
 _DATE_YEAR = re.compile(r'(\d{4})\s*$')
 
 
-def _read_grouplens_100k(bundle: _Bundle, source: str, expect_full: bool) -> RatingsData:
+def _read_grouplens_100k(bundle: fetch.Bundle, source: str, expect_full: bool) -> RatingsData:
   fix = bundle.fix
   raw, where = bundle.read('u.data')
   table = _parse_numeric(raw, sep='\t', ncols=4, where=where, fix=fix)
@@ -342,7 +284,7 @@ def _read_grouplens_100k(bundle: _Bundle, source: str, expect_full: bool) -> Rat
 
 
 def _read_recbole_100k(wheel: pathlib.Path, source: str, expect_full: bool, fix: str) -> RatingsData:
-  bundle = _Bundle(wheel, fix)
+  bundle = fetch.Bundle(wheel, fix)
   raw, where = bundle.read(f'{_RECBOLE_DIR}/ml-100k.inter')
   header = raw.split(b'\n', 1)[0].decode('ascii', 'replace')
   _check_header(header, ('user_id', 'item_id', 'rating', 'timestamp'), where, fix)
@@ -374,89 +316,18 @@ def _read_recbole_100k(wheel: pathlib.Path, source: str, expect_full: bool, fix:
   return data
 
 
-def _find_recbole_wheel(directory: pathlib.Path) -> pathlib.Path | None:
-  wheels = sorted(directory.glob(f'recbole-{RECBOLE_VERSION}-*.whl')) if directory.is_dir() else []
-  return wheels[0] if wheels else None
-
-
-def _pip_download_recbole(directory: pathlib.Path) -> pathlib.Path:
-  """Fetches the recbole wheel with pip (its progress bar goes to the terminal) and returns its path."""
-  directory.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:',
-         f'recbole=={RECBOLE_VERSION}', '-d', str(directory)]
-  log.info('MovieLens-100K: fetching the recbole %s wheel from the package index: %s', RECBOLE_VERSION,
-           ' '.join(cmd))
-  try:
-    # Output is not captured on purpose: pip's own progress bar is the progress report.
-    proc = subprocess.run(cmd, timeout=PIP_TIMEOUT_S, check=False)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    raise DataError(f'`{" ".join(cmd)}` failed: {e}') from e
-  wheel = _find_recbole_wheel(directory)
-  if proc.returncode != 0 or wheel is None:
-    raise DataError(f'`{" ".join(cmd)}` exited with status {proc.returncode} (see its output above) and left no '
-                    f'recbole wheel in {directory}.')
-  return wheel
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Download.
-
-
-def _download(url: str, dest: pathlib.Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> bool:
-  """Downloads `url` to `dest` (a zip) with a progress bar. Returns False (after logging why) on any failure.
-
-  The bytes go to `<dest>.part` first and are renamed only once complete and a valid zip, so an interrupted
-  download never looks like cached data.
-  """
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  part = dest.with_name(dest.name + '.part')
-  try:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-      length = resp.headers.get('Content-Length')
-      total = int(length) if length and length.isdigit() else None
-      with open(part, 'wb') as f, tqdm.tqdm(total=total, unit='B', unit_scale=True, desc=dest.name) as bar:
-        while chunk := resp.read(1 << 16):
-          f.write(chunk)
-          bar.update(len(chunk))
-  except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-    part.unlink(missing_ok=True)
-    log.warning('Could not download %s: %s', url, e)
-    return False
-  size = part.stat().st_size
-  if total is not None and size != total:
-    log.warning('Download of %s stopped after %d of %d bytes; ignoring it.', url, size, total)
-    part.unlink(missing_ok=True)
-    return False
-  if not zipfile.is_zipfile(part):
-    log.warning('%s did not serve a zip archive (%d bytes); ignoring it.', url, size)
-    part.unlink(missing_ok=True)
-    return False
-  os.replace(part, dest)
-  log.info('Downloaded %s to %s (%d bytes).', url, dest, size)
-  return True
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Public loaders.
 
 
-def _cache_fix(cache: pathlib.Path, what: pathlib.Path) -> str:
-  return f'Delete {what} (in the cache dir {cache}) and re-run to fetch it again.'
+def _loaded(data: RatingsData) -> RatingsData:
+  log.info('Loaded %s from %s: %d ratings, %d users, %d items.', data.name, data.source, data.num_ratings,
+           len(data.users.user_id), len(data.items.item_id))
+  return data
 
 
-def _path_fix(path: pathlib.Path, url: str) -> str:
-  return f'Fix or replace {path} (a fresh copy is at {url}).'
-
-
-def _try_sources(attempts: list[Callable[[], RatingsData | None]]) -> RatingsData:
-  """Returns the first attempt's data that is not None; the last attempt raises rather than return None."""
-  for attempt in attempts:
-    data = attempt()
-    if data is not None:
-      log.info('Loaded %s from %s: %d ratings, %d users, %d items.', data.name, data.source, data.num_ratings,
-               len(data.users.user_id), len(data.items.item_id))
-      return data
-  raise AssertionError('unreachable: the last attempt raises')
+def _find_recbole_wheel(directory: pathlib.Path) -> pathlib.Path | None:
+  return fetch.find_wheel(directory, f'recbole-{RECBOLE_VERSION}-*.whl')
 
 
 def load_100k(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
@@ -479,33 +350,33 @@ def load_100k(path: str | os.PathLike | None = None, cache_dir: str | os.PathLik
   """
   if path:  # '' (the config default) means 'not given', like None.
     p = pathlib.Path(path).expanduser()
-    if not _is_bundle(p):
+    if not fetch.is_bundle(p):
       raise DataError(f'{p} is neither a directory nor a zip archive with MovieLens-100K in GroupLens format '
                       f'(u.data, u.user, u.item). Download it from {ML_100K_URL}.')
-    return _try_sources([lambda: _read_grouplens_100k(
-        _Bundle(p, _path_fix(p, ML_100K_URL)), f'grouplens files at {p}', expect_full)])
+    return _loaded(_read_grouplens_100k(fetch.Bundle(p, fetch.path_fix(p, ML_100K_URL)), f'grouplens files at {p}',
+                                        expect_full))
 
-  cache = default_cache_dir(cache_dir)
+  cache = fetch.default_cache_dir(cache_dir)
   zip_path, dir_path, wheel_dir = cache / 'ml-100k.zip', cache / 'ml-100k', cache / 'recbole'
 
   def cached() -> RatingsData | None:
     for candidate in (zip_path, dir_path):
-      if _is_bundle(candidate):
-        return _read_grouplens_100k(_Bundle(candidate, _cache_fix(cache, candidate)),
+      if fetch.is_bundle(candidate):
+        return _read_grouplens_100k(fetch.Bundle(candidate, fetch.cache_fix(cache, candidate)),
                                     f'cached grouplens files at {candidate}', expect_full)
     wheel = _find_recbole_wheel(wheel_dir)
     if wheel is not None:
       return _read_recbole_100k(wheel, f'cached recbole {RECBOLE_VERSION} wheel at {wheel}', expect_full,
-                                _cache_fix(cache, wheel))
+                                fetch.cache_fix(cache, wheel))
     return None
 
   def grouplens() -> RatingsData | None:
     if not allow_download:
       return None
     log.info('MovieLens-100K: downloading %s to %s', ML_100K_URL, zip_path)
-    if not _download(ML_100K_URL, zip_path):
+    if not fetch.download(ML_100K_URL, zip_path):
       return None
-    return _read_grouplens_100k(_Bundle(zip_path, _cache_fix(cache, zip_path)),
+    return _read_grouplens_100k(fetch.Bundle(zip_path, fetch.cache_fix(cache, zip_path)),
                                 f'grouplens download {ML_100K_URL} -> {zip_path}', expect_full)
 
   def recbole() -> RatingsData | None:
@@ -513,20 +384,20 @@ def load_100k(path: str | os.PathLike | None = None, cache_dir: str | os.PathLik
       raise DataError(f'MovieLens-100K is not in the cache dir {cache} and downloads are disabled. Put '
                       f'ml-100k.zip (from {ML_100K_URL}) there, or pass path=.')
     try:
-      wheel = _pip_download_recbole(wheel_dir)
+      wheel = fetch.pip_download(f'recbole=={RECBOLE_VERSION}', wheel_dir, f'recbole-{RECBOLE_VERSION}-*.whl')
     except DataError as e:
       raise DataError(f'Could not get MovieLens-100K: {ML_100K_URL} is unreachable and so is the package '
                       f'index ({e}). Put ml-100k.zip into {cache}, or pass path=.') from e
     return _read_recbole_100k(wheel, f'recbole {RECBOLE_VERSION} wheel from the package index -> {wheel}',
-                              expect_full, _cache_fix(cache, wheel))
+                              expect_full, fetch.cache_fix(cache, wheel))
 
-  return _try_sources([cached, grouplens, recbole])
+  return _loaded(fetch.first_of([cached, grouplens, recbole]))
 
 
 _TITLE_YEAR = re.compile(r'\((\d{4})\)\s*$')
 
 
-def _read_1m(bundle: _Bundle, source: str, expect_full: bool) -> RatingsData:
+def _read_1m(bundle: fetch.Bundle, source: str, expect_full: bool) -> RatingsData:
   fix = bundle.fix
   raw, where = bundle.read('ratings.dat')
   table = _parse_numeric(raw, sep='::', ncols=4, where=where, fix=fix)
@@ -578,30 +449,29 @@ def load_1m(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike 
   """
   if path:  # '' (the config default) means 'not given', like None.
     p = pathlib.Path(path).expanduser()
-    if not _is_bundle(p):
+    if not fetch.is_bundle(p):
       raise DataError(f'{p} is neither a directory nor a zip archive with MovieLens-1M (ratings.dat, users.dat, '
                       f'movies.dat). Download it from {ML_1M_URL}.')
-    return _try_sources([lambda: _read_1m(_Bundle(p, _path_fix(p, ML_1M_URL)), f'grouplens files at {p}',
-                                          expect_full)])
+    return _loaded(_read_1m(fetch.Bundle(p, fetch.path_fix(p, ML_1M_URL)), f'grouplens files at {p}', expect_full))
 
-  cache = default_cache_dir(cache_dir)
+  cache = fetch.default_cache_dir(cache_dir)
   zip_path, dir_path = cache / 'ml-1m.zip', cache / 'ml-1m'
 
   def cached() -> RatingsData | None:
     for candidate in (zip_path, dir_path):
-      if _is_bundle(candidate):
-        return _read_1m(_Bundle(candidate, _cache_fix(cache, candidate)), f'cached grouplens files at {candidate}',
-                        expect_full)
+      if fetch.is_bundle(candidate):
+        return _read_1m(fetch.Bundle(candidate, fetch.cache_fix(cache, candidate)),
+                        f'cached grouplens files at {candidate}', expect_full)
     return None
 
   def grouplens() -> RatingsData | None:
     if allow_download:
       log.info('MovieLens-1M: downloading %s to %s', ML_1M_URL, zip_path)
-      if _download(ML_1M_URL, zip_path):
-        return _read_1m(_Bundle(zip_path, _cache_fix(cache, zip_path)),
+      if fetch.download(ML_1M_URL, zip_path):
+        return _read_1m(fetch.Bundle(zip_path, fetch.cache_fix(cache, zip_path)),
                         f'grouplens download {ML_1M_URL} -> {zip_path}', expect_full)
     tried = 'could not be downloaded' if allow_download else 'is not cached and downloads are disabled'
     raise DataError(f'MovieLens-1M {tried}. Fetch {ML_1M_URL} elsewhere and either copy it to {zip_path} '
                     '(or unzip it there as ml-1m/), or pass path= pointing at the zip or its folder.')
 
-  return _try_sources([cached, grouplens])
+  return _loaded(fetch.first_of([cached, grouplens]))

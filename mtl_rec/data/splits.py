@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from mtl_rec import files
 from mtl_rec.data.types import RatingsData
 
 U1_TEST_SIZE = 20_000  # u1.test is the first 20,000 lines of u.data
@@ -69,7 +70,6 @@ def write_csv(data: RatingsData, split: Split, directory: str) -> None:
   for name in ('train', 'valid', 'test'):
     rows = getattr(split, name)
     table = np.stack([data.user_id[rows], data.item_id[rows], data.rating[rows], data.timestamp[rows]], axis=1)
-    tmp = os.path.join(directory, f'.{name}.csv.tmp')
-    np.savetxt(tmp, table, fmt=['%d', '%d', '%g', '%d'], delimiter=',', header='user_id,item_id,rating,timestamp',
-               comments='')
-    os.replace(tmp, os.path.join(directory, f'{name}.csv'))
+    files.write_atomic(os.path.join(directory, f'{name}.csv'), lambda tmp, table=table: np.savetxt(
+        tmp, table, fmt=['%d', '%d', '%g', '%d'], delimiter=',', header='user_id,item_id,rating,timestamp',
+        comments=''))

@@ -99,7 +99,7 @@ class Server:
 
   def _run_recommend(self, reqs: Sequence[RecommendRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
     m = self.model
-    user = {k: np.asarray([r.user.features[k] for r in reqs], m.user_table[k].dtype) for k in m.user_inputs}
+    user = {k: np.stack([np.asarray(r.user.features[k], m.user_table[k].dtype) for r in reqs]) for k in m.user_inputs}
     exclude = np.zeros((len(reqs), m.num_items), bool)
     for j, r in enumerate(reqs):
       if r.exclude_seen:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -11,6 +10,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from jax import export as jax_export
+
+from mtl_rec import encoding
 
 log = logging.getLogger(__name__)
 
@@ -105,34 +106,6 @@ class IdIndex:
     return self.ids[positions].tolist()
 
 
-@dataclasses.dataclass(frozen=True)
-class FeatureEncoding:
-  """How one raw value becomes a row of one embedding table (the manifest's 'encoding' entry)."""
-
-  name: str
-  kind: str  # 'vocab' | 'bucket' | 'multi_hot'
-  raw: str  # request field name
-  raw_type: str  # 'id' | 'str' | 'int' | 'list[str]'
-  vocab: dict[Any, int] | None = None  # raw value -> row (rows start at 1; absent -> 0)
-  prefix: int | None = None
-  divide: int | None = None
-  boundaries: np.ndarray | None = None
-
-  def encode(self, value: Any) -> int:
-    """The table row of a validated raw value; None (unknown) -> the OOV row 0."""
-    if value is None:
-      return 0
-    if self.kind == 'bucket':
-      return 0 if value < 0 else int(np.searchsorted(self.boundaries, value, side='right')) + 1
-    if self.prefix is not None:
-      value = value[:self.prefix]
-    if self.divide is not None:
-      if value < 0:
-        return 0
-      value = value // self.divide
-    return self.vocab.get(value, 0)
-
-
 class ExportedModel:
   """One export version, ready to answer: parameters on the device, one compiled executable per batch bucket.
 
@@ -191,44 +164,40 @@ class ExportedModel:
     with np.load(os.path.join(version_dir, m['seen']['file']), allow_pickle=False) as s:
       self.seen_indptr, self.seen_indices = s['indptr'], s['indices']
 
-    self.encodings = {e['name']: self._encoding(e) for e in m['inputs']['user'] + m['inputs']['item']}
-    # Side features a request may give for a user: the raw fields of the model's user inputs other than the id.
-    self.user_fields = {e.raw: e for n, e in self.encodings.items() if n in self.user_inputs and e.raw_type != 'id'}
+    # Each input's rule, exactly as training applied it (mtl_rec.encoding), and the vocabularies its rules name;
+    # id vocabularies can be large and are only needed through the users/catalog tables, so they stay on disk.
+    self.rules = {e['name']: e['encoding'] for e in m['inputs']['user'] + m['inputs']['item']}
+    self.vocabs = {r['vocab']: self._vocab(r['vocab']) for r in self.rules.values()
+                   if r['kind'] == 'vocab' and r['raw_type'] != 'id'}
+    # Side features a request may give for a user: {raw field: (input name, rule)} of the user inputs but the id.
+    self.user_fields = {r['raw']: (n, r) for n, r in self.rules.items()
+                        if n in self.user_inputs and r['raw_type'] != 'id'}
 
     self.score_buckets = buckets(max_batch_rows, min(min_bucket_rows, max_batch_rows))
     self.recommend_buckets = buckets(max_recommend_users)
     self.max_batch_rows = self.score_buckets[-1]
     self.max_recommend_users = self.recommend_buckets[-1]
 
-  def _encoding(self, e: dict[str, Any]) -> FeatureEncoding:
-    enc = e['encoding']
-    vocab = None
-    if enc['kind'] == 'vocab':
-      entry = self.manifest['vocabularies']['entries'][enc['vocab']]
-      if 'values' in entry:
-        values = entry['values']
-      else:
-        with np.load(os.path.join(self.dir, entry['file']), allow_pickle=False) as v:
-          values = v[entry['key']].tolist()
-      # Id vocabularies can be large and are only needed through the users/catalog tables: keep them out of memory.
-      vocab = {} if enc['raw_type'] == 'id' else {v: i + 1 for i, v in enumerate(values)}
-    return FeatureEncoding(
-        name=e['name'], kind=enc['kind'], raw=enc['raw'], raw_type=enc.get('raw_type', 'str'), vocab=vocab,
-        prefix=enc.get('prefix'), divide=enc.get('divide'),
-        boundaries=np.asarray(enc['boundaries']) if 'boundaries' in enc else None)
+  def _vocab(self, name: str) -> encoding.Vocab:
+    entry = self.manifest['vocabularies']['entries'][name]
+    if 'values' in entry:
+      return encoding.vocab_from_values(entry['dtype'], entry['values'])
+    with np.load(os.path.join(self.dir, entry['file']), allow_pickle=False) as v:
+      return encoding.Vocab(v[entry['key']])
 
   # -------------------------------------------------------------------------------------------------------------
   # Raw request values -> feature rows.
 
-  def user_features(self, position: int, overrides: dict[str, Any] | None = None) -> dict[str, int]:
+  def user_features(self, position: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Encoded features of the user at table `position` (-1: unknown, all OOV), with request-given side features
     (raw values, already validated) replacing the table's."""
     row = position if position >= 0 else self.num_users
-    feats = {n: int(self.user_table[n][row]) for n in self.user_inputs}
+    feats = {n: self.user_table[n][row] for n in self.user_inputs}
     for raw_name, value in (overrides or {}).items():
-      enc = self.user_fields.get(raw_name)
-      if enc is not None:
-        feats[enc.name] = enc.encode(value)
+      if raw_name in self.user_fields:
+        name, rule = self.user_fields[raw_name]
+        feats[name] = (self.user_table[name][self.num_users] if value is None else  # unknown: the OOV row
+                       encoding.encode(rule, [value], self.vocabs)[0])
     return feats
 
   def user_is_cold(self, position: int) -> bool:

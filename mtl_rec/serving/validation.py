@@ -16,6 +16,8 @@ import numpy as np
 
 from mtl_rec.serving.loader import MAX_ID_CHARS, ExportedModel
 
+MAX_LIST_VALUES = 256  # values of one multi-valued request field
+
 
 class BadRequest(Exception):
   """A client error: answered with `status` and {"error": message}."""
@@ -121,14 +123,20 @@ def parse_user_fields(user: dict[str, Any], model: ExportedModel, where: str) ->
   for name, value in user.items():
     if name == 'user_id':
       continue
-    enc = model.user_fields.get(name)
-    if enc is None:
+    if name not in model.user_fields:
       raise BadRequest(f'unknown field {name!r} in {where}; allowed: user_id, {", ".join(sorted(model.user_fields))}')
+    raw_type = model.user_fields[name][1]['raw_type']  # what the feature's encoding rule reads
     if value is None:
       out[name] = None
-    elif enc.raw_type == 'int':
-      if not _is_int(value) or not -1 <= value <= 200:
-        raise BadRequest(f'{where}.{name} must be an integer in [-1, 200] (-1 = unknown), got {value!r}')
+    elif raw_type == 'int':
+      if not _is_int(value) or not -(2**63) <= value < 2**63:
+        raise BadRequest(f'{where}.{name} must be an integer (negative = unknown), got {value!r}')
+      out[name] = value
+    elif raw_type == 'list[str]':
+      if (not isinstance(value, list) or len(value) > MAX_LIST_VALUES or
+          not all(isinstance(v, str) and len(v) <= MAX_ID_CHARS for v in value)):
+        raise BadRequest(f'{where}.{name} must be an array of at most {MAX_LIST_VALUES} strings, got '
+                         f'{_type_name(value)}')
       out[name] = value
     else:
       if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
@@ -142,7 +150,7 @@ def parse_user_fields(user: dict[str, Any], model: ExportedModel, where: str) ->
 class UserRef:
   raw_id: Any
   position: int  # in the users table; -1 unknown
-  features: dict[str, int]  # encoded model inputs
+  features: dict[str, Any]  # encoded model inputs (table rows, or vectors for multi_hot inputs)
   cold_start: bool
   source: str  # 'table' | 'request' | 'table+request' | 'oov'
 
@@ -210,7 +218,8 @@ def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest
   weights = parse_weights(body.get('weights'), model)
   pos = model.items.lookup(items)
   n = len(items)
-  feats = {k: np.full(n, v, model.user_table[k].dtype) for k, v in user.features.items()}
+  feats = {k: np.broadcast_to(np.asarray(v, model.user_table[k].dtype), (n,) + np.shape(v))
+           for k, v in user.features.items()}
   return ScoreRequest(user, items, model.items_cold(pos), ScoreWork(feats, pos, weights))
 
 

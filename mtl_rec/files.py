@@ -1,0 +1,65 @@
+"""Files of the run directory and of exports: written whole or not at all, and JSON that any parser reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+
+def jsonable(x: Any) -> Any:
+  """`x` with numpy scalars and arrays as Python numbers and lists, tuples as lists, dict keys as strings and
+  non-finite floats as None (JSON has no NaN or Infinity)."""
+  if isinstance(x, dict):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return jsonable(x.tolist())
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(float(x)) else None
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def write_atomic(path: str, write: Any, suffix: str = '') -> None:
+  """Runs `write(tmp_path)` then renames the temporary file onto `path`: readers see the old or the new file."""
+  tmp = f'{path}.tmp-{os.getpid()}{suffix}'
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json(path: str, obj: Any, indent: int | None = 2, sort_keys: bool = True) -> None:
+  """Writes `jsonable(obj)` atomically."""
+  def write(tmp: str) -> None:
+    with open(tmp, 'w') as f:
+      json.dump(jsonable(obj), f, indent=indent, sort_keys=sort_keys)
+  write_atomic(path, write)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` atomically."""
+  def write(tmp: str) -> None:
+    with open(tmp, 'w') as f:
+      f.write(text)
+  write_atomic(path, write)
+
+
+def savez(path: str, **arrays: np.ndarray) -> None:
+  """np.savez atomically (numpy's own format: numpy alone reads it, no pickle)."""
+  write_atomic(path, lambda tmp: np.savez(tmp, **arrays), suffix='.npz')
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)

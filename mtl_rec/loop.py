@@ -1,0 +1,320 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, from data to the evaluated best checkpoint.
+
+The loop reads top to bottom: build the experiment and the trainer, start (fresh, resumed or warm-started), then
+epochs of steps with periodic actions (logging, checkpointing, the preemption check), validation and early stopping
+at each epoch end, and finally the best checkpoint evaluated on validation and test. It returns the run; exporting it
+is the caller's business (train.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mtl_rec import config as config_lib
+from mtl_rec import distributed
+from mtl_rec import evaluation
+from mtl_rec import experiment as experiment_lib
+from mtl_rec import files
+from mtl_rec import sharding as sharding_lib
+from mtl_rec import trainer as trainer_lib
+from mtl_rec import warm_start
+from mtl_rec.checkpoint import Checkpointer
+from mtl_rec.data import splits as splits_lib
+from mtl_rec.runs import Run
+from mtl_rec.scoring import Network, NetworkScorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+  """Model selection and early stopping on one validation metric, evaluated at every epoch end."""
+
+  metric: str
+  mode: str  # 'min' or 'max': which direction is better
+  patience: int  # epochs without improvement before stopping; 0 = never stop early
+  best_value: float | None = None
+  best_step: int | None = None
+  bad_epochs: int = 0
+  evaluated_epochs: int = 0
+  stopped: bool = False
+
+  STATE = ('best_value', 'best_step', 'bad_epochs', 'evaluated_epochs', 'stopped')
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> 'EarlyStopping':
+    metric = config.train.early_stopping_metric
+    return cls(metric, config_lib.metric_mode(metric), int(config.train.patience))
+
+  def update(self, value: float, step: int, epoch: int) -> bool:
+    """Records epoch `epoch`'s (0-based) validation value at `step`; True if it is the best so far."""
+    improved = self.best_value is None or (value < self.best_value if self.mode == 'min' else value > self.best_value)
+    if improved:
+      self.best_value, self.best_step, self.bad_epochs = float(value), step, 0
+    else:
+      self.bad_epochs += 1
+    self.evaluated_epochs = epoch + 1
+    if self.patience and self.bad_epochs >= self.patience:
+      self.stopped = True
+    return improved
+
+  def state(self) -> dict[str, Any]:
+    """What a checkpoint stores (JSON)."""
+    return {k: getattr(self, k) for k in self.STATE}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    for k in self.STATE:
+      if k in state:
+        setattr(self, k, state[k])
+
+
+class Preemption:
+  """SIGTERM (how preemption arrives) sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False  # this process got SIGTERM
+    self.stop = False  # every process agreed to stop after the current step
+    self._previous = None
+
+  def check(self, sync_point: bool) -> bool:
+    """Whether to stop now. With several processes the flags are combined only at sync points (which every process
+    reaches at the same step): a process that stopped alone would leave the others hanging in a collective."""
+    if jax.process_count() == 1:
+      self.stop = self.requested
+    elif sync_point and not self.stop:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.stop = bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+    return self.stop
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class Writer:
+  """history.jsonl + TensorBoard, written by process 0 only."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.enabled = distributed.is_lead()
+    self.history_path = os.path.join(workdir, 'history.jsonl')
+    self.tb = None
+    if not self.enabled:
+      return
+    if os.path.exists(self.history_path):  # drop entries past the checkpoint we resume from
+      with open(self.history_path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+      files.write_text(self.history_path, ''.join(kept))
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def scalars(self, step: int, values: dict[str, float], prefix: str = '', history: bool = False) -> None:
+    if not self.enabled:
+      return
+    for k, v in values.items():
+      self.tb.add_scalar(f'{prefix}{k}', v, step)
+    if history:
+      with open(self.history_path, 'a') as f:
+        f.write(json.dumps({'step': step, **values}) + '\n')
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+class ReportProgress:
+  """Periodic action: every `every_steps` steps and at each epoch end, the mean of the steps' metrics since the
+  last report (summed on the device, fetched only then) goes to history.jsonl, TensorBoard and the progress bar."""
+
+  def __init__(self, every_steps: int, steps_per_epoch: int, batch_size: int, writer: Writer, pbar: Any):
+    self.every_steps, self.steps_per_epoch, self.batch_size = every_steps, steps_per_epoch, batch_size
+    self.writer, self.pbar = writer, pbar
+    self.sums, self.n = None, 0
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    """examples/s measures training: the clock restarts after evaluation."""
+    self.t = time.time()
+
+  def __call__(self, step: int, epoch: int, metrics: dict[str, jax.Array]) -> None:
+    self.sums = metrics if self.n == 0 else jax.tree.map(jnp.add, self.sums, metrics)
+    self.n += 1
+    if step % self.every_steps == 0 or step % self.steps_per_epoch == 0:
+      values = {k: float(v) / self.n for k, v in jax.device_get(self.sums).items()}
+      values['examples_per_sec'] = self.n * self.batch_size / max(time.time() - self.t, 1e-9)
+      values['epoch'] = epoch
+      self.writer.scalars(step, values, 'train/', history=True)
+      if self.pbar is not None:
+        self.pbar.set_postfix(loss=f'{values["loss"]:.4f}', ex_s=f'{values["examples_per_sec"]:,.0f}')
+      self.n = 0
+      self.restart_clock()
+    if self.pbar is not None:
+      self.pbar.update(1)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train_and_evaluate` returns: metrics.json's content, and the run (best parameters, on the mesh) unless
+  the run was preempted (then metrics is {'preempted': True, 'step': S})."""
+
+  metrics: dict[str, Any]
+  run: Run | None
+
+
+def network_scorer(trainer: trainer_lib.Trainer, exp: experiment_lib.Experiment, params: Any) -> NetworkScorer:
+  """The scorer of the model being trained: its parameters on the mesh, predicted by the trainer's eval step."""
+  return NetworkScorer([Network(trainer.graphdef, params, exp.specs)], exp.encoder, exp.config.eval.batch_size,
+                       trainer.batch_sharding, predict=lambda params, batch: trainer.eval_step(params[0], batch))
+
+
+def _start(trainer: trainer_lib.Trainer, exp: experiment_lib.Experiment, ckpt: Checkpointer,
+           stopping: EarlyStopping, init_from: str | None) -> Any:
+  """The state to train from: the latest checkpoint (resume), else a warm start from `init_from`, else fresh."""
+  state = trainer.init_state
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, meta = restored
+    stopping.restore(meta)
+    log.info('resumed from checkpoint at step %d', int(state['step']))
+  elif init_from:  # only a fresh run warm-starts: a resumed one continues from its own checkpoint
+    params = warm_start.init_from_checkpoint(init_from, state['params'], trainer.state_shardings['params'],
+                                             exp.encoder)
+    state = {**state, 'params': params}
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_from: str | None = None) -> TrainResult:
+  """Trains with early stopping on validation, evaluates the best checkpoint on test, writes the run directory.
+
+  Re-running with the same workdir resumes from the latest checkpoint. `init_from` (a run's workdir or one of its
+  checkpoint step directories) warm-starts a fresh run from trained weights (see warm_start).
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  lead = distributed.is_lead()
+  if lead:
+    files.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+
+  t0 = time.time()
+  exp = experiment_lib.build(config)
+  log.info('data: %s (%s): %d ratings, %d users, %d items; split %s: train %d / valid %d / test %d (%.1fs)',
+           exp.data.name, exp.data.source, exp.data.num_ratings, exp.num_users, exp.num_items, config.data.split,
+           exp.split.train.size, exp.split.valid.size, exp.split.test.size, time.time() - t0)
+  if lead:
+    splits_lib.write_csv(exp.data, exp.split, os.path.join(workdir, 'splits'))
+  warm_start.save_features(exp.encoder, workdir)
+
+  spe = exp.stream.steps_per_epoch
+  total_steps = spe * config.train.epochs
+  trainer = trainer_lib.make_trainer(config, exp.encoder.specs, exp.specs, total_steps)
+  ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
+  stopping = EarlyStopping.from_config(config)
+  state = _start(trainer, exp, ckpt, stopping, init_from)
+  start_step = int(state['step'])
+
+  report = trainer_lib.memory_report(trainer, state, next(exp.stream.epoch(0)))
+  log.info('mesh %s; memory: %s', dict(trainer.mesh.shape), report)
+  if lead:
+    print(f'mesh {dict(trainer.mesh.shape)}  params/device {max(report["params_bytes_per_device"].values()):,} B  '
+          f'opt state/device {max(report["opt_state_bytes_per_device"].values()):,} B  '
+          f'step temp {report.get("step_temp_size_in_bytes", 0):,} B', flush=True)
+
+  writer = Writer(workdir, start_step)
+  pbar = None
+  if lead and config.train.progress_bar:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    pbar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+  progress = ReportProgress(config.train.log_every_steps, spe, config.train.batch_size, writer, pbar)
+  save = lambda step, state, best=False: ckpt.save(step, state, {**stopping.state(), 'config': config.to_dict()},
+                                                   best=best)
+
+  step, preempted = start_step, False
+  with Preemption() as preemption:
+    for epoch in range(step // spe, config.train.epochs):
+      if stopping.stopped:
+        break
+      for batch in exp.stream.epoch(epoch, start_step=step - epoch * spe):
+        state, metrics = trainer.train_step(state, sharding_lib.global_batch(batch, trainer.batch_sharding))
+        step += 1
+        progress(step, epoch, metrics)
+        if step % config.train.checkpoint_every_steps == 0 and step % spe:  # epoch ends save below
+          save(step, state)
+        if preemption.check(sync_point=step % config.train.log_every_steps == 0):
+          break
+      if preemption.stop and step % spe:
+        preempted = True
+        break
+      # End of epoch: validate, early-stopping bookkeeping, checkpoint (latest, and best if improved).
+      scorer = network_scorer(trainer, exp, state['params'])
+      valid = evaluation.pointwise_metrics(scorer, exp, exp.valid)
+      if stopping.metric not in valid:
+        valid.update(evaluation.ranking_metrics(scorer, scorer.weights(config.eval.ranking_task), exp,
+                                                exp.split.valid, exp.split.train))
+      writer.scalars(step, valid, 'valid/')
+      improved = stopping.update(valid[stopping.metric], step, epoch)
+      log.info('epoch %d step %d: valid %s=%.4f (best %.4f at step %s)', epoch + 1, step, stopping.metric,
+               valid[stopping.metric], stopping.best_value, stopping.best_step)
+      if pbar is not None:
+        pbar.write(f'epoch {epoch + 1}: valid ' + ' '.join(f'{k}={v:.4f}' for k, v in sorted(valid.items())))
+      save(step, state, best=improved)
+      progress.restart_clock()
+      if preemption.check(sync_point=True):
+        preempted = True
+        break
+    if preempted:
+      save(step, state)
+  if pbar is not None:
+    pbar.close()
+  ckpt.wait()
+  if preempted:
+    writer.close()
+    ckpt.close()
+    msg = f'SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.'
+    log.warning(msg)
+    if lead:
+      print(msg, flush=True)
+    return TrainResult({'preempted': True, 'step': step}, None)
+
+  best = ckpt.restore_best(state)
+  params = best[0]['params'] if best is not None else state['params']
+  best_step = stopping.best_step if best is not None else step
+  scorer = network_scorer(trainer, exp, params)
+  result = {
+      'best_step': int(best_step),
+      'valid': evaluation.full_metrics(scorer, exp, 'valid'),
+      'test': evaluation.full_metrics(scorer, exp, 'test'),
+      'baselines': evaluation.baseline_metrics(exp),
+      'steps': step,
+      'data': {'name': exp.data.name, 'source': exp.data.source, 'split': config.data.split,
+               'train': int(exp.split.train.size), 'valid': int(exp.split.valid.size),
+               'test': int(exp.split.test.size)},
+      'memory': report,
+      'wall_time_sec': time.time() - t0,
+  }
+  if lead:
+    files.write_json(os.path.join(workdir, 'metrics.json'), result)
+  writer.scalars(best_step, result['test'], 'test/')
+  writer.close()
+  ckpt.close()
+  return TrainResult(result, Run(config, exp, Network(trainer.graphdef, params, exp.specs), int(best_step)))

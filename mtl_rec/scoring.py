@@ -1,0 +1,180 @@
+"""One interface for everything that scores (user, item) pairs: the unified model, the ensemble, the baselines.
+
+A `Scorer` answers, for pairs given as positions in the experiment's user and item tables, one column per task:
+the task's fusion term s_t on the [0, 1] scale (tasks.fusion_term). A ranking score is those columns dotted with
+weights: the fused score with fusion weights, one task's score with a one-hot vector. Evaluation, the ensemble's
+fusion fits, and both benchmarks take a Scorer; the export builds its functions from the same `Network`s and
+`predictions`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtl_rec import sharding as sharding_lib
+from mtl_rec import tasks as tasks_lib
+from mtl_rec.features import FeatureEncoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """One trained network and the tasks it answers (the unified model: all tasks; an ensemble member: one).
+
+  Called as `nnx.merge(graphdef, params)(user_features, item_features)` -> ({task: raw head output}, aux), like
+  `model.MultiTaskModel`; only the tasks of `specs` are taken from it.
+  """
+
+  graphdef: Any
+  params: Any  # pure dict (nnx.to_pure_dict layout) of arrays, on any device(s) or the host
+  specs: tuple[tasks_lib.TaskSpec, ...]
+  name: str = 'unified'
+
+
+def check_tasks(networks: Sequence[Network]) -> tuple[tasks_lib.TaskSpec, ...]:
+  """The networks' task specs in order; raises ValueError if two networks answer the same task."""
+  specs = tuple(s for n in networks for s in n.specs)
+  names = [s.name for s in specs]
+  if not specs:
+    raise ValueError('scoring needs at least one network with at least one task')
+  if len(set(names)) != len(names):
+    raise ValueError(f'networks predict overlapping tasks {names}; each task needs exactly one network')
+  return specs
+
+
+def predictions(networks: Sequence[Network], params: Sequence[Any], user: Mapping[str, jax.Array],
+                item: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """{task: prediction (tasks.predictions)} of every network's tasks for paired feature rows. Traceable."""
+  out = {}
+  for n, p in zip(networks, params):
+    outputs, _ = nnx.merge(n.graphdef, p)(user, item)
+    out.update(tasks_lib.predictions(outputs, n.specs))
+  return out
+
+
+def task_values(preds: Mapping[str, jax.Array], specs: Sequence[tasks_lib.TaskSpec]) -> dict[str, jax.Array]:
+  """{task: one float32 number per row} (tasks.task_value)."""
+  return {s.name: tasks_lib.task_value(preds[s.name], s).astype(jnp.float32) for s in specs}
+
+
+def fusion_terms(values: Mapping[str, jax.Array], specs: Sequence[tasks_lib.TaskSpec]) -> jax.Array:
+  """[..., T]: every task's fusion term s_t, in the order of `specs`."""
+  return jnp.stack([tasks_lib.fusion_term(values[s.name], s) for s in specs], axis=-1)
+
+
+class Scorer(abc.ABC):
+  """Scores pairs given as positions in the experiment's user and item tables; one column per task."""
+
+  task_names: tuple[str, ...]
+
+  @abc.abstractmethod
+  def terms_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """float32 [N, T]: the tasks' fusion terms for each (user, item) pair."""
+
+  @abc.abstractmethod
+  def terms_catalog(self, users: np.ndarray) -> jax.Array:
+    """float32 [U, num_items, T]: the tasks' fusion terms of every catalog item for each user."""
+
+  def weights(self, task: str) -> np.ndarray:
+    """The one-hot weights that rank by `task` alone."""
+    if task not in self.task_names:
+      raise ValueError(f"no task '{task}' among this scorer's tasks {self.task_names}")
+    return np.asarray([1.0 if t == task else 0.0 for t in self.task_names], np.float32)
+
+  def score_pairs(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """float32 [N]: the ranking score sum_t w_t s_t of each pair."""
+    return np.asarray(jnp.asarray(self.terms_pairs(users, items)) @ jnp.asarray(weights, jnp.float32))
+
+  def score_catalog(self, users: np.ndarray, weights: np.ndarray) -> jax.Array:
+    """float32 [U, num_items]: the ranking score of every catalog item for each user."""
+    return self.terms_catalog(users) @ jnp.asarray(weights, jnp.float32)
+
+
+class NetworkScorer(Scorer):
+  """The scores of trained networks (the unified model, or an ensemble's members) over an experiment's tables.
+
+  Pairs are predicted in batches of `batch_size` rows (the last one padded), placed with `batch_sharding` when the
+  parameters live on a mesh; `predict(params, batch)` (default: `predictions` jitted) may be a trainer's eval step.
+  """
+
+  def __init__(self, networks: Sequence[Network], encoder: FeatureEncoder, batch_size: int,
+               batch_sharding: jax.sharding.NamedSharding | None = None,
+               predict: Callable[[Sequence[Any], Any], dict[str, jax.Array]] | None = None):
+    self.networks = tuple(networks)
+    self.specs = check_tasks(self.networks)
+    self.task_names = tuple(s.name for s in self.specs)
+    self.encoder = encoder
+    self.params = [n.params for n in self.networks]
+    self.batch_sharding = batch_sharding
+    data = 1 if batch_sharding is None else batch_sharding.mesh.shape['data']
+    self.batch_size = max(batch_size - batch_size % data, data)
+    nets = self.networks
+    self._predict = predict or jax.jit(lambda params, batch: predictions(nets, params, batch['user'], batch['item']))
+    self._catalog = jax.jit(self._catalog_terms)
+    self.catalog_features = encoder.gather(np.zeros(1, np.int64), np.arange(_rows(encoder.item_table)))['item']
+
+  @property
+  def num_params(self) -> int:
+    return sum(count_params(p) for p in self.params)
+
+  def predict_pairs(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+    """{task: predictions [N] (or [N, C])} for (user, item) position pairs, in fixed-size batches."""
+    n, bs, out = users.shape[0], self.batch_size, []
+    for start in range(0, n, bs):
+      idx = np.minimum(np.arange(start, start + bs), n - 1)
+      batch = self.encoder.gather(users[idx], items[idx])
+      if self.batch_sharding is not None:
+        batch = sharding_lib.global_batch(batch, self.batch_sharding)
+      out.append({k: np.asarray(v)[:n - start] for k, v in self._predict(self.params, batch).items()})
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+  def terms_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    preds = self.predict_pairs(users, items)
+    return np.asarray(fusion_terms(task_values(preds, self.specs), self.specs), np.float32)
+
+  def _catalog_terms(self, params: Sequence[Any], users: Mapping[str, jax.Array],
+                     items: Mapping[str, jax.Array]) -> jax.Array:
+    nu = jax.tree.leaves(users)[0].shape[0]
+    ni = jax.tree.leaves(items)[0].shape[0]
+    u = jax.tree.map(lambda x: jnp.repeat(x, ni, axis=0), users)
+    i = jax.tree.map(lambda x: jnp.tile(x, (nu,) + (1,) * (x.ndim - 1)), items)
+    terms = fusion_terms(task_values(predictions(self.networks, params, u, i), self.specs), self.specs)
+    return terms.reshape((nu, ni, terms.shape[-1]))
+
+  def catalog_fn(self) -> Callable:
+    """jit: (params list, user features [U], item features [I]) -> fusion terms [U, I, T]; the serving path."""
+    return self._catalog
+
+  def terms_catalog(self, users: np.ndarray) -> jax.Array:
+    feats = {n: v[users] for n, v in self.encoder.user_table.items()}
+    return self._catalog(self.params, feats, self.catalog_features)
+
+
+class PopularityScorer(Scorer):
+  """The non-personalized floor: every user gets the items' training interaction counts (one column)."""
+
+  task_names = ('popularity',)
+
+  def __init__(self, counts: np.ndarray):
+    self.counts = np.asarray(counts, np.float32)
+
+  def terms_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    return self.counts[items][:, None]
+
+  def terms_catalog(self, users: np.ndarray) -> jax.Array:
+    return jnp.broadcast_to(jnp.asarray(self.counts)[None, :, None], (users.shape[0], self.counts.shape[0], 1))
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a params pytree (embedding tables as stored, padding rows included)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _rows(table: Mapping[str, np.ndarray]) -> int:
+  return int(next(iter(table.values())).shape[0])

@@ -1,0 +1,194 @@
+"""The optimizer and the jitted train and eval steps of one run, on a mesh with explicit shardings.
+
+One code path for 1 device, N devices and N hosts: the train state is a pytree of plain dicts (params, optimizer
+state, step) placed on a Mesh('data', 'model'); `train_step` and `eval_step` are pure functions jitted with in/out
+shardings and a donated state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from mtl_rec import deterministic
+from mtl_rec import model as model_lib
+from mtl_rec import sharding as sharding_lib
+from mtl_rec import tasks as tasks_lib
+from mtl_rec.features import FeatureSpec
+
+log = logging.getLogger(__name__)
+
+
+def decay_mask(params: Any) -> Any:
+  """Decoupled weight decay on dense kernels only; embedding rows are regularized per use (embedding_l2)."""
+  def mask(path, x):
+    return x.ndim >= 2 and 'embeddings' not in jax.tree_util.keystr(path)
+  return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm with the norm given as `update(..., grad_norm=...)` (train_step computes it once, with
+  deterministic.global_norm: the same bits on any mesh, and logs it); the same (empty) state, so checkpoints are
+  interchangeable."""
+
+  def update(updates, state, params=None, *, grad_norm, **_):
+    del params
+    # One scalar factor: XLA turns `g / norm` into `g * (1 / norm)` in some programs and not in others, which
+    # would round differently from one mesh to another.
+    scale = jnp.where(grad_norm < max_norm, 1.0, max_norm / grad_norm)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+  return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
+
+
+def learning_rate(oc: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """config.optimizer's schedule: linear warmup to the peak, then constant or cosine decay to 0 at `total_steps`."""
+  warmup = min(oc.warmup_steps, max(total_steps - 1, 0))
+  if oc.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, oc.learning_rate, warmup, max(total_steps, warmup + 1))
+  return optax.join_schedules([optax.linear_schedule(0.0, oc.learning_rate, max(warmup, 1)),
+                               optax.constant_schedule(oc.learning_rate)], [warmup])
+
+
+def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """The optimizer of config.optimizer; its update takes `grad_norm=` (the gradient's global norm, for clipping)."""
+  lr = learning_rate(oc, total_steps)
+  if oc.name == 'adamw':
+    opt = optax.adamw(lr, weight_decay=oc.weight_decay, mask=decay_mask)
+  else:
+    opt = optax.adam(lr)
+  return optax.chain(clip_by_global_norm(oc.grad_clip_norm), opt) if oc.grad_clip_norm > 0 else opt
+
+
+@dataclasses.dataclass
+class Trainer:
+  """The model definition, optimizer, mesh, shardings and the jitted steps of one run."""
+
+  config: ml_collections.ConfigDict
+  graphdef: Any
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  specs: tuple[tasks_lib.TaskSpec, ...]
+  train_step: Callable
+  eval_step: Callable
+  init_state: Any  # freshly initialized state on the mesh (a restore target)
+
+
+def loss_fn(params: Any, batch: dict[str, Any], rng: jax.Array, norms: dict[str, Any], *, graphdef, specs,
+            esmm: bool, embedding_l2: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss, {task: sum of its masked row losses}) of a batch, or of a part of one: a sum over rows, each mean
+  taken over the whole batch's `norms` (tasks.normalizers), so the parts of a batch add up to it."""
+  model = nnx.merge(graphdef, params)
+  outputs, aux = model(batch['user'], batch['item'], rng)
+  sums = tasks_lib.masked_sums(outputs, batch, specs, esmm)
+  log_vars = model.log_vars[...] if model.log_vars is not None else None
+  total = tasks_lib.weighted_loss({k: v / norms['tasks'][k] for k, v in sums.items()}, specs, log_vars)
+  total = total + embedding_l2 * jnp.sum(aux['embedding_sq_norm'] * batch['valid']) / norms['valid_rows']
+  return total, sums
+
+
+def train_step(state: dict[str, Any], batch: dict[str, Any], *, value_and_grad: Callable, tx, specs, esmm: bool,
+               seed: int, param_shardings: Any) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One optimizer step. Pure: (state, batch) -> (new state, metrics).
+
+  `value_and_grad` is `jax.value_and_grad(loss_fn, has_aux=True)` or `deterministic.value_and_grad(loss_fn, ...)`
+  (the same sums in an order no mesh changes; config.train.grad_groups).
+  """
+  rng = jax.random.fold_in(jax.random.key(seed), state['step'])
+  params = state['params']
+  norms = tasks_lib.normalizers(batch, specs, esmm)
+  (loss, sums), grads = value_and_grad(params, batch, rng, norms)
+  if 'log_vars' in params:  # uncertainty weighting's regularizer sum_t w_t s_t: once per batch, params alone
+    weights = tasks_lib.uncertainty_weights(specs)
+    loss = loss + jnp.sum(weights * params['log_vars'])
+    grads = {**grads, 'log_vars': grads['log_vars'] + weights}
+  grad_norm = deterministic.global_norm(grads, param_shardings)  # before clipping
+  updates, opt_state = tx.update(grads, state['opt_state'], params, grad_norm=grad_norm)
+  params = optax.apply_updates(params, updates)
+  metrics = {'loss': loss, **{f'loss_{k}': v / norms['tasks'][k] for k, v in sums.items()}, 'grad_norm': grad_norm}
+  return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+
+
+def eval_step(params: Any, batch: dict[str, Any], *, graphdef, specs) -> dict[str, jax.Array]:
+  """Task predictions (tasks.predictions) of a batch."""
+  outputs, _ = nnx.merge(graphdef, params)(batch['user'], batch['item'])
+  return tasks_lib.predictions(outputs, specs)
+
+
+def batch_multiple(config: ml_collections.ConfigDict, num_devices: int | None = None) -> int:
+  """What config.train.batch_size must be a multiple of on this job's mesh: the data shards (times processes) and,
+  with the fixed-order gradient, its groups."""
+  shape = sharding_lib.resolve_shape(tuple(config.mesh.shape), num_devices or jax.device_count())
+  shards = shape[tuple(config.mesh.axis_names).index('data')] * jax.process_count()
+  return deterministic.gradient_groups(config.train.grad_groups, shards) or shards
+
+
+def make_trainer(config: ml_collections.ConfigDict, features: Sequence[FeatureSpec],
+                 specs: tuple[tasks_lib.TaskSpec, ...], total_steps: int, devices: Any = None) -> Trainer:
+  """Builds the model on the mesh from config.mesh and jits the steps with explicit shardings."""
+  mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names, devices)
+  groups = deterministic.gradient_groups(config.train.grad_groups, mesh.shape['data'])
+  if groups != config.train.grad_groups:
+    log.info('train.grad_groups=%d raised to %d, a multiple of the data axis: numbers match other meshes whose '
+             'data axis divides %d', config.train.grad_groups, groups, groups)
+  sharding_lib.check_divisible(config.train.batch_size, mesh, config.features.row_multiple, groups)
+  # Parameters are initialized by one jit straight into their shards: no full table ever sits on one device, and
+  # one compile replaces the dozens an eager init costs.
+  build = lambda: model_lib.build(config, features, specs)
+  abstract_model = nnx.eval_shape(build)
+  graphdef, abstract_params = nnx.split(abstract_model)
+  param_shardings = sharding_lib.named(mesh, sharding_lib.param_specs(abstract_params))
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build())), out_shardings=param_shardings)()
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  tx = make_optimizer(config.optimizer, total_steps)
+  # Optimizer moments take their parameter's sharding and scalars (counts) are replicated, stated explicitly:
+  # left to jit, the counts land on one device and the step then rejects the mixed placement.
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated), 'params': params, 'opt_state': opt_state}
+  state_shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  esmm = bool(config.model.esmm)
+  loss = functools.partial(loss_fn, graphdef=graphdef, specs=specs, esmm=esmm,
+                           embedding_l2=float(config.optimizer.embedding_l2))
+  if groups:
+    value_and_grad = deterministic.value_and_grad(loss, groups=groups, param_shardings=param_shardings,
+                                                  batch_sharding=batch_sharding,
+                                                  table_inputs=abstract_model.table_inputs())
+  else:
+    value_and_grad = jax.value_and_grad(loss, has_aux=True)
+  step = jax.jit(
+      functools.partial(train_step, value_and_grad=value_and_grad, tx=tx, specs=specs, esmm=esmm,
+                        seed=int(config.seed), param_shardings=param_shardings),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, specs=specs),
+                     in_shardings=(state_shardings['params'], batch_sharding), out_shardings=replicated)
+  return Trainer(config, graphdef, tx, mesh, state_shardings, batch_sharding, specs, step, evaluate, state)
+
+
+def memory_report(trainer: Trainer, state: Any, example_batch: Any) -> dict[str, Any]:
+  """Parameter/optimizer bytes per device and the compiled train step's memory analysis."""
+  report = {'params_bytes_per_device': sharding_lib.bytes_per_device(state['params']),
+            'opt_state_bytes_per_device': sharding_lib.bytes_per_device(state['opt_state'])}
+  abstract_batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.batch_sharding), example_batch)
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  compiled = trainer.train_step.lower(abstract_state, abstract_batch).compile()
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    for field in ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+                  'generated_code_size_in_bytes'):
+      report[f'step_{field}'] = int(getattr(mem, field, 0) or 0)
+  return report

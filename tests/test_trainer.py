@@ -1,0 +1,88 @@
+"""The optimizer pieces and the loop's bookkeeping, alone: schedule, weight-decay mask, clipping, early stopping."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from mtl_rec import config as config_lib
+from mtl_rec import trainer as trainer_lib
+from mtl_rec.loop import EarlyStopping
+
+
+def _optimizer_config(**overrides):
+  oc = config_lib.base_config().optimizer
+  oc.update(overrides)
+  return oc
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+  lr = trainer_lib.learning_rate(_optimizer_config(learning_rate=1e-2, warmup_steps=10, schedule='cosine'), 110)
+  assert float(lr(0)) == 0.0
+  assert float(lr(5)) == pytest.approx(5e-3)
+  assert float(lr(10)) == pytest.approx(1e-2)
+  assert float(lr(60)) == pytest.approx(5e-3, rel=1e-5)  # half way through the cosine
+  assert float(lr(110)) == pytest.approx(0.0, abs=1e-9)
+  values = [float(lr(s)) for s in range(10, 111)]
+  assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_constant_schedule_and_warmup_longer_than_the_run():
+  lr = trainer_lib.learning_rate(_optimizer_config(learning_rate=1e-3, warmup_steps=4, schedule='constant'), 100)
+  assert [float(lr(s)) for s in (0, 2, 4, 50, 99)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3, 1e-3])
+  short = trainer_lib.learning_rate(_optimizer_config(learning_rate=1e-3, warmup_steps=100, schedule='cosine'), 5)
+  assert float(short(4)) == pytest.approx(1e-3)  # warmup is cut to the run's length: the peak is reached
+
+
+def test_adamw_decays_dense_kernels_only():
+  params = {'embeddings': {'tables': {'user_id': jnp.ones((4, 2))}},
+            'backbone': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}}
+  mask = trainer_lib.decay_mask(params)
+  assert mask == {'embeddings': {'tables': {'user_id': False}}, 'backbone': {'kernel': True, 'bias': False}}
+  tx = trainer_lib.make_optimizer(_optimizer_config(name='adamw', learning_rate=0.1, weight_decay=0.5,
+                                                    warmup_steps=0, schedule='constant', grad_clip_norm=0.0), 10)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  # With a zero gradient Adam's step is 0: what is left is the decoupled decay, on the kernel alone.
+  np.testing.assert_allclose(updates['backbone']['kernel'], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+  assert not np.any(updates['backbone']['bias']) and not np.any(updates['embeddings']['tables']['user_id'])
+
+
+@pytest.mark.parametrize('scale', [0.1, 10.0])
+def test_clip_matches_optax_clip_by_global_norm(scale):
+  rng = np.random.default_rng(0)
+  grads = {'a': jnp.asarray(rng.normal(size=(5, 3)) * scale, jnp.float32),
+           'b': jnp.asarray(rng.normal(size=(7,)) * scale, jnp.float32)}
+  ours = trainer_lib.clip_by_global_norm(1.0)
+  theirs = optax.clip_by_global_norm(1.0)
+  got, state = ours.update(grads, ours.init(grads), grad_norm=optax.tree.norm(grads))
+  want, _ = theirs.update(grads, theirs.init(grads))
+  for k in grads:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+  assert state == theirs.init(grads)  # the same state: checkpoints are interchangeable
+  assert (float(optax.tree.norm(got)) <= 1.0 + 1e-6) and (scale < 1) == bool(np.allclose(got['a'], grads['a']))
+
+
+def test_early_stopping_counts_bad_epochs_and_keeps_the_best():
+  s = EarlyStopping('rating_rmse', 'min', patience=2)
+  assert s.update(1.0, step=10, epoch=0)
+  assert not s.update(1.1, step=20, epoch=1) and not s.stopped
+  assert s.update(0.9, step=30, epoch=2) and s.bad_epochs == 0  # an improvement resets the count
+  assert not s.update(0.95, step=40, epoch=3)
+  assert not s.update(0.9, step=50, epoch=4)  # equal is not better
+  assert s.stopped and (s.best_value, s.best_step, s.evaluated_epochs) == (0.9, 30, 5)
+  again = EarlyStopping('rating_rmse', 'min', patience=2)
+  again.restore(s.state())
+  assert again == s
+  up = EarlyStopping('click_auc', 'max', patience=0)
+  for epoch, v in enumerate([0.5, 0.4, 0.3, 0.2]):
+    up.update(v, step=epoch, epoch=epoch)
+  assert up.best_value == 0.5 and not up.stopped  # patience 0: never stops early
+
+
+def test_early_stopping_from_config_knows_the_direction():
+  c = ml_collections.ConfigDict({'train': {'early_stopping_metric': 'click_auc', 'patience': 3}})
+  s = EarlyStopping.from_config(c)
+  assert (s.metric, s.mode, s.patience) == ('click_auc', 'max', 3)

@@ -4,21 +4,22 @@ Scale it from the command line, e.g. --config.data.synthetic.num_users=2000000. 
 is a variant that trains, evaluates and exports in seconds (big_vision's `runlocal`): for smoke tests and tests.
 """
 
+from configs import movielens_schema
 from mtl_rec import config as config_lib
 
 VARIANTS = ('tiny',)
 
 
 def get_config(variant: str | None = None):
-  c = config_lib.base_config()
+  c = movielens_schema.apply(config_lib.base_config())  # the generator writes MovieLens' columns
   c.name = 'mtl_rec_synthetic'  # model name in exports and serving
   c.data.source = 'synthetic'  # generated from config.seed, no files
-  c.data.split = 'random'  # u1 exists only for ML-100K
+  c.data.split = 'random'  # a seeded 20% of the ratings is the test set
   c.data.synthetic.num_users = 2000  # users
   c.data.synthetic.num_items = 1000  # items
   c.data.synthetic.interactions_per_user = 40  # observed items per user: enough to recover the planted factors
   c.data.synthetic.latent_dim = 4  # rank of the planted factors (at rank 8 and 20 items/user popularity dominates)
-  c.features.embed_dim = 16  # the planted rank is 4: 16 is ample
+  c.model.embed_dim = 16  # the planted rank is 4: 16 is ample
   c.model.hidden_dims = (64, 32)  # small backbone: this config must train in well under 3 minutes
   c.model.tower_dims = (16,)  # small towers
   c.train.batch_size = 512  # rows per step

@@ -189,12 +189,11 @@ def time_serving(systems: dict[str, tuple[NetworkScorer, np.ndarray, str]], exp:
   for name, (scorer, weights, version_dir) in systems.items():
     cross = scorer.catalog_fn()
     w = jnp.asarray(weights, jnp.float32)
-    jitted = jax.jit(lambda p, u, i, cross=cross, w=w: cross(p, u, i)[0] @ w)
+    jitted = jax.jit(lambda p, q, i, cross=cross, w=w: cross(p, q, i)[0] @ w)
 
-    def jit_call(u, items, jitted=jitted, params=scorer.params):
-      user = {n: v[[u]] for n, v in exp.encoder.user_table.items()}
+    def jit_call(u, items, jitted=jitted, scorer=scorer):
       item = {n: v[items] for n, v in exp.encoder.item_table.items()}
-      return np.asarray(jitted(params, user, item))
+      return np.asarray(jitted(scorer.params, scorer.query_features(np.asarray([u])), item))
     calls[(name, 'jit')] = jit_call
     model = ExportedModel(version_dir, max_batch_rows=max(candidates, 16))
     model_w = np.asarray(weights, np.float32)
@@ -274,7 +273,7 @@ def run_benchmark(config: ml_collections.ConfigDict, out: str, seeds: int = 3, b
       if name == report_lib.ENSEMBLE:
         ens = fusion.train_ensemble(c, wd, lambda mc, mwd: _train(mc, mwd, isolate), fusion_negatives)
         scorer, exp, test, fused = ens.scorer, ens.exp, ens.summary['test'], ens.summary['fusion']
-        costs = [run_cost(fusion.member_workdir(wd, t), ens.member_results[t]) for t in c.tasks]
+        costs = [run_cost(fusion.member_workdir(wd, t), ens.member_results[t]) for t, _ in config_lib.ordered(c.tasks)]
       else:
         metrics = _train(c, wd, isolate)
         run = runs_lib.load(wd)
@@ -288,7 +287,7 @@ def run_benchmark(config: ml_collections.ConfigDict, out: str, seeds: int = 3, b
       per_seed[name].append({'test': test, 'fusion': fused,
                              'cost': system_cost(costs, config.train.batch_size, scorer.num_params),
                              'curves': [cst.history for cst in costs],
-                             'curve_tasks': [list(c.tasks)] if name != report_lib.ENSEMBLE else [[t] for t in c.tasks]})
+                             'curve_tasks': [[t for t, _ in config_lib.ordered(c.tasks)]] if name != report_lib.ENSEMBLE else [[t] for t, _ in config_lib.ordered(c.tasks)]})
       if seed == 0:  # serving cost does not depend on the seed: export and time seed 0's systems
         weights = fused['weights']['learned']
         version_dir = export_system(name, scorer, exp, c, weights, os.path.join(out, 'exports', name), test)

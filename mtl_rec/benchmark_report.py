@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 
 from mtl_rec import config as config_lib
-from mtl_rec import evaluation
 from mtl_rec import files
 from mtl_rec import fusion
 
@@ -24,10 +23,8 @@ THROUGHPUT_RATIO_TARGET = 2.5
 
 
 def metric_mode(key: str) -> str:
-  """'min' or 'max' for any metric key of metrics.json (config.METRIC_MODES knows only the early-stopping ones)."""
-  if key in config_lib.METRIC_MODES:
-    return config_lib.metric_mode(key)
-  return 'min' if key.endswith(('_rmse', '_mae', '_logloss')) else 'max'
+  """'min' or 'max' for any metric key of metrics.json."""
+  return config_lib.metric_mode(key)
 
 
 def _summary(values: Sequence[float | None]) -> dict[str, Any]:
@@ -40,9 +37,8 @@ def _summary(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def _quality_table(names: Sequence[str], per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-  keys = [k for k in evaluation.REQUIRED_METRICS if all(k in r['test'] for n in names for r in per_seed[n])]
-  extra = sorted({k for n in names for r in per_seed[n] for k in r['test']} - set(keys))
-  keys += [k for k in extra if all(k in r['test'] for n in names for r in per_seed[n])]
+  first = per_seed[names[0]][0]['test']  # the unified run's order: each task's metrics, then ranking
+  keys = [k for k in first if all(k in r['test'] for n in names for r in per_seed[n])]
   return {k: {n: _summary([r['test'][k] for r in per_seed[n]]) for n in names} for k in keys}
 
 
@@ -266,7 +262,7 @@ def write_plots(out: str, report: dict[str, Any], per_seed: dict[str, list[dict[
   paths = {}
 
   panels = [(k, report['per_task'][k]) for k in report['per_task']
-            if k in evaluation.REQUIRED_METRICS or k == 'ndcg@10_graded']
+            if not k.startswith(('hit@', 'precision@'))]
   panels += [(f'fused ndcg@10_graded ({m})', {n: report['fused_ranking'][n][m]['test']['ndcg@10_graded']
                                               for n in names}) for m in fusion.FUSION_METHODS]
   paths['quality'] = _bar_grid(plt, panels, names, colors, os.path.join(out, 'quality.png'),

@@ -1,95 +1,164 @@
-"""The config schema: defaults for every field, and `validate()` that names the problem and the fix.
+"""The config schema: defaults for every field, the declared data schema, and `validate()` that names the fix.
 
 Configs are `ml_collections.ConfigDict`s built by `configs/*.py:get_config()` on top of `base_config()`, so every
 experiment has every field and command-line overrides (`--config.train.epochs=3`) are type-checked by ml_collections.
-`validate()` checks values and cross-field rules and raises `ValueError` — never `assert`.
+The data are declared, not coded: `config.data` says where the interaction log and the side tables are and which
+columns play which role, `config.features` declares the model's inputs (`feature()`), `config.tasks` the heads
+(`task()`). `validate()` checks values and cross-field rules and raises `ValueError` — never `assert`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
-DATA_SOURCES = ('movielens_100k', 'movielens_1m', 'tfds', 'synthetic')
-SPLITS = ('u1', 'random', 'leave_last_out')
+DATA_SOURCES = ('files', 'movielens_100k', 'movielens_1m', 'tfds', 'synthetic')
+FILE_FORMATS = ('', 'parquet', 'csv')
+SPLITS = ('random', 'leave_last_out', 'timestamp', 'column', 'head')
+ENTITIES = ('user', 'item', 'context')
+FEATURE_KINDS = ('categorical', 'multi_categorical', 'numeric')
+VOCABULARIES = ('fit', 'hash')
+POOLINGS = ('mean', 'sum')
+TRANSFORMS = ('standardize', 'bucketize')
+COLUMN_TYPES = ('', 'str', 'int', 'float')
 BACKBONES = ('shared_bottom', 'mmoe', 'ple')
 HEAD_KINDS = ('binary', 'multiclass', 'regression')
-LABELS = ('click', 'like', 'rating', 'rating_class')
+TASK_ROWS = ('all', 'observed')
+OBSERVED = 'observed'  # the implicit label: 1 on every log row, 0 on sampled negatives
 LOSS_WEIGHTINGS = ('static', 'uncertainty')
 OPTIMIZERS = ('adam', 'adamw')
 SCHEDULES = ('constant', 'cosine')
 NEGATIVE_DISTRIBUTIONS = ('uniform', 'popularity')
-USER_FEATURES = ('user_id', 'gender', 'age', 'occupation', 'zip')
-ITEM_FEATURES = ('item_id', 'genres', 'year')
-# Metrics a run can early-stop on, with the direction that is better.
-METRIC_MODES = {
-    'rating_rmse': 'min', 'rating_mae': 'min', 'like_auc': 'max', 'like_logloss': 'min', 'like_accuracy': 'max',
-    'click_auc': 'max', 'click_logloss': 'min', 'recall@10': 'max', 'ndcg@10': 'max',
-}
+# What each head kind reports on validation/test, as '<task>_<suffix>'; the ones that are better when lower.
+METRIC_SUFFIXES = {'binary': ('auc', 'logloss', 'accuracy'), 'regression': ('rmse', 'mae'),
+                   'multiclass': ('class_accuracy', 'class_logloss', 'auc', 'logloss', 'accuracy')}
+LOWER_IS_BETTER = ('_rmse', '_mae', '_logloss')
+
+
+_declared = itertools.count()  # feature() and task() number what they make, in the order a config declares it
+
+
+def ordered(section: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """config.features or config.tasks as (name, entry) in declaration order (`position`; ConfigDicts sort their keys,
+  and copies forget any other order). The order of the model's inputs and heads."""
+  return sorted(section.items(), key=lambda kv: (kv[1].position, kv[0]))
+
+
+def feature(entity: str, column: str = '', kind: str = 'categorical', **overrides: Any) -> ml_collections.ConfigDict:
+  """One declared model input (an entry of config.features), every field present so overrides type-check."""
+  f = ml_collections.ConfigDict()
+  f.position = next(_declared)  # the input's place among the features: declaration order
+  f.entity = entity  # 'user' (side table or log column of the user), 'item', or 'context' (a log column per request)
+  f.column = column  # source column; '' = the feature's name. Ids: the log's user_column / item_column
+  f.kind = kind  # 'categorical', 'multi_categorical' (list column or delimited string) or 'numeric'
+  f.dtype = ''  # read the CSV column as 'str', 'int' or 'float'; '' = inferred (e.g. 'str' keeps zip '01234')
+  f.sharded = False  # categorical: rows split over the mesh's 'model' axis and L2-regularized per use (id tables)
+  # categorical and multi_categorical
+  f.vocabulary = 'fit'  # 'fit' (values of the training split) or 'hash' (hash_buckets buckets, open vocabularies)
+  f.categories = ()  # a fixed vocabulary in this order instead of a fitted one (row order = this order)
+  f.min_count = 1  # fit: values seen fewer times in the training split go to the out-of-vocabulary row
+  f.max_size = 0  # fit: keep the most frequent values only (ties by value); 0 = no cap
+  f.hash_buckets = 0  # hash: number of buckets
+  f.prefix = 0  # string values are cut to their first `prefix` characters first (e.g. zip code areas); 0 = whole
+  f.divide = 0  # integer values are floor-divided by this first (e.g. years into 5-year spans); 0 = not
+  f.delimiter = '|'  # multi_categorical in a string column: the separator
+  f.max_values = 16  # multi_categorical: values kept per row (the first ones)
+  f.pooling = 'mean'  # multi_categorical: 'mean' or 'sum' of the values' rows
+  # numeric
+  f.transform = 'standardize'  # 'standardize' ((x - mean) / std of the training split) or 'bucketize'
+  f.log1p = False  # numeric: log(1 + x) first (counts, durations, prices)
+  f.boundaries = ()  # bucketize at these edges; () = at quantiles fitted on the training split
+  f.num_buckets = 10  # bucketize at quantiles: this many buckets
+  f.update(overrides)
+  return f
+
+
+def task(kind: str, label: str, rows: str = '', **overrides: Any) -> ml_collections.ConfigDict:
+  """One declared head (an entry of config.tasks), every field present so overrides type-check."""
+  t = ml_collections.ConfigDict()
+  t.position = next(_declared)  # the head's place among the tasks: declaration order
+  t.kind = kind  # head kind: 'binary', 'multiclass' or 'regression'
+  t.label = label  # 'observed' (implicit: 1 on log rows, 0 on sampled negatives) or a column of the log
+  t.rows = rows or ('all' if label == OBSERVED else 'observed')  # rows the task is defined on: 'all' or 'observed'
+  t.threshold = config_dict.placeholder(float)  # binary from a numeric column: label = column >= threshold
+  t.classes = ()  # multiclass: the column's values in class order (ordinal numbers give an expected value)
+  t.range = ()  # regression: (lowest, highest) valid label; () = the data's range. Out-of-range rows are an error
+  t.weight = 1.0  # static loss weight (the initial scale under uncertainty weighting)
+  t.fusion_weight = 0.0  # default weight in the fused ranking score
+  t.update(overrides)
+  return t
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field with its default. Experiment configs start here and change what they need."""
+  """Every field with its default. Experiment configs start here, declare their data, features and tasks."""
   c = ml_collections.ConfigDict()
   c.name = 'mtl_rec'  # model name, used in exports and serving
   c.seed = 0  # the one seed: init, validation split, negatives, shuffling all derive from it
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'movielens_100k'  # one of DATA_SOURCES
-  c.data.path = ''  # local dir or zip in the source's native format; '' = cache, then download/fallbacks
-  c.data.cache_dir = ''  # '' = $MTL_REC_DATA, else ~/.cache/mtl_rec
+  c.data.source = 'files'  # 'files' (the declared tables below) or a built-in source (one of DATA_SOURCES)
+  c.data.name = ''  # the dataset's name in metrics.json and exports; '' = the source's (or 'files')
+  c.data.path = ''  # built-in sources: a local dir or zip in the native format; '' = cache, then download
+  c.data.cache_dir = ''  # built-in sources: '' = $MTL_REC_DATA, else ~/.cache/mtl_rec
   c.data.tfds_name = 'movielens/100k-ratings'  # for source='tfds'
   c.data.tfds_data_dir = ''  # for source='tfds'; '' = TFDS default
-  c.data.split = 'u1'  # 'u1' (official ML-100K u1.base/u1.test), 'random' or 'leave_last_out' (per user, by time)
-  c.data.test_fraction = 0.2  # for split='random'
-  c.data.valid_fraction = 0.05  # seeded share of the non-test ratings held out for early stopping
-  c.data.like_threshold = 4.0  # like = rating >= this
+  c.data.format = ''  # source='files': 'parquet', 'csv', or '' = by each file's extension (.parquet, .csv)
+  c.data.csv_delimiter = ','  # source='files': the CSV field separator
+  c.data.log = ml_collections.ConfigDict()
+  c.data.log.paths = ()  # source='files': the interaction log's files or globs (read in sorted order, concatenated)
+  c.data.log.user_column = 'user_id'  # the user id column (null or empty ids are an error)
+  c.data.log.item_column = 'item_id'  # the item id column
+  c.data.log.timestamp_column = 'timestamp'  # time of the interaction ('' = none; splits by time need it)
+  c.data.user_table = ml_collections.ConfigDict()
+  c.data.user_table.paths = ()  # optional user side table(s), one row per user (duplicate ids are an error)
+  c.data.user_table.id_column = 'user_id'  # its id column (matched against the log's user_column)
+  c.data.item_table = ml_collections.ConfigDict()
+  c.data.item_table.paths = ()  # optional item side table(s), one row per item
+  c.data.item_table.id_column = 'item_id'  # its id column
+  c.data.item_table.title_column = ''  # a column shown with recommendations ('' = none)
+  c.data.split = 'random'  # 'random', 'leave_last_out' (per user, by time), 'timestamp', 'column' or 'head'
+  c.data.test_fraction = 0.2  # split='random': the seeded share of log rows in the test set
+  c.data.valid_fraction = 0.05  # seeded share of the non-test rows held out for early stopping (not 'column')
+  c.data.split_cut = 0  # split='timestamp': rows at or after this time are the test set
+  c.data.split_column = ''  # split='column': a column holding 'train', 'valid' or 'test' per row
+  c.data.split_test_rows = 0  # split='head': the first N rows of the log (in file order) are the test set
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.num_users = 2000  # synthetic source: number of users
   c.data.synthetic.num_items = 1000  # synthetic source: number of items
   c.data.synthetic.interactions_per_user = 20  # synthetic source: observed items per user
   c.data.synthetic.latent_dim = 8  # synthetic source: rank of the planted factors
 
-  c.features = ml_collections.ConfigDict()
-  c.features.user = USER_FEATURES  # user features fed to the model (subset of USER_FEATURES)
-  c.features.item = ITEM_FEATURES  # item features fed to the model (subset of ITEM_FEATURES)
-  c.features.embed_dim = 32  # width of every embedding table
-  c.features.age_boundaries = (18, 25, 35, 45, 50, 56)  # age bucket edges (ML-1M's buckets)
-  c.features.year_bucket_years = 5  # release years are bucketed in spans of this many years
-  c.features.zip_prefix_len = 2  # zip codes are reduced to this many leading characters
-  c.features.row_multiple = 8  # id tables get rows padded to a multiple of this (must be divisible by the model axis)
+  c.features = ml_collections.ConfigDict()  # {name: feature(...)}: the model's inputs, in declaration order
+  c.tasks = ml_collections.ConfigDict()  # {name: task(...)}: the heads, in declaration order
 
   c.sampling = ml_collections.ConfigDict()
-  c.sampling.num_negatives = 4  # sampled unobserved items per observed pair, for the click task
+  c.sampling.num_negatives = 4  # sampled unobserved items per log row, for tasks defined on all rows
   c.sampling.distribution = 'uniform'  # 'uniform' or 'popularity' (train count ** power)
   c.sampling.popularity_power = 0.75  # exponent for distribution='popularity'
 
   c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 32  # width of every embedding table
+  c.model.row_multiple = 8  # sharded tables get rows padded to a multiple of this (divisible by the model axis)
   c.model.backbone = 'shared_bottom'  # 'shared_bottom', 'mmoe' or 'ple' (single-level CGC)
   c.model.hidden_dims = (256, 128)  # shared-bottom MLP widths, or each expert's widths for MMoE/PLE
   c.model.num_experts = 4  # MMoE: experts shared by all tasks
   c.model.num_shared_experts = 2  # PLE: shared experts
   c.model.num_task_experts = 1  # PLE: experts owned by each task
   c.model.tower_dims = (32,)  # per-task tower MLP widths before the head
-  c.model.interaction = True  # feed the element-wise product of user and item vectors to the backbone
+  c.model.interaction = True  # feed the element-wise product of user (+ context) and item vectors to the backbone
   c.model.gmf = False  # NeuMF's GMF path: per-task linear read-out of the user x item product added to each head
-  c.model.id_biases = False  # wide part: per-task scalar biases per user id and item id added to each head
-  c.model.esmm = False  # P(click & like) = P(click) * P(like | click), trained on all rows (like must be binary)
+  c.model.id_biases = False  # wide part: per-task scalar biases per sharded (id) feature row added to each head
+  # ESMM: P(observed & y) = P(observed) * P(y | observed), trained on all rows, for the first binary task on observed
+  # rows; needs a task with label 'observed'.
+  c.model.esmm = False
   c.model.loss_weighting = 'static'  # 'static' (task weights) or 'uncertainty' (Kendall et al. 2018, learned)
   c.model.dropout = 0.0  # dropout rate on backbone and tower activations
-
-  c.tasks = ml_collections.ConfigDict()
-  for name, kind, label in (('click', 'binary', 'click'), ('like', 'binary', 'like'),
-                            ('rating', 'regression', 'rating')):
-    t = ml_collections.ConfigDict()
-    t.kind = kind  # head kind: 'binary', 'multiclass' or 'regression'
-    t.label = label  # 'click' (all rows), 'like', 'rating' or 'rating_class' (observed rows only)
-    t.weight = 1.0  # static loss weight (the initial scale under uncertainty weighting)
-    t.fusion_weight = {'click': 0.4, 'like': 0.3, 'rating': 0.3}[name]  # default weight in the fused ranking score
-    c.tasks[name] = t
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adamw'  # 'adam' or 'adamw'
@@ -98,15 +167,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.schedule = 'cosine'  # 'constant' or 'cosine' decay to 0 over the run
   c.optimizer.warmup_steps = 100  # linear warmup steps
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
-  c.optimizer.embedding_l2 = 1e-5  # L2 penalty on the embedding rows used in a batch (per example)
+  c.optimizer.embedding_l2 = 1e-5  # L2 penalty on the sharded-table rows used in a batch (per example)
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 1024  # global batch size (rows: observed pairs and sampled negatives)
+  c.train.batch_size = 1024  # global batch size (rows: log rows and sampled negatives)
   c.train.epochs = 6  # epochs; the cosine schedule decays to 0 over them (early stopping may end sooner)
   c.train.log_every_steps = 50  # history.jsonl / TensorBoard / progress-bar interval
   c.train.checkpoint_every_steps = 500  # also saved at every epoch end
   c.train.keep_checkpoints = 3  # latest checkpoints kept (the best one is kept apart)
-  c.train.early_stopping_metric = 'rating_rmse'  # validation metric for early stopping and model selection
+  # Validation metric for early stopping and model selection: '<task>_<metric>' (auc, logloss, accuracy, rmse,
+  # mae, class_accuracy) or 'recall@K' / 'ndcg@K' (K = eval.k); '' = the first task's auc or rmse.
+  c.train.early_stopping_metric = ''
   c.train.patience = 4  # epochs without improvement before stopping; 0 disables early stopping
   c.train.progress_bar = True  # tqdm progress bar with loss and examples/s
   # The batch's gradient is summed over this many fixed groups of rows, in one fixed order, so a run gives the same
@@ -119,16 +190,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8192  # rows per eval batch
   c.eval.k = 10  # cutoff for Recall/NDCG/HR
   c.eval.sampled_negatives = 99  # NCF protocol: unobserved items ranked against each held-out positive
-  c.eval.click_negatives = 4  # sampled unobserved items per held-out positive for click AUC/LogLoss
-  c.eval.ranking_task = 'click'  # task whose score ranks the catalog for Recall/NDCG
+  c.eval.click_negatives = 4  # sampled unobserved items per held-out row for tasks on all rows (AUC/LogLoss)
+  c.eval.ranking_task = ''  # task whose score ranks the catalog for Recall/NDCG; '' = the first task
+  c.eval.gain_column = ''  # log column of graded-NDCG gains (e.g. the rating); '' = 1 per held-out item
   c.eval.ranking_rows_per_batch = 262_144  # (user, item) pairs scored at once when ranking the whole catalog
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)  # device mesh shape; -1 = all remaining devices
-  c.mesh.axis_names = ('data', 'model')  # batch is split over 'data', embedding rows over 'model'
+  c.mesh.axis_names = ('data', 'model')  # batch is split over 'data', sharded table rows over 'model'
 
   c.export = ml_collections.ConfigDict()
-  c.export.enabled = True  # train_and_evaluate ends by writing W/export/<version>/ (see mtl_rec/export.py)
+  c.export.enabled = True  # train.py ends by writing W/export/<version>/ (see mtl_rec/export.py)
   c.export.max_k = 100  # largest k the exported `recommend` returns (capped at the catalog size)
   c.export.chunk_items = 4096  # `recommend` scores the catalog in blocks of this many items (memory: users x block)
   c.export.platforms = ('cpu',)  # jax.export lowering platforms, e.g. ('cpu', 'cuda') for one artifact on both
@@ -139,40 +211,64 @@ def _err(field: str, value: Any, fix: str) -> ValueError:
   return ValueError(f'config.{field}={value!r} is invalid: {fix}')
 
 
+def ranking_task(c: ml_collections.ConfigDict) -> str:
+  """The task whose score ranks the catalog: eval.ranking_task, or the first task."""
+  return c.eval.ranking_task or ordered(c.tasks)[0][0]
+
+
+def early_stopping_metric(c: ml_collections.ConfigDict) -> str:
+  """train.early_stopping_metric, or the first task's auc (rmse for regression)."""
+  if c.train.early_stopping_metric:
+    return c.train.early_stopping_metric
+  name, t = ordered(c.tasks)[0]
+  return f'{name}_{"rmse" if t.kind == "regression" else "auc"}'
+
+
+def metric_mode(metric: str) -> str:
+  """'min' or 'max': which direction of a metric is better."""
+  return 'min' if metric.endswith(LOWER_IS_BETTER) else 'max'
+
+
+def feature_column(name: str, f: ml_collections.ConfigDict) -> str:
+  return f.column or name
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field and how to fix it."""
   def one_of(field: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-      raise _err(field, value, f'use one of {", ".join(allowed)}')
+      raise _err(field, value, f'use one of {", ".join(repr(a) for a in allowed)}')
 
   def positive(field: str, value: Any) -> None:
     if not value > 0:
       raise _err(field, value, 'must be > 0')
 
-  one_of('data.source', c.data.source, DATA_SOURCES)
-  one_of('data.split', c.data.split, SPLITS)
-  if c.data.split == 'u1' and c.data.source != 'movielens_100k':
-    # TFDS shuffles u.data's line order, which u1 is defined by.
-    raise _err('data.split', c.data.split, "the official u1 split needs MovieLens-100K in u.data order "
-               "(data.source='movielens_100k'); use 'random' or 'leave_last_out'")
+  d = c.data
+  one_of('data.source', d.source, DATA_SOURCES)
+  one_of('data.format', d.format, FILE_FORMATS)
+  if d.source == 'files' and not d.log.paths:
+    raise _err('data.log.paths', tuple(d.log.paths), "source='files' needs the interaction log: Parquet or CSV "
+               'files or globs, e.g. --config.data.log.paths="(\'logs/*.parquet\',)"')
+  for field in ('user_column', 'item_column'):
+    if not d.log[field]:
+      raise _err(f'data.log.{field}', d.log[field], 'name the id column of the log')
+  if len(d.csv_delimiter) != 1:
+    raise _err('data.csv_delimiter', d.csv_delimiter, 'must be one character')
+  one_of('data.split', d.split, SPLITS)
   for field in ('test_fraction', 'valid_fraction'):
-    v = c.data[field]
-    if not 0 < v < 1:
-      raise _err(f'data.{field}', v, 'must be in (0, 1)')
-  if not 1 <= c.data.like_threshold <= 5:
-    raise _err('data.like_threshold', c.data.like_threshold, 'must be a rating between 1 and 5')
+    if not 0 < d[field] < 1:
+      raise _err(f'data.{field}', d[field], 'must be in (0, 1)')
+  if d.split in ('timestamp', 'leave_last_out') and not d.log.timestamp_column:
+    raise _err('data.split', d.split, 'needs data.log.timestamp_column')
+  if d.split == 'column' and not d.split_column:
+    raise _err('data.split_column', d.split_column, "split='column' needs the column naming each row's split")
+  if d.split == 'head' and d.split_test_rows <= 0:
+    raise _err('data.split_test_rows', d.split_test_rows, "split='head' needs the number of test rows (> 0)")
   for field in ('num_users', 'num_items', 'interactions_per_user', 'latent_dim'):
-    positive(f'data.synthetic.{field}', c.data.synthetic[field])
+    positive(f'data.synthetic.{field}', d.synthetic[field])
 
-  for field, allowed in (('user', USER_FEATURES), ('item', ITEM_FEATURES)):
-    feats = tuple(c.features[field])
-    unknown = [f for f in feats if f not in allowed]
-    if unknown or not feats:
-      raise _err(f'features.{field}', feats, f'choose a non-empty subset of {", ".join(allowed)}')
-  for field in ('embed_dim', 'year_bucket_years', 'zip_prefix_len', 'row_multiple'):
-    positive(f'features.{field}', c.features[field])
-  if list(c.features.age_boundaries) != sorted(set(c.features.age_boundaries)):
-    raise _err('features.age_boundaries', c.features.age_boundaries, 'must be strictly increasing')
+  _validate_features(c)
+  _validate_tasks(c)
 
   if c.sampling.num_negatives < 0:
     raise _err('sampling.num_negatives', c.sampling.num_negatives, 'must be >= 0')
@@ -180,32 +276,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   one_of('model.backbone', c.model.backbone, BACKBONES)
   one_of('model.loss_weighting', c.model.loss_weighting, LOSS_WEIGHTINGS)
+  for field in ('embed_dim', 'row_multiple'):
+    positive(f'model.{field}', c.model[field])
   if not c.model.hidden_dims or min(c.model.hidden_dims) <= 0:
     raise _err('model.hidden_dims', c.model.hidden_dims, 'must be a non-empty tuple of positive widths')
-  if any(d <= 0 for d in c.model.tower_dims):
+  if any(dim <= 0 for dim in c.model.tower_dims):
     raise _err('model.tower_dims', c.model.tower_dims, 'widths must be positive')
   for field in ('num_experts', 'num_shared_experts', 'num_task_experts'):
     positive(f'model.{field}', c.model[field])
   if not 0 <= c.model.dropout < 1:
     raise _err('model.dropout', c.model.dropout, 'must be in [0, 1)')
-
-  if not c.tasks:
-    raise _err('tasks', dict(c.tasks), 'define at least one task')
-  for name, t in c.tasks.items():
-    one_of(f'tasks.{name}.kind', t.kind, HEAD_KINDS)
-    one_of(f'tasks.{name}.label', t.label, LABELS)
-    wanted = {'click': 'binary', 'like': 'binary', 'rating': 'regression', 'rating_class': 'multiclass'}[t.label]
-    if t.kind != wanted:
-      raise _err(f'tasks.{name}.kind', t.kind, f"label '{t.label}' needs a '{wanted}' head")
-    if not t.weight >= 0 or not math.isfinite(t.weight):
-      raise _err(f'tasks.{name}.weight', t.weight, 'must be a finite number >= 0')
-    if not math.isfinite(t.fusion_weight):
-      raise _err(f'tasks.{name}.fusion_weight', t.fusion_weight, 'must be finite')
-  labels = [t.label for t in c.tasks.values()]
-  if c.model.esmm and not ('click' in labels and 'like' in labels):
-    raise _err('model.esmm', True, "ESMM needs a 'click' task and a binary 'like' task")
-  if c.sampling.num_negatives == 0 and 'click' in labels:
-    raise _err('sampling.num_negatives', 0, 'the click task needs sampled negatives; set it >= 1 or drop the task')
+  if c.model.esmm and esmm_pair(c) is None:
+    raise _err('model.esmm', True, "ESMM needs a task with label 'observed' and a binary task on observed rows")
 
   one_of('optimizer.name', c.optimizer.name, OPTIMIZERS)
   one_of('optimizer.schedule', c.optimizer.schedule, SCHEDULES)
@@ -220,16 +302,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise _err('train.grad_groups', c.train.grad_groups, 'must be an integer >= 0 (0 = let XLA sum the gradient)')
   if c.train.patience < 0:
     raise _err('train.patience', c.train.patience, 'must be >= 0 (0 disables early stopping)')
-  if c.train.early_stopping_metric not in METRIC_MODES:
-    raise _err('train.early_stopping_metric', c.train.early_stopping_metric,
-               f'use one of {", ".join(METRIC_MODES)}')
-  task_of_metric = c.train.early_stopping_metric.split('_')[0]
-  if task_of_metric in ('rating', 'like', 'click') and task_of_metric not in c.tasks:
-    raise _err('train.early_stopping_metric', c.train.early_stopping_metric, f"there is no '{task_of_metric}' task")
+  known = known_metrics(c)
+  if early_stopping_metric(c) not in known:
+    raise _err('train.early_stopping_metric', c.train.early_stopping_metric, f'use one of {", ".join(known)}')
 
   for field in ('batch_size', 'k', 'sampled_negatives', 'click_negatives', 'ranking_rows_per_batch'):
     positive(f'eval.{field}', c.eval[field])
-  if c.eval.ranking_task not in c.tasks:
+  if c.eval.ranking_task and c.eval.ranking_task not in c.tasks:
     raise _err('eval.ranking_task', c.eval.ranking_task, f'name one of the tasks: {", ".join(c.tasks)}')
 
   for field in ('max_k', 'chunk_items'):
@@ -246,9 +325,106 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise _err('mesh.shape', shape, 'sizes are positive, with at most one -1 meaning "the rest"')
 
 
-def metric_mode(metric: str) -> str:
-  """'min' or 'max': which direction of `metric` is better."""
-  return METRIC_MODES[metric]
+_NAME = re.compile(r'^[A-Za-z][A-Za-z0-9_]*$')
+
+
+def _validate_features(c: ml_collections.ConfigDict) -> None:
+  if not c.features:
+    raise _err('features', {}, "declare the model's inputs, e.g. config.features.user_id = "
+               "config_lib.feature('user', 'user_id', sharded=True)")
+  for name, f in c.features.items():
+    if not isinstance(f, ml_collections.ConfigDict) or 'entity' not in f or 'position' not in f:
+      raise _err(f'features.{name}', f, 'declare features with config.feature(...)')
+  for name, t in c.tasks.items():
+    if not isinstance(t, ml_collections.ConfigDict) or 'label' not in t or 'position' not in t:
+      raise _err(f'tasks.{name}', t, 'declare tasks with config.task(...)')
+  for name, f in ordered(c.features):
+    where = f'features.{name}'
+    if not _NAME.match(name):
+      raise _err(where, name, 'feature names are identifiers (letters, digits, _)')
+    for field in ('entity', 'kind', 'vocabulary', 'pooling', 'transform', 'dtype'):
+      allowed = {'entity': ENTITIES, 'kind': FEATURE_KINDS, 'vocabulary': VOCABULARIES, 'pooling': POOLINGS,
+                 'transform': TRANSFORMS, 'dtype': COLUMN_TYPES}[field]
+      if f[field] not in allowed:
+        raise _err(f'{where}.{field}', f[field], f'use one of {", ".join(repr(a) for a in allowed)}')
+    if f.kind != 'numeric' and f.vocabulary == 'hash' and f.hash_buckets <= 0:
+      raise _err(f'{where}.hash_buckets', f.hash_buckets, "vocabulary='hash' needs hash_buckets > 0")
+    if f.kind != 'numeric' and f.vocabulary == 'hash' and f.categories:
+      raise _err(f'{where}.categories', tuple(f.categories), "a fixed vocabulary and vocabulary='hash' exclude each other")
+    if len(set(f.categories)) != len(f.categories):
+      raise _err(f'{where}.categories', tuple(f.categories), 'values must be distinct')
+    for field in ('min_count', 'max_values'):
+      if f[field] < 1:
+        raise _err(f'{where}.{field}', f[field], 'must be >= 1')
+    for field in ('max_size', 'prefix', 'divide'):
+      if f[field] < 0:
+        raise _err(f'{where}.{field}', f[field], 'must be >= 0 (0 = off)')
+    if f.sharded and f.kind != 'categorical':
+      raise _err(f'{where}.sharded', True, 'only categorical features have sharded tables')
+    if f.kind == 'numeric':
+      if list(f.boundaries) != sorted(set(f.boundaries)):
+        raise _err(f'{where}.boundaries', tuple(f.boundaries), 'must be strictly increasing')
+      if f.transform == 'bucketize' and not f.boundaries and f.num_buckets < 2:
+        raise _err(f'{where}.num_buckets', f.num_buckets, 'quantile buckets need num_buckets >= 2')
+  for entity in ('user', 'item'):
+    if not any(f.entity == entity for f in c.features.values()):
+      raise _err('features', tuple(c.features), f"declare at least one '{entity}' feature (e.g. its id)")
+
+
+def _validate_tasks(c: ml_collections.ConfigDict) -> None:
+  if not c.tasks:
+    raise _err('tasks', {}, "declare at least one task, e.g. config.tasks.click = config_lib.task('binary', "
+               "'observed')")
+  for name, t in ordered(c.tasks):
+    where = f'tasks.{name}'
+    if not _NAME.match(name) or name == 'score':
+      raise _err(where, name, "task names are identifiers (letters, digits, _), not 'score'")
+    if t.kind not in HEAD_KINDS:
+      raise _err(f'{where}.kind', t.kind, f'use one of {", ".join(HEAD_KINDS)}')
+    if t.rows not in TASK_ROWS:
+      raise _err(f'{where}.rows', t.rows, "use 'all' (log rows and sampled negatives) or 'observed' (log rows)")
+    if not t.label:
+      raise _err(f'{where}.label', t.label, "name a column of the log, or 'observed' for implicit feedback")
+    if t.label == OBSERVED and (t.kind != 'binary' or t.rows != 'all'):
+      raise _err(f'{where}.label', t.label, "the implicit label 'observed' needs kind='binary' and rows='all'")
+    if t.rows == 'all' and t.kind != 'binary':
+      raise _err(f'{where}.rows', t.rows, "only binary tasks are defined on sampled negatives (label 0); use "
+                 "rows='observed'")
+    if t.threshold is not None and (t.kind != 'binary' and not (t.kind == 'multiclass' and t.classes)):
+      raise _err(f'{where}.threshold', t.threshold, 'a threshold defines binary labels (or, for a multiclass task '
+                 'with numeric values, which classes count as positive)')
+    if t.kind == 'multiclass' and (len(t.classes) < 2 or len(set(t.classes)) != len(t.classes)):
+      raise _err(f'{where}.classes', tuple(t.classes), "multiclass needs the label column's distinct values in class "
+                 'order, at least two')
+    if t.range and (len(t.range) != 2 or not t.range[0] < t.range[1]):
+      raise _err(f'{where}.range', tuple(t.range), 'give (lowest, highest) with lowest < highest, or ()')
+    if not t.weight >= 0 or not math.isfinite(t.weight):
+      raise _err(f'{where}.weight', t.weight, 'must be a finite number >= 0')
+    if not math.isfinite(t.fusion_weight):
+      raise _err(f'{where}.fusion_weight', t.fusion_weight, 'must be finite')
+    if t.label == OBSERVED and c.sampling.num_negatives == 0:
+      raise _err('sampling.num_negatives', 0, f"task '{name}' (label 'observed') needs sampled negatives; set it >= 1")
+
+
+def esmm_pair(c: ml_collections.ConfigDict) -> tuple[str, str] | None:
+  """ESMM's (implicit task, conditional task): the task with label 'observed' and the first binary task on
+  observed rows; None where there is no such pair."""
+  implicit = next((n for n, t in ordered(c.tasks) if t.label == OBSERVED), None)
+  conditional = next((n for n, t in ordered(c.tasks) if t.kind == 'binary' and t.rows == 'observed'), None)
+  return (implicit, conditional) if implicit and conditional else None
+
+
+def known_metrics(c: ml_collections.ConfigDict) -> list[str]:
+  """Every validation metric the declared tasks report (what early stopping may select on)."""
+  out = []
+  for name, t in ordered(c.tasks):
+    suffixes = METRIC_SUFFIXES[t.kind]
+    if t.kind == 'binary' and t.label == OBSERVED:
+      suffixes = ('auc', 'logloss')
+    if t.kind == 'multiclass' and t.threshold is None:
+      suffixes = ('class_accuracy', 'class_logloss')
+    out += [f'{name}_{s}' for s in suffixes]
+  return out + [f'recall@{c.eval.k}', f'ndcg@{c.eval.k}']
 
 
 def to_json(c: ml_collections.ConfigDict) -> str:
@@ -257,19 +433,25 @@ def to_json(c: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """Rebuilds a config saved by `to_json` on top of today's defaults (fields added since then keep their default)."""
+  """Rebuilds a config saved by `to_json` on top of today's defaults (fields added since then keep their default;
+  declared features and tasks are taken as saved, on top of feature()/task() defaults)."""
   saved = json.loads(text)
   c = base_config()
 
   def merge(dst: ml_collections.ConfigDict, src: dict[str, Any]) -> None:
     for key, value in src.items():
       if isinstance(value, dict) and key in dst and isinstance(dst[key], ml_collections.ConfigDict):
-        if key == 'tasks':  # task sets differ between configs: take the saved set as it is
-          dst[key] = ml_collections.ConfigDict(value)
-        else:
-          merge(dst[key], value)
+        merge(dst[key], value)
+      elif key in dst and isinstance(dst[key], tuple) and isinstance(value, list):
+        dst[key] = tuple(value)
       else:
         dst[key] = tuple(value) if isinstance(value, list) else value
   with c.unlocked():
-    merge(c, saved)
+    merge(c, {k: v for k, v in saved.items() if k not in ('features', 'tasks')})
+    for name, f in saved.get('features', {}).items():
+      c.features[name] = feature(f['entity'])
+      merge(c.features[name], f)
+    for name, t in saved.get('tasks', {}).items():
+      c.tasks[name] = task(t['kind'], t['label'], t.get('rows', ''))
+      merge(c.tasks[name], t)
   return c

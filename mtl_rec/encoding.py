@@ -1,18 +1,20 @@
-"""Feature encoding rules as data: how a raw value becomes a row of an embedding table (or a multi-hot vector).
+"""Feature encoding rules as data: how raw values become rows of an embedding table, or numbers.
 
-A rule is a JSON-able dict. `features.fit` fits it on the training split and encodes every user and item with
-`encode`; the run directory and the export manifest store it as it is, and the server encodes request values with
-the same `encode`, so training and serving cannot disagree. Kinds:
+A rule is a JSON-able dict. `features.fit` fits it on the training split and encodes every user, item and log row
+with `encode`; the run directory and the export manifest store it as it is, and the server encodes request values
+with the same `encode`, so training and serving cannot disagree. Every rule names its raw field (`raw`) and the
+type of value it reads (`raw_type`: 'id', 'str', 'int', 'float' or 'list[str]'). Kinds:
 
-  {'kind': 'vocab', 'raw': FIELD, 'raw_type': 'id' | 'str' | 'int', 'vocab': NAME, 'prefix': N, 'divide': N}
-      str values are cut to their first `prefix` characters (if given); int values below 0 are unknown, others
-      are floor-divided by `divide` (if given); the result's row is 1 + its position in the sorted vocabulary NAME,
-      and anything not in it (unknown or unseen in training) is row 0, the out-of-vocabulary row.
-  {'kind': 'bucket', 'raw': FIELD, 'raw_type': 'int', 'boundaries': [b1, b2, ...]}
-      values below 0 are unknown (row 0); others are row 1 + the number of boundaries <= value.
-  {'kind': 'multi_hot', 'raw': FIELD, 'raw_type': 'list[str]', 'names': [...]}
-      a float32 vector over `names`, 1 where the name is in the list (a bool matrix whose columns are `names`
-      is taken as already encoded).
+  vocab      {'vocab': NAME, 'prefix': N, 'divide': N}: str values are cut to their first `prefix` characters, int
+             values floor-divided by `divide` (negative ones are unknown then); row 1 + the value's place in the
+             vocabulary NAME (sorted, or in a declared order), and row 0 (out-of-vocabulary) for anything else:
+             unseen, missing ('' or NaN) or rare.
+  hash       {'buckets': N, 'prefix', 'divide'}: row 1 + stable_hash(value) % N; missing values row 0.
+  bucket     {'boundaries': [...], 'log1p': bool}: row 1 + the number of boundaries <= value; missing row 0.
+  numeric    {'mean', 'std', 'log1p'}: float32 (value - mean) / std; missing values 0 (the mean).
+  multi      {'vocab': NAME | 'buckets': N, 'delimiter', 'max_values': L}: a list (or a delimited string) of str
+             values -> int32 [L] rows of the value table (vocabulary position or hash bucket; unknown values are
+             dropped, no out-of-vocabulary row), padded with -1.
 
 Only numpy here: the serving binary imports this module and nothing of training or the model.
 """
@@ -25,27 +27,45 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 OOV_ROW = 0
-KINDS = ('vocab', 'bucket', 'multi_hot')
+PAD = -1
+KINDS = ('vocab', 'hash', 'bucket', 'numeric', 'multi')
 
 
 @dataclasses.dataclass(frozen=True)
 class Vocab:
-  """Sorted known values; `lookup` maps values to rows 1..n and anything else to OOV_ROW."""
+  """Known values; `lookup` maps them to rows 1..n and anything else to OOV_ROW. Rows follow the sorted values, or
+  a declared order (`order[j]` = the 0-based place of the j-th sorted key)."""
 
   keys: np.ndarray  # sorted unique values (int64 or str)
+  order: np.ndarray | None = None
 
   @classmethod
   def fit(cls, values: np.ndarray) -> 'Vocab':
     return cls(np.unique(np.asarray(values)))
+
+  @classmethod
+  def declared(cls, values: Sequence[Any]) -> 'Vocab':
+    """Rows in the given order (row 1 = values[0])."""
+    values = np.asarray(values)
+    order = np.argsort(values, kind='stable')
+    return cls(values[order], order.astype(np.int64))
 
   @property
   def size(self) -> int:
     """Number of rows including the OOV row."""
     return int(self.keys.shape[0]) + 1
 
-  def lookup(self, values: np.ndarray) -> np.ndarray:
+  def values(self) -> np.ndarray:
+    """The known values in row order (row 1 first)."""
+    if self.order is None:
+      return self.keys
+    out = np.empty_like(self.keys)
+    out[self.order] = self.keys
+    return out
+
+  def lookup(self, values: Any) -> np.ndarray:
     values = np.asarray(values)
-    if self.keys.size == 0:
+    if self.keys.size == 0 or values.size == 0:
       return np.zeros(values.shape, np.int32)
     if values.dtype.kind != self.keys.dtype.kind:  # e.g. str ids against an int vocabulary
       try:
@@ -55,65 +75,168 @@ class Vocab:
     pos = np.searchsorted(self.keys, values)
     pos_c = np.minimum(pos, self.keys.shape[0] - 1)
     found = self.keys[pos_c] == values
-    return np.where(found, pos_c + 1, OOV_ROW).astype(np.int32)
+    rows = pos_c if self.order is None else self.order[pos_c]
+    return np.where(found, rows + 1, OOV_ROW).astype(np.int32)
 
 
-def vocab_values(rule: Mapping[str, Any], values: Any) -> np.ndarray:
-  """The values a 'vocab' rule looks up, before the lookup (what its vocabulary is fitted on); unknown int values
-  come back as -1, which no fitted vocabulary holds."""
-  if rule['raw_type'] == 'int':
-    v = np.asarray(values, np.int64)
-    return np.where(v < 0, -1, v // int(rule.get('divide', 1)))
-  if rule['raw_type'] == 'str':
+def stable_hash(values: Any) -> np.ndarray:
+  """uint64 hashes that are the same in every process and on every machine (Python's hash() is salted): splitmix64
+  of integers, FNV-1a of the UTF-8 bytes of strings."""
+  values = np.asarray(values)
+  with np.errstate(over='ignore'):
+    if values.dtype.kind in 'iu':
+      z = values.astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+      z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+      z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+      return z ^ (z >> np.uint64(31))
+    raw = np.char.encode(values.astype(np.str_), 'utf-8') if values.size else np.zeros(0, 'S1')
+    width = max(raw.dtype.itemsize, 1)
+    data = np.frombuffer(raw.tobytes(), np.uint8).reshape(-1, width) if raw.size else np.zeros((0, 1), np.uint8)
+    lengths = np.char.str_len(raw) if raw.size else np.zeros(0, int)
+    h = np.full(data.shape[0], 0xCBF29CE484222325, np.uint64)
+    for j in range(width):
+      h = np.where(j < lengths, (h ^ data[:, j].astype(np.uint64)) * np.uint64(0x100000001B3), h)
+    return h
+
+
+def vocab_values(rule: Mapping[str, Any], values: Any) -> tuple[np.ndarray, np.ndarray]:
+  """(values as the rule looks them up or hashes them, known mask): str values cut to `prefix`, '' unknown; int
+  values floor-divided by `divide` (negative ones unknown then), NaN unknown; ids as they are."""
+  raw_type = rule['raw_type']
+  if raw_type == 'int':
+    v = np.asarray(values, np.float64)
+    known = np.isfinite(v)
+    if rule.get('divide'):
+      known &= v >= 0
+    v = np.where(known, v, 0).astype(np.int64)
+    return (v // int(rule['divide']) if rule.get('divide') else v), known
+  if raw_type == 'str':
     v = np.asarray(values).astype(np.str_)
-    prefix = rule.get('prefix')
-    return v.astype(f'<U{int(prefix)}') if prefix is not None else v  # astype to a shorter width truncates
-  return np.asarray(values)
+    if rule.get('prefix'):
+      v = v.astype(f'<U{int(rule["prefix"])}')  # astype to a shorter width truncates
+    return v, (v != '') if v.size else np.zeros(0, bool)
+  v = np.asarray(values)
+  return v, np.ones(v.shape, bool)
+
+
+def _hash_rows(rule: Mapping[str, Any], values: np.ndarray) -> np.ndarray:
+  return (stable_hash(values) % np.uint64(int(rule['buckets']))).astype(np.int64)
+
+
+def numbers(rule: Mapping[str, Any], values: Any) -> np.ndarray:
+  """float64 values of a numeric rule (after log1p, negative values counting as 0); NaN where missing."""
+  x = np.asarray(values, np.float64)
+  return np.log1p(np.maximum(x, 0.0)) if rule.get('log1p') else x
+
+
+def value_lists(rule: Mapping[str, Any], values: Any) -> list[list[str]]:
+  """A multi-valued column as lists of str: lists as they are, strings split at the rule's delimiter."""
+  if hasattr(values, 'lists'):  # data.types.MultiHot
+    return values.lists()
+  out = []
+  for v in values:
+    if isinstance(v, str):
+      out.append([s for s in v.split(rule['delimiter']) if s] if v else [])
+    elif v is None or (isinstance(v, float) and v != v):
+      out.append([])
+    else:
+      out.append([str(s) for s in v])
+  return out
+
+
+def _multi_rows(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab]) -> np.ndarray:
+  length = int(rule['max_values'])
+  if hasattr(values, 'matrix') and 'vocab' in rule:  # a MultiHot: its columns' rows once, then per row
+    cols = vocabs[rule['vocab']].lookup(np.asarray(values.names).astype(np.str_)).astype(np.int64) - 1
+    m = np.asarray(values.matrix, bool) & (cols >= 0)[None, :]
+    key = np.where(m, np.arange(m.shape[1])[None, :], m.shape[1])
+    picked = np.sort(key, axis=1)[:, :length]
+    out = np.where(picked < m.shape[1], cols[np.minimum(picked, m.shape[1] - 1)], PAD)
+    if out.shape[1] < length:
+      out = np.pad(out, [(0, 0), (0, length - out.shape[1])], constant_values=PAD)
+    return out.astype(np.int32)
+  lists = value_lists(rule, values)
+  flat = np.asarray([s for row in lists for s in row], dtype=np.str_)
+  if 'vocab' in rule:
+    rows = vocabs[rule['vocab']].lookup(flat).astype(np.int64) - 1 if flat.size else np.zeros(0, np.int64)
+  else:
+    rows = _hash_rows(rule, flat) if flat.size else np.zeros(0, np.int64)
+  out = np.full((len(lists), length), PAD, np.int32)
+  start = 0
+  for r, row in enumerate(lists):
+    kept = []
+    for x in rows[start:start + len(row)]:
+      if x >= 0 and x not in kept:
+        kept.append(int(x))
+        if len(kept) == length:
+          break
+    out[r, :len(kept)] = kept
+    start += len(row)
+  return out
 
 
 def encode(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab]) -> np.ndarray:
-  """Raw values (an array or list, one per row) -> int32 rows [N], or float32 [N, len(names)] for multi_hot."""
+  """Raw values (an array or list, one per row) -> int32 rows [N], float32 [N] (numeric) or int32 [N, L] (multi)."""
   kind = rule['kind']
   if kind == 'vocab':
-    return vocabs[rule['vocab']].lookup(vocab_values(rule, values))
+    v, known = vocab_values(rule, values)
+    return np.where(known, vocabs[rule['vocab']].lookup(v), OOV_ROW).astype(np.int32)
+  if kind == 'hash':
+    v, known = vocab_values(rule, values)
+    return np.where(known, _hash_rows(rule, v) + 1, OOV_ROW).astype(np.int32)
   if kind == 'bucket':
-    v = np.asarray(values, np.int64)
-    rows = np.searchsorted(np.asarray(rule['boundaries'], np.int64), v, side='right') + 1
-    return np.where(v < 0, OOV_ROW, rows).astype(np.int32)
-  if kind == 'multi_hot':
-    names = list(rule['names'])
-    if isinstance(values, np.ndarray) and values.ndim == 2:
-      if values.shape[1] != len(names):
-        raise ValueError(f"multi_hot '{rule['raw']}': {values.shape[1]} columns, the rule names {len(names)}")
-      return values.astype(np.float32)
-    column = {n: j for j, n in enumerate(names)}
-    out = np.zeros((len(values), len(names)), np.float32)
-    for i, row in enumerate(values):
-      for name in row:
-        j = column.get(name)
-        if j is not None:
-          out[i, j] = 1.0
-    return out
+    x = numbers(rule, values)
+    rows = np.searchsorted(np.asarray(rule['boundaries'], np.float64), x, side='right') + 1
+    return np.where(np.isfinite(x), rows, OOV_ROW).astype(np.int32)
+  if kind == 'numeric':
+    x = (numbers(rule, values) - rule['mean']) / rule['std']
+    return np.where(np.isfinite(x), x, 0.0).astype(np.float32)
+  if kind == 'multi':
+    return _multi_rows(rule, values, vocabs)
   raise ValueError(f'unknown encoding kind {kind!r}; known: {", ".join(KINDS)}')
 
 
+def missing(rule: Mapping[str, Any]) -> np.ndarray:
+  """The encoding of an unknown value (one row): what a request that does not give the field gets."""
+  if rule['kind'] == 'numeric':
+    return np.zeros((), np.float32)
+  if rule['kind'] == 'multi':
+    return np.full((int(rule['max_values']),), PAD, np.int32)
+  return np.zeros((), np.int32)
+
+
 def rows(rule: Mapping[str, Any], vocabs: Mapping[str, Vocab]) -> int:
-  """Rows of the table a rule indexes (columns of a multi_hot vector), the OOV row included."""
+  """Rows of the table a rule indexes (OOV row included; a multi rule's value table has none); 0 for numeric."""
   kind = rule['kind']
   if kind == 'vocab':
     return vocabs[rule['vocab']].size
+  if kind == 'hash':
+    return int(rule['buckets']) + 1
   if kind == 'bucket':
     return len(rule['boundaries']) + 2
-  return len(rule['names'])
+  if kind == 'multi':
+    return vocabs[rule['vocab']].size - 1 if 'vocab' in rule else int(rule['buckets'])
+  return 0
+
+
+def unknown(rule: Mapping[str, Any], value: Any, vocabs: Mapping[str, Vocab]) -> bool:
+  """Whether a request value falls on the out-of-vocabulary row (or, multi-valued, holds a value that is dropped)."""
+  if value is None or rule['kind'] in ('numeric', 'bucket', 'hash'):
+    return False
+  if rule['kind'] == 'multi':
+    given = len(set(value_lists(rule, [value])[0]))
+    return given > 0 and int((encode(rule, [value], vocabs) >= 0).sum()) < min(given, int(rule['max_values']))
+  return int(encode(rule, [value], vocabs)[0]) == OOV_ROW
 
 
 def manifest_vocab(vocab: Vocab) -> dict[str, Any]:
-  """A vocabulary's manifest entry (values inline)."""
+  """A vocabulary's manifest entry (values inline, in row order)."""
   keys = np.asarray(vocab.keys)
   return {'dtype': 'int' if keys.dtype.kind in 'iu' else 'str', 'size': int(keys.shape[0]) + 1,
-          'values': keys.tolist()}
+          'values': vocab.values().tolist(), 'declared_order': vocab.order is not None}
 
 
-def vocab_from_values(dtype: str, values: Sequence[Any]) -> Vocab:
-  """A Vocab from a manifest's sorted values."""
-  return Vocab(np.asarray(values, dtype=np.int64 if dtype == 'int' else np.str_))
+def vocab_from_values(dtype: str, values: Sequence[Any], declared_order: bool = False) -> Vocab:
+  """A Vocab from a manifest entry's values (in row order)."""
+  arr = np.asarray(values, dtype=np.int64 if dtype == 'int' else np.str_)
+  return Vocab.declared(arr) if declared_order else Vocab(arr)

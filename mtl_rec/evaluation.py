@@ -2,56 +2,75 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from mtl_rec import baselines as baselines_lib
+from mtl_rec import config as config_lib
 from mtl_rec import metrics as metrics_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec.experiment import Experiment
 from mtl_rec.input_pipeline import EvalSet
 from mtl_rec.scoring import NetworkScorer, PopularityScorer, Scorer
 
-REQUIRED_METRICS = ('rating_rmse', 'rating_mae', 'like_auc', 'like_logloss', 'like_accuracy', 'click_auc',
-                    'click_logloss', 'recall@10', 'ndcg@10', 'hr@10_sampled', 'ndcg@10_sampled')
+RANKING_METRICS = ('recall@{k}', 'ndcg@{k}', 'hr@{k}_sampled', 'ndcg@{k}_sampled')
+
+
+def headline_metrics(specs: Sequence[tasks_lib.TaskSpec], k: int) -> list[str]:
+  """The metrics every run reports, in the order tables list them: each task's, then the ranking ones."""
+  out = []
+  for s in specs:
+    suffixes = {'binary': ('auc', 'logloss') + (() if s.implicit else ('accuracy',)), 'regression': ('rmse', 'mae'),
+                'multiclass': ('class_accuracy',) + (('auc', 'logloss', 'accuracy') if s.threshold is not None else
+                                                     ('class_logloss',))}[s.kind]
+    out += [f'{s.name}_{x}' for x in suffixes]
+  return out + [m.format(k=k) for m in RANKING_METRICS]
 
 
 def pointwise_metrics(scorer: NetworkScorer, exp: Experiment, eval_set: EvalSet) -> dict[str, float]:
-  """AUC/LogLoss/accuracy, RMSE/MAE of every task over an eval set's rows (held-out pairs + sampled negatives)."""
+  """Every task's metrics over an eval set's rows (held-out log rows, plus sampled negatives for tasks on all rows)."""
   ex = eval_set.examples
-  preds = scorer.predict_pairs(ex.user, ex.item)
-  labels = exp.labels(ex.rating, ex.observed)
+  preds = scorer.predict_pairs(ex.user, ex.item, ex.row)
+  labels, defined = exp.labels(ex)
   out = {}
   for s in scorer.specs:
-    out.update(tasks_lib.task_metrics(s, preds[s.name], labels, ex.observed))
+    out.update(tasks_lib.task_metrics(s, preds[s.name], labels[s.name], defined[s.name]))
   return out
 
 
+def _first_rows(users: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(distinct users, the first of each one's rows): the context a user's catalog is ranked in."""
+  eval_users, first = np.unique(users, return_index=True)
+  return eval_users, rows[first]
+
+
 def catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_rows: np.ndarray,
-                            score_users: Callable[[np.ndarray], Any]) -> dict[str, float]:
+                            score_users: Callable[[np.ndarray, np.ndarray], Any]) -> dict[str, float]:
   """Full-catalog Recall/NDCG@K (RecBole protocol, graded NDCG too) of any scorer.
 
-  `score_users(user positions [U]) -> scores [U, num_items]` (numpy or device array). For each user with a
-  held-out rating every catalog item the user has not rated in `history_rows` is ranked; the held-out items are
-  the relevant ones, with the held-out rating as gain for `ndcg@K_graded`.
+  `score_users(user positions [U], log rows [U]) -> scores [U, num_items]` (numpy or device array); the row is the
+  user's first held-out row, whose context the catalog is ranked in. For each user with a held-out row every
+  catalog item the user has not interacted with in `history_rows` is ranked; the held-out items are the relevant
+  ones, with eval.gain_column's value as gain for `ndcg@K_graded`.
   """
   ec, k = exp.config.eval, exp.config.eval.k
   num_items = exp.num_items
   h_users, h_items = exp.user_index[heldout_rows], exp.item_index[heldout_rows]
-  eval_users = np.unique(h_users)
+  eval_users, context_rows = _first_rows(h_users, heldout_rows)
   row_of = np.full(exp.num_users, -1, np.int64)
   row_of[eval_users] = np.arange(eval_users.size)
-  relevant = metrics_lib.csr_from_pairs(row_of[h_users], h_items, eval_users.size,
-                                        gains=exp.data.rating[heldout_rows])
+  relevant = metrics_lib.csr_from_pairs(row_of[h_users], h_items, eval_users.size, gains=exp.gains(heldout_rows))
   seen = metrics_lib.csr_from_pairs(exp.user_index[history_rows], exp.item_index[history_rows], exp.num_users)
   users_per_batch = max(1, min(eval_users.size, ec.ranking_rows_per_batch // num_items))
   topk = np.zeros((eval_users.size, k), np.int64)
   for start in range(0, eval_users.size, users_per_batch):
     users = eval_users[start:start + users_per_batch]
+    rows = context_rows[start:start + users_per_batch]
     pad = users_per_batch - users.size
     users_p = np.concatenate([users, np.repeat(users[-1:], pad)])
-    scores = score_users(users_p)
+    rows_p = np.concatenate([rows, np.repeat(rows[-1:], pad)])
+    scores = score_users(users_p, rows_p)
     exclude = np.zeros((users_p.size, num_items), bool)
     for r, u in enumerate(users_p):
       exclude[r, seen[1][seen[0][u]:seen[0][u + 1]]] = True
@@ -61,16 +80,18 @@ def catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_r
 
 
 def sampled_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray,
-                            score_pairs: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict[str, float]:
-  """The NCF protocol: HR/NDCG@K of each held-out positive against `eval.sampled_negatives` items the user never
-  rated (a fixed seed: every scorer sees the same candidates)."""
+                            score_pairs: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+                            ) -> dict[str, float]:
+  """The NCF protocol: HR/NDCG@K of each held-out row's item against `eval.sampled_negatives` items the user never
+  interacted with (a fixed seed: every scorer sees the same candidates), in that row's context."""
   ec, k = exp.config.eval, exp.config.eval.k
   h_users, h_items = exp.user_index[heldout_rows], exp.item_index[heldout_rows]
   rng = np.random.default_rng([exp.config.seed, 4])
   negs = exp.eval_sampler.sample(h_users, ec.sampled_negatives, rng)
   cand_users = np.repeat(h_users, 1 + ec.sampled_negatives)
   cand_items = np.concatenate([h_items[:, None], negs], axis=1).reshape(-1)
-  s = np.asarray(score_pairs(cand_users, cand_items)).reshape(h_users.size, 1 + ec.sampled_negatives)
+  cand_rows = np.repeat(heldout_rows, 1 + ec.sampled_negatives)
+  s = np.asarray(score_pairs(cand_users, cand_items, cand_rows)).reshape(h_users.size, 1 + ec.sampled_negatives)
   return metrics_lib.sampled_hr_ndcg(s[:, 0], s[:, 1:], k)
 
 
@@ -78,8 +99,8 @@ def ranking_metrics(scorer: Scorer, weights: np.ndarray, exp: Experiment, heldou
                     history_rows: np.ndarray) -> dict[str, float]:
   """Full-catalog Recall/NDCG@K (RecBole protocol) and sampled HR/NDCG@K (NCF protocol) of the ranking score
   `weights` . s (one task's score for one-hot weights)."""
-  out = catalog_ranking_metrics(exp, heldout_rows, history_rows, lambda u: scorer.score_catalog(u, weights))
-  out.update(sampled_ranking_metrics(exp, heldout_rows, lambda u, i: scorer.score_pairs(u, i, weights)))
+  out = catalog_ranking_metrics(exp, heldout_rows, history_rows, lambda u, r: scorer.score_catalog(u, weights, r))
+  out.update(sampled_ranking_metrics(exp, heldout_rows, lambda u, i, r: scorer.score_pairs(u, i, weights, r)))
   return out
 
 
@@ -87,40 +108,52 @@ def full_metrics(scorer: NetworkScorer, exp: Experiment, which: str) -> dict[str
   """Every metric of metrics.json for 'valid' or 'test'; ranking by config.eval.ranking_task."""
   eval_set = exp.valid if which == 'valid' else exp.test
   out = pointwise_metrics(scorer, exp, eval_set)
-  out.update(ranking_metrics(scorer, scorer.weights(exp.config.eval.ranking_task), exp, exp.heldout_rows(which),
-                             exp.history_rows(which)))
+  out.update(ranking_metrics(scorer, scorer.weights(config_lib.ranking_task(exp.config)), exp,
+                             exp.heldout_rows(which), exp.history_rows(which)))
   return out
 
 
 def baseline_metrics(exp: Experiment) -> dict[str, dict[str, float]]:
-  """Floors on the test split: popularity ranking and the bias-only rating model (mu + b_u + b_i)."""
+  """Floors on the test split: popularity (ranking, and AUC of the tasks on all rows) and, where there is a
+  regression task, the bias-only model mu + b_u + b_i of its label (with the AUC of binary tasks that threshold
+  the same column)."""
   s = exp.split
-  train_u, train_i = exp.user_index[s.train], exp.item_index[s.train]
-  pop = PopularityScorer(baselines_lib.popularity_scores(train_i, exp.num_items))
+  pop = PopularityScorer(baselines_lib.popularity_scores(exp.item_index[s.train], exp.num_items))
   one = np.ones(1, np.float32)
   pop_metrics = ranking_metrics(pop, one, exp, s.test, exp.history_rows('test'))
   ex = exp.test.examples
-  pop_metrics['click_auc'] = metrics_lib.auc(ex.observed, pop.score_pairs(ex.user, ex.item, one))
-  lo, hi = exp.labels.rating_range
-  bias = baselines_lib.fit_bias_model(train_u, train_i, exp.data.rating[s.train], exp.num_users, exp.num_items,
-                                      rating_min=lo, rating_max=hi)
-  obs = s.test
-  pred = bias.predict(exp.user_index[obs], exp.item_index[obs])
-  y = exp.data.rating[obs]
-  like = (y >= exp.labels.like_threshold).astype(np.float32)
-  bias_metrics = {'rating_rmse': metrics_lib.rmse(y, pred), 'rating_mae': metrics_lib.mae(y, pred),
-                  'like_auc': metrics_lib.auc(like, pred)}
-  return {'popularity': pop_metrics, 'bias_only': bias_metrics}
+  labels, defined = exp.labels(ex)
+  pop_scores = pop.score_pairs(ex.user, ex.item, one)
+  for spec in exp.specs:  # AUC of ranking by popularity, for every binary task on the rows it is defined on
+    if spec.kind == 'binary':
+      rows = defined[spec.name] > 0
+      pop_metrics[f'{spec.name}_auc'] = metrics_lib.auc(labels[spec.name][rows], pop_scores[rows])
+  out = {'popularity': pop_metrics}
+  regression = next((spec for spec in exp.specs if spec.kind == 'regression'), None)
+  if regression is not None:
+    col = exp.labels.columns[regression.name]
+    train = s.train[col.present[s.train]]
+    lo, hi = regression.value_range
+    bias = baselines_lib.fit_bias_model(exp.user_index[train], exp.item_index[train], col.values[train],
+                                        exp.num_users, exp.num_items, rating_min=lo, rating_max=hi)
+    test = s.test[col.present[s.test]]
+    pred = bias.predict(exp.user_index[test], exp.item_index[test])
+    y = col.values[test]
+    bias_metrics = {f'{regression.name}_rmse': metrics_lib.rmse(y, pred),
+                    f'{regression.name}_mae': metrics_lib.mae(y, pred)}
+    for spec in exp.specs:
+      if spec.kind == 'binary' and spec.label == regression.label and spec.threshold is not None:
+        bias_metrics[f'{spec.name}_auc'] = metrics_lib.auc((y >= spec.threshold).astype(np.float32), pred)
+    out['bias_only'] = bias_metrics
+  return out
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-  """A plain-text table of the test metrics beside the baselines."""
+def format_table(metrics: dict[str, Any], order: Sequence[str] = ()) -> str:
+  """A plain-text table of the test metrics beside the baselines (`order` first, then the rest sorted)."""
   test, base = metrics['test'], metrics.get('baselines', {})
-  keys = list(REQUIRED_METRICS) + sorted(k for k in test if k not in REQUIRED_METRICS)
+  keys = [k for k in order if k in test] + sorted(k for k in test if k not in order)
   lines = [f'{"metric":<22}{"model":>10}{"popularity":>12}{"bias-only":>11}']
   for k in keys:
-    if k not in test:
-      continue
     cells = [f'{test[k]:>10.4f}']
     for b in ('popularity', 'bias_only'):
       v = base.get(b, {}).get(k)

@@ -6,26 +6,28 @@
 A version directory holds:
 
   score           serialized `jax.export` artifact, symbolic batch dim `b`:
-                    (params, user features [b], item features [b], fusion weights [b, T])
+                    (params, user features [b], item features [b], context features [b], fusion weights [b, T])
                     -> {task: [b] for every task, 'score': [b]}
   recommend       serialized `jax.export` artifact, symbolic user dim `u`: scores the whole catalog for each user
                   inside the graph (in blocks of `chunk_items`, merged with a running top-k; no custom ops):
-                    (params, catalog item features [I], user features [u], exclude mask bool [u, I],
-                     fusion weights [u, T]) -> {'items': int32 [u, max_k], 'scores': float32 [u, max_k]}
+                    (params, catalog item features [I], user features [u], context features [u],
+                     exclude mask bool [u, I], fusion weights [u, T])
+                    -> {'items': int32 [u, max_k], 'scores': float32 [u, max_k]}
   weights.npz     every parameter, keyed by '<member>/<path>' (numpy's npz: numpy alone reads it, no pickle)
   users.npz       raw user ids ('ids') and every user's encoded features, by position
-  catalog.npz     raw item ids ('ids'), titles ('title') and every item's encoded features, by position
+  catalog.npz     raw item ids ('ids'), titles ('title', if the data has them) and every item's encoded features
   seen.npz        CSR (indptr, indices) users.npz position -> catalog positions rated in train + valid
   vocab.npz       vocabularies too large for the manifest (the id vocabularies of big datasets)
-  manifest.json   what a server needs to call the above without any of mtl_rec's model or training code
+  manifest.json   what a server needs to call the above without any of mtl_rec's model or training code: every input
+                  (user, item and request-time context features) with its encoding rule, the tasks, fusion weights
 
 The parameters are *inputs* of the exported functions (in the order of manifest['weights']['order']), so the
 artifacts hold only the computation and stay a few hundred KB whatever the table sizes.
 
-Task outputs: binary heads give a probability, regression heads the predicted rating, multiclass rating heads the
-expected rating sum_c c * p_c. The fused ranking score is sum_t w_t * s_t with s_t = p_t for binary heads and
-(rating - 1) / 4 for rating heads (tasks.fusion_term, which mtl_rec.fusion uses too), so every s_t is on a [0, 1]
-scale.
+Task outputs: binary heads give a probability, regression heads the predicted value, multiclass heads the expected
+class value sum_c v_c * p_c. The fused ranking score is sum_t w_t * s_t with s_t = p_t for binary heads and
+(value - lo) / (hi - lo) on the task's scale otherwise (tasks.fusion_term, which mtl_rec.fusion uses too), so every
+s_t is on a [0, 1] scale.
 
 An export is a list of networks (scoring.Network: graphdef + params + the tasks it answers): the unified model
 is one network with all tasks; the ensemble-fusion baseline is one per task. The server cannot tell them apart.
@@ -58,6 +60,7 @@ from mtl_rec import runs as runs_lib
 from mtl_rec import scoring
 from mtl_rec import tasks as tasks_lib
 from mtl_rec import trees
+from mtl_rec import encoding
 from mtl_rec.encoding import Vocab, manifest_vocab
 from mtl_rec.experiment import Experiment
 from mtl_rec.features import FeatureSpec
@@ -81,6 +84,7 @@ class Tables:
   item_ids: np.ndarray
   item_features: dict[str, np.ndarray]
   item_titles: np.ndarray | None
+  context_specs: tuple[FeatureSpec, ...]  # request-time inputs (no table: the request gives them)
   seen_indptr: np.ndarray  # CSR: user position -> catalog positions seen in train + valid
   seen_indices: np.ndarray
   features: tuple[FeatureSpec, ...]  # rules (FeatureSpec.encoding) of every model input
@@ -91,9 +95,11 @@ def tables_from_experiment(exp: Experiment) -> Tables:
   """The export tables of an experiment: all its users and items, and seen = train + valid ratings."""
   rows = exp.history_rows('test')
   indptr, indices = metrics_lib.csr_from_pairs(exp.user_index[rows], exp.item_index[rows], exp.num_users)[:2]
-  return Tables(user_ids=np.asarray(exp.data.users.user_id), user_features=dict(exp.encoder.user_table),
-                item_ids=np.asarray(exp.data.items.item_id), item_features=dict(exp.encoder.item_table),
-                item_titles=np.asarray(exp.data.items.title).astype(np.str_),
+  ds, title = exp.data, exp.config.data.item_table.title_column
+  return Tables(user_ids=np.asarray(ds.users[ds.user_column]), user_features=dict(exp.encoder.user_table),
+                item_ids=np.asarray(ds.items[ds.item_column]), item_features=dict(exp.encoder.item_table),
+                item_titles=np.asarray(ds.items[title]).astype(np.str_) if title else None,
+                context_specs=tuple(s for s in exp.encoder.specs if s.entity == 'context'),
                 seen_indptr=np.asarray(indptr, np.int64), seen_indices=np.asarray(indices, np.int32),
                 features=exp.encoder.specs, vocabs=dict(exp.encoder.vocabs))
 
@@ -101,9 +107,12 @@ def tables_from_experiment(exp: Experiment) -> Tables:
 def _output_kind(spec: tasks_lib.TaskSpec) -> dict[str, Any]:
   if spec.kind == 'binary':
     return {'output': 'probability', 'range': [0.0, 1.0], 'fusion_term': 'p'}
-  what = 'predicted rating' if spec.kind == 'regression' else 'expected rating sum_c c * p_c'
+  what = 'predicted value' if spec.kind == 'regression' else 'expected class value sum_c v_c * p_c'
   lo, hi = spec.value_range
-  return {'output': 'rating', 'description': what, 'scale': [lo, hi], 'fusion_term': f'(rating - {lo:g}) / {hi - lo:g}'}
+  out = {'output': 'value', 'description': what, 'scale': [lo, hi], 'fusion_term': f'(value - {lo:g}) / {hi - lo:g}'}
+  if spec.kind == 'multiclass':
+    out['classes'] = list(spec.values)
+  return out
 
 
 def host_params(params: Any) -> Any:
@@ -144,18 +153,19 @@ class _Flat:
       start += n
     return out
 
-  def values(self, leaves, user, item) -> dict[str, jax.Array]:
+  def values(self, leaves, user, item, context) -> dict[str, jax.Array]:
     """{task: value [n]} for paired feature rows."""
-    return scoring.task_values(scoring.predictions(self.networks, self.unflatten(leaves), user, item), self.specs)
+    features = {'user': user, 'item': item, 'context': context}
+    return scoring.task_values(scoring.predictions(self.networks, self.unflatten(leaves), features), self.specs)
 
   def fused(self, values: dict[str, jax.Array], weights: jax.Array) -> jax.Array:
     return jnp.sum(scoring.fusion_terms(values, self.specs) * weights, axis=-1)
 
-  def score(self, leaves, user, item, weights):
-    values = self.values(leaves, user, item)
+  def score(self, leaves, user, item, context, weights):
+    values = self.values(leaves, user, item, context)
     return {**values, 'score': self.fused(values, weights)}
 
-  def recommend(self, leaves, catalog, user, exclude, weights, *, k: int, chunk: int):
+  def recommend(self, leaves, catalog, user, context, exclude, weights, *, k: int, chunk: int):
     """Top-k fused scores of the whole catalog per user, excluded items at -inf."""
     num_items = jax.tree.leaves(catalog)[0].shape[0]
     u = jax.tree.leaves(user)[0].shape[0]
@@ -164,11 +174,12 @@ class _Flat:
 
     def block_scores(cat, excl):  # cat: {name: [chunk, ...]}, excl: [u, chunk]
       rows = u * chunk
-      users = {n: jnp.broadcast_to(x[:, None], (u, chunk) + x.shape[1:]).reshape((rows,) + x.shape[1:])
-               for n, x in user.items()}
+      per_user = lambda x: jnp.broadcast_to(x[:, None], (u, chunk) + x.shape[1:]).reshape((rows,) + x.shape[1:])
+      users = {n: per_user(x) for n, x in user.items()}
+      contexts = {n: per_user(x) for n, x in context.items()}
       items = {n: jnp.broadcast_to(x[None], (u,) + x.shape).reshape((rows,) + x.shape[1:]) for n, x in cat.items()}
       w = jnp.broadcast_to(weights[:, None, :], (u, chunk, weights.shape[-1])).reshape((rows, weights.shape[-1]))
-      s = self.fused(self.values(leaves, users, items), w).reshape((u, chunk))
+      s = self.fused(self.values(leaves, users, items, contexts), w).reshape((u, chunk))
       return jax.lax.top_k(jnp.where(excl, -jnp.inf, s), k)
 
     if num_chunks == 1:
@@ -200,11 +211,12 @@ def _sds(shape: tuple[Any, ...], dtype: Any) -> jax.ShapeDtypeStruct:
 
 
 def export_functions(networks: Sequence[Network], user_table: dict[str, np.ndarray],
-                     catalog: dict[str, np.ndarray], max_k: int, chunk_items: int,
+                     catalog: dict[str, np.ndarray], context: dict[str, np.ndarray], max_k: int, chunk_items: int,
                      platforms: Sequence[str] = ('cpu',)) -> tuple[jax.export.Exported, jax.export.Exported, _Flat]:
   """(score, recommend, flat params): the two functions exported with symbolic batch dims, and their parameters.
 
-  `user_table` / `catalog` give the feature names, dtypes and trailing shapes of user and item inputs.
+  `user_table` / `catalog` / `context` (one example row each) give the feature names, dtypes and trailing shapes of
+  the user, item and context inputs.
   """
   flat = _Flat(networks)
   num_tasks = len(flat.specs)
@@ -213,8 +225,9 @@ def export_functions(networks: Sequence[Network], user_table: dict[str, np.ndarr
   (b,) = jax.export.symbolic_shape('b')
   user = {n: _sds((b,) + v.shape[1:], v.dtype) for n, v in user_table.items()}
   item = {n: _sds((b,) + v.shape[1:], v.dtype) for n, v in catalog.items()}
+  ctx = {n: _sds((b,) + v.shape[1:], v.dtype) for n, v in context.items()}
   score = jax.export.export(jax.jit(flat.score), platforms=tuple(platforms))(
-      leaves, user, item, _sds((b, num_tasks), jnp.float32))
+      leaves, user, item, ctx, _sds((b, num_tasks), jnp.float32))
 
   num_items = int(next(iter(catalog.values())).shape[0])
   k = min(max_k, num_items)
@@ -222,11 +235,12 @@ def export_functions(networks: Sequence[Network], user_table: dict[str, np.ndarr
   (u,) = jax.export.symbolic_shape('u')
   users = {n: _sds((u,) + v.shape[1:], v.dtype) for n, v in user_table.items()}
   cat = {n: _sds(v.shape, v.dtype) for n, v in catalog.items()}
+  ctxs = {n: _sds((u,) + v.shape[1:], v.dtype) for n, v in context.items()}
 
-  def recommend(leaves, catalog, user, exclude, weights):
-    return flat.recommend(leaves, catalog, user, exclude, weights, k=k, chunk=chunk)
+  def recommend(leaves, catalog, user, context, exclude, weights):
+    return flat.recommend(leaves, catalog, user, context, exclude, weights, k=k, chunk=chunk)
   rec = jax.export.export(jax.jit(recommend), platforms=tuple(platforms))(
-      leaves, cat, users, _sds((u, num_items), jnp.bool_), _sds((u, num_tasks), jnp.float32))
+      leaves, cat, users, ctxs, _sds((u, num_items), jnp.bool_), _sds((u, num_tasks), jnp.float32))
   return score, rec, flat
 
 
@@ -243,15 +257,22 @@ def _vocab_entry(name: str, vocab: Vocab, big: dict[str, np.ndarray]) -> dict[st
   return entry
 
 
+def _context_example(specs: Sequence[FeatureSpec]) -> dict[str, np.ndarray]:
+  """One unknown context row per context input: its dtype and trailing shape."""
+  return {s.name: encoding.missing(s.encoding)[None] for s in specs}
+
+
 def _inputs(tables: Tables) -> dict[str, list[dict[str, Any]]]:
   """Every model input: its dtype and shape, its table's rows, and its encoding rule (FeatureSpec.encoding), which
   the server applies to raw request values with mtl_rec.encoding, exactly as training did."""
-  out = {'user': [], 'item': []}
-  for entity, table in (('user', tables.user_features), ('item', tables.item_features)):
+  out = {'user': [], 'item': [], 'context': []}
+  for entity, table in (('user', tables.user_features), ('item', tables.item_features),
+                        ('context', _context_example(tables.context_specs))):
     for name, col in table.items():
       spec = next(s for s in tables.features if s.name == name)
       out[entity].append({'name': name, 'dtype': str(col.dtype), 'shape': ['b', *col.shape[1:]],
-                          'kind': spec.kind, 'rows': int(spec.vocab_size), 'encoding': dict(spec.encoding)})
+                          'kind': spec.kind, 'rows': int(spec.vocab_size), 'pooling': spec.pooling,
+                          'encoding': dict(spec.encoding)})
   return out
 
 
@@ -283,7 +304,8 @@ def write_export(export_root: str, networks: Sequence[Network], tables: Tables, 
   users = {n: np.asarray(v) for n, v in tables.user_features.items()}
   catalog = {n: np.asarray(v) for n, v in tables.item_features.items()}
   host = [dataclasses.replace(n, params=host_params(n.params)) for n in networks]
-  score, rec, flat = export_functions(host, users, catalog, int(ec.max_k), int(ec.chunk_items), tuple(ec.platforms))
+  score, rec, flat = export_functions(host, users, catalog, _context_example(tables.context_specs), int(ec.max_k),
+                                      int(ec.chunk_items), tuple(ec.platforms))
   if fusion_weights is None:
     fusion_weights = {s.name: float(config.tasks[s.name].fusion_weight) if s.name in config.tasks else 0.0
                       for s in flat.specs}
@@ -328,18 +350,21 @@ def write_export(export_root: str, networks: Sequence[Network], tables: Tables, 
       'source': source or {},
       'members': [{'name': n.name, 'tasks': [s.name for s in n.specs],
                    'num_params': scoring.count_params(n.params)} for n in host],
-      'tasks': [{'name': s.name, 'kind': s.kind, 'label': s.label, **_output_kind(s)} for s in flat.specs],
+      'tasks': [{'name': s.name, 'kind': s.kind, 'label': s.label, 'rows': s.rows, 'threshold': s.threshold,
+                 **_output_kind(s)} for s in flat.specs],
       'fusion': {'formula': 'score = sum_t w_t * s_t', 'default_weights': weights,
                  'order': list(flat.task_names)},
       'functions': {
           'score': {'file': 'score', 'batch_dim': 'b',
                     'args': ['params (tuple, weights.order)', 'user features {name: [b]}',
-                             'item features {name: [b, ...]}', 'fusion weights float32 [b, T] (fusion.order)'],
+                             'item features {name: [b, ...]}', 'context features {name: [b, ...]}',
+                             'fusion weights float32 [b, T] (fusion.order)'],
                     'outputs': {**{t: 'float32 [b]' for t in flat.task_names}, 'score': 'float32 [b]'}},
           'recommend': {'file': 'recommend', 'batch_dim': 'u', 'max_k': k,
                         'chunk_items': max(min(int(ec.chunk_items), num_items), k),
                         'args': ['params (tuple, weights.order)', 'catalog item features {name: [I, ...]}',
-                                 'user features {name: [u]}', 'exclude bool [u, I]',
+                                 'user features {name: [u]}', 'context features {name: [u, ...]}',
+                                 'exclude bool [u, I]',
                                  'fusion weights float32 [u, T] (fusion.order)'],
                         'outputs': {'items': f'int32 [u, {k}] catalog positions',
                                     'scores': f'float32 [u, {k}] fused scores, -inf where excluded'}},

@@ -1,8 +1,10 @@
-"""Feature specs and encoders: raw side features -> rows of embedding tables, by rules that are data.
+"""Declared features -> fitted encoding rules -> encoded tables of every user, item and log row.
 
-Vocabularies are fitted on the training split only; row 0 of every categorical table is the reserved
-out-of-vocabulary (OOV) row, so ids and values never seen in training (cold start) still get an embedding. Each
-feature's rule (`FeatureSpec.encoding`, see `mtl_rec.encoding`) is what both training and serving apply.
+Each feature of config.features (see config.feature) becomes a `FeatureSpec` whose `encoding` rule (mtl_rec.encoding)
+is fitted on the training split only: vocabularies from the values the training interactions carry (counted once
+per training interaction, `min_count` / `max_size`), standardization statistics and quantile bucket edges likewise.
+Row 0 of every categorical table is the out-of-vocabulary row, so ids and values never seen in training (cold start)
+still get an embedding. Training encodes with `encoding.encode`, and so does the server, from the manifest.
 """
 
 from __future__ import annotations
@@ -10,103 +12,174 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import ml_collections
 import numpy as np
 
+from mtl_rec import config as config_lib
 from mtl_rec import encoding
-from mtl_rec.data.types import RatingsData
+from mtl_rec.data import readers
+from mtl_rec.data.types import Dataset, DataError, MultiHot
 from mtl_rec.encoding import OOV_ROW, Vocab
 
-__all__ = ['OOV_ROW', 'Vocab', 'FeatureSpec', 'FeatureEncoder', 'fit', 'feature_rules']
+__all__ = ['OOV_ROW', 'Vocab', 'FeatureSpec', 'FeatureEncoder', 'fit']
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSpec:
-  """One model input: which entity it describes, how it is embedded, its table's rows, and its encoding rule."""
+  """One model input: its entity, how it is embedded, its table's rows, and its encoding rule."""
 
   name: str
-  entity: str  # 'user' or 'item'
-  kind: str  # 'categorical' (one row per example) or 'multi_hot' (mean-pooled rows)
-  vocab_size: int  # rows, the OOV row included (for multi_hot: number of columns)
-  large: bool  # id tables: row-sharded over the 'model' mesh axis and L2-regularized per use
+  entity: str  # 'user', 'item' or 'context'
+  kind: str  # 'categorical' (a row per example), 'multi' (rows pooled) or 'numeric' (a standardized number)
+  vocab_size: int  # table rows (the OOV row included for categorical; 0 for numeric)
+  large: bool  # sharded: rows split over the 'model' mesh axis and L2-regularized per use (id tables)
   encoding: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the rule (mtl_rec.encoding), JSON-able
+  pooling: str = 'mean'  # multi: 'mean' or 'sum'
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureEncoder:
-  """Fitted rules and vocabularies, and the encoded side tables of every user and item of the dataset.
+  """Fitted rules and vocabularies, and the encoded features of every user, item and log row.
 
-  `user_table[name]` / `item_table[name]` are indexed by position in `data.users` / `data.items`, so a batch of
-  (user index, item index) pairs gets its features with one fancy-indexing gather on the host.
+  `user_table[name]` / `item_table[name]` are indexed by position in the dataset's users / items tables and
+  `context_table[name]` by log row, its last row being the unknown context; a batch gathers them with fancy indexing.
   """
 
   specs: tuple[FeatureSpec, ...]
   vocabs: dict[str, Vocab]
   user_table: dict[str, np.ndarray]
   item_table: dict[str, np.ndarray]
+  context_table: dict[str, np.ndarray]
 
-  def gather(self, user_index: np.ndarray, item_index: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-    """Model inputs for pairs given as positions in the side tables."""
-    return {'user': {k: v[user_index] for k, v in self.user_table.items()},
-            'item': {k: v[item_index] for k, v in self.item_table.items()}}
+  def gather(self, user_index: np.ndarray, item_index: np.ndarray,
+             rows: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Model inputs for pairs given as positions in the side tables, with the context of log rows `rows` (-1 or
+    None: unknown context)."""
+    out = {'user': {k: v[user_index] for k, v in self.user_table.items()},
+           'item': {k: v[item_index] for k, v in self.item_table.items()}, 'context': {}}
+    if self.context_table:
+      unknown = next(iter(self.context_table.values())).shape[0] - 1
+      r = np.full(np.shape(user_index), unknown) if rows is None else np.where(rows >= 0, rows, unknown)
+      out['context'] = {k: v[r] for k, v in self.context_table.items()}
+    return out
 
   def spec(self, name: str) -> FeatureSpec:
     return next(s for s in self.specs if s.name == name)
 
 
-# name -> (entity, column of the side table, the rule before fitting); a rule of kind 'vocab' gets its vocabulary
-# (named like the feature) fitted on the training split.
-def feature_rules(features_config: Any, genre_names: tuple[str, ...]) -> dict[str, tuple[str, str, dict[str, Any]]]:
-  """Every feature config.features can name, with its rule (config.features sets prefix, bucket edges, spans)."""
-  fc = features_config
-  vocab = lambda raw, raw_type, **kw: {'kind': 'vocab', 'raw': raw, 'raw_type': raw_type, 'vocab': raw, **kw}
-  return {
-      'user_id': ('user', 'user_id', vocab('user_id', 'id')),
-      'gender': ('user', 'gender', vocab('gender', 'str')),
-      'age': ('user', 'age', {'kind': 'bucket', 'raw': 'age', 'raw_type': 'int',
-                              'boundaries': [int(b) for b in fc.age_boundaries]}),
-      'occupation': ('user', 'occupation', vocab('occupation', 'str')),
-      'zip': ('user', 'zip_code', vocab('zip', 'str', prefix=int(fc.zip_prefix_len))),
-      'item_id': ('item', 'item_id', vocab('item_id', 'id')),
-      'genres': ('item', 'genres', {'kind': 'multi_hot', 'raw': 'genres', 'raw_type': 'list[str]',
-                                    'names': list(genre_names)}),
-      'year': ('item', 'year', vocab('year', 'int', divide=int(fc.year_bucket_years))),
-  }
+def _fit_vocab(values: np.ndarray, known: np.ndarray, weights: np.ndarray, f: ml_collections.ConfigDict) -> Vocab:
+  """The values of training interactions seen at least min_count times (the max_size most frequent), sorted."""
+  keep = known & (weights > 0)
+  if not keep.any():
+    return Vocab(np.zeros(0, values.dtype))
+  keys, inverse = np.unique(values[keep], return_inverse=True)
+  counts = np.bincount(inverse, weights=weights[keep])
+  chosen = np.flatnonzero(counts >= f.min_count)
+  if f.max_size and chosen.size > f.max_size:
+    chosen = np.sort(chosen[np.argsort(-counts[chosen], kind='stable')[:f.max_size]])
+  return Vocab(keys[chosen])
 
 
-def _known(values: np.ndarray) -> np.ndarray:
-  """Values that mean something (not '' for strings, not -1 for ints after `encoding.vocab_values`)."""
-  return values != ('' if values.dtype.kind == 'U' else -1)
+def _weighted_quantiles(x: np.ndarray, weights: np.ndarray, num_buckets: int) -> list[float]:
+  keep = np.isfinite(x) & (weights > 0)
+  if not keep.any():
+    return []
+  order = np.argsort(x[keep], kind='stable')
+  xs, cum = x[keep][order], np.cumsum(weights[keep][order])
+  targets = cum[-1] * np.arange(1, num_buckets) / num_buckets
+  edges = xs[np.minimum(np.searchsorted(cum, targets, side='left'), xs.size - 1)]
+  return sorted(set(float(e) for e in edges))
 
 
-def fit(data: RatingsData, train_rows: np.ndarray, features_config: Any, row_multiple: int = 1) -> FeatureEncoder:
-  """Fits the rules on the training ratings `train_rows` and encodes every user and item of `data`.
+def _raw_type(values: Any, is_id: bool) -> str:
+  if is_id:
+    return 'id'
+  return 'str' if values.dtype.kind == 'U' else 'int'
 
-  Args:
-    data: the whole dataset (side tables of all users and items).
-    train_rows: indices of the training ratings; only their users/items (and those users' and items' side values)
-      enter the vocabularies.
-    features_config: `config.features`.
-    row_multiple: large tables get their row count padded to a multiple of this (for row sharding); padding rows
-      are never looked up.
+
+def _rule(name: str, f: ml_collections.ConfigDict, raw: Any, weights: np.ndarray, is_id: bool,
+          vocabs: dict[str, Vocab], where: str) -> dict[str, Any]:
+  """The fitted rule of feature `name` (adds its vocabulary to `vocabs`)."""
+  if f.kind == 'numeric':
+    x = encoding.numbers({'log1p': f.log1p}, readers.numeric(raw, f.column or name, (), where, f"feature '{name}'"))
+    if f.transform == 'bucketize':
+      edges = [float(b) for b in f.boundaries] or _weighted_quantiles(x, weights, f.num_buckets)
+      return {'kind': 'bucket', 'raw': name, 'raw_type': 'float', 'boundaries': edges, 'log1p': bool(f.log1p)}
+    keep = np.isfinite(x) & (weights > 0)
+    mean = float(np.average(x[keep], weights=weights[keep])) if keep.any() else 0.0
+    std = float(np.sqrt(np.average((x[keep] - mean) ** 2, weights=weights[keep]))) if keep.any() else 1.0
+    return {'kind': 'numeric', 'raw': name, 'raw_type': 'float', 'mean': mean, 'std': std if std > 0 else 1.0,
+            'log1p': bool(f.log1p)}
+  if f.kind == 'multi_categorical':
+    if not (isinstance(raw, MultiHot) or raw.dtype == object or raw.dtype.kind == 'U'):
+      raise DataError(f"{where}: column {f.column or name!r} of feature '{name}' holds {raw.dtype} values; a "
+                      'multi_categorical feature needs lists of strings or delimited strings')
+    rule = {'kind': 'multi', 'raw': name, 'raw_type': 'list[str]', 'delimiter': f.delimiter,
+            'max_values': int(f.max_values)}
+    if f.vocabulary == 'hash':
+      return {**rule, 'buckets': int(f.hash_buckets)}
+    if f.categories:
+      vocabs[name] = Vocab.declared(np.asarray([str(v) for v in f.categories]))
+    else:
+      lists = encoding.value_lists(rule, raw)
+      flat = np.asarray([s for row in lists for s in set(row)], dtype=np.str_)
+      w = np.repeat(weights, [len(set(row)) for row in lists])
+      vocabs[name] = _fit_vocab(flat, np.ones(flat.shape, bool), w, f)
+    return {**rule, 'vocab': name}
+  if isinstance(raw, MultiHot) or raw.dtype == object:
+    raise DataError(f"{where}: column {f.column or name!r} of feature '{name}' holds lists; declare it "
+                    "kind='multi_categorical'")
+  raw_type = _raw_type(raw, is_id)
+  if f.prefix and raw_type != 'str':
+    raise DataError(f"{where}: feature '{name}' has prefix={f.prefix} but column {f.column or name!r} holds numbers; "
+                    "prefixes cut strings: set dtype='str' or drop the prefix")
+  if f.divide and raw_type != 'int':
+    raise DataError(f"{where}: feature '{name}' has divide={f.divide} but column {f.column or name!r} holds "
+                    'strings; divide needs integers')
+  rule = {'raw': name, 'raw_type': raw_type, **({'prefix': int(f.prefix)} if f.prefix else {}),
+          **({'divide': int(f.divide)} if f.divide else {})}
+  if f.vocabulary == 'hash':
+    return {'kind': 'hash', **rule, 'buckets': int(f.hash_buckets)}
+  rule = {'kind': 'vocab', **rule, 'vocab': name}
+  if f.categories:
+    declared = np.asarray(f.categories)
+    vocabs[name] = Vocab.declared(declared.astype(np.str_) if raw_type == 'str' else declared)
+  else:
+    values, known = encoding.vocab_values(rule, raw)
+    vocabs[name] = _fit_vocab(values, known, weights, f)
+  return rule
+
+
+def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, user_index: np.ndarray,
+        item_index: np.ndarray) -> FeatureEncoder:
+  """Fits every declared feature's rule on the training rows and encodes every user, item and log row.
+
+  `user_index` / `item_index`: each log row's position in ds.users / ds.items. Sharded tables get their rows padded
+  to a multiple of config.model.row_multiple (padding rows are never looked up).
   """
-  fc = features_config
-  tables = {'user': data.users, 'item': data.items}
-  known = {'user': np.isin(data.users.user_id, data.user_id[train_rows]),
-           'item': np.isin(data.items.item_id, data.item_id[train_rows])}
-  rules = feature_rules(fc, tuple(data.items.genre_names))
+  num_users, num_items = len(ds.users[ds.user_column]), len(ds.items[ds.item_column])
+  weights = {'user': np.bincount(user_index[train_rows], minlength=num_users).astype(np.float64),
+             'item': np.bincount(item_index[train_rows], minlength=num_items).astype(np.float64),
+             'context': np.bincount(train_rows, minlength=ds.num_rows).astype(np.float64)}
+  tables = {'user': ds.users, 'item': ds.items, 'context': ds.log}
+  ids = {'user': ds.user_column, 'item': ds.item_column}
   vocabs: dict[str, Vocab] = {}
-  specs, encoded = [], {'user': {}, 'item': {}}
-  for name in (*fc.user, *fc.item):
-    entity, column, rule = rules[name]
-    raw = getattr(tables[entity], column)
-    if rule['kind'] == 'vocab':
-      values = encoding.vocab_values(rule, raw)
-      vocabs[rule['vocab']] = Vocab.fit(values[known[entity] & _known(values)])
-    encoded[entity][name] = encoding.encode(rule, raw, vocabs)
-    large = name in ('user_id', 'item_id')
+  specs, encoded = [], {'user': {}, 'item': {}, 'context': {}}
+  for name, f in config_lib.ordered(config.features):
+    column = config_lib.feature_column(name, f)
+    where = {'user': 'the users table', 'item': 'the items table', 'context': 'the interaction log'}[f.entity]
+    raw = tables[f.entity][column]
+    rule = _rule(name, f, raw, weights[f.entity], column == ids.get(f.entity), vocabs, where)
+    values = encoding.encode(rule, raw, vocabs)
+    if f.entity == 'context':  # the last row: an unknown context (a request that gives none)
+      values = np.concatenate([values, encoding.missing(rule)[None]])
+    encoded[f.entity][name] = values
     rows = encoding.rows(rule, vocabs)
-    if large:
-      rows = -(-rows // row_multiple) * row_multiple
-    specs.append(FeatureSpec(name, entity, 'multi_hot' if rule['kind'] == 'multi_hot' else 'categorical', rows,
-                             large, rule))
-  return FeatureEncoder(specs=tuple(specs), vocabs=vocabs, user_table=encoded['user'], item_table=encoded['item'])
+    if f.sharded:
+      rows = -(-rows // config.model.row_multiple) * config.model.row_multiple
+    kind = {'multi_categorical': 'multi'}.get(f.kind, f.kind if f.kind == 'numeric' else 'categorical')
+    if f.kind == 'numeric' and rule['kind'] == 'bucket':
+      kind = 'categorical'
+    specs.append(FeatureSpec(name, f.entity, kind, rows, bool(f.sharded), rule, f.pooling))
+  return FeatureEncoder(specs=tuple(specs), vocabs=vocabs, user_table=encoded['user'], item_table=encoded['item'],
+                        context_table=encoded['context'])

@@ -5,8 +5,8 @@ features and the same backbone/tower sizes but its own embeddings, trained by `l
 same split and seed (`member_config` says exactly what changes). Both systems rank items by one fused score
 
   score(u, i) = sum_t w_t * s_t(u, i),   s_t = p_t for binary heads,
-                                         (r_hat - 1) / 4 for rating regression,
-                                         (E[rating] - 1) / 4 for multiclass rating heads,
+                                         (value - lo) / (hi - lo) for regression and multiclass heads (the
+                                         predicted or expected value on the task's scale, e.g. 1-5 stars),
 
 so every task score lives in [0, 1] and the weights are comparable. The unified model fuses its own heads, the
 ensemble its members' heads: a `scoring.NetworkScorer` of one network or of one per task hides the difference, as
@@ -15,12 +15,13 @@ mtl_rec.export does for serving.
 Fusion weights (all fitted on the validation split only; the test split is never looked at):
   fixed     `config.tasks[t].fusion_weight`.
   learned   gradient descent (optax Adam) on a listwise softmax cross-entropy (ListNet, Cao et al. 2007): per
-            validation user, a list of that user's held-out validation items (gain = rating) and `num_negatives`
-            sampled items the user never rated in train or validation (gain 0); the target distribution is
-            proportional to the gains, the model distribution is softmax(fused score). It rewards ranking rated
-            items above unrated ones and high ratings above low ones — what graded NDCG measures.
+            validation user, a list of that user's held-out validation items (gain = eval.gain_column's value, e.g.
+            the rating, else 1) and `num_negatives` sampled items the user never interacted with in train or
+            validation (gain 0); the target distribution is proportional to the gains, the model distribution is
+            softmax(fused score). It rewards ranking held-out items above the others and high gains above low ones
+            — what graded NDCG measures.
   stacking  a logistic-regression meta-model over the same list entries: sigmoid(b + v . s) fitted pointwise to
-            the soft label gain / (highest rating) (L2-regularized, optax). Its ranking is that of v . s, so it
+            the soft label gain / (highest gain) (L2-regularized, optax). Its ranking is that of v . s, so it
             exports as fusion weights v like the other two.
 """
 
@@ -59,13 +60,12 @@ FUSION_METHODS = ('fixed', 'learned', 'stacking')
 # Members: one single-task run per task.
 
 
-def early_stopping_metric(name: str, kind: str) -> str:
-  """The validation metric a single-task member early-stops on: AUC for binary/multiclass heads, RMSE else."""
-  metric = f'{name}_rmse' if kind == 'regression' else f'{name}_auc'
-  if metric not in config_lib.METRIC_MODES:
-    raise ValueError(f"task '{name}' would early-stop on '{metric}', which config.METRIC_MODES does not know; name "
-                     "the task click, like or rating, or add the metric there")
-  return metric
+def early_stopping_metric(name: str, t: ml_collections.ConfigDict) -> str:
+  """The validation metric a single-task member early-stops on: its AUC (binary, thresholded multiclass), class
+  accuracy (multiclass) or RMSE (regression)."""
+  if t.kind == 'regression':
+    return f'{name}_rmse'
+  return f'{name}_class_accuracy' if t.kind == 'multiclass' and t.threshold is None else f'{name}_auc'
 
 
 def member_config(config: ml_collections.ConfigDict, task: str) -> ml_collections.ConfigDict:
@@ -73,9 +73,9 @@ def member_config(config: ml_collections.ConfigDict, task: str) -> ml_collection
 
   Same data, split, seed, features, model sizes and optimizer. What changes, and why:
     * `tasks` holds only `task`, with loss weight 1; `eval.ranking_task` and `train.early_stopping_metric` name it.
-    * ESMM (which couples click and like) and uncertainty weighting (one task has nothing to balance) are off,
+    * ESMM (which couples two tasks) and uncertainty weighting (one task has nothing to balance) are off,
       and so is the end-of-training export (the ensemble exports as one artifact, see benchmark.export_system).
-    * A member whose task is defined on observed pairs only (like, rating) trains on observed pairs: no sampled
+    * A member whose task is defined on observed rows only (like, rating) trains on observed rows: no sampled
       negatives, and a batch of batch_size / (1 + num_negatives) rows, i.e. the observed rows of a unified batch.
       It then takes as many steps per epoch as the unified model and sees the same labels per step, without
       spending compute on rows its loss masks out.
@@ -89,12 +89,12 @@ def member_config(config: ml_collections.ConfigDict, task: str) -> ml_collection
     c.tasks = ml_collections.ConfigDict({task: t})
   c.name = f'{config.name}_{task}'
   c.eval.ranking_task = task
-  c.train.early_stopping_metric = early_stopping_metric(task, t.kind)
+  c.train.early_stopping_metric = early_stopping_metric(task, t)
   c.model.esmm = False
   c.model.loss_weighting = 'static'
   if 'export' in c:  # a member alone serves nothing: the ensemble is exported as one artifact of all members
     c.export.enabled = False
-  if t.label != 'click' and config.sampling.num_negatives > 0:
+  if not t.rows == 'all' and config.sampling.num_negatives > 0:
     c.sampling.num_negatives = 0
     multiple = trainer_lib.batch_multiple(config)
     rows = config.train.batch_size // (1 + config.sampling.num_negatives)
@@ -113,7 +113,7 @@ def member_workdir(workdir: str, task: str) -> str:
 
 @dataclasses.dataclass
 class FusionLists:
-  """Per-user candidate lists: held-out items (gain = rating) then sampled unrated items (gain 0), padded."""
+  """Per-user candidate lists: held-out items (their gain) then sampled unseen items (gain 0), padded."""
 
   scores: np.ndarray  # float32 [U, L, T] normalized task scores
   gains: np.ndarray  # float32 [U, L]
@@ -122,7 +122,7 @@ class FusionLists:
 
 def build_lists(scorer: NetworkScorer, exp: Experiment, heldout_rows: np.ndarray, history_rows: np.ndarray,
                 num_negatives: int, seed: int) -> FusionLists:
-  """Lists for every user with a held-out rating; negatives avoid the user's history and held-out items."""
+  """Lists for every user with a held-out row; negatives avoid the user's history and held-out items."""
   h_users, h_items = exp.user_index[heldout_rows], exp.item_index[heldout_rows]
   known = np.concatenate([history_rows, heldout_rows])
   sampler = NegativeSampler(exp.user_index[known], exp.item_index[known],
@@ -135,13 +135,14 @@ def build_lists(scorer: NetworkScorer, exp: Experiment, heldout_rows: np.ndarray
   order = np.argsort(inverse, kind='stable')
   slot = np.arange(order.size) - np.repeat(np.cumsum(counts) - counts, counts)
   items[inverse[order], slot] = h_items[order]
-  gains[inverse[order], slot] = exp.data.rating[heldout_rows][order]
+  gains[inverse[order], slot] = exp.gains(heldout_rows)[order]
   mask[inverse[order], slot] = True
   negs = sampler.sample(users, num_negatives, np.random.default_rng([seed, 5]))
   cols = counts[:, None] + np.arange(num_negatives)[None, :]
   items[np.arange(users.size)[:, None], cols] = negs
   mask[np.arange(users.size)[:, None], cols] = True
-  flat = scorer.terms_pairs(np.repeat(users, length), items.reshape(-1))
+  context = np.repeat(heldout_rows[order][np.cumsum(counts) - counts], length)  # each user's first held-out row
+  flat = scorer.terms_pairs(np.repeat(users, length), items.reshape(-1), context)
   return FusionLists(flat.reshape(users.size, length, -1).astype(np.float32), gains, mask)
 
 
@@ -235,7 +236,7 @@ def fit_stacking(features: np.ndarray, targets: np.ndarray, l2: float = 1e-3, st
 
 def fit_fusion(lists: FusionLists, fixed: np.ndarray, max_gain: float) -> dict[str, Any]:
   """Weights of every method (FUSION_METHODS) and the stacking model, all from the validation lists; stacking's soft
-  label is gain / `max_gain` (the highest rating)."""
+  label is gain / `max_gain` (the highest gain)."""
   stack = fit_stacking(lists.scores[lists.mask], lists.gains[lists.mask] / max_gain)
   fixed = np.asarray(fixed, np.float32)
   return {'weights': {'fixed': fixed, 'learned': fit_learned_weights(lists, fixed),
@@ -254,13 +255,13 @@ class _CachedCatalogScores:
     self.scorer = scorer
     self._cache: dict[bytes, jax.Array] = {}
 
-  def score_users(self, weights: np.ndarray) -> Callable[[np.ndarray], jax.Array]:
+  def score_users(self, weights: np.ndarray) -> Callable[[np.ndarray, np.ndarray], jax.Array]:
     w = jnp.asarray(weights, jnp.float32)
 
-    def score(users: np.ndarray) -> jax.Array:
-      key = users.tobytes()
+    def score(users: np.ndarray, rows: np.ndarray) -> jax.Array:
+      key = users.tobytes() + rows.tobytes()
       if key not in self._cache:
-        self._cache[key] = self.scorer.terms_catalog(users)
+        self._cache[key] = self.scorer.terms_catalog(users, rows)
       return self._cache[key] @ w
     return score
 
@@ -286,7 +287,7 @@ def evaluate_fusion(scorer: NetworkScorer, exp: Experiment, config: ml_collectio
   """
   split, k = exp.split, config.eval.k
   lists = build_lists(scorer, exp, split.valid, split.train, num_negatives, config.seed)
-  fit = fit_fusion(lists, fixed_weights(config, scorer.task_names), exp.labels.rating_range[1])
+  fit = fit_fusion(lists, fixed_weights(config, scorer.task_names), float(exp.gains(split.train).max()))
   weights = fit['weights']
   stack = fit['stacking_model']
   return {
@@ -313,7 +314,7 @@ def train_members(config: ml_collections.ConfigDict, workdir: str,
   """
   train_fn = train_fn or (lambda c, wd: loop.train_and_evaluate(c, wd).metrics)
   results = {}
-  for task in config.tasks:
+  for task, _ in config_lib.ordered(config.tasks):
     wd = member_workdir(workdir, task)
     done = os.path.join(wd, 'metrics.json')
     if os.path.exists(done):  # finished earlier: training again would only resume to the same result
@@ -328,7 +329,7 @@ def load_members(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[
   """The trained members (best checkpoints), each named by its task, and one experiment that evaluates them all
   (their data, features and evaluation sets agree)."""
   members, exp = [], None
-  for task in config.tasks:
+  for task, _ in config_lib.ordered(config.tasks):
     run = runs_lib.load(member_workdir(workdir, task), exp=exp)
     if exp is not None and run.exp is not exp:
       raise ValueError(f'member {task} was trained on other data, features or another seed; retrain {workdir}')
@@ -343,7 +344,7 @@ def member_test_metrics(config: ml_collections.ConfigDict, results: dict[str, di
   out = {}
   for task, r in results.items():
     out.update({k: v for k, v in r['test'].items() if k.startswith(f'{task}_')})
-  ranking = results[config.eval.ranking_task]['test']
+  ranking = results[config_lib.ranking_task(config)]['test']
   out.update({k: v for k, v in ranking.items() if '@' in k})
   return out
 

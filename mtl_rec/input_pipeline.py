@@ -1,12 +1,12 @@
-"""Training and evaluation examples: observed pairs + sampled negatives -> feature batches.
+"""Training and evaluation examples: log rows + sampled negatives -> feature batches.
 
 A global batch is a nested dict of numpy arrays:
-  {'user': {feature: [B]}, 'item': {feature: [B] or [B, G]},
-   'labels': {'click', 'like', 'rating', 'rating_class'}, 'observed': [B], 'valid': [B]}
-`observed` is 1 for observed (rated) pairs, 0 for sampled negatives: like/rating losses are masked by it. `valid` is
-0 only for padding rows of the last eval batch. Batches are a pure function of (seed, epoch, step), so a resumed run
-regenerates exactly the batches it would have seen, and every process of a multi-host job builds the same global
-batch and keeps its own slice.
+  {'user': {feature: [B] or [B, L]}, 'item': {...}, 'context': {...},
+   'labels': {task: [B]}, 'defined': {task: [B]}, 'observed': [B], 'valid': [B]}
+`observed` is 1 for log rows, 0 for sampled negatives; `defined` is 1 where a task's loss is defined (its rows, and
+a label present). `valid` is 0 only for padding rows of the last eval batch. Batches are a pure function of (seed,
+epoch, step), so a resumed run regenerates exactly the batches it would have seen, and every process of a
+multi-host job builds the same global batch and keeps its own slice.
 """
 
 from __future__ import annotations
@@ -18,42 +18,47 @@ import numpy as np
 
 from mtl_rec.data.sampling import NegativeSampler
 from mtl_rec.features import FeatureEncoder
+from mtl_rec.tasks import LabelColumn, TaskSpec
 
 Batch = dict
 
 
 @dataclasses.dataclass(frozen=True)
 class Labels:
-  """Every label of a row from its rating and whether it was observed: click (observed), like (rating >= the
-  threshold), rating, and rating_class (the rating's class: 0 for the lowest rating of the data's scale)."""
+  """Every task's label and whether it is defined, for examples: a log row's label where observed; on a sampled
+  negative 0 (defined for tasks on all rows, which includes the implicit 'observed' label)."""
 
-  like_threshold: float
-  rating_range: tuple[float, float]  # the data's lowest and highest rating
+  specs: tuple[TaskSpec, ...]
+  columns: dict[str, LabelColumn]
 
-  def __call__(self, rating: np.ndarray, observed: np.ndarray) -> dict[str, np.ndarray]:
-    lo, hi = self.rating_range
-    return {
-        'click': observed.astype(np.float32),
-        'like': ((rating >= self.like_threshold) & (observed > 0)).astype(np.float32),
-        'rating': np.where(observed > 0, rating, 0).astype(np.float32),
-        'rating_class': np.where(observed > 0, np.clip(np.round(rating) - lo, 0, hi - lo), 0).astype(np.int32),
-    }
+  def __call__(self, ex: 'Examples') -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    obs = ex.observed > 0
+    labels, defined = {}, {}
+    for s in self.specs:
+      col = self.columns[s.name]
+      if s.implicit:
+        labels[s.name] = ex.observed.astype(np.float32)
+      else:
+        labels[s.name] = np.where(obs, col.values[ex.row], 0).astype(col.values.dtype)
+      defined[s.name] = np.where(obs, col.present[ex.row], s.all_rows).astype(np.float32)
+    return labels, defined
 
 
 @dataclasses.dataclass
 class Examples:
-  """Rows of (user, item) positions with ratings; `observed` = 0 marks sampled negatives."""
+  """(user, item) positions and the log row each comes from; `observed` = 0 marks sampled negatives, whose row is
+  that of the log row they were drawn for (its context)."""
 
-  user: np.ndarray  # int64 positions in data.users
-  item: np.ndarray  # int64 positions in data.items
-  rating: np.ndarray  # float32, 0 for negatives
+  user: np.ndarray  # int64 positions in the users table
+  item: np.ndarray  # int64 positions in the items table
+  row: np.ndarray  # int64 log rows
   observed: np.ndarray  # float32
 
   def __len__(self) -> int:
     return int(self.user.shape[0])
 
   def take(self, idx: np.ndarray) -> 'Examples':
-    return Examples(self.user[idx], self.item[idx], self.rating[idx], self.observed[idx])
+    return Examples(self.user[idx], self.item[idx], self.row[idx], self.observed[idx])
 
   @staticmethod
   def concat(parts: list['Examples']) -> 'Examples':
@@ -67,12 +72,12 @@ def with_negatives(pos: Examples, sampler: NegativeSampler, k: int, rng: np.rand
   neg_items = sampler.sample(pos.user, k, rng).reshape(-1)
   neg_users = np.repeat(pos.user, k)
   n = neg_users.shape[0]
-  return Examples.concat([pos, Examples(neg_users, neg_items, np.zeros(n, np.float32), np.zeros(n, np.float32))])
+  return Examples.concat([pos, Examples(neg_users, neg_items, np.repeat(pos.row, k), np.zeros(n, np.float32))])
 
 
 def to_batch(ex: Examples, encoder: FeatureEncoder, labels: Labels, valid: np.ndarray | None = None) -> Batch:
-  batch = encoder.gather(ex.user, ex.item)
-  batch['labels'] = labels(ex.rating, ex.observed)
+  batch = encoder.gather(ex.user, ex.item, ex.row)
+  batch['labels'], batch['defined'] = labels(ex)
   batch['observed'] = ex.observed.astype(np.float32)
   batch['valid'] = np.ones(len(ex), np.float32) if valid is None else valid.astype(np.float32)
   return batch

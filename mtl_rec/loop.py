@@ -54,7 +54,7 @@ class EarlyStopping:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'EarlyStopping':
-    metric = config.train.early_stopping_metric
+    metric = config_lib.early_stopping_metric(config)
     return cls(metric, config_lib.metric_mode(metric), int(config.train.patience))
 
   def update(self, value: float, step: int, epoch: int) -> bool:
@@ -211,18 +211,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
   checkpoint step directories) warm-starts a fresh run from trained weights (see warm_start).
   """
   config_lib.validate(config)
+  t0 = time.time()
+  exp = experiment_lib.build(config)  # every data check passes before anything is written
+  ds = exp.data
+  log.info('data: %s (%s): %d log rows, %d users, %d items; split %s: train %d / valid %d / test %d (%.1fs)',
+           ds.name, ds.source, ds.num_rows, exp.num_users, exp.num_items, config.data.split,
+           exp.split.train.size, exp.split.valid.size, exp.split.test.size, time.time() - t0)
   os.makedirs(workdir, exist_ok=True)
   lead = distributed.is_lead()
   if lead:
     files.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-
-  t0 = time.time()
-  exp = experiment_lib.build(config)
-  log.info('data: %s (%s): %d ratings, %d users, %d items; split %s: train %d / valid %d / test %d (%.1fs)',
-           exp.data.name, exp.data.source, exp.data.num_ratings, exp.num_users, exp.num_items, config.data.split,
-           exp.split.train.size, exp.split.valid.size, exp.split.test.size, time.time() - t0)
-  if lead:
-    splits_lib.write_csv(exp.data, exp.split, os.path.join(workdir, 'splits'))
+    labels = [s.label for s in exp.specs if not s.implicit]
+    columns = [ds.user_column, ds.item_column] + list(dict.fromkeys(labels)) + (
+        [ds.timestamp_column] if ds.timestamp_column else [])
+    splits_lib.write_csv(ds, exp.split, columns, os.path.join(workdir, 'splits'))
   warm_start.save_features(exp.encoder, workdir)
 
   spe = exp.stream.steps_per_epoch
@@ -269,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
       scorer = network_scorer(trainer, exp, state['params'])
       valid = evaluation.pointwise_metrics(scorer, exp, exp.valid)
       if stopping.metric not in valid:
-        valid.update(evaluation.ranking_metrics(scorer, scorer.weights(config.eval.ranking_task), exp,
+        valid.update(evaluation.ranking_metrics(scorer, scorer.weights(config_lib.ranking_task(config)), exp,
                                                 exp.split.valid, exp.split.train))
       writer.scalars(step, valid, 'valid/')
       improved = stopping.update(valid[stopping.metric], step, epoch)
@@ -306,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
       'test': evaluation.full_metrics(scorer, exp, 'test'),
       'baselines': evaluation.baseline_metrics(exp),
       'steps': step,
-      'data': {'name': exp.data.name, 'source': exp.data.source, 'split': config.data.split,
+      'data': {'name': ds.name, 'source': ds.source, 'split': config.data.split,
                'train': int(exp.split.train.size), 'valid': int(exp.split.valid.size),
                'test': int(exp.split.test.size)},
       'memory': report,

@@ -46,23 +46,40 @@ class MLP(nnx.Module):
     return x
 
 
+DENSE_POOLING_MAX_ROWS = 4096  # multi-valued features with at most this many rows pool by a multi-hot matmul
+
+
 class Embeddings(nnx.Module):
-  """One table per feature, shared by every task. Large id tables are row-sharded (logical axis 'vocab')."""
+  """One vector per feature and example, from tables shared by every task. Sharded (id) tables are row-sharded
+  (logical axis 'vocab'); numeric features go through a learned 1 -> dim projection."""
 
   def __init__(self, specs: Sequence[FeatureSpec], dim: int, rngs: nnx.Rngs):
     init = nnx.initializers.normal(stddev=0.05)
     self.specs = tuple(specs)
     self.tables = nnx.data({
-        s.name: nnx.Param(init(rngs.params(), (s.vocab_size, dim)),
+        s.name: nnx.Param(init(rngs.params(), (max(s.vocab_size, 1), dim)),
                           axes=('vocab' if s.large else 'small_vocab', 'embed'))
-        for s in specs})
+        for s in specs if s.kind != 'numeric'})
+    self.numeric = nnx.data({s.name: _dense(1, dim, rngs) for s in specs if s.kind == 'numeric'})
 
   def embed(self, spec: FeatureSpec, x: jax.Array) -> jax.Array:
+    if spec.kind == 'numeric':
+      return self.numeric[spec.name](x[..., None])
     table = self.tables[spec.name][...]
-    if spec.kind == 'multi_hot':  # mean of the rows that are on
+    if spec.kind == 'multi':  # ids [B, L], -1 padding: the sum or mean of the rows of the values
+      rows = table.shape[0]
+      if rows <= DENSE_POOLING_MAX_ROWS:  # a multi-hot [B, rows] times the table: one matmul, exact counts
+        hot = jax.nn.one_hot(x, rows, dtype=table.dtype).sum(axis=-2)
+        pooled, count = hot @ table, hot.sum(-1, keepdims=True)
+      else:
+        valid = (x >= 0).astype(table.dtype)
+        pooled = jnp.sum(jnp.take(table, jnp.maximum(x, 0), axis=0) * valid[..., None], axis=-2)
+        count = valid.sum(-1, keepdims=True)
+      if spec.pooling == 'sum':
+        return pooled
       # times a reciprocal, not divided: XLA rewrites some divisions into that and not others, which made the
       # gradient round differently from one mesh's program to another's
-      return (x @ table) * (1.0 / jnp.maximum(x.sum(-1, keepdims=True), 1.0))
+      return pooled * (1.0 / jnp.maximum(count, 1.0))
     return jnp.take(table, x, axis=0)
 
 
@@ -133,16 +150,18 @@ class Head(nnx.Module):
 class MultiTaskModel(nnx.Module):
   """Shared embeddings -> backbone -> per-task heads.
 
-  Call with `user`/`item` feature dicts (see input_pipeline) -> ({task: output}, aux) where output is [B] for
-  binary/regression heads and [B, C] for multiclass, and aux['embedding_sq_norm'] is the per-example squared norm of
-  the large id-table rows used (for the embedding L2 penalty). Row-sharded tables are read only by
-  `jnp.take(table, ids, axis=0)` of the inputs `table_inputs()` names.
+  Call with a batch's feature dicts {'user': ..., 'item': ..., 'context': ...} (see input_pipeline) ->
+  ({task: output}, aux) where output is [B] for binary/regression heads and [B, C] for multiclass, and
+  aux['embedding_sq_norm'] is the per-example squared norm of the sharded-table rows used (for the embedding L2
+  penalty). Sharded tables are read only by `jnp.take(table, ids, axis=0)` of the inputs `table_inputs()` names.
+  The user and context vectors form the query side of the interaction product, the item vectors the other.
   """
 
   def __init__(self, specs: Sequence[FeatureSpec], tasks: Sequence[TaskSpec], model_config: Any, embed_dim: int,
                rngs: nnx.Rngs):
     mc = model_config
     self.embeddings = Embeddings(specs, embed_dim, rngs)
+    self.entities = {s.name: s.entity for s in specs}
     self.interaction = bool(mc.interaction)
     num_feats = len(specs)
     din = embed_dim * (num_feats + (1 if self.interaction else 0))
@@ -172,19 +191,18 @@ class MultiTaskModel(nnx.Module):
   def table_inputs(self) -> dict[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """{parameter path (nnx.to_pure_dict layout): batch inputs (entity, feature)} for every row-sharded table: the
     id inputs that index it. What reads those tables, stated as data (the fixed-order gradient uses it)."""
-    entity = {s.name: s.entity for s in self.embeddings.specs}
     out = {('embeddings', 'tables', s.name): ((s.entity, s.name),) for s in self.embeddings.specs if s.large}
     for task, tables in self.id_biases.items():
-      out.update({('id_biases', task, feature): ((entity[feature], feature),) for feature in tables})
+      out.update({('id_biases', task, feature): ((self.entities[feature], feature),) for feature in tables})
     return out
 
-  def __call__(self, user: dict[str, jax.Array], item: dict[str, jax.Array],
+  def __call__(self, features: dict[str, dict[str, jax.Array]],
                rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     feats, user_vecs, item_vecs, sq = [], [], [], 0.0
     for spec in self.embeddings.specs:
-      e = self.embeddings.embed(spec, (user if spec.entity == 'user' else item)[spec.name])
+      e = self.embeddings.embed(spec, features[spec.entity][spec.name])
       feats.append(e)
-      (user_vecs if spec.entity == 'user' else item_vecs).append(e)
+      (item_vecs if spec.entity == 'item' else user_vecs).append(e)
       if spec.large:
         sq = sq + jnp.sum(e * e, axis=-1)
     product = sum(user_vecs) * sum(item_vecs)
@@ -202,11 +220,11 @@ class MultiTaskModel(nnx.Module):
         continue
       y = y[..., 0]
       for feature, table in self.id_biases.get(name, {}).items():
-        y = y + jnp.take(table[...], (user if feature in user else item)[feature], axis=0)
+        y = y + jnp.take(table[...], features[self.entities[feature]][feature], axis=0)
       out[name] = y
     return out, {'embedding_sq_norm': sq}
 
 
 def build(config: Any, features: Sequence[FeatureSpec], tasks: Sequence[TaskSpec]) -> MultiTaskModel:
   """The model of `config` for these features and tasks, initialized from config.seed."""
-  return MultiTaskModel(features, tasks, config.model, config.features.embed_dim, nnx.Rngs(params=config.seed))
+  return MultiTaskModel(features, tasks, config.model, config.model.embed_dim, nnx.Rngs(params=config.seed))

@@ -63,7 +63,7 @@ def load(workdir: str, step: int | None = None, devices: Any = None, exp: Experi
   except ValueError:
     shape = (-1, 1)
   mesh = sharding_lib.make_mesh(shape, config.mesh.axis_names, devices)
-  specs = tasks_lib.task_specs(config, exp.labels.rating_range, exp.rating_mean)  # this run's tasks
+  specs = tasks_lib.task_specs(config, tasks_lib.label_columns(config, exp.data), exp.split.train)  # this run's
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_lib.build(config, exp.encoder.specs, specs)))
   shardings = sharding_lib.named(mesh, sharding_lib.param_specs(abstract))
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

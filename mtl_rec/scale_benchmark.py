@@ -7,7 +7,8 @@ On CPU it simulates `--devices` devices (8 by default). The embedding tables cov
 padded to a multiple of the model axis) and are row-sharded over `model`, so the JSON's `table_bytes_per_device`
 should be about `table_bytes_total / model axis` (plus the small replicated tables).
 
-The batches are built directly, not by `experiment.build`: generating the synthetic ratings is quick at this size,
+The network, features and tasks are --config's (default configs/synthetic.py). The batches are built directly, not by
+`experiment.build`: generating the synthetic ratings is quick at this size,
 but the full pipeline (splits, vocabularies fitted on the training split, negative-sampling tables, eval sets) takes
 minutes and its vocabularies would only cover the ids that happen to be rated. Here the side features come from
 `mtl_rec.data.synthetic`, the id vocabularies are all users and items, and each batch is rated pairs drawn from the
@@ -26,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from mtl_rec import config as config_lib
 from mtl_rec import features as features_lib
@@ -33,8 +35,10 @@ from mtl_rec import input_pipeline
 from mtl_rec import sharding as sharding_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec import trainer as trainer_lib
-from mtl_rec.data import synthetic
+from mtl_rec.data import loader
 
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'A synthetic-source config: its declared '
+                                          'features, tasks and network, on tables of the sizes below.')
 _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON report.', required=True)
 _NUM_USERS = flags.DEFINE_integer('num_users', 2_000_000, 'Users (rows of the user id table).')
 _NUM_ITEMS = flags.DEFINE_integer('num_items', 2_000_000, 'Items (rows of the item id table).')
@@ -47,79 +51,80 @@ _DEVICES = flags.DEFINE_integer('devices', 8, 'Simulated CPU devices (ignored if
                                 'or the backend is not CPU).')
 
 
-def build_encoder(data: Any, config: Any) -> Any:
-  """Features of every user and item; the id vocabularies are all ids, not only the rated ones."""
-  fc = config.features
-  enc = features_lib.fit(data, np.arange(data.num_ratings), fc, row_multiple=fc.row_multiple)
-  vocabs = {**enc.vocabs, 'user_id': features_lib.Vocab(np.sort(data.users.user_id)),
-            'item_id': features_lib.Vocab(np.sort(data.items.item_id))}
-  padded = lambda n: -(-n // fc.row_multiple) * fc.row_multiple
-  specs = tuple(dataclasses.replace(s, vocab_size=padded(vocabs[s.name].size)) if s.name in ('user_id', 'item_id')
-                else s for s in enc.specs)
-  user_table = {**enc.user_table, 'user_id': vocabs['user_id'].lookup(data.users.user_id)}
-  item_table = {**enc.item_table, 'item_id': vocabs['item_id'].lookup(data.items.item_id)}
-  return dataclasses.replace(enc, specs=specs, vocabs=vocabs, user_table=user_table, item_table=item_table)
+def build_encoder(ds: Any, config: Any, user_index: np.ndarray, item_index: np.ndarray) -> Any:
+  """Features of every user and item; the sharded id vocabularies are all ids, not only the rated ones."""
+  enc = features_lib.fit(ds, np.arange(ds.num_rows), config, user_index, item_index)
+  ids = {'user': ds.users[ds.user_column], 'item': ds.items[ds.item_column]}
+  multiple = config.model.row_multiple
+  specs, vocabs, tables = [], dict(enc.vocabs), {'user': dict(enc.user_table), 'item': dict(enc.item_table)}
+  for s in enc.specs:
+    if s.large and s.encoding['kind'] == 'vocab' and s.encoding['raw_type'] == 'id':
+      vocabs[s.name] = features_lib.Vocab(np.sort(ids[s.entity]))
+      tables[s.entity][s.name] = vocabs[s.name].lookup(ids[s.entity])
+      s = dataclasses.replace(s, vocab_size=-(-vocabs[s.name].size // multiple) * multiple)
+    specs.append(s)
+  return dataclasses.replace(enc, specs=tuple(specs), vocabs=vocabs, user_table=tables['user'],
+                             item_table=tables['item'])
 
 
-def scale_config(num_users: int, num_items: int, embed_dim: int, batch_size: int, mesh_shape: tuple[int, ...],
-                 interactions_per_user: int) -> Any:
-  """The benchmark's config: the small network of configs/synthetic.py on tables of the given size."""
-  config = config_lib.base_config()
-  config.data.source = 'synthetic'
-  config.data.split = 'random'
+def scale_config(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size: int,
+                 mesh_shape: tuple[int, ...], interactions_per_user: int) -> Any:
+  """The benchmark's config: `config` (a synthetic-source config with its declared features and tasks, e.g.
+  configs/synthetic.py) on tables of the given size."""
+  config = config.copy_and_resolve_references()
+  if config.data.source != 'synthetic':
+    raise ValueError(f"--config's data.source is {config.data.source!r}: the scale benchmark generates its data; "
+                     'pass a synthetic config such as configs/synthetic.py')
   config.data.synthetic.num_users = num_users
   config.data.synthetic.num_items = num_items
   config.data.synthetic.interactions_per_user = interactions_per_user
-  config.data.synthetic.latent_dim = 4
-  config.features.embed_dim = embed_dim
-  config.model.hidden_dims = (64, 32)
-  config.model.tower_dims = (16,)
+  config.model.embed_dim = embed_dim
   config.train.batch_size = batch_size
   config.mesh.shape = tuple(mesh_shape)
   config_lib.validate(config)
   return config
 
 
-def make_batches(data: Any, encoder: Any, config: Any, count: int) -> list[dict[str, Any]]:
-  """`count` global batches: rated pairs (positions in the side tables) plus uniform negatives."""
+def make_batches(ds: Any, encoder: Any, labels: Any, user_index: np.ndarray, item_index: np.ndarray, config: Any,
+                 count: int) -> list[dict[str, Any]]:
+  """`count` global batches: log rows (positions in the side tables) plus uniform negatives."""
   rng = np.random.default_rng(config.seed)
   k = config.sampling.num_negatives
   bs = config.train.batch_size
   n_pos = bs // (1 + k)
-  # Raw synthetic ids are 1..N in table order, so positions are id - 1.
-  labels = input_pipeline.Labels(config.data.like_threshold, (float(data.rating.min()), float(data.rating.max())))
+  num_items = len(ds.items[ds.item_column])
   out = []
   for _ in range(count):
-    rows = rng.integers(0, data.num_ratings, n_pos)
-    pos = input_pipeline.Examples(data.user_id[rows] - 1, data.item_id[rows] - 1, data.rating[rows],
-                                  np.ones(n_pos, np.float32))
+    rows = rng.integers(0, ds.num_rows, n_pos)
+    pos = input_pipeline.Examples(user_index[rows], item_index[rows], rows, np.ones(n_pos, np.float32))
     n_neg = bs - n_pos
-    neg_items = rng.integers(0, data.items.item_id.size, n_neg)
-    neg = input_pipeline.Examples(np.resize(np.repeat(pos.user, k), n_neg), neg_items,
-                                  np.zeros(n_neg, np.float32), np.zeros(n_neg, np.float32))
-    ex = input_pipeline.Examples.concat([pos, neg])
-    out.append(input_pipeline.to_batch(ex, encoder, labels))
+    neg = input_pipeline.Examples(np.resize(np.repeat(pos.user, k), n_neg), rng.integers(0, num_items, n_neg),
+                                  np.resize(np.repeat(rows, k), n_neg), np.zeros(n_neg, np.float32))
+    out.append(input_pipeline.to_batch(input_pipeline.Examples.concat([pos, neg]), encoder, labels))
   return out
 
 
-def run(num_users: int, num_items: int, embed_dim: int, batch_size: int, steps: int, mesh_shape: tuple[int, ...],
-        interactions_per_user: int = 2) -> dict[str, Any]:
+def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size: int, steps: int,
+        mesh_shape: tuple[int, ...], interactions_per_user: int = 2) -> dict[str, Any]:
   """Builds the data, the sharded model and optimizer, runs `steps` timed steps; returns the report."""
 
   t_start = time.time()
-  config = scale_config(num_users, num_items, embed_dim, batch_size, mesh_shape, interactions_per_user)
+  config = scale_config(config, num_users, num_items, embed_dim, batch_size, mesh_shape, interactions_per_user)
 
   t = time.time()
-  sc = config.data.synthetic
-  data = synthetic.generate(sc.num_users, sc.num_items, sc.interactions_per_user, sc.latent_dim, seed=config.seed)
-  encoder = build_encoder(data, config)
-  batches = make_batches(data, encoder, config, min(steps + 1, 4))
+  ds = loader.load_data(config)
+  # Raw synthetic ids are 1..N in table order, so positions are id - 1.
+  user_index, item_index = ds.log[ds.user_column] - 1, ds.log[ds.item_column] - 1
+  columns = tasks_lib.label_columns(config, ds)
+  specs = tasks_lib.task_specs(config, columns, np.arange(ds.num_rows))
+  encoder = build_encoder(ds, config, user_index, item_index)
+  batches = make_batches(ds, encoder, input_pipeline.Labels(specs, columns), user_index, item_index, config,
+                         min(steps + 1, 4))
   data_sec = time.time() - t
-  print(f'data: {data.num_ratings:,} synthetic ratings, {num_users:,} users, {num_items:,} items '
+  print(f'data: {ds.num_rows:,} synthetic log rows, {num_users:,} users, {num_items:,} items '
         f'({data_sec:.1f}s)', flush=True)
 
   t = time.time()
-  specs = tasks_lib.task_specs(config, (float(data.rating.min()), float(data.rating.max())), float(data.rating.mean()))
   trainer = trainer_lib.make_trainer(config, encoder.specs, specs, total_steps=steps + 1)
   state = trainer.init_state
   jax.block_until_ready(state)
@@ -186,7 +191,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
     jax.config.update('jax_num_cpu_devices', _DEVICES.value)  # before any backend exists; only CPU honours it
-  result = run(_NUM_USERS.value, _NUM_ITEMS.value, _EMBED_DIM.value, _BATCH_SIZE.value, _STEPS.value,
+  result = run(_CONFIG.value, _NUM_USERS.value, _NUM_ITEMS.value, _EMBED_DIM.value, _BATCH_SIZE.value, _STEPS.value,
                tuple(int(s) for s in _MESH.value), _INTERACTIONS.value)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, 'w') as f:

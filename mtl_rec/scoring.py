@@ -48,12 +48,13 @@ def check_tasks(networks: Sequence[Network]) -> tuple[tasks_lib.TaskSpec, ...]:
   return specs
 
 
-def predictions(networks: Sequence[Network], params: Sequence[Any], user: Mapping[str, jax.Array],
-                item: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """{task: prediction (tasks.predictions)} of every network's tasks for paired feature rows. Traceable."""
+def predictions(networks: Sequence[Network], params: Sequence[Any],
+                features: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+  """{task: prediction (tasks.predictions)} of every network's tasks for rows of features {'user', 'item',
+  'context'}. Traceable."""
   out = {}
   for n, p in zip(networks, params):
-    outputs, _ = nnx.merge(n.graphdef, p)(user, item)
+    outputs, _ = nnx.merge(n.graphdef, p)(features)
     out.update(tasks_lib.predictions(outputs, n.specs))
   return out
 
@@ -69,17 +70,18 @@ def fusion_terms(values: Mapping[str, jax.Array], specs: Sequence[tasks_lib.Task
 
 
 class Scorer(abc.ABC):
-  """Scores pairs given as positions in the experiment's user and item tables; one column per task."""
+  """Scores pairs given as positions in the experiment's user and item tables, in the context of log rows (-1 or
+  None: an unknown context); one column per task."""
 
   task_names: tuple[str, ...]
 
   @abc.abstractmethod
-  def terms_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+  def terms_pairs(self, users: np.ndarray, items: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """float32 [N, T]: the tasks' fusion terms for each (user, item) pair."""
 
   @abc.abstractmethod
-  def terms_catalog(self, users: np.ndarray) -> jax.Array:
-    """float32 [U, num_items, T]: the tasks' fusion terms of every catalog item for each user."""
+  def terms_catalog(self, users: np.ndarray, rows: np.ndarray | None = None) -> jax.Array:
+    """float32 [U, num_items, T]: the tasks' fusion terms of every catalog item for each user (in context rows)."""
 
   def weights(self, task: str) -> np.ndarray:
     """The one-hot weights that rank by `task` alone."""
@@ -87,13 +89,14 @@ class Scorer(abc.ABC):
       raise ValueError(f"no task '{task}' among this scorer's tasks {self.task_names}")
     return np.asarray([1.0 if t == task else 0.0 for t in self.task_names], np.float32)
 
-  def score_pairs(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  def score_pairs(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray,
+                  rows: np.ndarray | None = None) -> np.ndarray:
     """float32 [N]: the ranking score sum_t w_t s_t of each pair."""
-    return np.asarray(jnp.asarray(self.terms_pairs(users, items)) @ jnp.asarray(weights, jnp.float32))
+    return np.asarray(jnp.asarray(self.terms_pairs(users, items, rows)) @ jnp.asarray(weights, jnp.float32))
 
-  def score_catalog(self, users: np.ndarray, weights: np.ndarray) -> jax.Array:
+  def score_catalog(self, users: np.ndarray, weights: np.ndarray, rows: np.ndarray | None = None) -> jax.Array:
     """float32 [U, num_items]: the ranking score of every catalog item for each user."""
-    return self.terms_catalog(users) @ jnp.asarray(weights, jnp.float32)
+    return self.terms_catalog(users, rows) @ jnp.asarray(weights, jnp.float32)
 
 
 class NetworkScorer(Scorer):
@@ -115,7 +118,7 @@ class NetworkScorer(Scorer):
     data = 1 if batch_sharding is None else batch_sharding.mesh.shape['data']
     self.batch_size = max(batch_size - batch_size % data, data)
     nets = self.networks
-    self._predict = predict or jax.jit(lambda params, batch: predictions(nets, params, batch['user'], batch['item']))
+    self._predict = predict or jax.jit(lambda params, batch: predictions(nets, params, batch))
     self._catalog = jax.jit(self._catalog_terms)
     self.catalog_features = encoder.gather(np.zeros(1, np.int64), np.arange(_rows(encoder.item_table)))['item']
 
@@ -123,37 +126,44 @@ class NetworkScorer(Scorer):
   def num_params(self) -> int:
     return sum(count_params(p) for p in self.params)
 
-  def predict_pairs(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+  def predict_pairs(self, users: np.ndarray, items: np.ndarray,
+                    rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """{task: predictions [N] (or [N, C])} for (user, item) position pairs, in fixed-size batches."""
     n, bs, out = users.shape[0], self.batch_size, []
     for start in range(0, n, bs):
       idx = np.minimum(np.arange(start, start + bs), n - 1)
-      batch = self.encoder.gather(users[idx], items[idx])
+      batch = self.encoder.gather(users[idx], items[idx], None if rows is None else rows[idx])
       if self.batch_sharding is not None:
         batch = sharding_lib.global_batch(batch, self.batch_sharding)
       out.append({k: np.asarray(v)[:n - start] for k, v in self._predict(self.params, batch).items()})
     return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
-  def terms_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    preds = self.predict_pairs(users, items)
+  def terms_pairs(self, users: np.ndarray, items: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    preds = self.predict_pairs(users, items, rows)
     return np.asarray(fusion_terms(task_values(preds, self.specs), self.specs), np.float32)
 
-  def _catalog_terms(self, params: Sequence[Any], users: Mapping[str, jax.Array],
+  def _catalog_terms(self, params: Sequence[Any], query: Mapping[str, Mapping[str, jax.Array]],
                      items: Mapping[str, jax.Array]) -> jax.Array:
-    nu = jax.tree.leaves(users)[0].shape[0]
+    """query: {'user': [U] features, 'context': [U] features}; items: [I] features."""
+    nu = jax.tree.leaves(query['user'])[0].shape[0]
     ni = jax.tree.leaves(items)[0].shape[0]
-    u = jax.tree.map(lambda x: jnp.repeat(x, ni, axis=0), users)
+    q = jax.tree.map(lambda x: jnp.repeat(x, ni, axis=0), query)
     i = jax.tree.map(lambda x: jnp.tile(x, (nu,) + (1,) * (x.ndim - 1)), items)
-    terms = fusion_terms(task_values(predictions(self.networks, params, u, i), self.specs), self.specs)
+    features = {'user': q['user'], 'item': i, 'context': q['context']}
+    terms = fusion_terms(task_values(predictions(self.networks, params, features), self.specs), self.specs)
     return terms.reshape((nu, ni, terms.shape[-1]))
 
   def catalog_fn(self) -> Callable:
-    """jit: (params list, user features [U], item features [I]) -> fusion terms [U, I, T]; the serving path."""
+    """jit: (params list, {'user': [U], 'context': [U]} features, item features [I]) -> fusion terms [U, I, T]."""
     return self._catalog
 
-  def terms_catalog(self, users: np.ndarray) -> jax.Array:
-    feats = {n: v[users] for n, v in self.encoder.user_table.items()}
-    return self._catalog(self.params, feats, self.catalog_features)
+  def query_features(self, users: np.ndarray, rows: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """The user and context features of users (in the context of log rows `rows`, else unknown)."""
+    feats = self.encoder.gather(users, np.zeros_like(users), rows)
+    return {'user': feats['user'], 'context': feats['context']}
+
+  def terms_catalog(self, users: np.ndarray, rows: np.ndarray | None = None) -> jax.Array:
+    return self._catalog(self.params, self.query_features(users, rows), self.catalog_features)
 
 
 class PopularityScorer(Scorer):
@@ -164,10 +174,10 @@ class PopularityScorer(Scorer):
   def __init__(self, counts: np.ndarray):
     self.counts = np.asarray(counts, np.float32)
 
-  def terms_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+  def terms_pairs(self, users: np.ndarray, items: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     return self.counts[items][:, None]
 
-  def terms_catalog(self, users: np.ndarray) -> jax.Array:
+  def terms_catalog(self, users: np.ndarray, rows: np.ndarray | None = None) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(self.counts)[None, :, None], (users.shape[0], self.counts.shape[0], 1))
 
 

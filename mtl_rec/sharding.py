@@ -96,7 +96,7 @@ def check_divisible(batch_size: int, mesh: Mesh, row_multiple: int, groups: int 
   if batch_size % jax.process_count():
     raise ValueError(f'config.train.batch_size={batch_size} must divide evenly over {jax.process_count()} processes')
   if row_multiple % model:
-    raise ValueError(f'config.features.row_multiple={row_multiple} is not divisible by the model axis ({model}); '
+    raise ValueError(f'config.model.row_multiple={row_multiple} is not divisible by the model axis ({model}); '
                      f'set it to a multiple of {model}')
 
 

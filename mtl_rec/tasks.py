@@ -1,4 +1,10 @@
-"""Task specs: which label, mask, head kind, loss, weight and metrics each task has (apart from the network)."""
+"""Task specs: label, rows, head kind, loss, weight and metrics of each declared task (apart from the network).
+
+A task's label is the log column it names (a threshold of it for binary heads, its declared values in class order
+for multiclass heads), or 'observed' — implicit feedback: 1 on every log row, 0 on sampled negatives. A task is
+defined on 'all' rows (log rows and sampled negatives, which are negatives of a binary task) or on 'observed' rows
+(log rows only); a log row whose label is missing is not defined for that task either.
+"""
 
 from __future__ import annotations
 
@@ -7,56 +13,147 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
+from mtl_rec import config as config_lib
 from mtl_rec import metrics as metrics_lib
+from mtl_rec.data import readers
+from mtl_rec.data.types import Dataset, DataError
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   name: str
   kind: str  # 'binary' | 'multiclass' | 'regression'
-  label: str  # 'click' | 'like' | 'rating' | 'rating_class'
+  label: str  # a log column, or 'observed'
   weight: float  # static loss weight
   fusion_weight: float  # default weight in the fused ranking score
-  value_range: tuple[float, float] | None = None  # rating labels: the scale (lowest, highest rating) of the data
-  threshold: float | None = None  # like and rating_class: like = rating >= threshold
+  rows: str = 'observed'  # 'all' (log rows and sampled negatives) or 'observed'
+  threshold: float | None = None  # binary from a numeric column; multiclass: classes counted as positive
+  values: tuple[Any, ...] = ()  # multiclass: the label values in class order
+  value_range: tuple[float, float] | None = None  # regression and multiclass: the scale of the task's value
   bias_init: float = 0.0  # the head's initial output bias (regression: the training mean)
 
   @property
   def all_rows(self) -> bool:
-    """click is defined on every row (observed and sampled); the others only on observed pairs."""
-    return self.label == 'click'
+    return self.rows == 'all'
+
+  @property
+  def implicit(self) -> bool:
+    return self.label == config_lib.OBSERVED
 
   @property
   def units(self) -> int:
-    """Outputs of the head: 1, or one per rating class."""
-    if self.kind != 'multiclass':
-      return 1
-    lo, hi = self.value_range
-    return int(round(hi - lo)) + 1
+    """Outputs of the head: 1, or one per class."""
+    return len(self.values) if self.kind == 'multiclass' else 1
+
+  @property
+  def class_values(self) -> np.ndarray:
+    """Multiclass: each class's value (the declared values where numeric, else the class index)."""
+    try:
+      return np.asarray([float(v) for v in self.values], np.float32)
+    except (TypeError, ValueError):
+      return np.arange(len(self.values), dtype=np.float32)
 
 
-def task_specs(config: Any, rating_range: tuple[float, float], rating_mean: float) -> tuple[TaskSpec, ...]:
-  """The tasks of `config.tasks`; rating labels take their scale and head init from the data."""
+@dataclasses.dataclass(frozen=True)
+class LabelColumn:
+  """A task's label on every log row (float32, or int32 class indices) and whether the row has one."""
+
+  values: np.ndarray
+  present: np.ndarray  # bool
+
+
+def label_columns(config: ml_collections.ConfigDict, ds: Dataset) -> dict[str, LabelColumn]:
+  """{task: its label on every log row}; raises DataError at the first row whose label is outside what the task
+  declares (not 0/1, out of range, not one of the classes), naming the file, column and fix."""
+  out = {}
+  origins = ds.origins.get('log', ())
+  for name, t in config_lib.ordered(config.tasks):
+    if t.label == config_lib.OBSERVED:
+      out[name] = LabelColumn(np.ones(ds.num_rows, np.float32), np.ones(ds.num_rows, bool))
+      continue
+    raw = ds.log[t.label]
+    what = f"task '{name}'"
+    if t.kind == 'multiclass':
+      classes = {v: j for j, v in enumerate(t.classes)}
+      numeric = all(isinstance(v, (int, float)) for v in t.classes)
+      if numeric:
+        x = readers.numeric(raw, t.label, origins, 'interaction log', what)
+        present = np.isfinite(x)
+        keys = np.asarray([float(v) for v in t.classes])
+        idx = np.searchsorted(np.sort(keys), x)
+        pos = np.argsort(keys)[np.minimum(idx, keys.size - 1)]
+        ok = ~present | (keys[pos] == x)
+        values = np.where(present, pos, 0)
+      else:
+        text = np.asarray(raw).astype(np.str_)
+        present = text != ''
+        values = np.asarray([classes.get(v, -1) for v in text])
+        ok = ~present | (values >= 0)
+      bad = np.flatnonzero(~ok)
+      if bad.size:
+        raise DataError(f'interaction log: {ds.where("log", int(bad[0]))}: column {t.label!r} holds '
+                        f'{raw[bad[0]]!r}, which is not one of the classes {tuple(t.classes)} of {what}; add it to '
+                        f'tasks.{name}.classes or fix the row')
+      out[name] = LabelColumn(np.where(present, values, 0).astype(np.int32), present)
+      continue
+    x = readers.numeric(raw, t.label, origins, 'interaction log', what)
+    present = np.isfinite(x)
+    if t.kind == 'binary' and t.threshold is not None:
+      out[name] = LabelColumn(np.where(present, x >= t.threshold, 0).astype(np.float32), present)
+      continue
+    if t.kind == 'binary':
+      bad = np.flatnonzero(present & (x != 0) & (x != 1))
+      fix = f'binary labels are 0 or 1: give tasks.{name}.threshold to turn the column into one, or fix the row'
+    elif t.range:
+      bad = np.flatnonzero(present & ((x < t.range[0]) | (x > t.range[1])))
+      fix = f'the declared range of tasks.{name} is {tuple(t.range)}: widen it or fix the row'
+    else:
+      bad = np.zeros(0, int)
+    if bad.size:
+      raise DataError(f'interaction log: {ds.where("log", int(bad[0]))}: column {t.label!r} holds {x[bad[0]]:g}, '
+                      f'outside what {what} declares; {fix}')
+    out[name] = LabelColumn(np.where(present, x, 0).astype(np.float32), present)
+  return out
+
+
+def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn],
+               train_rows: np.ndarray) -> tuple[TaskSpec, ...]:
+  """The tasks of config.tasks; a regression head takes its scale (declared, else the data's range) and initial
+  bias (the training mean) from its label."""
   out = []
-  for name, t in config.tasks.items():
-    rated = t.label in ('rating', 'rating_class')
-    out.append(TaskSpec(name, t.kind, t.label, float(t.weight), float(t.fusion_weight),
-                        value_range=tuple(map(float, rating_range)) if rated else None,
-                        threshold=float(config.data.like_threshold) if t.label in ('like', 'rating_class') else None,
-                        bias_init=float(rating_mean) if t.kind == 'regression' else 0.0))
+  for name, t in config_lib.ordered(config.tasks):
+    spec = TaskSpec(name, t.kind, t.label, float(t.weight), float(t.fusion_weight), rows=t.rows,
+                    threshold=None if t.threshold is None else float(t.threshold), values=tuple(t.classes))
+    col = labels[name]
+    if t.kind == 'regression':
+      train = col.values[train_rows][col.present[train_rows]]
+      have = col.values[col.present]
+      value_range = tuple(map(float, t.range)) if t.range else (float(have.min()), float(have.max()))
+      spec = dataclasses.replace(spec, value_range=value_range, bias_init=float(train.mean()) if train.size else 0.0)
+    elif t.kind == 'multiclass':
+      cv = spec.class_values
+      spec = dataclasses.replace(spec, value_range=(float(cv.min()), float(cv.max())))
+    out.append(spec)
   return tuple(out)
 
 
+def esmm_pair(specs: tuple[TaskSpec, ...]) -> tuple[str, str]:
+  """ESMM's (implicit task, the first binary task on observed rows)."""
+  implicit = next(s.name for s in specs if s.implicit)
+  conditional = next(s.name for s in specs if s.kind == 'binary' and not s.all_rows)
+  return implicit, conditional
+
+
 def loss_masks(batch: dict[str, Any], specs: tuple[TaskSpec, ...], esmm: bool = False) -> dict[str, jax.Array]:
-  """{task: [B] 0/1 mask of the rows its loss is defined on}: click on every valid row, the others on observed ones
-  (an ESMM like head on every valid row, see `loss_terms`)."""
-  valid, observed = batch['valid'], batch['observed']
-  masks = {s.name: valid if s.all_rows else valid * observed for s in specs}
+  """{task: [B] 0/1 mask of the rows its loss is defined on} (an ESMM conditional head: every valid row)."""
+  valid, defined = batch['valid'], batch['defined']
+  masks = {s.name: valid * defined[s.name] for s in specs}
   if esmm:
-    masks[_esmm_pair(specs)[1]] = valid
+    masks[esmm_pair(specs)[1]] = valid
   return masks
 
 
@@ -76,18 +173,18 @@ def loss_terms(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tupl
   for s in specs:
     out = outputs[s.name]
     if s.kind == 'binary':
-      terms[s.name] = optax.sigmoid_binary_cross_entropy(out, labels[s.label])
+      terms[s.name] = optax.sigmoid_binary_cross_entropy(out, labels[s.name])
     elif s.kind == 'regression':
-      terms[s.name] = jnp.square(out - labels[s.label])
+      terms[s.name] = jnp.square(out - labels[s.name])
     else:
-      terms[s.name] = optax.softmax_cross_entropy_with_integer_labels(out, labels[s.label])
+      terms[s.name] = optax.softmax_cross_entropy_with_integer_labels(out, labels[s.name])
   if esmm:
-    # ESMM: the like head is P(like | click); it is trained through P(click & like) = P(click) P(like | click) on
-    # every row, which removes the sample-selection bias of training it on observed pairs only.
-    click, like = _esmm_pair(specs)
-    p = jax.nn.sigmoid(outputs[click]) * jax.nn.sigmoid(outputs[like])
-    target = labels['click'] * labels['like']
-    terms[like] = -(target * jnp.log(p + 1e-7) + (1 - target) * jnp.log(1 - p + 1e-7))
+    # ESMM: the conditional head is P(y | observed); it is trained through P(observed & y) = P(observed) P(y | obs.)
+    # on every row, which removes the sample-selection bias of training it on observed rows only.
+    implicit, conditional = esmm_pair(specs)
+    p = jax.nn.sigmoid(outputs[implicit]) * jax.nn.sigmoid(outputs[conditional])
+    target = labels[implicit] * labels[conditional]
+    terms[conditional] = -(target * jnp.log(p + 1e-7) + (1 - target) * jnp.log(1 - p + 1e-7))
   return terms
 
 
@@ -103,7 +200,7 @@ def weighted_loss(per_task: dict[str, jax.Array], specs: tuple[TaskSpec, ...],
                   log_vars: jax.Array | None = None) -> jax.Array:
   """The weighted sum of per-task losses (linear in them: per-part losses add up to the batch's). Under uncertainty
   weighting each task's loss is scaled by a learned precision exp(-s); the `+ s` that keeps s finite is
-  `uncertainty_regularizer`, which depends on the parameters alone."""
+  `uncertainty_weights` . s, which depends on the parameters alone."""
   weights = jnp.asarray([s.weight for s in specs], jnp.float32)
   stacked = jnp.stack([per_task[s.name] for s in specs])
   if log_vars is None:
@@ -114,12 +211,6 @@ def weighted_loss(per_task: dict[str, jax.Array], specs: tuple[TaskSpec, ...],
 def uncertainty_weights(specs: tuple[TaskSpec, ...]) -> jax.Array:
   """d(uncertainty regularizer)/d(log_vars): the static task weights (Kendall et al. 2018's sum_t w_t s_t)."""
   return jnp.asarray([s.weight for s in specs], jnp.float32)
-
-
-def _esmm_pair(specs: tuple[TaskSpec, ...]) -> tuple[str, str]:
-  click = next(s.name for s in specs if s.label == 'click')
-  like = next(s.name for s in specs if s.label == 'like')
-  return click, like
 
 
 def predictions(outputs: dict[str, jax.Array], specs: tuple[TaskSpec, ...]) -> dict[str, jax.Array]:
@@ -134,39 +225,42 @@ def predictions(outputs: dict[str, jax.Array], specs: tuple[TaskSpec, ...]) -> d
 
 def task_value(pred: jax.Array, spec: TaskSpec) -> jax.Array:
   """One number per row from a task's prediction (`predictions`): the probability of a binary head, the predicted
-  rating of a regression head, the expected rating sum_c c * p_c of a multiclass head."""
+  value of a regression head, the expected class value sum_c v_c * p_c of a multiclass head."""
   if spec.kind == 'multiclass':
-    lo = spec.value_range[0]
-    return (pred * (jnp.arange(pred.shape[-1], dtype=pred.dtype) + lo)).sum(-1)
+    return (pred * jnp.asarray(spec.class_values, pred.dtype)).sum(-1)
   return pred
 
 
 def fusion_term(value: jax.Array, spec: TaskSpec) -> jax.Array:
-  """s_t: a task value (`task_value`) on the [0, 1] scale of the fused score: p, or (rating - lo) / (hi - lo)."""
+  """s_t: a task value (`task_value`) on the [0, 1] scale of the fused score: p, or (v - lo) / (hi - lo)."""
   if spec.kind == 'binary':
     return value
   lo, hi = spec.value_range
   return (value - lo) / (hi - lo)
 
 
-def task_metrics(spec: TaskSpec, pred: np.ndarray, labels: dict[str, np.ndarray],
-                 observed: np.ndarray) -> dict[str, float]:
+def task_metrics(spec: TaskSpec, pred: np.ndarray, labels: np.ndarray, defined: np.ndarray) -> dict[str, float]:
   """Host-side metrics of one task over the rows it is defined on (valid rows only are passed in)."""
   n = spec.name
-  rows = np.ones_like(observed, bool) if spec.all_rows else observed > 0
+  rows = defined > 0
   if spec.kind == 'binary':
-    y, p = labels[spec.label][rows], pred[rows]
+    y, p = labels[rows], pred[rows]
     out = {f'{n}_auc': metrics_lib.auc(y, p), f'{n}_logloss': metrics_lib.logloss(y, p)}
-    if spec.label != 'click':
+    if not spec.implicit:
       out[f'{n}_accuracy'] = metrics_lib.accuracy(y, p)
     return out
   if spec.kind == 'regression':
-    y, p = labels[spec.label][rows], np.clip(pred[rows], *spec.value_range)
+    y, p = labels[rows], np.clip(pred[rows], *spec.value_range)
     return {f'{n}_rmse': metrics_lib.rmse(y, p), f'{n}_mae': metrics_lib.mae(y, p)}
-  probs, y = pred[rows], labels['rating_class'][rows]
-  first_like_class = int(np.ceil(spec.threshold - spec.value_range[0]))
-  p_like = probs[:, first_like_class:].sum(-1)
-  y_like = (y >= first_like_class).astype(np.float32)
-  return {f'{n}_class_accuracy': float(np.mean(probs.argmax(-1) == y)),
-          f'{n}_auc': metrics_lib.auc(y_like, p_like), f'{n}_logloss': metrics_lib.logloss(y_like, p_like),
-          f'{n}_accuracy': metrics_lib.accuracy(y_like, p_like)}
+  probs, y = pred[rows], labels[rows]
+  out = {f'{n}_class_accuracy': float(np.mean(probs.argmax(-1) == y))}
+  if spec.threshold is None:
+    p_true = np.clip(probs[np.arange(y.size), y], 1e-7, 1.0)
+    out[f'{n}_class_logloss'] = float(-np.mean(np.log(p_true)))
+    return out
+  positive = spec.class_values >= spec.threshold
+  p_pos = probs[:, positive].sum(-1)
+  y_pos = positive[y].astype(np.float32)
+  out.update({f'{n}_auc': metrics_lib.auc(y_pos, p_pos), f'{n}_logloss': metrics_lib.logloss(y_pos, p_pos),
+              f'{n}_accuracy': metrics_lib.accuracy(y_pos, p_pos)})
+  return out

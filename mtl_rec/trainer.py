@@ -89,7 +89,7 @@ def loss_fn(params: Any, batch: dict[str, Any], rng: jax.Array, norms: dict[str,
   """(loss, {task: sum of its masked row losses}) of a batch, or of a part of one: a sum over rows, each mean
   taken over the whole batch's `norms` (tasks.normalizers), so the parts of a batch add up to it."""
   model = nnx.merge(graphdef, params)
-  outputs, aux = model(batch['user'], batch['item'], rng)
+  outputs, aux = model(batch, rng)
   sums = tasks_lib.masked_sums(outputs, batch, specs, esmm)
   log_vars = model.log_vars[...] if model.log_vars is not None else None
   total = tasks_lib.weighted_loss({k: v / norms['tasks'][k] for k, v in sums.items()}, specs, log_vars)
@@ -121,7 +121,7 @@ def train_step(state: dict[str, Any], batch: dict[str, Any], *, value_and_grad: 
 
 def eval_step(params: Any, batch: dict[str, Any], *, graphdef, specs) -> dict[str, jax.Array]:
   """Task predictions (tasks.predictions) of a batch."""
-  outputs, _ = nnx.merge(graphdef, params)(batch['user'], batch['item'])
+  outputs, _ = nnx.merge(graphdef, params)(batch)
   return tasks_lib.predictions(outputs, specs)
 
 
@@ -141,7 +141,7 @@ def make_trainer(config: ml_collections.ConfigDict, features: Sequence[FeatureSp
   if groups != config.train.grad_groups:
     log.info('train.grad_groups=%d raised to %d, a multiple of the data axis: numbers match other meshes whose '
              'data axis divides %d', config.train.grad_groups, groups, groups)
-  sharding_lib.check_divisible(config.train.batch_size, mesh, config.features.row_multiple, groups)
+  sharding_lib.check_divisible(config.train.batch_size, mesh, config.model.row_multiple, groups)
   # Parameters are initialized by one jit straight into their shards: no full table ever sits on one device, and
   # one compile replaces the dozens an eager init costs.
   build = lambda: model_lib.build(config, features, specs)

@@ -33,7 +33,7 @@ def save_features(encoder: FeatureEncoder, workdir: str) -> None:
   if not distributed.is_lead():
     return
   files.write_json(os.path.join(workdir, RULES_FILE), {s.name: dict(s.encoding) for s in encoder.specs})
-  files.savez(os.path.join(workdir, VOCAB_FILE), **{name: v.keys for name, v in encoder.vocabs.items()})
+  files.savez(os.path.join(workdir, VOCAB_FILE), **{name: v.values() for name, v in encoder.vocabs.items()})
 
 
 def row_sources(old_run_dir: str, encoder: FeatureEncoder) -> dict[str, np.ndarray]:
@@ -46,23 +46,24 @@ def row_sources(old_run_dir: str, encoder: FeatureEncoder) -> dict[str, np.ndarr
                      'version of train.py')
   old_rules = files.read_json(rules_path)
   with np.load(vocab_path) as f:
-    old_vocabs = {k: Vocab(f[k]) for k in f.files}
+    old_vocabs = {k: Vocab.declared(f[k]) for k in f.files}  # saved in row order
   out = {}
   for spec in encoder.specs:
     rule, old = dict(spec.encoding), old_rules.get(spec.name)
     src = np.full(spec.vocab_size, -1, np.int64)
-    same_rule = old is not None and {k: v for k, v in old.items() if k != 'names'} == {
-        k: v for k, v in rule.items() if k != 'names'}
-    if same_rule and rule['kind'] == 'vocab':
-      keys = encoder.vocabs[rule['vocab']].keys
-      old_rows = old_vocabs[old['vocab']].lookup(keys) if keys.size else keys
-      src[OOV_ROW] = OOV_ROW
-      src[1:1 + keys.size] = np.where(old_rows != OOV_ROW, old_rows, -1)
-    elif same_rule and rule['kind'] == 'bucket':  # buckets: the same boundaries give rows the same meaning
+    same_rule = old is not None and {k: v for k, v in old.items() if k != 'vocab'} == {
+        k: v for k, v in rule.items() if k != 'vocab'}
+    if same_rule and 'vocab' in rule:  # rows of the same values, wherever the vocabularies put them
+      vocab = encoder.vocabs[rule['vocab']]
+      offset = 0 if rule['kind'] == 'vocab' else 1  # multi-valued tables have no OOV row
+      keys = vocab.values()
+      old_rows = old_vocabs[old['vocab']].lookup(keys).astype(np.int64) - offset if keys.size else keys
+      if offset == 0:
+        src[OOV_ROW] = OOV_ROW
+      found = old_rows >= (1 - offset)
+      src[1 - offset:1 - offset + keys.size] = np.where(found, old_rows, -1)
+    elif same_rule and rule['kind'] in ('bucket', 'hash', 'multi'):  # the same rule: rows mean the same
       src[:] = np.arange(spec.vocab_size)
-    elif same_rule and rule['kind'] == 'multi_hot':  # columns, matched by name
-      old_cols = {g: i for i, g in enumerate(old['names'])}
-      src[:] = [old_cols.get(g, -1) for g in rule['names']]
     out[spec.name] = src
   return out
 

@@ -9,7 +9,15 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import re  # pylint: disable=g-import-not-at-top,wrong-import-position
+import selectors  # pylint: disable=g-import-not-at-top,wrong-import-position
+import subprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 import textwrap  # pylint: disable=g-import-not-at-top,wrong-import-position
+import time  # pylint: disable=g-import-not-at-top,wrong-import-position
+import urllib.error  # pylint: disable=g-import-not-at-top,wrong-import-position
+import urllib.request  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -73,3 +81,48 @@ def exported_run(tmp_path_factory):
   result = loop.train_and_evaluate(exported_run_config(), workdir)
   export.export_trained(result.run, workdir, result.metrics)
   return workdir, result
+
+
+# serve.py in a subprocess and plain HTTP calls to it (the serving tests of several modules).
+
+
+def start_server(export_dir, log_path, import_blocker, *flags):
+  """serve.py in a subprocess on a free port, with the model and training modules blocked: (url, process)."""
+  flags = [f'--export_dir={export_dir}', '--port=0', *flags]
+  script = import_blocker + f'import runpy; sys.argv = {["serve.py", *flags]!r}; runpy.run_path("serve.py", ' \
+                            'run_name="__main__")'
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+  sel = selectors.DefaultSelector()
+  sel.register(proc.stdout, selectors.EVENT_READ)
+  url, deadline = None, time.time() + 240
+  while url is None and time.time() < deadline and proc.poll() is None:
+    if sel.select(timeout=1.0):
+      m = re.search(r'on (http://\S+)', proc.stdout.readline())
+      url = m.group(1) if m else None
+  if url is None:
+    proc.kill()
+    pytest.fail(f'serve.py did not become ready: {log_path.read_text()[-3000:]}')
+  return url, proc
+
+
+def stop_server(proc, log_path):
+  proc.terminate()
+  try:
+    proc.wait(timeout=30)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+  assert 'Traceback' not in log_path.read_text()  # no request caused an unexpected error
+
+
+def http(url, path, body=None, method=None, headers=None, raw=False):
+  """(status, parsed JSON or raw bytes, headers)."""
+  data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+  req = urllib.request.Request(url + path, data=data, method=method or ('POST' if data is not None else 'GET'),
+                               headers={'Content-Type': 'application/json', **(headers or {})})
+  try:
+    with urllib.request.urlopen(req, timeout=60) as r:
+      status, content, hdrs = r.status, r.read(), dict(r.headers)
+  except urllib.error.HTTPError as e:
+    status, content, hdrs = e.code, e.read(), dict(e.headers)
+  return status, (content if raw else json.loads(content)), hdrs

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from mtl_rec import benchmark, benchmark_report, evaluation, fusion
+from mtl_rec import benchmark, benchmark_report, fusion
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,8 @@ def test_report_files_and_sections(report):
 
 def test_per_task_metrics_cover_metrics_json_for_both_systems(report):
   _, r = report
-  assert set(evaluation.REQUIRED_METRICS) <= set(r['per_task'])
+  assert {'rating_rmse', 'rating_mae', 'like_auc', 'like_logloss', 'like_accuracy', 'click_auc',
+          'click_logloss', 'recall@10', 'ndcg@10', 'hr@10_sampled', 'ndcg@10_sampled'} <= set(r['per_task'])
   assert 'ndcg@10_graded' in r['per_task']
   for cells in r['per_task'].values():
     for name in ('unified_shared_bottom', 'ensemble'):

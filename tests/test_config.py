@@ -6,10 +6,10 @@ import sys
 import pytest
 
 from mtl_rec import config as config_lib
-from configs import movielens_100k, movielens_1m, synthetic
+from configs import movielens_100k, movielens_1m, movielens_tfds, synthetic
 
 
-@pytest.mark.parametrize('module', [movielens_100k, movielens_1m, synthetic])
+@pytest.mark.parametrize('module', [movielens_100k, movielens_1m, movielens_tfds, synthetic])
 def test_shipped_configs_validate(module):
   config_lib.validate(module.get_config())
 
@@ -31,35 +31,69 @@ def test_tiny_variant_validates_and_unknown_variants_are_named():
     ('train.early_stopping_metric', 'auc', 'early_stopping_metric'),
     ('optimizer.learning_rate', -1.0, 'learning_rate'),
     ('mesh.shape', (2, 2, 2), 'mesh.shape'),
-    ('features.user', ('user_id', 'height'), 'features.user'),
+    ('data.split', 'u2', 'data.split'),
+    ('model.embed_dim', 0, 'model.embed_dim'),
 ])
 def test_bad_values_name_the_field(field, value, message):
-  c = config_lib.base_config()
+  c = movielens_100k.get_config()
   section, key = field.split('.')
   c[section][key] = value
   with pytest.raises(ValueError, match=message):
     config_lib.validate(c)
 
 
+@pytest.mark.parametrize('change, message', [
+    (lambda c: setattr(c.features.gender, 'kind', 'text'), 'features.gender.kind'),
+    (lambda c: setattr(c.features.gender, 'entity', 'session'), 'features.gender.entity'),
+    (lambda c: c.features.gender.update(vocabulary='hash'), 'hash_buckets'),
+    (lambda c: setattr(c.features.genres, 'sharded', True), 'features.genres.sharded'),
+    (lambda c: setattr(c.features.age, 'boundaries', (30, 20)), 'strictly increasing'),
+    (lambda c: setattr(c.tasks.rating, 'kind', 'multiclass'), 'tasks.rating.classes'),
+    (lambda c: setattr(c.tasks.click, 'rows', 'observed'), "label 'observed'"),
+    (lambda c: setattr(c.tasks.rating, 'rows', 'all'), 'tasks.rating.rows'),
+    (lambda c: setattr(c.tasks.rating, 'range', (5.0, 1.0)), 'tasks.rating.range'),
+    (lambda c: setattr(c.tasks.rating, 'threshold', 3.0), 'tasks.rating.threshold'),
+    (lambda c: setattr(c.sampling, 'num_negatives', 0), 'sampled negatives'),
+    (lambda c: setattr(c.eval, 'ranking_task', 'watch'), 'eval.ranking_task'),
+    (lambda c: setattr(c.data, 'split', 'column'), 'split_column'),
+    (lambda c: c.update({'data': {'source': 'files'}}), 'data.log.paths'),
+])
+def test_bad_schema_declarations_name_the_field(change, message):
+  c = movielens_100k.get_config()
+  change(c)
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(c)
+
+
 def test_cross_field_rules():
-  c = config_lib.base_config()
-  c.data.source = 'synthetic'  # u1 is ML-100K's split only
-  with pytest.raises(ValueError, match="u1"):
-    config_lib.validate(c)
-  c = config_lib.base_config()
-  c.tasks.rating.kind = 'binary'  # a rating label needs a regression head
-  with pytest.raises(ValueError, match='regression'):
-    config_lib.validate(c)
-  c = config_lib.base_config()
-  del c.tasks['like']
+  c = movielens_100k.get_config()
+  with c.unlocked():
+    del c.tasks['like']
   c.model.esmm = True
   with pytest.raises(ValueError, match='ESMM'):
     config_lib.validate(c)
+  c = movielens_100k.get_config()
+  with c.unlocked():
+    c.features = config_lib.ml_collections.ConfigDict({'user_id': config_lib.feature('user', 'user_id')})
+  with pytest.raises(ValueError, match="'item' feature"):
+    config_lib.validate(c)
+
+
+def test_declaration_order_survives_copies_and_json():
+  """The model's inputs and heads follow the order a config declares them in, whatever ConfigDict does to keys."""
+  import copy  # pylint: disable=g-import-not-at-top
+  c = movielens_100k.get_config()
+  want = ['user_id', 'gender', 'age', 'occupation', 'zip', 'item_id', 'genres', 'year']
+  for copy_of in (c, copy.deepcopy(c), config_lib.from_json(config_lib.to_json(c))):
+    assert [n for n, _ in config_lib.ordered(copy_of.features)] == want
+    assert [n for n, _ in config_lib.ordered(copy_of.tasks)] == ['click', 'like', 'rating']
+  assert config_lib.ranking_task(c) == 'click' and config_lib.early_stopping_metric(c) == 'rating_rmse'
 
 
 def test_json_round_trip_keeps_every_field():
   c = synthetic.get_config()
   c.model.backbone = 'ple'
+  c.tasks.like.threshold = 3.5
   back = config_lib.from_json(config_lib.to_json(c))
   assert back.to_dict() == c.to_dict()
 

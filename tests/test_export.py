@@ -107,7 +107,7 @@ def test_score_matches_the_in_process_model(run, version_dir, manifest, n):
   score = _artifact(version_dir, 'score')
   weights = np.tile(np.asarray([manifest['fusion']['default_weights'][t] for t in manifest['fusion']['order']],
                                np.float32), (n, 1))
-  out = jax.jit(score.call)(_params(version_dir, manifest), batch['user'], batch['item'], weights)
+  out = jax.jit(score.call)(_params(version_dir, manifest), batch['user'], batch['item'], batch['context'], weights)
   for t in ('click', 'like', 'rating'):
     np.testing.assert_allclose(np.asarray(out[t]), preds[t], atol=1e-5, rtol=0)
   np.testing.assert_allclose(np.asarray(out['score']), fused, atol=1e-5, rtol=0)
@@ -209,11 +209,12 @@ def test_members_export_behind_the_same_interface(run, tmp_path, version_dir):
 
 
 def test_multiclass_rating_head_exports_its_expected_rating(run, tmp_path):
-  """A like head predicting the rating class exports sum_c c * p_c, fused as (E[rating] - 1) / 4."""
+  """A like head predicting the rating's class exports the expected rating sum_c v_c * p_c, fused as
+  (E[rating] - 1) / 4."""
   c = run.config.copy_and_resolve_references()
   c.tasks.like.kind = 'multiclass'
-  c.tasks.like.label = 'rating_class'
-  specs = tasks_lib.task_specs(c, run.exp.labels.rating_range, run.exp.rating_mean)
+  c.tasks.like.classes = (1.0, 2.0, 3.0, 4.0, 5.0)  # the ratings, in class order; like: class value >= 4
+  specs = tasks_lib.task_specs(c, tasks_lib.label_columns(c, run.exp.data), run.exp.split.train)
   assert specs[1].units == 5
   # Random weights of the right shapes (the head kind is the point; a real init costs seconds of compiles).
   graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.build(c, run.exp.encoder.specs, specs)))
@@ -222,10 +223,11 @@ def test_multiclass_rating_head_exports_its_expected_rating(run, tmp_path):
   path = export_lib.write_export(str(tmp_path), [Network(graphdef, params, specs)],
                                  export_lib.tables_from_experiment(run.exp), c)
   model = ExportedModel(path, max_batch_rows=64)
-  assert {t['name']: t['output'] for t in model.manifest['tasks']}['like'] == 'rating'
+  like = {t['name']: t for t in model.manifest['tasks']}['like']
+  assert like['output'] == 'value' and like['classes'] == [1.0, 2.0, 3.0, 4.0, 5.0] and like['scale'] == [1.0, 5.0]
   users, items = np.arange(30), np.arange(30)
   batch = run.exp.encoder.gather(users, items)
-  outputs, _ = nnx.merge(graphdef, params)(batch['user'], batch['item'])  # eager
+  outputs, _ = nnx.merge(graphdef, params)(batch)  # eager
   expected_like = (np.asarray(jax.nn.softmax(outputs['like'], -1)) * np.arange(1, 6)).sum(-1)
   out = model.score_rows({k: model.user_table[k][users] for k in model.user_inputs}, items,
                          np.tile([0.0, 1.0, 0.0], (30, 1)))
@@ -250,7 +252,7 @@ def test_serving_encodes_raw_values_exactly_as_training(run, version_dir):
   users' raw side values that way gives the rows training computed, value for value."""
   model = ExportedModel(version_dir, max_batch_rows=16)
   users = run.exp.data.users
-  raw = {'gender': users.gender, 'age': users.age, 'occupation': users.occupation, 'zip': users.zip_code}
+  raw = {'gender': users['gender'], 'age': users['age'], 'occupation': users['occupation'], 'zip': users['zip_code']}
   assert set(model.user_fields) == set(raw)
   for field, values in raw.items():
     name, rule = model.user_fields[field]
@@ -258,12 +260,12 @@ def test_serving_encodes_raw_values_exactly_as_training(run, version_dir):
     np.testing.assert_array_equal(served, run.exp.encoder.user_table[name], err_msg=field)
   # One value at a time, as requests give them, with unknown values on the OOV row.
   pos = 5
-  given = {'gender': str(users.gender[pos]), 'age': int(users.age[pos]), 'occupation': str(users.occupation[pos]),
-           'zip': str(users.zip_code[pos])}
+  given = {f: (v[pos].item() if hasattr(v[pos], 'item') else v[pos]) for f, v in raw.items()}
   feats = model.user_features(-1, given)
   for field in given:
     name = model.user_fields[field][0]
     assert feats[name] == run.exp.encoder.user_table[name][pos], field
-  unknown = model.user_features(-1, {'gender': 'not-a-gender', 'age': -1, 'zip': 'zz999', 'occupation': None})
+  unknown = model.user_features(-1, {'gender': 'not-a-gender', 'age': None, 'zip': 'zz999', 'occupation': None})
   assert [unknown[n] for n in ('gender', 'age', 'zip', 'occupation')] == [0, 0, 0, 0]
+  assert sorted(model.user_unknown_fields({'gender': 'not-a-gender', 'zip': 'zz999', 'age': 30})) == ['gender', 'zip']
   assert model.user_features(-1, {'age': 10**6})['age'] == len(model.rules['age']['boundaries']) + 1  # top bucket

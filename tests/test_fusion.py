@@ -43,12 +43,14 @@ def test_member_config_reduces_to_one_task():
 
 
 def test_fusion_terms_share_the_unit_interval():
-  specs = {s.name: s for s in tasks.task_specs(synthetic.get_config(), (1.0, 5.0), 3.5)}
+  specs = {'click': tasks.TaskSpec('click', 'binary', 'observed', 1.0, 0.4, rows='all'),
+           'rating': tasks.TaskSpec('rating', 'regression', 'rating', 1.0, 0.3, value_range=(1.0, 5.0))}
   term = lambda pred, spec: float(np.asarray(tasks.fusion_term(tasks.task_value(pred, spec), spec)).reshape(-1)[0])
   assert term(np.float32(0.3), specs['click']) == pytest.approx(0.3)
   assert term(np.float32(5.0), specs['rating']) == pytest.approx(1.0)
   assert term(np.float32(1.0), specs['rating']) == pytest.approx(0.0)
-  multiclass = tasks.TaskSpec('like', 'multiclass', 'rating_class', 1.0, 0.3, value_range=(1.0, 5.0), threshold=4.0)
+  multiclass = tasks.TaskSpec('like', 'multiclass', 'rating', 1.0, 0.3, value_range=(1.0, 5.0), threshold=4.0,
+                              values=(1, 2, 3, 4, 5))
   probs = np.zeros((1, 5), np.float32)
   probs[0, 4] = 1.0
   assert term(probs, multiclass) == pytest.approx(1.0)

@@ -5,20 +5,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import movielens_schema
 from mtl_rec import config as config_lib
 from mtl_rec import encoding
+from mtl_rec import experiment
 from mtl_rec import features as features_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec.data import splits as splits_lib
 from mtl_rec.data.sampling import NegativeSampler
-from mtl_rec.data.types import ItemTable, RatingsData, UserTable
-from mtl_rec.input_pipeline import Examples, Labels, TrainStream, to_batch
-
-LABELS = Labels(4.0, (1.0, 5.0))
+from mtl_rec.data.types import ItemTable, RatingsData, UserTable, to_dataset
+from mtl_rec.input_pipeline import Examples, TrainStream, to_batch
 
 
-def specs_of(config):
-  return tasks_lib.task_specs(config, (1.0, 5.0), 3.5)
+def small_config(**data):
+  """The MovieLens schema over small_data (genres 'a'..'d')."""
+  c = movielens_schema.apply(config_lib.base_config())
+  c.data.source = 'synthetic'  # given as a Dataset to experiment.build: the source is not read
+  c.features.genres.categories = ('a', 'b', 'c', 'd')
+  c.data.update(data)
+  return c
 
 
 def mean_losses(outputs, batch, specs, esmm=False):
@@ -27,7 +32,7 @@ def mean_losses(outputs, batch, specs, esmm=False):
   return {k: v / norms['tasks'][k] for k, v in sums.items()}
 
 
-def small_data(num_users=40, num_items=30, per_user=8, seed=0) -> RatingsData:
+def small_ratings(num_users=40, num_items=30, per_user=8, seed=0) -> RatingsData:
   rng = np.random.default_rng(seed)
   users = np.repeat(np.arange(1, num_users + 1), per_user)
   items = np.concatenate([rng.choice(np.arange(1, num_items + 1), per_user, replace=False)
@@ -43,39 +48,64 @@ def small_data(num_users=40, num_items=30, per_user=8, seed=0) -> RatingsData:
                      ut, it)
 
 
+def small_data(**kw):
+  return to_dataset(small_ratings(**kw))
+
+
 @pytest.mark.parametrize('method', ['random', 'leave_last_out'])
 def test_splits_are_disjoint_and_cover_every_row(method):
   data = small_data()
-  s = splits_lib.make_split(data, method, seed=3, valid_fraction=0.1, test_fraction=0.2)
+  dc = small_config(split=method, valid_fraction=0.1, test_fraction=0.2).data
+  s = splits_lib.make_split(data, dc, seed=3)
   parts = [s.train, s.valid, s.test]
-  assert sum(p.size for p in parts) == data.num_ratings
-  assert np.unique(np.concatenate(parts)).size == data.num_ratings
-  again = splits_lib.make_split(data, method, seed=3, valid_fraction=0.1, test_fraction=0.2)
+  assert sum(p.size for p in parts) == data.num_rows
+  assert np.unique(np.concatenate(parts)).size == data.num_rows
+  again = splits_lib.make_split(data, dc, seed=3)
   assert all(np.array_equal(a, b) for a, b in zip(parts, [again.train, again.valid, again.test]))
 
 
 def test_leave_last_out_holds_out_each_users_latest_rating():
   data = small_data()
-  s = splits_lib.make_split(data, 'leave_last_out', seed=0)
+  s = splits_lib.make_split(data, small_config(split='leave_last_out').data, seed=0)
   assert s.test.size == 40
+  users, times = data.log['user_id'], data.log['timestamp']
   for row in s.test:
-    u = data.user_id[row]
-    assert data.timestamp[row] == data.timestamp[data.user_id == u].max()
+    assert times[row] == times[users == users[row]].max()
 
 
-def test_u1_refuses_other_datasets():
-  with pytest.raises(ValueError, match='100,000'):
-    splits_lib.make_split(small_data(), 'u1', seed=0)
+def test_timestamp_head_and_column_splits():
+  data = small_data()
+  times = data.log['timestamp']
+  cut = int(np.quantile(times, 0.8))
+  s = splits_lib.make_split(data, small_config(split='timestamp', split_cut=cut).data, seed=0)
+  assert (times[s.test] >= cut).all() and (times[np.concatenate([s.train, s.valid])] < cut).all()
+  s = splits_lib.make_split(data, small_config(split='head', split_test_rows=50).data, seed=0)
+  np.testing.assert_array_equal(s.test, np.arange(50))
+  names = np.where(np.arange(data.num_rows) % 10 == 0, 'test', np.where(np.arange(data.num_rows) % 10 == 1, 'valid',
+                                                                          'train'))
+  with_column = to_dataset(small_ratings())
+  with_column.log['set'] = names
+  s = splits_lib.make_split(with_column, small_config(split='column', split_column='set').data, seed=0)
+  assert (names[s.test] == 'test').all() and (names[s.valid] == 'valid').all() and (names[s.train] == 'train').all()
+  with_column.log['set'] = np.where(names == 'valid', 'dev', names)
+  with pytest.raises(ValueError, match="'dev'"):
+    splits_lib.make_split(with_column, small_config(split='column', split_column='set').data, seed=0)
+  with pytest.raises(ValueError, match='split_cut'):
+    splits_lib.make_split(data, small_config(split='timestamp', split_cut=int(times.max()) + 1).data, seed=0)
+
+
+def _fit(data, train, c=None):
+  users, items = data.log['user_id'] - 1, data.log['item_id'] - 1  # ids are 1..N in table order
+  return features_lib.fit(data, train, c or small_config(), users, items)
 
 
 def test_vocabularies_are_fitted_on_train_only_with_oov_row():
   data = small_data()
-  train = np.nonzero(data.user_id != 7)[0]  # user 7 appears only outside training
-  c = config_lib.base_config()
-  enc = features_lib.fit(data, train, c.features, row_multiple=8)
-  pos7 = int(np.nonzero(data.users.user_id == 7)[0][0])
+  train = np.nonzero(data.log['user_id'] != 7)[0]  # user 7 appears only outside training
+  enc = _fit(data, train)
+  pos7 = int(np.nonzero(data.users['user_id'] == 7)[0][0])
   assert enc.user_table['user_id'][pos7] == features_lib.OOV_ROW
-  known = enc.user_table['user_id'][data.users.user_id != 7]
+  known = enc.user_table['user_id'][data.users['user_id'] != 7]
   assert known.min() >= 1 and np.unique(known).size == known.size
   spec = next(s for s in enc.specs if s.name == 'user_id')
   assert spec.vocab_size % 8 == 0 and spec.vocab_size >= 40  # 39 known users + OOV, padded
@@ -83,10 +113,25 @@ def test_vocabularies_are_fitted_on_train_only_with_oov_row():
 
 
 def test_age_buckets():
-  rule = {'kind': 'bucket', 'raw': 'age', 'raw_type': 'int', 'boundaries': [18, 25, 35, 45, 50, 56]}
-  b = encoding.encode(rule, np.array([-1, 5, 18, 24, 25, 56, 80]), {})
-  assert b.tolist() == [0, 1, 2, 2, 3, 7, 7]
+  rule = {'kind': 'bucket', 'raw': 'age', 'raw_type': 'float', 'boundaries': [18, 25, 35, 45, 50, 56]}
+  b = encoding.encode(rule, np.array([np.nan, 5, 18, 24, 25, 56, 80]), {})
+  assert b.tolist() == [0, 1, 2, 2, 3, 7, 7]  # missing: the OOV row
   assert encoding.rows(rule, {}) == 8  # OOV + 7 buckets
+
+
+def test_min_count_max_size_and_fixed_vocabularies():
+  data = small_data()
+  rows = np.arange(data.num_rows)
+  c = small_config()
+  c.features.occupation.min_count = 10**6  # no value is that frequent: everything is out of vocabulary
+  c.features.gender.categories = ('M', 'F')  # row order as declared
+  c.features.zip.max_size = 1
+  enc = _fit(data, rows, c)
+  assert (enc.user_table['occupation'] == 0).all() and enc.spec('occupation').vocab_size == 1
+  np.testing.assert_array_equal(enc.user_table['gender'], np.where(data.users['gender'] == 'M', 1, 2))
+  counts = {z: int(np.sum(data.users['zip_code'][data.log['user_id'] - 1].astype('<U2') == z)) for z in ('12', '54', '99')}
+  top = max(counts, key=counts.get)
+  assert enc.vocabs['zip'].keys.tolist() == [top]  # the most frequent area among training interactions
 
 
 def test_sampler_never_returns_a_training_positive():
@@ -120,20 +165,18 @@ def test_sampler_rejects_users_that_saw_every_item():
 
 def _stream(num_negatives=3, batch_size=16):
   data = small_data()
-  rows = np.arange(data.num_ratings)
-  c = config_lib.base_config()
-  enc = features_lib.fit(data, rows, c.features)
-  uidx, iidx = data.user_id - 1, data.item_id - 1
-  sampler = NegativeSampler(uidx, iidx, np.arange(30), 30)
-  pos = Examples(uidx, iidx, data.rating, np.ones(rows.size, np.float32))
-  return TrainStream(pos, enc, sampler, num_negatives, batch_size, LABELS, seed=0), data
+  c = small_config(split='random')
+  exp = experiment.build(c, data)
+  rows = np.arange(data.num_rows)
+  sampler = NegativeSampler(exp.user_index, exp.item_index, np.arange(30), 30)
+  return TrainStream(exp.positives(rows), exp.encoder, sampler, num_negatives, batch_size, exp.labels, seed=0), data
 
 
 def test_train_stream_is_deterministic_and_resumable():
   stream, data = _stream()
   full = list(stream.epoch(2))
   resumed = list(stream.epoch(2, start_step=5))
-  assert len(full) == stream.steps_per_epoch == data.num_ratings * 4 // 16
+  assert len(full) == stream.steps_per_epoch == data.num_rows * 4 // 16
   for a, b in zip(full[5:], resumed):
     jax.tree.map(np.testing.assert_array_equal, a, b)
   other = next(stream.epoch(3))  # negatives are resampled and rows reshuffled every epoch
@@ -147,12 +190,14 @@ def test_batches_mask_labels_of_unobserved_pairs():
   assert neg.any() and (~neg).any()
   assert (b['labels']['click'] == b['observed']).all()
   assert (b['labels']['like'][neg] == 0).all() and (b['labels']['rating'][neg] == 0).all()
+  assert (b['defined']['click'] == 1).all() and (b['defined']['rating'] == b['observed']).all()
 
 
 def test_masked_losses_ignore_unobserved_pairs():
-  specs = specs_of(config_lib.base_config())
-  b = next(_stream()[0].epoch(0))
-  batch = jax.tree.map(jnp.asarray, {k: b[k] for k in ('labels', 'observed', 'valid')})
+  stream, _ = _stream()
+  specs = stream.labels.specs
+  b = next(stream.epoch(0))
+  batch = jax.tree.map(jnp.asarray, {k: b[k] for k in ('labels', 'defined', 'observed', 'valid')})
   rng = np.random.default_rng(0)
   outputs = {s.name: jnp.asarray(rng.normal(size=16), jnp.float32) for s in specs}
   base = mean_losses(outputs, batch, specs)
@@ -180,9 +225,10 @@ def test_masked_losses_ignore_unobserved_pairs():
 
 
 def test_uncertainty_weighting_scales_task_losses():
-  specs = specs_of(config_lib.base_config())
-  b = next(_stream()[0].epoch(0))
-  batch = jax.tree.map(jnp.asarray, {k: b[k] for k in ('labels', 'observed', 'valid')})
+  stream, _ = _stream()
+  specs = stream.labels.specs
+  b = next(stream.epoch(0))
+  batch = jax.tree.map(jnp.asarray, {k: b[k] for k in ('labels', 'defined', 'observed', 'valid')})
   outputs = {s.name: jnp.zeros(16) for s in specs}
   per_task = mean_losses(outputs, batch, specs)
   static = tasks_lib.weighted_loss(per_task, specs)
@@ -197,10 +243,14 @@ def test_uncertainty_weighting_scales_task_losses():
 
 def test_to_batch_gathers_side_features():
   data = small_data()
-  enc = features_lib.fit(data, np.arange(data.num_ratings), config_lib.base_config().features)
-  ex = Examples(np.array([0, 1]), np.array([2, 3]), np.array([5.0, 3.0], np.float32), np.ones(2, np.float32))
-  b = to_batch(ex, enc, LABELS)
-  assert b['item']['genres'].shape == (2, 4)
-  np.testing.assert_array_equal(b['item']['genres'], data.items.genres[[2, 3]].astype(np.float32))
-  assert b['labels']['like'].tolist() == [1.0, 0.0]
-  assert b['labels']['rating_class'].tolist() == [4, 2]
+  exp = experiment.build(small_config(split='random'), data)
+  ex = Examples(np.array([0, 1]), np.array([2, 3]), np.array([0, 1]), np.ones(2, np.float32))
+  b = to_batch(ex, exp.encoder, exp.labels)
+  assert b['item']['genres'].shape == (2, 8)  # value rows, padded with -1
+  hot = np.zeros((2, 4))
+  for r, ids in enumerate(b['item']['genres']):
+    hot[r, ids[ids >= 0]] = 1
+  np.testing.assert_array_equal(hot, data.items['genres'].matrix[[2, 3]])
+  ratings = data.log['rating'][[0, 1]]
+  assert b['labels']['like'].tolist() == (ratings >= 4).astype(float).tolist()
+  assert b['labels']['rating'].tolist() == ratings.tolist()

@@ -125,7 +125,7 @@ def test_indivisible_batch_or_rows_are_errors(exp, config_on):
   with pytest.raises(ValueError, match='batch_size'):
     _trainer(c, exp)
   c = config_on((1, 8))
-  c.features.row_multiple = 4
+  c.model.row_multiple = 4
   with pytest.raises(ValueError, match='row_multiple'):
     _trainer(c, exp)
 
@@ -383,6 +383,6 @@ def test_warm_start_keeps_rows_of_known_ids(runs, exp, config_on):
   np.testing.assert_array_equal(got['heads']['rating']['out']['kernel'], old['heads']['rating']['out']['kernel'])
   np.testing.assert_array_equal(got['embeddings']['tables']['age'], old['embeddings']['tables']['age'])
 
-  c.features.embed_dim = 8  # another architecture: an error that names the parameter
+  c.model.embed_dim = 8  # another architecture: an error that names the parameter
   with pytest.raises(ValueError, match='embed_dim'):
     init(_trainer(c, new_exp))

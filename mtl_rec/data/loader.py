@@ -1,29 +1,160 @@
-"""config.data -> RatingsData: the one place that picks a source."""
+"""config.data -> Dataset: the one place that picks a source and assembles the log and the side tables.
+
+`source='files'` reads the declared Parquet/CSV tables, only the columns the config uses (ids, timestamp, label,
+split and gain columns, and every feature's column, from the table its entity lives in). A user feature comes
+from the users side table when one is declared, else from the log (the value of the user's first row); likewise
+for items; context features always come from the log. Log ids missing from a side table are added with unknown
+side values. The built-in sources (MovieLens-100K/1M, TFDS, synthetic) are converted to the same columns.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from mtl_rec.data.types import RatingsData
+import ml_collections
+import numpy as np
+
+from mtl_rec import config as config_lib
+from mtl_rec.data import readers
+from mtl_rec.data.types import Dataset, DataError, MultiHot, RatingsData, to_dataset
+
+log = logging.getLogger(__name__)
 
 
-def load_data(data_config: Any, seed: int = 0) -> RatingsData:
-  """Loads the dataset named by `data_config.source` (see mtl_rec/config.py for the fields)."""
-  dc = data_config
-  path = dc.path or None
-  cache = dc.cache_dir or None
-  if dc.source == 'movielens_100k':
+def columns_needed(config: ml_collections.ConfigDict) -> dict[str, dict[str, str]]:
+  """{'log' | 'users' | 'items': {column: forced CSV type or ''}} that the config reads."""
+  d = config.data
+  need: dict[str, dict[str, str]] = {'log': {d.log.user_column: '', d.log.item_column: ''}, 'users': {}, 'items': {}}
+  for column in (d.log.timestamp_column, d.split_column if d.split == 'column' else '', config.eval.gain_column):
+    if column:
+      need['log'][column] = ''
+  for t in config.tasks.values():
+    if t.label != config_lib.OBSERVED:
+      need['log'][t.label] = ''
+  builtin = d.source != 'files'  # built-in sources come with both side tables
+  side = {'user': ('users', builtin or bool(d.user_table.paths), d.log.user_column),
+          'item': ('items', builtin or bool(d.item_table.paths), d.log.item_column)}
+  entity_columns = [(f.entity, config_lib.feature_column(name, f), f.dtype) for name, f in config.features.items()]
+  if d.item_table.title_column:
+    entity_columns.append(('item', d.item_table.title_column, 'str'))
+  for entity, column, dtype in entity_columns:
+    if entity == 'context':
+      need['log'][column] = dtype
+      continue
+    table, has_side_table, id_column = side[entity]
+    if column != id_column:
+      need[table][column] = dtype
+      if not has_side_table:  # read from the log: the value of the entity's first row
+        need['log'][column] = dtype
+  return need
+
+
+def _missing_value(values: Any) -> Any:
+  if isinstance(values, MultiHot) or values.dtype == object:
+    return []
+  return '' if values.dtype.kind == 'U' else np.nan
+
+
+def _append_rows(table: dict[str, Any], id_column: str, new_ids: np.ndarray) -> dict[str, Any]:
+  out = {id_column: np.concatenate([table[id_column], new_ids])}
+  for name, values in table.items():
+    if name == id_column:
+      continue
+    fill = _missing_value(values)
+    if isinstance(values, MultiHot):
+      values = np.asarray(values.lists() + [[] for _ in new_ids], dtype=object)
+    elif isinstance(fill, list):
+      values = np.asarray(list(values) + [[] for _ in new_ids], dtype=object)
+    else:
+      values = np.concatenate([values.astype(np.float64) if values.dtype.kind in 'iub' else values,
+                               np.full(new_ids.size, fill, values.dtype if values.dtype.kind == 'U' else np.float64)])
+    out[name] = values
+  return out
+
+
+def _same_id_type(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Integer ids against string ids compare as strings."""
+  if (a.dtype.kind == 'U') != (b.dtype.kind == 'U'):
+    return a.astype(np.str_), b.astype(np.str_)
+  return a, b
+
+
+def _entity_table(config: ml_collections.ConfigDict, entity: str, log_table: dict[str, Any],
+                  columns: dict[str, str], origins: dict[str, Any]) -> dict[str, Any]:
+  d = config.data
+  side_config, id_column = (d.user_table, d.log.user_column) if entity == 'user' else (d.item_table, d.log.item_column)
+  table_name = 'users' if entity == 'user' else 'items'
+  log_ids = np.unique(log_table[id_column])
+  if not side_config.paths:
+    ids, first = np.unique(log_table[id_column], return_index=True)
+    return {id_column: ids, **{c: log_table[c][first] for c in columns}}
+  what = f'{table_name} table'
+  side, origins[table_name] = readers.read_tables(side_config.paths, d.format, d.csv_delimiter,
+                                                  {side_config.id_column: '', **columns}, what)
+  ids = readers.check_ids(side.pop(side_config.id_column), side_config.id_column, origins[table_name], what,
+                          unique=True)
+  ids, log_ids = _same_id_type(ids, log_ids)
+  log_table[id_column] = _same_id_type(log_table[id_column], ids)[0]
+  table = {id_column: ids, **side}
+  missing = np.setdiff1d(log_ids, ids)
+  if missing.size:
+    log.warning('%d %ss of the log are not in the %s table (e.g. %r): their side features are unknown', missing.size,
+                entity, table_name, missing[0])
+    table = _append_rows(table, id_column, missing)
+  return table
+
+
+def _check_columns(ds: Dataset, need: dict[str, dict[str, str]], source: str) -> None:
+  for table_name, columns in need.items():
+    table = getattr(ds, table_name)
+    for column in columns:
+      if column not in table:
+        raise DataError(f'the {table_name} of {source} have no column {column!r} (they have: '
+                        f'{", ".join(table)}); fix the column name in the config')
+
+
+def _builtin(config: ml_collections.ConfigDict) -> RatingsData:
+  d = config.data
+  path, cache = d.path or None, d.cache_dir or None
+  if d.source == 'movielens_100k':
     from mtl_rec.data import movielens  # pylint: disable=g-import-not-at-top
     return movielens.load_100k(path, cache_dir=cache)
-  if dc.source == 'movielens_1m':
+  if d.source == 'movielens_1m':
     from mtl_rec.data import movielens  # pylint: disable=g-import-not-at-top
     return movielens.load_1m(path, cache_dir=cache)
-  if dc.source == 'tfds':
+  if d.source == 'tfds':
     from mtl_rec.data import tfds_source  # pylint: disable=g-import-not-at-top
-    return tfds_source.load(dc.tfds_name, data_dir=dc.tfds_data_dir or None)
-  if dc.source == 'synthetic':
-    from mtl_rec.data import synthetic  # pylint: disable=g-import-not-at-top
-    sc = dc.synthetic
-    return synthetic.generate(num_users=sc.num_users, num_items=sc.num_items,
-                              interactions_per_user=sc.interactions_per_user, latent_dim=sc.latent_dim, seed=seed)
-  raise ValueError(f'config.data.source={dc.source!r} is invalid: use movielens_100k, movielens_1m, tfds or synthetic')
+    return tfds_source.load(d.tfds_name, data_dir=d.tfds_data_dir or None)
+  from mtl_rec.data import synthetic  # pylint: disable=g-import-not-at-top
+  sc = d.synthetic
+  return synthetic.generate(num_users=sc.num_users, num_items=sc.num_items,
+                            interactions_per_user=sc.interactions_per_user, latent_dim=sc.latent_dim,
+                            seed=config.seed)
+
+
+def load_data(config: ml_collections.ConfigDict) -> Dataset:
+  """The Dataset of config.data (see the module docstring); raises DataError naming any problem and its fix."""
+  d = config.data
+  need = columns_needed(config)
+  if d.source != 'files':
+    ds = to_dataset(_builtin(config))
+    if d.log.user_column != ds.user_column or d.log.item_column != ds.item_column:
+      raise DataError(f"source '{d.source}' names its ids {ds.user_column!r} and {ds.item_column!r}; set "
+                      'data.log.user_column / item_column to those')
+    _check_columns(ds, need, f"source '{d.source}'")
+    return Dataset(**{**ds.__dict__, 'name': d.name or ds.name})
+  origins: dict[str, Any] = {}
+  log_table, origins['log'] = readers.read_tables(d.log.paths, d.format, d.csv_delimiter, need['log'],
+                                                  'interaction log')
+  for column in (d.log.user_column, d.log.item_column):
+    log_table[column] = readers.check_ids(log_table[column], column, origins['log'], 'interaction log')
+  if d.log.timestamp_column:
+    log_table[d.log.timestamp_column] = readers.numeric(
+        log_table[d.log.timestamp_column], d.log.timestamp_column, origins['log'], 'interaction log',
+        'the timestamp column')
+  users = _entity_table(config, 'user', log_table, need['users'], origins)
+  items = _entity_table(config, 'item', log_table, need['items'], origins)
+  return Dataset(name=d.name or 'files', source=', '.join(d.log.paths), log=log_table, users=users, items=items,
+                 user_column=d.log.user_column, item_column=d.log.item_column,
+                 timestamp_column=d.log.timestamp_column or None, origins=origins)

@@ -1,16 +1,17 @@
-"""Train / validation / test splits as index arrays into a RatingsData's rows."""
+"""Train / validation / test splits of the interaction log, as row index arrays."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import os
 
+import ml_collections
 import numpy as np
 
 from mtl_rec import files
-from mtl_rec.data.types import RatingsData
-
-U1_TEST_SIZE = 20_000  # u1.test is the first 20,000 lines of u.data
+from mtl_rec.data.types import Dataset, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,49 +28,76 @@ def _hold_out(rows: np.ndarray, fraction: float, rng: np.random.Generator) -> tu
   return np.sort(rows[perm[n_out:]]), np.sort(rows[perm[:n_out]])
 
 
-def make_split(data: RatingsData, method: str, seed: int, valid_fraction: float = 0.05,
-               test_fraction: float = 0.2) -> Split:
-  """Builds a split.
+def make_split(ds: Dataset, data_config: ml_collections.ConfigDict, seed: int) -> Split:
+  """The split config.data asks for (data.split):
 
-  Methods:
-    'u1': the official MovieLens-100K u1 split: test = the first 20,000 ratings in u.data order, base = the rest.
-    'random': a seeded `test_fraction` of all ratings is the test set.
-    'leave_last_out': each user's latest rating (by timestamp, then file order) is the test set.
-  In every case validation is a seeded `valid_fraction` of the non-test ratings — never the test split.
+    'random': a seeded `test_fraction` of the log rows is the test set.
+    'leave_last_out': each user's latest row (by timestamp, then file order) is the test set (a user with a
+      single row keeps it for training).
+    'timestamp': rows at or after `split_cut` are the test set.
+    'column': the column `split_column` names each row's set: 'train', 'valid' or 'test'.
+    'head': the first `split_test_rows` rows in file order are the test set (MovieLens-100K's official u1 split is
+      the first 20,000 rows of u.data).
+  Validation is a seeded `valid_fraction` of the non-test rows (except for 'column' with 'valid' rows) — never the
+  test set.
   """
-  n = data.num_ratings
+  dc = data_config
+  n = ds.num_rows
   rows = np.arange(n, dtype=np.int64)
   rng = np.random.default_rng([seed, 1])
-  if method == 'u1':
-    if n != 100_000:
-      raise ValueError(f"data.split='u1' needs MovieLens-100K's 100,000 ratings in u.data order, got {n:,}; "
-                       "use --config.data.split=random or leave_last_out")
-    test, base = rows[:U1_TEST_SIZE], rows[U1_TEST_SIZE:]
-  elif method == 'random':
-    base, test = _hold_out(rows, test_fraction, rng)
-  elif method == 'leave_last_out':
-    order = np.lexsort((rows, data.timestamp, data.user_id))  # by user, then time, then file order
+  users = ds.log[ds.user_column]
+  valid = None
+  if dc.split == 'head':
+    if dc.split_test_rows >= n:
+      raise DataError(f'data.split_test_rows={dc.split_test_rows} leaves no training rows of the {n:,} in the log; '
+                      'use fewer')
+    test, base = rows[:dc.split_test_rows], rows[dc.split_test_rows:]
+  elif dc.split == 'random':
+    base, test = _hold_out(rows, dc.test_fraction, rng)
+  elif dc.split == 'timestamp':
+    is_test = ds.log[ds.timestamp_column] >= dc.split_cut
+    test, base = rows[is_test], rows[~is_test]
+    if not test.size or not base.size:
+      raise DataError(f'data.split_cut={dc.split_cut} puts {"no" if not test.size else "every"} row in the test set '
+                      f'(timestamps run from {ds.log[ds.timestamp_column].min():g} to '
+                      f'{ds.log[ds.timestamp_column].max():g}); choose a time inside that range')
+  elif dc.split == 'leave_last_out':
+    order = np.lexsort((rows, ds.log[ds.timestamp_column], users))  # by user, then time, then file order
     last = np.ones(n, bool)
-    last[:-1] = data.user_id[order[:-1]] != data.user_id[order[1:]]
+    last[:-1] = users[order[:-1]] != users[order[1:]]
     is_test = np.zeros(n, bool)
     is_test[order[last]] = True
-    # A user with a single rating keeps it for training: a test row for an unseen user measures nothing.
-    counts = np.bincount(np.unique(data.user_id, return_inverse=True)[1])
-    single = counts[np.unique(data.user_id, return_inverse=True)[1]] == 1
-    is_test &= ~single
+    inverse = np.unique(users, return_inverse=True)[1]
+    is_test &= np.bincount(inverse)[inverse] > 1  # a test row for a user seen nowhere else measures nothing
     test, base = rows[is_test], rows[~is_test]
-  else:
-    raise ValueError(f"unknown split method {method!r}: use 'u1', 'random' or 'leave_last_out'")
-  train, valid = _hold_out(base, valid_fraction, rng)
-  return Split(train=train, valid=valid, test=np.sort(test))
+  else:  # 'column'
+    names = np.asarray(ds.log[dc.split_column]).astype(np.str_)
+    bad = np.flatnonzero(~np.isin(names, ('train', 'valid', 'test')))
+    if bad.size:
+      raise DataError(f'interaction log: {ds.where("log", int(bad[0]))}: column {dc.split_column!r} holds '
+                      f"{names[bad[0]]!r}; the split column names 'train', 'valid' or 'test'")
+    test, base = rows[names == 'test'], rows[names != 'test']
+    if (names == 'valid').any():
+      valid, base = rows[names == 'valid'], rows[names == 'train']
+  if valid is None:
+    base, valid = _hold_out(base, dc.valid_fraction, rng)
+  if not base.size or not test.size:
+    raise DataError(f'the {dc.split!r} split of {n:,} log rows leaves {base.size} training and {test.size} test '
+                    'rows; both must be non-empty')
+  return Split(train=base, valid=valid, test=np.sort(test))
 
 
-def write_csv(data: RatingsData, split: Split, directory: str) -> None:
-  """Writes {train,valid,test}.csv with columns user_id,item_id,rating,timestamp in raw ids."""
+def write_csv(ds: Dataset, split: Split, columns: list[str], directory: str) -> None:
+  """Writes {train,valid,test}.csv: the log's `columns` (ids as given) for each set."""
   os.makedirs(directory, exist_ok=True)
   for name in ('train', 'valid', 'test'):
     rows = getattr(split, name)
-    table = np.stack([data.user_id[rows], data.item_id[rows], data.rating[rows], data.timestamp[rows]], axis=1)
-    files.write_atomic(os.path.join(directory, f'{name}.csv'), lambda tmp, table=table: np.savetxt(
-        tmp, table, fmt=['%d', '%d', '%g', '%d'], delimiter=',', header='user_id,item_id,rating,timestamp',
-        comments=''))
+    cols = [np.asarray(ds.log[c])[rows] for c in columns]
+    cols = [[('%g' % v) for v in c] if c.dtype.kind == 'f' else c.tolist() for c in cols]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator='\n')
+    writer.writerow(columns)
+    writer.writerows(zip(*cols))
+    files.write_text(os.path.join(directory, f'{name}.csv'), out.getvalue())
+
+

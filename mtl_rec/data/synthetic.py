@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from mtl_rec.data.movielens import GENRES
-from mtl_rec.data.types import ItemTable, RatingsData, UserTable
+from mtl_rec.data.types import Dataset, ItemTable, RatingsData, UserTable
 
 # ML-100K's occupations, so synthetic users look like MovieLens ones to the feature code.
 OCCUPATIONS: tuple[str, ...] = (
@@ -257,3 +257,63 @@ def _items(factors: np.ndarray, rng: np.random.Generator) -> ItemTable:
       genres=genres,
       genre_names=GENRES,
   )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A shop's log: the tasks and features of your own data, not MovieLens's.
+
+SHOP_DEVICES = ('android', 'ios', 'web')
+SHOP_SATISFACTION = ('bad', 'ok', 'great')
+SHOP_CATEGORIES = ('books', 'games', 'garden', 'home', 'music', 'outdoor', 'sports', 'toys')
+
+
+def shop(num_users: int = 2000, num_items: int = 500, interactions_per_user: int = 20, latent_dim: int = 4,
+         seed: int = 0) -> Dataset:
+  """A synthetic shop: a log of the items users clicked, with string ids, request context and four labels.
+
+  Columns: log (user, item, ts, device, hour, add_to_cart, watch_fraction, satisfaction), users (user, country,
+  age), items (item, title, category, tags, price). The planted signal, from the factors of `generate_with_truth`:
+  which items a user clicks (affinity u.v and popularity); add_to_cart from a second user direction against the
+  item factors, cheaper items and the 'web' device; watch_fraction from u.v; a 3-class satisfaction survey
+  (answered on 40% of the rows, else empty) from u.v plus the item's quality. Side features carry signal too:
+  country from the user factors, category and tags from the item factors; age is missing for 10% of the users.
+  """
+  data, truth = generate_with_truth(num_users, num_items, interactions_per_user, latent_dim, seed)
+  rng = np.random.default_rng([seed, 7])
+  n = data.num_ratings
+  u_idx, i_idx = data.user_id - 1, data.item_id - 1
+  affinity = truth.affinity(data.user_id, data.item_id).astype(np.float64)
+  cart_direction = rng.standard_normal((latent_dim, latent_dim)) / np.sqrt(latent_dim)
+  cart_affinity = np.einsum('nd,nd->n', truth.user_factors[u_idx] @ cart_direction, truth.item_factors[i_idx])
+  price = np.exp(rng.normal(3.0, 0.8, num_items))
+  device = rng.choice(len(SHOP_DEVICES), n, p=(0.45, 0.35, 0.2))
+  cart_logit = 1.5 * cart_affinity - 0.6 * (np.log(price[i_idx]) - 3.0) + 0.8 * (device == 2) - 1.0
+  add_to_cart = (rng.random(n) < 1 / (1 + np.exp(-cart_logit))).astype(np.int64)
+  watch = 1 / (1 + np.exp(-(1.2 * affinity + rng.normal(0, 0.7, n))))
+  quality = rng.normal(0, 1, num_items)
+  mood = affinity + 0.8 * quality[i_idx] + rng.normal(0, 0.8, n)
+  satisfaction = np.asarray(SHOP_SATISFACTION)[np.digitize(mood, np.quantile(mood, [1 / 3, 2 / 3]))]
+  satisfaction = np.where(rng.random(n) < 0.4, satisfaction, '')
+  hour = ((data.timestamp // 3600) % 24).astype(np.int64)
+
+  countries = np.asarray(['br', 'de', 'fr', 'in', 'jp', 'us'])
+  country = countries[_gumbel_argmax(2.0 * _projection(truth.user_factors, rng, countries.size), rng)]
+  age = np.clip(rng.normal(35, 11, num_users), 16, 80).round()
+  age[rng.random(num_users) < 0.1] = np.nan
+  category = np.asarray(SHOP_CATEGORIES)[_gumbel_argmax(
+      2.0 * _projection(truth.item_factors, rng, len(SHOP_CATEGORIES)), rng)]
+  tag_names = np.asarray([f't{j:02d}' for j in range(24)])
+  tag_logits = 2.0 * _projection(truth.item_factors, rng, tag_names.size) - 2.5
+  has_tag = rng.random((num_items, tag_names.size)) < 1 / (1 + np.exp(-tag_logits))
+  tags = np.asarray(['|'.join(tag_names[row]) for row in has_tag])
+  user_ids = np.char.add('u', _digits_to_str(_decimal_digits(np.arange(1, num_users + 1))))
+  item_ids = np.char.add('i', _digits_to_str(_decimal_digits(np.arange(1, num_items + 1))))
+  return Dataset(
+      name='synthetic-shop', source=f'synthetic.shop(num_users={num_users}, num_items={num_items}, seed={seed})',
+      log={'user': user_ids[u_idx], 'item': item_ids[i_idx], 'ts': data.timestamp,
+           'device': np.asarray(SHOP_DEVICES)[device], 'hour': hour, 'add_to_cart': add_to_cart,
+           'watch_fraction': np.round(watch, 4), 'satisfaction': satisfaction},
+      users={'user': user_ids, 'country': country, 'age': age},
+      items={'item': item_ids, 'title': np.char.add('Product ', item_ids), 'category': category, 'tags': tags,
+             'price': np.round(price, 2)},
+      user_column='user', item_column='item', timestamp_column='ts')

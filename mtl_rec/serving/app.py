@@ -1,7 +1,9 @@
 """The HTTP server: aiohttp routes over an ExportedModel, with dynamic batching, validation and metrics.
 
-  POST /v1/score                    {"user": {"user_id": "196", ...}, "items": ["242", ...], "weights": {...}}
-  POST /v1/recommend                {"user_id": "196", "k": 10, "exclude_seen": true, "weights": {...}}
+  POST /v1/score                    {"user": {"user_id": "196", ...}, "items": ["242", ...], "weights": {...},
+                                     "context": {...}}
+  POST /v1/recommend                {"user_id": "196", "k": 10, "exclude_seen": true, "weights": {...},
+                                     "context": {...}}
   GET  /v2, /v2/health/live, /v2/health/ready
   GET  /v2/models/{name}[/versions/{v}], .../ready, .../config
   POST /v2/models/{name}[/versions/{v}]/infer
@@ -90,7 +92,8 @@ class Server:
     user = {k: np.concatenate([w.user[k] for w in works]) for k in self.model.user_inputs}
     positions = np.concatenate([w.item_positions for w in works])
     weights = np.repeat(np.stack([w.weights for w in works]), counts, axis=0)
-    out = self.model.score_rows(user, positions, weights)
+    context = {k: np.concatenate([w.context[k] for w in works]) for k in self.model.context_inputs}
+    out = self.model.score_rows(user, positions, weights, context)
     results, start = [], 0
     for n in counts:
       results.append({k: v[start:start + n] for k, v in out.items()})
@@ -104,7 +107,8 @@ class Server:
     for j, r in enumerate(reqs):
       if r.exclude_seen:
         exclude[j, m.seen_items(r.user.position)] = True
-    items, scores = m.recommend(user, exclude, np.stack([r.weights for r in reqs]))
+    context = {k: np.stack([np.asarray(r.context[k], m.no_context[k].dtype) for r in reqs]) for k in m.context_inputs}
+    items, scores = m.recommend(user, exclude, np.stack([r.weights for r in reqs]), context)
     return [(items[j, :r.k], scores[j, :r.k]) for j, r in enumerate(reqs)]
 
   # -------------------------------------------------------------------------------------------------------------
@@ -146,7 +150,8 @@ class Server:
         entry[t] = col[j]
       items.append(entry)
     return _json({'model': self.model.name, 'version': self.model.version, 'user': req.user.describe(),
-                  'weights': dict(zip(names, req.work.weights.tolist())), 'items': items})
+                  'weights': dict(zip(names, req.work.weights.tolist())), 'unknown_values': req.unknown,
+                  'items': items})
 
   async def recommend(self, request: web.Request) -> web.Response:
     req = parse_recommend(parse_json(await self._body(request)), self.model)
@@ -159,7 +164,8 @@ class Server:
     items = [{'item_id': i, 'title': t, 'score': s} for i, t, s in zip(ids, titles, list(scores))]
     return _json({'model': self.model.name, 'version': self.model.version, 'user': req.user.describe(),
                   'k': req.k, 'exclude_seen': req.exclude_seen,
-                  'weights': dict(zip(self.model.task_names, req.weights.tolist())), 'items': items})
+                  'weights': dict(zip(self.model.task_names, req.weights.tolist())), 'unknown_values': req.unknown,
+                  'items': items})
 
   async def infer(self, request: web.Request) -> web.Response:
     self._check_model(request)
@@ -171,13 +177,14 @@ class Server:
     if user_pos.shape[0] == 1:
       user_pos = np.repeat(user_pos, item_pos.shape[0])
     rows = np.where(user_pos >= 0, user_pos, m.num_users)
-    work = ScoreWork({k: m.user_table[k][rows] for k in m.user_inputs}, item_pos, req.weights)
+    context, unknown = protocol.encode_context(req, m, item_pos.shape[0])
+    work = ScoreWork({k: m.user_table[k][rows] for k in m.user_inputs}, item_pos, req.weights, context)
     out = await self.score_batcher.submit(work, work.rows)
     user_cold = (user_pos < 0) | ((m.user_id_rows[rows] == 0) if m.user_id_rows is not None else False)
     item_cold = m.items_cold(item_pos)
     self._cold_metrics(int(np.sum(user_cold)), int(item_cold.sum()))
     values = {**out, 'user_cold_start': np.asarray(user_cold, bool), 'item_cold_start': item_cold}
-    body, headers = protocol.encode_response(m, req, values)
+    body, headers = protocol.encode_response(m, req, values, unknown)
     return web.Response(body=body, headers=headers)
 
   async def server_metadata(self, request: web.Request) -> web.Response:

@@ -50,10 +50,11 @@ def bench_function(version_dir: str, batch_sizes: Sequence[int], duration_s: flo
     user = {k: model.user_table[k][users] for k in model.user_inputs}
     item = {k: v[items] for k, v in model.item_table.items()}
     weights = np.tile(model.default_weights.astype(np.float32), (b, 1))
+    context = {k: np.repeat(v[None], b, axis=0) for k, v in model.no_context.items()}
     fn = model._score_fn  # pylint: disable=protected-access
 
     def call():
-      res = fn(model.params, user, item, weights)
+      res = fn(model.params, user, item, context, weights)
       return {k: np.asarray(v) for k, v in res.items()}
     call()  # compile this exact shape
     lat, t_start = [], time.perf_counter()

@@ -144,34 +144,40 @@ class ExportedModel:
     with np.load(os.path.join(version_dir, m['weights']['file']), allow_pickle=False) as w:
       self.params = tuple(jax.device_put(w[e['key']]) for e in m['weights']['order'])
 
+    inputs = {e['name']: e for entity in ('user', 'item', 'context') for e in m['inputs'].get(entity, [])}
+    # Each input's rule, exactly as training applied it (mtl_rec.encoding), and the vocabularies its rules name;
+    # id vocabularies can be large and are only needed through the users/catalog tables, so they stay on disk.
+    self.rules = {n: e['encoding'] for n, e in inputs.items()}
+    self.vocabs = {r['vocab']: self._vocab(r['vocab']) for r in self.rules.values()
+                   if 'vocab' in r and r['raw_type'] != 'id'}
     self.user_inputs = [e['name'] for e in m['inputs']['user']]
     self.item_inputs = [e['name'] for e in m['inputs']['item']]
+    self.context_inputs = [e['name'] for e in m['inputs'].get('context', [])]
+    unknown_row = lambda name: encoding.missing(self.rules[name])[None]
     with np.load(os.path.join(version_dir, m['users']['file']), allow_pickle=False) as u:
       self.users = IdIndex(u[m['users']['ids']])
-      # Row `num_users` is the all-OOV row of an unknown user.
-      self.user_table = {n: np.concatenate([u[n], np.zeros((1,) + u[n].shape[1:], u[n].dtype)])
-                         for n in self.user_inputs}
+      # Row `num_users` is the row of an unknown user: every feature unknown.
+      self.user_table = {n: np.concatenate([u[n], unknown_row(n).astype(u[n].dtype)]) for n in self.user_inputs}
     with np.load(os.path.join(version_dir, m['catalog']['file']), allow_pickle=False) as c:
       self.items = IdIndex(c[m['catalog']['ids']])
       self.titles = c[m['catalog']['titles']] if m['catalog'].get('titles') in c.files else None
       catalog = {n: c[n] for n in self.item_inputs}
     self.num_users, self.num_items = self.users.size, self.items.size
     self.catalog = {n: jax.device_put(v) for n, v in catalog.items()}
-    # Row `num_items` is the all-OOV row of an item missing from the catalog.
-    self.item_table = {n: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)]) for n, v in catalog.items()}
-    self.item_id_rows = self.item_table.get('item_id')
-    self.user_id_rows = self.user_table.get('user_id')
+    # Row `num_items` is the row of an item missing from the catalog.
+    self.item_table = {n: np.concatenate([v, unknown_row(n).astype(v.dtype)]) for n, v in catalog.items()}
+    # The context of a request that gives none: every context input unknown.
+    self.no_context = {n: unknown_row(n)[0] for n in self.context_inputs}
+    id_input = lambda names: next((n for n in names if self.rules[n]['raw_type'] == 'id' and
+                                   self.rules[n]['kind'] == 'vocab'), None)
+    self.item_id_rows = self.item_table[id_input(self.item_inputs)] if id_input(self.item_inputs) else None
+    self.user_id_rows = self.user_table[id_input(self.user_inputs)] if id_input(self.user_inputs) else None
     with np.load(os.path.join(version_dir, m['seen']['file']), allow_pickle=False) as s:
       self.seen_indptr, self.seen_indices = s['indptr'], s['indices']
-
-    # Each input's rule, exactly as training applied it (mtl_rec.encoding), and the vocabularies its rules name;
-    # id vocabularies can be large and are only needed through the users/catalog tables, so they stay on disk.
-    self.rules = {e['name']: e['encoding'] for e in m['inputs']['user'] + m['inputs']['item']}
-    self.vocabs = {r['vocab']: self._vocab(r['vocab']) for r in self.rules.values()
-                   if r['kind'] == 'vocab' and r['raw_type'] != 'id'}
-    # Side features a request may give for a user: {raw field: (input name, rule)} of the user inputs but the id.
-    self.user_fields = {r['raw']: (n, r) for n, r in self.rules.items()
-                        if n in self.user_inputs and r['raw_type'] != 'id'}
+    # Fields a request may give: {raw field: (input name, rule)}; a user's side features (not its id), the context.
+    self.user_fields = {self.rules[n]['raw']: (n, self.rules[n]) for n in self.user_inputs
+                        if self.rules[n]['raw_type'] != 'id'}
+    self.context_fields = {self.rules[n]['raw']: (n, self.rules[n]) for n in self.context_inputs}
 
     self.score_buckets = buckets(max_batch_rows, min(min_bucket_rows, max_batch_rows))
     self.recommend_buckets = buckets(max_recommend_users)
@@ -181,24 +187,41 @@ class ExportedModel:
   def _vocab(self, name: str) -> encoding.Vocab:
     entry = self.manifest['vocabularies']['entries'][name]
     if 'values' in entry:
-      return encoding.vocab_from_values(entry['dtype'], entry['values'])
+      return encoding.vocab_from_values(entry['dtype'], entry['values'], entry.get('declared_order', False))
     with np.load(os.path.join(self.dir, entry['file']), allow_pickle=False) as v:
       return encoding.Vocab(v[entry['key']])
 
   # -------------------------------------------------------------------------------------------------------------
   # Raw request values -> feature rows.
 
+  def _encode(self, fields: dict[str, tuple[str, Any]], values: dict[str, Any],
+              base: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`base` with the given raw fields (validated; None = unknown) encoded by their rules, and the fields whose value
+    is unknown to the vocabulary (it went to the out-of-vocabulary row or was dropped)."""
+    feats, unknown = dict(base), []
+    for raw_name, value in values.items():
+      name, rule = fields[raw_name]
+      if value is None:
+        feats[name] = encoding.missing(rule)
+        continue
+      feats[name] = encoding.encode(rule, [value], self.vocabs)[0]
+      if encoding.unknown(rule, value, self.vocabs):
+        unknown.append(raw_name)
+    return feats, unknown
+
   def user_features(self, position: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Encoded features of the user at table `position` (-1: unknown, all OOV), with request-given side features
     (raw values, already validated) replacing the table's."""
     row = position if position >= 0 else self.num_users
-    feats = {n: self.user_table[n][row] for n in self.user_inputs}
-    for raw_name, value in (overrides or {}).items():
-      if raw_name in self.user_fields:
-        name, rule = self.user_fields[raw_name]
-        feats[name] = (self.user_table[name][self.num_users] if value is None else  # unknown: the OOV row
-                       encoding.encode(rule, [value], self.vocabs)[0])
-    return feats
+    return self._encode(self.user_fields, overrides or {}, {n: self.user_table[n][row] for n in self.user_inputs})[0]
+
+  def user_unknown_fields(self, overrides: dict[str, Any]) -> list[str]:
+    return self._encode(self.user_fields, overrides, {})[1]
+
+  def context_features(self, values: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """(encoded context inputs, fields whose value was unknown) of a request's raw context (missing fields and a
+    missing context: unknown)."""
+    return self._encode(self.context_fields, values or {}, self.no_context)
 
   def user_is_cold(self, position: int) -> bool:
     """True when the user's id row is the OOV row (unknown, or not seen in training)."""
@@ -225,56 +248,67 @@ class ExportedModel:
         return b
     raise ValueError(f'{n} rows exceed the largest batch bucket {sizes[-1]}')
 
-  def score_rows(self, user: dict[str, np.ndarray], item_positions: np.ndarray,
-                 weights: np.ndarray) -> dict[str, np.ndarray]:
-    """{task: [n], 'score': [n]} for paired rows: user features [n] each, catalog positions [n] (-1: unknown
-    item, OOV features), fusion weights [n, T]. Larger inputs are split into calls of the largest bucket."""
+  @staticmethod
+  def _padded(columns: dict[str, np.ndarray], names: list[str], n: int, b: int,
+              fill: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each named column's n rows followed by b - n rows of its fill value."""
+    out = {}
+    for k in names:
+      col = np.empty((b,) + np.shape(fill[k]), np.asarray(fill[k]).dtype)
+      col[:n] = columns[k]
+      col[n:] = fill[k]
+      out[k] = col
+    return out
+
+  def score_rows(self, user: dict[str, np.ndarray], item_positions: np.ndarray, weights: np.ndarray,
+                 context: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """{task: [n], 'score': [n]} for paired rows: user features [n] each, catalog positions [n] (-1: unknown item),
+    fusion weights [n, T], context features [n] each (default: unknown). Larger inputs are split into calls of the
+    largest bucket."""
     n = int(item_positions.shape[0])
+    context = context if context is not None else {k: np.broadcast_to(v, (n,) + np.shape(v))
+                                                   for k, v in self.no_context.items()}
     if n > self.max_batch_rows:
-      parts = [self.score_rows({k: v[s:s + self.max_batch_rows] for k, v in user.items()},
-                               item_positions[s:s + self.max_batch_rows], weights[s:s + self.max_batch_rows])
-               for s in range(0, n, self.max_batch_rows)]
+      step = self.max_batch_rows
+      parts = [self.score_rows({k: v[s:s + step] for k, v in user.items()}, item_positions[s:s + step],
+                               weights[s:s + step], {k: v[s:s + step] for k, v in context.items()})
+               for s in range(0, n, step)]
       return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     b = self._bucket(n, self.score_buckets)
     pos = np.full(b, self.num_items, np.int64)
     pos[:n] = np.where(item_positions >= 0, item_positions, self.num_items)
     items = {k: v[pos] for k, v in self.item_table.items()}
-    users = {}
-    for k in self.user_inputs:
-      col = np.zeros(b, self.user_table[k].dtype)
-      col[:n] = user[k]
-      users[k] = col
+    users = self._padded(user, self.user_inputs, n, b, {k: v[-1] for k, v in self.user_table.items()})
+    contexts = self._padded(context, self.context_inputs, n, b, self.no_context)
     w = np.zeros((b, len(self.task_names)), np.float32)
     w[:n] = weights
-    out = self._score_fn(self.params, users, items, w)
+    out = self._score_fn(self.params, users, items, contexts, w)
     return {k: np.asarray(v)[:n] for k, v in out.items()}
 
-  def recommend(self, user: dict[str, np.ndarray], exclude: np.ndarray,
-                weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def recommend(self, user: dict[str, np.ndarray], exclude: np.ndarray, weights: np.ndarray,
+                context: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(catalog positions [u, max_k], fused scores [u, max_k], -inf where excluded) for users' features [u],
-    exclude masks bool [u, num_items] and fusion weights [u, T]."""
+    exclude masks bool [u, num_items], fusion weights [u, T] and context features [u] (default: unknown)."""
     u = int(exclude.shape[0])
     b = self._bucket(u, self.recommend_buckets)
-    users = {}
-    for k in self.user_inputs:
-      col = np.zeros(b, self.user_table[k].dtype)
-      col[:u] = user[k]
-      users[k] = col
+    users = self._padded(user, self.user_inputs, u, b, {k: v[-1] for k, v in self.user_table.items()})
+    context = context if context is not None else {k: np.broadcast_to(v, (u,) + np.shape(v))
+                                                   for k, v in self.no_context.items()}
+    contexts = self._padded(context, self.context_inputs, u, b, self.no_context)
     excl = np.ones((b, self.num_items), bool)
     excl[:u] = exclude
     w = np.zeros((b, len(self.task_names)), np.float32)
     w[:u] = weights
-    out = self._recommend_fn(self.params, self.catalog, users, excl, w)
+    out = self._recommend_fn(self.params, self.catalog, users, contexts, excl, w)
     return np.asarray(out['items'])[:u], np.asarray(out['scores'])[:u]
 
   def warmup(self) -> None:
     """Compiles every bucket once, so no request ever waits for a compilation."""
+    unknown_users = lambda b: {k: np.repeat(v[-1:], b, axis=0) for k, v in self.user_table.items()}
     for b in self.score_buckets:
-      self.score_rows({k: np.zeros(b, v.dtype) for k, v in self.user_table.items()}, np.full(b, -1, np.int64),
-                      np.tile(self.default_weights, (b, 1)))
+      self.score_rows(unknown_users(b), np.full(b, -1, np.int64), np.tile(self.default_weights, (b, 1)))
     for b in self.recommend_buckets:
-      self.recommend({k: np.zeros(b, v.dtype) for k, v in self.user_table.items()},
-                     np.zeros((b, self.num_items), bool), np.tile(self.default_weights, (b, 1)))
+      self.recommend(unknown_users(b), np.zeros((b, self.num_items), bool), np.tile(self.default_weights, (b, 1)))
 
   def compiled_shapes(self) -> dict[str, int]:
     """Executables in each function's jit cache (constant after warmup when bucketing works)."""

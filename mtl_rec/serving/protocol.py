@@ -1,9 +1,12 @@
 """The Open Inference Protocol v2 (KServe v2 REST) for the score function, with Triton's binary tensor extension.
 
 Inputs: `user_id` and `item_id`, datatype BYTES (strings) or INT64 (INT32 too), shape [N] or [N, 1] (`user_id` may
-also be a single element, broadcast to every item). Outputs: one FP32 tensor per task, FP32 `score` (the fused
-ranking score) and BOOL `user_cold_start` / `item_cold_start`, shaped like `item_id`. Fusion weights can be
-overridden with request parameters `fusion_weight_<task>`.
+also be a single element, broadcast to every item), and, optionally, the model's request-time context features by
+name (BYTES for strings and lists joined by the feature's delimiter, INT64/INT32, FP32/FP64 for numbers; one element
+or one per item; missing ones are unknown). Outputs: one FP32 tensor per task, FP32 `score` (the fused ranking score)
+and BOOL `user_cold_start` / `item_cold_start`, shaped like `item_id`; the response parameter `unknown_values`
+names the context inputs that held values the model does not know (they used the out-of-vocabulary row). Fusion
+weights can be overridden with request parameters `fusion_weight_<task>`.
 
 Tensor data comes as JSON arrays or, with the binary extension that tritonclient uses by default, after the JSON
 header (its length in the `Inference-Header-Content-Length` header), each input's bytes sized by its
@@ -21,10 +24,16 @@ from typing import Any
 import numpy as np
 import orjson
 
+from mtl_rec import encoding
 from mtl_rec.serving.loader import MAX_ID_CHARS, ExportedModel
 from mtl_rec.serving.validation import BadRequest, parse_json, parse_weights
 
-INPUT_DATATYPES = {'BYTES': None, 'INT64': '<i8', 'INT32': '<i4'}
+INPUT_DATATYPES = {'BYTES': None, 'INT64': '<i8', 'INT32': '<i4', 'FP32': '<f4', 'FP64': '<f8'}
+ID_INPUTS = ('user_id', 'item_id')
+# Which datatypes an input may come as, by the raw type its encoding rule reads.
+ACCEPTED = {'id': ('BYTES', 'INT64', 'INT32'), 'str': ('BYTES',), 'list[str]': ('BYTES',), 'int': ('INT64', 'INT32'),
+            'float': ('FP32', 'FP64', 'INT64', 'INT32')}
+METADATA_DATATYPE = {'id': 'BYTES', 'str': 'BYTES', 'list[str]': 'BYTES', 'int': 'INT64', 'float': 'FP32'}
 HEADER_LENGTH = 'Inference-Header-Content-Length'
 WEIGHT_PARAM_PREFIX = 'fusion_weight_'
 
@@ -40,7 +49,9 @@ def model_metadata(model: ExportedModel) -> dict[str, Any]:
       'versions': [str(model.version)],
       'platform': 'jax_export',
       'inputs': [{'name': 'user_id', 'datatype': 'BYTES', 'shape': [-1]},
-                 {'name': 'item_id', 'datatype': 'BYTES', 'shape': [-1]}],
+                 {'name': 'item_id', 'datatype': 'BYTES', 'shape': [-1]},
+                 *[{'name': f, 'datatype': METADATA_DATATYPE[rule['raw_type']], 'shape': [-1], 'optional': True}
+                   for f, (_, rule) in model.context_fields.items()]],
       'outputs': [{'name': n, 'datatype': 'BOOL' if n.endswith('cold_start') else 'FP32', 'shape': [-1]}
                   for n in output_names(model)],
   }
@@ -63,6 +74,7 @@ class InferRequest:
   shape: list[int]  # item_id's shape: the outputs' shape
   outputs: list[tuple[str, bool]]  # (name, binary)
   weights: np.ndarray  # [T]
+  context: dict[str, list[Any]]  # context field -> values (one, or one per item)
 
 
 def _flatten(data: Any, depth: int, where: str) -> list[Any]:
@@ -97,20 +109,23 @@ def _decode_bytes_tensor(buf: bytes, n: int, where: str) -> list[str]:
   return out
 
 
-def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int) -> tuple[str, list[Any], list[int], int]:
-  """One input tensor -> (name, flat ids, shape, new binary offset)."""
+def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int,
+                 raw_types: dict[str, str]) -> tuple[str, list[Any], list[int], int]:
+  """One input tensor -> (name, flat values, shape, new binary offset); `raw_types` names the inputs and the raw
+  type each one's encoding reads."""
   if not isinstance(t, dict):
     raise BadRequest(f'each entry of inputs must be an object, got {type(t).__name__}')
   name = t.get('name')
   where = f'input {name!r}'
-  if name not in ('user_id', 'item_id'):
-    raise BadRequest(f'unknown input {name!r}: this model takes user_id and item_id')
+  if name not in raw_types:
+    raise BadRequest(f'unknown input {name!r}: this model takes {", ".join(raw_types)}')
   unknown = sorted(set(t) - {'name', 'shape', 'datatype', 'parameters', 'data'})
   if unknown:
     raise BadRequest(f'{where}: unknown field {unknown[0]!r}')
   datatype = t.get('datatype')
-  if datatype not in INPUT_DATATYPES:
-    raise BadRequest(f'{where}: datatype {datatype!r} is not supported; use BYTES or INT64')
+  accepted = ACCEPTED[raw_types[name]]
+  if datatype not in accepted:
+    raise BadRequest(f'{where}: datatype {datatype!r} is not supported; use {" or ".join(accepted)}')
   shape = t.get('shape')
   if (not isinstance(shape, list) or not 1 <= len(shape) <= 2 or
       not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -152,15 +167,22 @@ def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int) -> tupl
       if not all(isinstance(x, str) for x in values):
         bad = next(x for x in values if not isinstance(x, str))
         raise BadRequest(f'{where}: BYTES data must be strings, got {bad!r}')
+    elif datatype.startswith('FP'):
+      for x in values:
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+          raise BadRequest(f'{where}: {datatype} data must be finite numbers, got {x!r}')
     else:
       lo, hi = (-(2**63), 2**63) if datatype == 'INT64' else (-(2**31), 2**31)
       for x in values:
         if not isinstance(x, int) or isinstance(x, bool) or not lo <= x < hi:
           raise BadRequest(f'{where}: {datatype} data must be integers in range, got {x!r}')
+  if datatype.startswith('FP') and not all(math.isfinite(x) for x in values):
+    raise BadRequest(f'{where}: {datatype} data must be finite numbers')
   if datatype == 'BYTES':
     for x in values:
-      if not x or len(x) > MAX_ID_CHARS:
-        raise BadRequest(f'{where}: ids are 1 to {MAX_ID_CHARS} characters, got {x[:40]!r}')
+      if (name in ID_INPUTS and not x) or len(x) > MAX_ID_CHARS:
+        raise BadRequest(f'{where}: values are {1 if name in ID_INPUTS else 0} to {MAX_ID_CHARS} characters, got '
+                         f'{x[:40]!r}')
   return name, values, shape, offset
 
 
@@ -202,8 +224,9 @@ def parse_infer(body: bytes, header_length: str | None, model: ExportedModel, ma
     raise BadRequest('inputs must be a non-empty array with user_id and item_id')
   got: dict[str, tuple[list[Any], list[int]]] = {}
   offset = 0
+  raw_types = {'user_id': 'id', 'item_id': 'id', **{f: r['raw_type'] for f, (_, r) in model.context_fields.items()}}
   for t in inputs:
-    name, values, shape, offset = _parse_input(t, binary, offset, max_rows)
+    name, values, shape, offset = _parse_input(t, binary, offset, max_rows, raw_types)
     if name in got:
       raise BadRequest(f'input {name!r} is given twice')
     got[name] = (values, shape)
@@ -218,6 +241,11 @@ def parse_infer(body: bytes, header_length: str | None, model: ExportedModel, ma
   if len(users) not in (1, len(items)):
     raise BadRequest(f'user_id has {len(users)} elements and item_id {len(items)}: give one user_id per item_id, '
                      'or a single user_id for all')
+  context = {name: values for name, (values, _) in got.items() if name not in ID_INPUTS}
+  for name, values in context.items():
+    if len(values) not in (1, len(items)):
+      raise BadRequest(f'{name} has {len(values)} elements and item_id {len(items)}: give one per item_id, or a '
+                       'single one for all')
 
   names = output_names(model)
   outputs = []
@@ -242,10 +270,25 @@ def parse_infer(body: bytes, header_length: str | None, model: ExportedModel, ma
       if p.get('classification'):
         raise BadRequest('the classification extension is not supported')
       outputs.append((o['name'], b))
-  return InferRequest(request_id, users, items, shape, outputs, weights)
+  return InferRequest(request_id, users, items, shape, outputs, weights, context)
 
 
-def encode_response(model: ExportedModel, req: InferRequest, values: dict[str, np.ndarray]) -> tuple[bytes, dict]:
+def encode_context(req: InferRequest, model: ExportedModel, n: int) -> tuple[dict[str, np.ndarray], list[str]]:
+  """The context inputs [n] of a request (missing ones unknown), and the inputs holding values the model does not
+  know (they use the out-of-vocabulary row)."""
+  out = {k: np.broadcast_to(v, (n,) + np.shape(v)) for k, v in model.no_context.items()}
+  unknown = []
+  for field, values in req.context.items():
+    name, rule = model.context_fields[field]
+    encoded = encoding.encode(rule, values, model.vocabs)
+    out[name] = np.broadcast_to(encoded, (n,) + encoded.shape[1:]) if len(values) == 1 else encoded
+    if any(encoding.unknown(rule, v, model.vocabs) for v in set(values)):
+      unknown.append(field)
+  return out, unknown
+
+
+def encode_response(model: ExportedModel, req: InferRequest, values: dict[str, np.ndarray],
+                    unknown: list[str] = ()) -> tuple[bytes, dict]:
   """(body, headers) of an inference response; binary outputs follow the JSON header."""
   outs, blobs = [], []
   for name, binary in req.outputs:
@@ -262,6 +305,8 @@ def encode_response(model: ExportedModel, req: InferRequest, values: dict[str, n
   resp = {'model_name': model.name, 'model_version': str(model.version), 'outputs': outs}
   if req.id is not None:
     resp['id'] = req.id
+  if unknown:
+    resp['parameters'] = {'unknown_values': ','.join(unknown)}
   header = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
   if not blobs:
     return header, {'Content-Type': 'application/json'}

@@ -117,21 +117,29 @@ def parse_weights(value: Any, model: ExportedModel, where: str = 'weights') -> n
   return w
 
 
-def parse_user_fields(user: dict[str, Any], model: ExportedModel, where: str) -> dict[str, Any]:
-  """Side features given for a user (validated raw values; null = unknown)."""
+def parse_fields(values: dict[str, Any], fields: dict[str, tuple[str, Any]], where: str,
+                 also: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Raw feature values a request gives (validated by the type their encoding rule reads; null = unknown)."""
   out = {}
-  for name, value in user.items():
-    if name == 'user_id':
+  for name, value in values.items():
+    if name in also:
       continue
-    if name not in model.user_fields:
-      raise BadRequest(f'unknown field {name!r} in {where}; allowed: user_id, {", ".join(sorted(model.user_fields))}')
-    raw_type = model.user_fields[name][1]['raw_type']  # what the feature's encoding rule reads
+    if name not in fields:
+      allowed = ', '.join([*also, *sorted(fields)]) or 'none'
+      raise BadRequest(f'unknown field {name!r} in {where}; allowed: {allowed}')
+    raw_type = fields[name][1]['raw_type']  # what the feature's encoding rule reads
     if value is None:
       out[name] = None
     elif raw_type == 'int':
       if not _is_int(value) or not -(2**63) <= value < 2**63:
-        raise BadRequest(f'{where}.{name} must be an integer (negative = unknown), got {value!r}')
+        raise BadRequest(f'{where}.{name} must be an integer, got {value!r}')
       out[name] = value
+    elif raw_type == 'float':
+      if not _is_number(value) or not math.isfinite(value):
+        raise BadRequest(f'{where}.{name} must be a finite number, got {value!r}')
+      out[name] = value
+    elif raw_type == 'id':
+      out[name] = check_id(value, f'{where}.{name}')
     elif raw_type == 'list[str]':
       if (not isinstance(value, list) or len(value) > MAX_LIST_VALUES or
           not all(isinstance(v, str) and len(v) <= MAX_ID_CHARS for v in value)):
@@ -150,9 +158,10 @@ def parse_user_fields(user: dict[str, Any], model: ExportedModel, where: str) ->
 class UserRef:
   raw_id: Any
   position: int  # in the users table; -1 unknown
-  features: dict[str, Any]  # encoded model inputs (table rows, or vectors for multi_hot inputs)
+  features: dict[str, Any]  # encoded model inputs (table rows, or vectors for multi-valued inputs)
   cold_start: bool
   source: str  # 'table' | 'request' | 'table+request' | 'oov'
+  unknown: list[str] = dataclasses.field(default_factory=list)  # given fields whose value the model does not know
 
   def describe(self) -> dict[str, Any]:
     return {'user_id': self.raw_id, 'known': self.position >= 0, 'cold_start': self.cold_start,
@@ -166,19 +175,30 @@ def resolve_user(user: Any, model: ExportedModel, where: str = 'user') -> UserRe
   if 'user_id' not in user:
     raise BadRequest(f'{where}.user_id is missing')
   raw = check_id(user['user_id'], f'{where}.user_id')
-  fields = parse_user_fields(user, model, where)
+  fields = parse_fields(user, model.user_fields, where, also=('user_id',))
   pos = model.users.position(raw)
   source = ('table' if pos >= 0 else 'oov') if not fields else ('table+request' if pos >= 0 else 'request')
-  return UserRef(raw, pos, model.user_features(pos, fields), model.user_is_cold(pos), source)
+  unknown = [f'user.{f}' for f in model.user_unknown_fields(fields)]
+  return UserRef(raw, pos, model.user_features(pos, fields), model.user_is_cold(pos), source, unknown)
+
+
+def parse_context(value: Any, model: ExportedModel) -> tuple[dict[str, Any], list[str]]:
+  """The request's context object -> (encoded context inputs, 'context.<field>' of values unknown to the model)."""
+  if value is not None and not isinstance(value, dict):
+    raise BadRequest(f'context must be an object of request-time features, got {_type_name(value)}')
+  feats, unknown = model.context_features(parse_fields(value or {}, model.context_fields, 'context'))
+  return feats, [f'context.{f}' for f in unknown]
 
 
 @dataclasses.dataclass
 class ScoreWork:
-  """Rows for the score batcher: user features [n], catalog positions [n] (-1 unknown), weights [T]."""
+  """Rows for the score batcher: user features [n], catalog positions [n] (-1 unknown), weights [T], context
+  features [n]."""
 
   user: dict[str, np.ndarray]
   item_positions: np.ndarray
   weights: np.ndarray
+  context: dict[str, np.ndarray]
 
   @property
   def rows(self) -> int:
@@ -191,13 +211,14 @@ class ScoreRequest:
   items: list[Any]
   item_cold: np.ndarray
   work: ScoreWork
+  unknown: list[str]  # fields of the user and the context whose values the model does not know
 
 
 def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest:
   """POST /v1/score {"user": {...}, "items": [...], "weights": {...}}."""
   if not isinstance(body, dict):
     raise BadRequest(f'the body must be a JSON object, got {_type_name(body)}')
-  _check_fields(body, {'user', 'items', 'weights'}, 'the request')
+  _check_fields(body, {'user', 'items', 'weights', 'context'}, 'the request')
   if 'user' not in body:
     raise BadRequest('user is missing: send {"user": {"user_id": "196"}, "items": ["242", ...]}')
   user = resolve_user(body['user'], model)
@@ -216,11 +237,14 @@ def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest
     for j, x in enumerate(items):
       check_id(x, f'items[{j}]')
   weights = parse_weights(body.get('weights'), model)
+  context, context_unknown = parse_context(body.get('context'), model)
   pos = model.items.lookup(items)
   n = len(items)
-  feats = {k: np.broadcast_to(np.asarray(v, model.user_table[k].dtype), (n,) + np.shape(v))
-           for k, v in user.features.items()}
-  return ScoreRequest(user, items, model.items_cold(pos), ScoreWork(feats, pos, weights))
+  broadcast = lambda v, dtype: np.broadcast_to(np.asarray(v, dtype), (n,) + np.shape(v))
+  feats = {k: broadcast(v, model.user_table[k].dtype) for k, v in user.features.items()}
+  ctx = {k: broadcast(v, model.no_context[k].dtype) for k, v in context.items()}
+  return ScoreRequest(user, items, model.items_cold(pos), ScoreWork(feats, pos, weights, ctx),
+                      user.unknown + context_unknown)
 
 
 @dataclasses.dataclass
@@ -229,6 +253,8 @@ class RecommendRequest:
   k: int
   exclude_seen: bool
   weights: np.ndarray
+  context: dict[str, Any]  # encoded context inputs
+  unknown: list[str]
 
 
 def parse_recommend(body: Any, model: ExportedModel) -> RecommendRequest:
@@ -236,7 +262,7 @@ def parse_recommend(body: Any, model: ExportedModel) -> RecommendRequest:
   with side features instead of "user_id")."""
   if not isinstance(body, dict):
     raise BadRequest(f'the body must be a JSON object, got {_type_name(body)}')
-  _check_fields(body, {'user_id', 'user', 'k', 'exclude_seen', 'weights'}, 'the request')
+  _check_fields(body, {'user_id', 'user', 'k', 'exclude_seen', 'weights', 'context'}, 'the request')
   if ('user_id' in body) == ('user' in body):
     raise BadRequest('give exactly one of user_id or user: {"user_id": "196", "k": 10}')
   user = resolve_user(body['user'] if 'user' in body else {'user_id': body['user_id']}, model,
@@ -252,4 +278,6 @@ def parse_recommend(body: Any, model: ExportedModel) -> RecommendRequest:
   exclude_seen = body.get('exclude_seen', True)
   if not isinstance(exclude_seen, bool):
     raise BadRequest(f'exclude_seen must be true or false, got {_type_name(exclude_seen)}')
-  return RecommendRequest(user, k, exclude_seen, parse_weights(body.get('weights'), model))
+  context, context_unknown = parse_context(body.get('context'), model)
+  return RecommendRequest(user, k, exclude_seen, parse_weights(body.get('weights'), model), context,
+                          user.unknown + context_unknown)

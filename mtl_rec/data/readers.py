@@ -1,0 +1,186 @@
+"""Parquet and CSV tables (paths or globs, read with pyarrow) -> columns, and the checks that need only the files.
+
+Every problem is a `DataError` raised before anything is trained or written, naming the file, the column, the row
+where one applies, and the fix: a path or glob that matches nothing, an empty or corrupt/truncated file, a missing
+column, a column of the wrong type, a null or empty id, a side table with a duplicate id.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from mtl_rec.data.types import DataError, Origin, where
+
+FORMATS = {'.parquet': 'parquet', '.pq': 'parquet', '.csv': 'csv', '.tsv': 'csv'}
+ARROW_TYPES = {'str': pa.string(), 'int': pa.int64(), 'float': pa.float64()}
+
+
+def expand(patterns: Sequence[str], what: str) -> list[str]:
+  """The files of `patterns` (paths or globs), each pattern's matches sorted, in pattern order."""
+  files = []
+  for pattern in patterns:
+    matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
+    matches = [m for m in matches if os.path.isfile(m) or not glob.has_magic(pattern)]
+    if not matches or not all(os.path.isfile(m) for m in matches):
+      missing = matches[0] if matches else pattern
+      raise DataError(f'{what}: {missing!r} matches no file; fix the path (globs like logs/*.parquet are fine) in '
+                      'the config')
+    files += matches
+  return files
+
+
+def _format(path: str, fmt: str) -> str:
+  if fmt:
+    return fmt
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in FORMATS:
+    raise DataError(f'{path}: cannot tell the format from the extension {ext!r}; name the file .parquet or .csv, '
+                    "or set --config.data.format='parquet' or 'csv'")
+  return FORMATS[ext]
+
+
+def _csv_header(path: str, delimiter: str) -> list[str]:
+  with open(path, newline='', encoding='utf-8', errors='replace') as f:
+    first = f.readline()
+  if not first.strip():
+    raise DataError(f'{path} is empty (no header line); write the column names on its first line')
+  return next(csv.reader(io.StringIO(first), delimiter=delimiter))
+
+
+def _read_file(path: str, fmt: str, delimiter: str, columns: dict[str, str], what: str) -> tuple[pa.Table, int | None]:
+  """One file's `columns` ({name: '' | 'str' | 'int' | 'float'}) as an arrow table, and its first data line."""
+  if os.path.getsize(path) == 0:
+    raise DataError(f'{what}: {path} is empty (0 bytes); write the data again or drop it from the paths')
+  try:
+    if fmt == 'parquet':
+      available = pq.read_schema(path).names
+    else:
+      available = _csv_header(path, delimiter)
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f'{what}: {path} is not a readable {fmt} file ({e}); it may be truncated or corrupt: write it '
+                    'again') from e
+  missing = [c for c in columns if c not in available]
+  if missing:
+    raise DataError(f'{what}: {path} has no column {missing[0]!r} (its columns: {", ".join(available)}); rename the '
+                    'column in the file or point the config at the right one')
+  try:
+    if fmt == 'parquet':
+      table = pq.read_table(path, columns=list(columns))
+      first_line = None
+    else:
+      types = {c: ARROW_TYPES[t] for c, t in columns.items() if t}
+      table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                             convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=types,
+                                                                  strings_can_be_null=True))
+      first_line = 2
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f'{what}: {path} could not be read ({e}); it may be truncated, corrupt, or hold a value of the '
+                    'wrong type (set the feature\'s dtype for CSV columns that look numeric but are not)') from e
+  if table.num_rows == 0:
+    raise DataError(f'{what}: {path} has no rows; write the data again or drop it from the paths')
+  return table, first_line
+
+
+def _to_numpy(col: pa.ChunkedArray, name: str, what: str) -> Any:
+  t = col.type
+  if pa.types.is_dictionary(t):
+    col, t = col.cast(t.value_type), t.value_type
+  if pa.types.is_string(t) or pa.types.is_large_string(t):
+    return np.asarray(pc.fill_null(col, '').to_numpy(zero_copy_only=False)).astype(np.str_)
+  if pa.types.is_integer(t):
+    return col.to_numpy().astype(np.float64 if col.null_count else np.int64)
+  if pa.types.is_floating(t) or pa.types.is_decimal(t):
+    return col.cast(pa.float64()).to_numpy()
+  if pa.types.is_boolean(t):
+    return col.cast(pa.float64()).to_numpy() if col.null_count else col.to_numpy()
+  if pa.types.is_timestamp(t) or pa.types.is_date(t):
+    return col.cast(pa.timestamp('s')).cast(pa.int64()).to_numpy().astype(np.float64 if col.null_count else np.int64)
+  if pa.types.is_list(t) or pa.types.is_large_list(t):
+    out = np.empty(len(col), dtype=object)
+    out[:] = [[str(v) for v in x if v is not None] if x is not None else [] for x in col.to_pylist()]
+    return out
+  raise DataError(f'{what}: column {name!r} has type {t}, which mtl_rec does not read; use strings, numbers, '
+                  'booleans, timestamps or lists of strings')
+
+
+def read_tables(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[str, str],
+                what: str) -> tuple[dict[str, Any], tuple[Origin, ...]]:
+  """The `columns` of every file of `paths` (concatenated in order) as numpy columns, and where each row came from.
+
+  `columns` maps a column to '' (type inferred) or a forced CSV type 'str' / 'int' / 'float'.
+  """
+  tables, origins, start = [], [], 0
+  for path in expand(paths, what):
+    table, first_line = _read_file(path, _format(path, fmt), delimiter, columns, what)
+    tables.append(table.select(list(columns)))
+    origins.append(Origin(path, start, table.num_rows, first_line))
+    start += table.num_rows
+  try:
+    table = pa.concat_tables(tables, promote_options='permissive')
+  except pa.ArrowException as e:
+    raise DataError(f'{what}: the files hold different types for the same column ({e}); write them with one '
+                    'schema') from e
+  return {name: _to_numpy(table.column(name), name, what) for name in columns}, tuple(origins)
+
+
+def check_ids(ids: np.ndarray, column: str, origins: tuple[Origin, ...], what: str, unique: bool = False) -> np.ndarray:
+  """The id column as int64 or str, after checking that no id is null or empty (and, for a side table, that none
+  repeats); raises DataError at the first bad row."""
+  if ids.dtype.kind == 'f':
+    bad = np.flatnonzero(~np.isfinite(ids) | (ids != np.round(ids)))
+    if bad.size:
+      value = ids[bad[0]]
+      raise DataError(f'{what}: {where(origins, int(bad[0]))}: column {column!r} holds '
+                      f'{"a null id" if not np.isfinite(value) else f"the non-integer id {value}"}; every row needs an '
+                      'id (drop or fix the row)')
+    ids = ids.astype(np.int64)
+  elif ids.dtype.kind == 'U':
+    bad = np.flatnonzero(np.char.str_len(ids) == 0) if ids.size else np.zeros(0, int)
+    if bad.size:
+      raise DataError(f'{what}: {where(origins, int(bad[0]))}: column {column!r} holds a null or empty id; every row '
+                      'needs an id (drop or fix the row)')
+  elif ids.dtype.kind == 'b' or ids.dtype == object:
+    raise DataError(f'{what}: column {column!r} holds {"booleans" if ids.dtype.kind == "b" else "lists"}, not ids; '
+                    'ids are strings or integers')
+  if unique:
+    order = np.argsort(ids, kind='stable')
+    dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if dup.size:
+      row = int(order[dup[0] + 1])
+      raise DataError(f'{what}: {where(origins, row)}: id {ids[row]!r} appears again (first at '
+                      f'{where(origins, int(order[dup[0]]))}); a side table has one row per id: drop the duplicates')
+  return ids
+
+
+def numeric(values: np.ndarray, column: str, origins: tuple[Origin, ...], what: str, why: str) -> np.ndarray:
+  """The column as float64 (NaN = missing); raises DataError if it holds text or lists."""
+  if values.dtype.kind in 'iufb':
+    return values.astype(np.float64)
+  sample = values[0] if len(values) else None
+  if values.dtype.kind == 'U':
+    try:
+      return np.where(values == '', 'nan', values).astype(np.float64)
+    except ValueError:
+      bad = next(j for j, v in enumerate(values) if v and not _is_number(v))
+      sample = values[bad]
+      raise DataError(f'{what}: {where(origins, bad)}: column {column!r} holds {sample!r}; {why} needs numbers: fix '
+                      'the row or the column') from None
+  raise DataError(f'{what}: column {column!r} holds {type(sample).__name__} values; {why} needs numbers')
+
+
+def _is_number(text: str) -> bool:
+  try:
+    float(text)
+    return True
+  except ValueError:
+    return False

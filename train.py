@@ -45,7 +45,7 @@ def main(argv):
       logging.getLogger('mtl_rec').info('exported the best checkpoint to %s', path)
     print(f'\nTest metrics ({m["data"]["name"]}, {m["data"]["split"]} split, best step {m["best_step"]}), written '
           f'to {_WORKDIR.value}/metrics.json:')
-    print(evaluation.format_table(m))
+    print(evaluation.format_table(m, evaluation.headline_metrics(result.run.exp.specs, config.eval.k)))
 
 
 if __name__ == '__main__':

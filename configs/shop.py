@@ -22,6 +22,7 @@ def get_config(directory: str | None = None):
                                         'shop')
   c = config_lib.base_config()
   c.name = 'shop'  # model name in exports and serving
+  c.data.name = 'shop'  # the dataset's name in metrics.json
   c.data.source = 'files'
   c.data.log.paths = (os.path.join(directory, 'log*.csv'),)  # one or more files; globs are fine
   c.data.log.user_column = 'user'

@@ -14,8 +14,8 @@ A version directory holds:
                      exclude mask bool [u, I], fusion weights [u, T])
                     -> {'items': int32 [u, max_k], 'scores': float32 [u, max_k]}
   weights.npz     every parameter, keyed by '<member>/<path>' (numpy's npz: numpy alone reads it, no pickle)
-  users.npz       raw user ids ('ids') and every user's encoded features, by position
-  catalog.npz     raw item ids ('ids'), titles ('title', if the data has them) and every item's encoded features
+  users.npz       raw user ids ('raw.ids') and every user's encoded features (keyed by input name), by position
+  catalog.npz     raw item ids ('raw.ids'), titles ('raw.title', if the data has them), every item's encoded features
   seen.npz        CSR (indptr, indices) users.npz position -> catalog positions rated in train + valid
   vocab.npz       vocabularies too large for the manifest (the id vocabularies of big datasets)
   manifest.json   what a server needs to call the above without any of mtl_rec's model or training code: every input
@@ -69,6 +69,7 @@ from mtl_rec.scoring import Network
 log = logging.getLogger(__name__)
 
 FORMAT = 'mtl_rec.export/1'
+IDS_KEY, TITLES_KEY = 'raw.ids', 'raw.title'  # users.npz / catalog.npz keys beside the features (named by manifest)
 # Vocabularies with more entries than this go to vocab.npz instead of the manifest (a 2M-id list would make the
 # manifest a 20 MB JSON file that every tool has to parse).
 INLINE_VOCAB_MAX = 10_000
@@ -329,9 +330,10 @@ def write_export(export_root: str, networks: Sequence[Network], tables: Tables, 
     f.write(rec.serialize())
   leaves = [np.asarray(x) for x in flat.leaves]
   np.savez(os.path.join(tmp, 'weights.npz'), **dict(zip(flat.keys, leaves)))
-  np.savez(os.path.join(tmp, 'users.npz'), ids=tables.user_ids, **users)
-  titles = {} if tables.item_titles is None else {'title': tables.item_titles}
-  np.savez(os.path.join(tmp, 'catalog.npz'), ids=tables.item_ids, **titles, **catalog)
+  # Raw ids and titles under keys no feature can have (feature names are identifiers: a 'title' text feature).
+  np.savez(os.path.join(tmp, 'users.npz'), **{IDS_KEY: tables.user_ids}, **users)
+  titles = {} if tables.item_titles is None else {TITLES_KEY: tables.item_titles}
+  np.savez(os.path.join(tmp, 'catalog.npz'), **{IDS_KEY: tables.item_ids}, **titles, **catalog)
   np.savez(os.path.join(tmp, 'seen.npz'), indptr=tables.seen_indptr, indices=tables.seen_indices)
   big_vocabs: dict[str, np.ndarray] = {}
   vocabularies = {n: _vocab_entry(n, v, big_vocabs) for n, v in tables.vocabs.items()}
@@ -376,9 +378,9 @@ def write_export(export_root: str, networks: Sequence[Network], tables: Tables, 
       'vocabularies': {'oov_row': 0, 'policy': 'row = 1 + position of the raw value in the sorted list; any other '
                                                 'value (unseen in training) -> row 0, the out-of-vocabulary row',
                        'entries': vocabularies},
-      'users': {'file': 'users.npz', 'count': int(tables.user_ids.shape[0]), 'ids': 'ids', 'columns': list(users)},
-      'catalog': {'file': 'catalog.npz', 'count': num_items, 'ids': 'ids',
-                  'titles': 'title' if titles else None, 'columns': list(catalog)},
+      'users': {'file': 'users.npz', 'count': int(tables.user_ids.shape[0]), 'ids': IDS_KEY, 'columns': list(users)},
+      'catalog': {'file': 'catalog.npz', 'count': num_items, 'ids': IDS_KEY,
+                  'titles': TITLES_KEY if titles else None, 'columns': list(catalog)},
       'seen': {'file': 'seen.npz', 'format': 'csr: items of users.npz row r are indices[indptr[r]:indptr[r+1]] '
                                              '(catalog.npz rows)', 'history': 'train + valid ratings'},
       'metrics': files.jsonable(metrics or {}),

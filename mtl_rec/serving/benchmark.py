@@ -69,10 +69,12 @@ def bench_function(version_dir: str, batch_sizes: Sequence[int], duration_s: flo
 
 
 def _request_bodies(version_dir: str, n: int, items_per_request: int, seed: int = 0) -> list[bytes]:
-  with np.load(os.path.join(version_dir, 'users.npz'), allow_pickle=False) as u:
-    user_ids = u['ids']
-  with np.load(os.path.join(version_dir, 'catalog.npz'), allow_pickle=False) as c:
-    item_ids = c['ids']
+  with open(os.path.join(version_dir, 'manifest.json')) as f:
+    m = json.load(f)
+  with np.load(os.path.join(version_dir, m['users']['file']), allow_pickle=False) as u:
+    user_ids = u[m['users']['ids']]
+  with np.load(os.path.join(version_dir, m['catalog']['file']), allow_pickle=False) as c:
+    item_ids = c[m['catalog']['ids']]
   rng = np.random.default_rng(seed)
   bodies = []
   for _ in range(n):

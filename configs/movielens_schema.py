@@ -32,6 +32,10 @@ def apply(c):
         # a fixed vocabulary in GroupLens' order; a movie has at most 6 genres
         'genres': feature('item', kind='multi_categorical', categories=GENRES, max_values=8),
         'year': feature('item', divide=5),  # release year in 5-year spans
+        # the title's words ('Godfather: Part II, The' -> godfather, part, ii, the), averaged: what a movie no one
+        # has rated yet is known by beside genres and year (series, sequels). Only words of at least 2 training
+        # movies' titles: a word of one title only would be a second item id (see "Cold start" in README)
+        'title': feature('item', kind='text', min_count=2, max_tokens=16),
     })
     c.tasks = ml_collections.ConfigDict({
         # implicit feedback: every rating is a click, sampled unrated items are not

@@ -20,9 +20,10 @@ from ml_collections import config_dict
 
 DATA_SOURCES = ('files', 'movielens_100k', 'movielens_1m', 'tfds', 'synthetic')
 FILE_FORMATS = ('', 'parquet', 'csv')
+SYNTHETIC_GENERATORS = ('movielens', 'shop')
 SPLITS = ('random', 'leave_last_out', 'timestamp', 'column', 'head')
 ENTITIES = ('user', 'item', 'context')
-FEATURE_KINDS = ('categorical', 'multi_categorical', 'numeric')
+FEATURE_KINDS = ('categorical', 'multi_categorical', 'numeric', 'text', 'vector')
 VOCABULARIES = ('fit', 'hash')
 POOLINGS = ('mean', 'sum')
 TRANSFORMS = ('standardize', 'bucketize')
@@ -56,20 +57,34 @@ def feature(entity: str, column: str = '', kind: str = 'categorical', **override
   f.position = next(_declared)  # the input's place among the features: declaration order
   f.entity = entity  # 'user' (side table or log column of the user), 'item', or 'context' (a log column per request)
   f.column = column  # source column; '' = the feature's name. Ids: the log's user_column / item_column
-  f.kind = kind  # 'categorical', 'multi_categorical' (list column or delimited string) or 'numeric'
+  # 'categorical', 'multi_categorical' (list column or delimited string), 'numeric', 'text' (a string: its tokens'
+  # rows, from a vocabulary fitted like a categorical one or hashed, pooled) or 'vector' (a fixed-length list of
+  # numbers, e.g. a pretrained encoder's embedding of the item's text or image)
+  f.kind = kind
   f.dtype = ''  # read the CSV column as 'str', 'int' or 'float'; '' = inferred (e.g. 'str' keeps zip '01234')
   f.sharded = False  # categorical: rows split over the mesh's 'model' axis and L2-regularized per use (id tables)
+  # Training only: the share of training examples (seeded) that see this feature as missing (the out-of-vocabulary
+  # row, no tokens, zeros). On the item id it teaches the model to score an item from its content, as it must for
+  # an item no one has interacted with yet (DropoutNet, Volkovs et al. 2017); 0 = never.
+  f.dropout = 0.0
   # categorical and multi_categorical
   f.vocabulary = 'fit'  # 'fit' (values of the training split) or 'hash' (hash_buckets buckets, open vocabularies)
   f.categories = ()  # a fixed vocabulary in this order instead of a fitted one (row order = this order)
-  f.min_count = 1  # fit: values seen fewer times in the training split go to the out-of-vocabulary row
+  f.min_count = 1  # fit: values seen fewer times in the training split go to the out-of-vocabulary row (text:
+  # tokens held by the texts of fewer training rows (users, items, log rows) are dropped)
   f.max_size = 0  # fit: keep the most frequent values only (ties by value); 0 = no cap
   f.hash_buckets = 0  # hash: number of buckets
   f.prefix = 0  # string values are cut to their first `prefix` characters first (e.g. zip code areas); 0 = whole
   f.divide = 0  # integer values are floor-divided by this first (e.g. years into 5-year spans); 0 = not
   f.delimiter = '|'  # multi_categorical in a string column: the separator
   f.max_values = 16  # multi_categorical: values kept per row (the first ones)
-  f.pooling = 'mean'  # multi_categorical: 'mean' or 'sum' of the values' rows
+  f.pooling = 'mean'  # multi_categorical and text: 'mean' or 'sum' of the values' (tokens') rows
+  # text (encoding.tokens: NFKC-normalized, case-folded words)
+  f.bigrams = False  # text: also word bigrams
+  f.char_ngrams = 0  # text: also character n-grams of each word (e.g. 3); 0 = off
+  f.max_tokens = 32  # text: distinct tokens kept per row (the first ones)
+  # vector
+  f.dim = 0  # vector: its length; a row of another length (or with NaN/inf) is an error
   # numeric
   f.transform = 'standardize'  # 'standardize' ((x - mean) / std of the training split) or 'bucketize'
   f.log1p = False  # numeric: log(1 + x) first (counts, durations, prices)
@@ -128,7 +143,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split_cut = 0  # split='timestamp': rows at or after this time are the test set
   c.data.split_column = ''  # split='column': a column holding 'train', 'valid' or 'test' per row
   c.data.split_test_rows = 0  # split='head': the first N rows of the log (in file order) are the test set
+  # Cold start: a seeded share of the log's items (users) held out entirely: their training rows move to validation,
+  # so they appear only in validation and test; metrics.json then reports them apart ('cold_items', 'warm_items').
+  c.data.cold_items = 0.0
+  c.data.cold_users = 0.0
   c.data.synthetic = ml_collections.ConfigDict()
+  # 'movielens' (MovieLens' columns: ratings, gender/age/occupation/zip, genres/year) or 'shop' (the "Your own data"
+  # example's columns: clicks, add_to_cart, watch_fraction, satisfaction, context; see data/synthetic.shop)
+  c.data.synthetic.generator = 'movielens'
+  c.data.synthetic.item_vector_dim = 0  # generator 'shop': > 0 adds the items' 'embedding' column of this length
   c.data.synthetic.num_users = 2000  # synthetic source: number of users
   c.data.synthetic.num_items = 1000  # synthetic source: number of items
   c.data.synthetic.interactions_per_user = 20  # synthetic source: observed items per user
@@ -258,6 +281,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in ('test_fraction', 'valid_fraction'):
     if not 0 < d[field] < 1:
       raise _err(f'data.{field}', d[field], 'must be in (0, 1)')
+  for field in ('cold_items', 'cold_users'):
+    if not 0 <= d[field] < 1:
+      raise _err(f'data.{field}', d[field], 'must be in [0, 1): the share held out entirely (0 = none)')
   if d.split in ('timestamp', 'leave_last_out') and not d.log.timestamp_column:
     raise _err('data.split', d.split, 'needs data.log.timestamp_column')
   if d.split == 'column' and not d.split_column:
@@ -266,6 +292,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise _err('data.split_test_rows', d.split_test_rows, "split='head' needs the number of test rows (> 0)")
   for field in ('num_users', 'num_items', 'interactions_per_user', 'latent_dim'):
     positive(f'data.synthetic.{field}', d.synthetic[field])
+  if d.synthetic.generator not in SYNTHETIC_GENERATORS:
+    raise _err('data.synthetic.generator', d.synthetic.generator,
+               f'use one of {", ".join(repr(g) for g in SYNTHETIC_GENERATORS)}')
+  if d.synthetic.item_vector_dim < 0 or d.synthetic.item_vector_dim and d.synthetic.generator != 'shop':
+    raise _err('data.synthetic.item_vector_dim', d.synthetic.item_vector_dim, "only generator='shop' writes vectors")
 
   _validate_features(c)
   _validate_tasks(c)
@@ -347,8 +378,14 @@ def _validate_features(c: ml_collections.ConfigDict) -> None:
                  'transform': TRANSFORMS, 'dtype': COLUMN_TYPES}[field]
       if f[field] not in allowed:
         raise _err(f'{where}.{field}', f[field], f'use one of {", ".join(repr(a) for a in allowed)}')
-    if f.kind != 'numeric' and f.vocabulary == 'hash' and f.hash_buckets <= 0:
+    if f.kind in ('categorical', 'multi_categorical', 'text') and f.vocabulary == 'hash' and f.hash_buckets <= 0:
       raise _err(f'{where}.hash_buckets', f.hash_buckets, "vocabulary='hash' needs hash_buckets > 0")
+    if f.kind == 'text' and (f.max_tokens < 1 or f.char_ngrams < 0 or f.char_ngrams == 1):
+      raise _err(f'{where}.max_tokens', f.max_tokens, 'text needs max_tokens >= 1 and char_ngrams 0 or >= 2')
+    if not 0 <= f.dropout < 1:
+      raise _err(f'{where}.dropout', f.dropout, 'must be in [0, 1): the share of training examples without it')
+    if f.kind == 'vector' and f.dim <= 0:
+      raise _err(f'{where}.dim', f.dim, "kind='vector' needs its length: dim > 0")
     if f.kind != 'numeric' and f.vocabulary == 'hash' and f.categories:
       raise _err(f'{where}.categories', tuple(f.categories), "a fixed vocabulary and vocabulary='hash' exclude each other")
     if len(set(f.categories)) != len(f.categories):

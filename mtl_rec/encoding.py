@@ -15,6 +15,12 @@ type of value it reads (`raw_type`: 'id', 'str', 'int', 'float' or 'list[str]').
   multi      {'vocab': NAME | 'buckets': N, 'delimiter', 'max_values': L}: a list (or a delimited string) of str
              values -> int32 [L] rows of the value table (vocabulary position or hash bucket; unknown values are
              dropped, no out-of-vocabulary row), padded with -1.
+  text       {'vocab': NAME | 'buckets': N, 'bigrams': bool, 'char_ngrams': n, 'max_tokens': L}: a string ->
+             `tokens` (NFKC-normalized, case-folded words; word bigrams; character n-grams of each word) -> int32
+             [L] rows of its distinct tokens in order (vocabulary position, unknown tokens dropped; or
+             stable_hash(token) % N), padded with -1 (pooled like multi).
+  vector     {'dim': D, 'delimiter'}: a list of D numbers (or a delimited string of them) -> float32 [D]; missing
+             (null, empty) -> zeros; another length or a non-finite number is a ValueError.
 
 Only numpy here: the serving binary imports this module and nothing of training or the model.
 """
@@ -22,13 +28,16 @@ Only numpy here: the serving binary imports this module and nothing of training 
 from __future__ import annotations
 
 import dataclasses
+import re
+import unicodedata
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 OOV_ROW = 0
 PAD = -1
-KINDS = ('vocab', 'hash', 'bucket', 'numeric', 'multi')
+KINDS = ('vocab', 'hash', 'bucket', 'numeric', 'multi', 'text', 'vector')
+_WORD = re.compile(r'\w+')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +184,76 @@ def _multi_rows(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab
   return out
 
 
+def tokens(text: str, bigrams: bool = False, char_ngrams: int = 0) -> list[str]:
+  """The tokens of a text rule: words (Unicode word characters, after NFKC normalization and case folding), then
+  'w1 w2' bigrams, then '#'-prefixed character n-grams of each '<word>'."""
+  words = _WORD.findall(unicodedata.normalize('NFKC', text).casefold())
+  out = list(words)
+  if bigrams:
+    out += [f'{a} {b}' for a, b in zip(words, words[1:])]
+  if char_ngrams:
+    for w in words:
+      padded = f'<{w}>'
+      out += ['#' + padded[i:i + char_ngrams] for i in range(max(len(padded) - char_ngrams + 1, 1))]
+  return out
+
+
+def text_tokens(rule: Mapping[str, Any], values: Any) -> list[list[str]]:
+  """Each row's distinct tokens in order of appearance (missing text: none)."""
+  out = []
+  for v in values:
+    text = v if isinstance(v, str) else '' if v is None or (isinstance(v, float) and v != v) else str(v)
+    out.append(list(dict.fromkeys(tokens(text, rule.get('bigrams', False), rule.get('char_ngrams', 0)))))
+  return out
+
+
+def _text_rows(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab]) -> np.ndarray:
+  length = int(rule['max_tokens'])
+  out = np.full((len(values), length), PAD, np.int32)
+  per_row = text_tokens(rule, values)
+  flat = np.asarray([t for row in per_row for t in row], dtype=np.str_)
+  if 'vocab' in rule:  # a fitted vocabulary: its rows 0..n-1; unknown tokens are dropped
+    ids = vocabs[rule['vocab']].lookup(flat) - 1 if flat.size else np.zeros(0, np.int64)
+  else:
+    ids = _hash_rows(rule, flat) if flat.size else np.zeros(0, np.int64)
+  start = 0
+  for r, row in enumerate(per_row):
+    kept = [i for i in dict.fromkeys(ids[start:start + len(row)].tolist()) if i >= 0][:length]
+    out[r, :len(kept)] = kept
+    start += len(row)
+  return out
+
+
+def vectors(rule: Mapping[str, Any], values: Any) -> np.ndarray:
+  """float32 [N, dim] of a vector rule; raises ValueError naming the first row of another length or with a
+  non-finite number."""
+  dim = int(rule['dim'])
+  if isinstance(values, np.ndarray) and values.ndim == 2 and values.dtype.kind in 'fiu':
+    rows = values
+  else:
+    rows = []
+    for v in values:
+      if v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip()):
+        v = []
+      elif isinstance(v, str):
+        v = v.split(rule.get('delimiter', '|'))
+      rows.append(v)
+  out = np.zeros((len(rows), dim), np.float32)
+  for r, v in enumerate(rows):
+    if len(v) == 0:
+      continue
+    if len(v) != dim:
+      raise ValueError(f'row {r + 1} has {len(v)} numbers, the feature declares dim={dim}')
+    try:
+      x = np.asarray(v, np.float64)
+    except (TypeError, ValueError):
+      raise ValueError(f'row {r + 1} holds a value that is not a number') from None
+    if not np.all(np.isfinite(x)):
+      raise ValueError(f'row {r + 1} holds a non-finite number (NaN or infinity)')
+    out[r] = x
+  return out
+
+
 def encode(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab]) -> np.ndarray:
   """Raw values (an array or list, one per row) -> int32 rows [N], float32 [N] (numeric) or int32 [N, L] (multi)."""
   kind = rule['kind']
@@ -193,6 +272,10 @@ def encode(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab]) ->
     return np.where(np.isfinite(x), x, 0.0).astype(np.float32)
   if kind == 'multi':
     return _multi_rows(rule, values, vocabs)
+  if kind == 'text':
+    return _text_rows(rule, values, vocabs)
+  if kind == 'vector':
+    return vectors(rule, values)
   raise ValueError(f'unknown encoding kind {kind!r}; known: {", ".join(KINDS)}')
 
 
@@ -202,6 +285,10 @@ def missing(rule: Mapping[str, Any]) -> np.ndarray:
     return np.zeros((), np.float32)
   if rule['kind'] == 'multi':
     return np.full((int(rule['max_values']),), PAD, np.int32)
+  if rule['kind'] == 'text':
+    return np.full((int(rule['max_tokens']),), PAD, np.int32)
+  if rule['kind'] == 'vector':
+    return np.zeros((int(rule['dim']),), np.float32)
   return np.zeros((), np.int32)
 
 
@@ -216,12 +303,14 @@ def rows(rule: Mapping[str, Any], vocabs: Mapping[str, Vocab]) -> int:
     return len(rule['boundaries']) + 2
   if kind == 'multi':
     return vocabs[rule['vocab']].size - 1 if 'vocab' in rule else int(rule['buckets'])
+  if kind == 'text':
+    return vocabs[rule['vocab']].size - 1 if 'vocab' in rule else int(rule['buckets'])
   return 0
 
 
 def unknown(rule: Mapping[str, Any], value: Any, vocabs: Mapping[str, Vocab]) -> bool:
   """Whether a request value falls on the out-of-vocabulary row (or, multi-valued, holds a value that is dropped)."""
-  if value is None or rule['kind'] in ('numeric', 'bucket', 'hash'):
+  if value is None or rule['kind'] in ('numeric', 'bucket', 'hash', 'text', 'vector'):
     return False
   if rule['kind'] == 'multi':
     given = len(set(value_lists(rule, [value])[0]))

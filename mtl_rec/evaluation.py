@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from mtl_rec import baselines as baselines_lib
 from mtl_rec import config as config_lib
 from mtl_rec import metrics as metrics_lib
 from mtl_rec import tasks as tasks_lib
+from mtl_rec.data.sampling import NegativeSampler
 from mtl_rec.experiment import Experiment
 from mtl_rec.input_pipeline import EvalSet
 from mtl_rec.scoring import NetworkScorer, PopularityScorer, Scorer
@@ -46,13 +48,15 @@ def _first_rows(users: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_rows: np.ndarray,
-                            score_users: Callable[[np.ndarray, np.ndarray], Any]) -> dict[str, float]:
+                            score_users: Callable[[np.ndarray, np.ndarray], Any],
+                            candidates: np.ndarray | None = None) -> dict[str, float]:
   """Full-catalog Recall/NDCG@K (RecBole protocol, graded NDCG too) of any scorer.
 
   `score_users(user positions [U], log rows [U]) -> scores [U, num_items]` (numpy or device array); the row is the
   user's first held-out row, whose context the catalog is ranked in. For each user with a held-out row every
   catalog item the user has not interacted with in `history_rows` is ranked; the held-out items are the relevant
-  ones, with eval.gain_column's value as gain for `ndcg@K_graded`.
+  ones, with eval.gain_column's value as gain for `ndcg@K_graded`. `candidates` (bool [num_items]) restricts the
+  ranking to some items (e.g. the cold ones).
   """
   ec, k = exp.config.eval, exp.config.eval.k
   num_items = exp.num_items
@@ -64,6 +68,10 @@ def catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_r
   seen = metrics_lib.csr_from_pairs(exp.user_index[history_rows], exp.item_index[history_rows], exp.num_users)
   users_per_batch = max(1, min(eval_users.size, ec.ranking_rows_per_batch // num_items))
   topk = np.zeros((eval_users.size, k), np.int64)
+  # Items are ranked in a seeded random column order, so that exact ties fall at random: top-k would otherwise
+  # prefer the lowest item index, and index order can carry information (MovieLens numbers its popular old movies
+  # first) — e.g. among cold items, which a model without content scores all alike. Distinct scores keep their order.
+  perm = np.random.default_rng([exp.config.seed, 12]).permutation(num_items)
   for start in range(0, eval_users.size, users_per_batch):
     users = eval_users[start:start + users_per_batch]
     rows = context_rows[start:start + users_per_batch]
@@ -72,10 +80,12 @@ def catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_r
     rows_p = np.concatenate([rows, np.repeat(rows[-1:], pad)])
     scores = score_users(users_p, rows_p)
     exclude = np.zeros((users_p.size, num_items), bool)
+    if candidates is not None:
+      exclude[:, ~candidates] = True
     for r, u in enumerate(users_p):
       exclude[r, seen[1][seen[0][u]:seen[0][u + 1]]] = True
-    _, idx = metrics_lib.masked_topk(scores, exclude, k)
-    topk[start:start + users.size] = np.asarray(idx)[:users.size]
+    _, idx = metrics_lib.masked_topk(jnp.asarray(scores)[:, perm], exclude[:, perm], k)
+    topk[start:start + users.size] = perm[np.asarray(idx)[:users.size]]
   return metrics_lib.topk_ranking_metrics(topk, relevant, k)
 
 
@@ -113,21 +123,67 @@ def full_metrics(scorer: NetworkScorer, exp: Experiment, which: str) -> dict[str
   return out
 
 
+def cold_start_metrics(scorer: Scorer, exp: Experiment, which: str) -> dict[str, dict[str, float]]:
+  """Metrics of the held-out rows of the cold items (users: data.cold_users) and of the others, apart:
+  {'cold_items': ..., 'warm_items': ...}. Each part's tasks are measured on its rows with negatives sampled among
+  its own items (cold items against cold items), and its catalog ranking (Recall/NDCG@K) ranks its items only. A
+  NetworkScorer reports every task's metrics, any other scorer (popularity) the AUC of the binary tasks."""
+  out = {}
+  heldout = exp.heldout_rows(which)
+  ds = exp.data
+  for entity, ids in exp.split.cold.items():
+    table = ds.items[ds.item_column] if entity == 'items' else ds.users[ds.user_column]
+    index = exp.item_index if entity == 'items' else exp.user_index
+    is_cold = np.isin(table, ids)
+    train_items = np.zeros(exp.num_items, bool)
+    train_items[exp.item_index[exp.split.train]] = True
+    for part, cold in (('cold', True), ('warm', False)):
+      rows = heldout[is_cold[index[heldout]] == cold]
+      if not rows.size:
+        continue
+      items = (is_cold if cold else ~is_cold) if entity == 'items' else train_items
+      sampler = NegativeSampler(exp.user_index, exp.item_index, np.flatnonzero(items), exp.num_items)
+      negatives = exp.config.eval.click_negatives if any(s.all_rows for s in exp.specs) else 0
+      eval_set = EvalSet.build(exp.positives(rows), sampler, negatives, exp.config.seed, 9 if cold else 10)
+      if isinstance(scorer, NetworkScorer):
+        metrics = pointwise_metrics(scorer, exp, eval_set)
+        weights = scorer.weights(config_lib.ranking_task(exp.config))
+      else:
+        metrics = _binary_aucs(scorer, exp, eval_set)
+        weights = np.ones(len(scorer.task_names), np.float32)
+      metrics.update(catalog_ranking_metrics(exp, rows, exp.history_rows(which),
+                                             lambda u, r, w=weights: scorer.score_catalog(u, w, r), items))
+      out[f'{part}_{entity}'] = metrics
+  return out
+
+
+def _binary_aucs(scorer: Scorer, exp: Experiment, eval_set: EvalSet) -> dict[str, float]:
+  """{task_auc} of a one-score scorer (popularity) for every binary task, on the rows each is defined on."""
+  ex = eval_set.examples
+  labels, defined = exp.labels(ex)
+  scores = scorer.score_pairs(ex.user, ex.item, np.ones(len(scorer.task_names), np.float32), ex.row)
+  out = {}
+  for spec in exp.specs:
+    rows = defined[spec.name] > 0
+    if spec.kind == 'binary' and 0 < labels[spec.name][rows].sum() < rows.sum():
+      out[f'{spec.name}_auc'] = metrics_lib.auc(labels[spec.name][rows], scores[rows])
+  return out
+
+
+def popularity(exp: Experiment) -> PopularityScorer:
+  """The popularity floor: every item's number of training rows."""
+  return PopularityScorer(baselines_lib.popularity_scores(exp.item_index[exp.split.train], exp.num_items))
+
+
 def baseline_metrics(exp: Experiment) -> dict[str, dict[str, float]]:
   """Floors on the test split: popularity (ranking, and AUC of the tasks on all rows) and, where there is a
   regression task, the bias-only model mu + b_u + b_i of its label (with the AUC of binary tasks that threshold
   the same column)."""
   s = exp.split
-  pop = PopularityScorer(baselines_lib.popularity_scores(exp.item_index[s.train], exp.num_items))
+  pop = popularity(exp)
   one = np.ones(1, np.float32)
   pop_metrics = ranking_metrics(pop, one, exp, s.test, exp.history_rows('test'))
-  ex = exp.test.examples
-  labels, defined = exp.labels(ex)
-  pop_scores = pop.score_pairs(ex.user, ex.item, one)
-  for spec in exp.specs:  # AUC of ranking by popularity, for every binary task on the rows it is defined on
-    if spec.kind == 'binary':
-      rows = defined[spec.name] > 0
-      pop_metrics[f'{spec.name}_auc'] = metrics_lib.auc(labels[spec.name][rows], pop_scores[rows])
+  pop_metrics.update(_binary_aucs(pop, exp, exp.test))  # ranking by popularity, every binary task
   out = {'popularity': pop_metrics}
   regression = next((spec for spec in exp.specs if spec.kind == 'regression'), None)
   if regression is not None:

@@ -30,7 +30,9 @@ class FeatureSpec:
 
   name: str
   entity: str  # 'user', 'item' or 'context'
-  kind: str  # 'categorical' (a row per example), 'multi' (rows pooled) or 'numeric' (a standardized number)
+  # 'categorical' (a row per example), 'multi' (rows pooled: multi-valued and text), 'numeric' (a standardized
+  # number) or 'vector' (a fixed-length vector, projected)
+  kind: str
   vocab_size: int  # table rows (the OOV row included for categorical; 0 for numeric)
   large: bool  # sharded: rows split over the 'model' mesh axis and L2-regularized per use (id tables)
   encoding: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the rule (mtl_rec.encoding), JSON-able
@@ -110,6 +112,20 @@ def _rule(name: str, f: ml_collections.ConfigDict, raw: Any, weights: np.ndarray
     std = float(np.sqrt(np.average((x[keep] - mean) ** 2, weights=weights[keep]))) if keep.any() else 1.0
     return {'kind': 'numeric', 'raw': name, 'raw_type': 'float', 'mean': mean, 'std': std if std > 0 else 1.0,
             'log1p': bool(f.log1p)}
+  if f.kind == 'text':
+    rule = {'kind': 'text', 'raw': name, 'raw_type': 'str', 'bigrams': bool(f.bigrams),
+            'char_ngrams': int(f.char_ngrams), 'max_tokens': int(f.max_tokens)}
+    if f.vocabulary == 'hash':
+      return {**rule, 'buckets': int(f.hash_buckets)}
+    # A token's count is the number of training rows (users, items) whose text holds it: min_count=2 keeps the
+    # words that several items share and drops those of one title only, which would be a second id.
+    per_row = encoding.text_tokens(rule, raw)
+    flat = np.asarray([t for row in per_row for t in row], dtype=np.str_)
+    vocabs[name] = _fit_vocab(flat, np.ones(flat.shape, bool),
+                              np.repeat((weights > 0).astype(np.float64), [len(r) for r in per_row]), f)
+    return {**rule, 'vocab': name}
+  if f.kind == 'vector':
+    return {'kind': 'vector', 'raw': name, 'raw_type': 'list[float]', 'dim': int(f.dim), 'delimiter': f.delimiter}
   if f.kind == 'multi_categorical':
     if not (isinstance(raw, MultiHot) or raw.dtype == object or raw.dtype.kind == 'U'):
       raise DataError(f"{where}: column {f.column or name!r} of feature '{name}' holds {raw.dtype} values; a "
@@ -170,14 +186,19 @@ def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, 
     where = {'user': 'the users table', 'item': 'the items table', 'context': 'the interaction log'}[f.entity]
     raw = tables[f.entity][column]
     rule = _rule(name, f, raw, weights[f.entity], column == ids.get(f.entity), vocabs, where)
-    values = encoding.encode(rule, raw, vocabs)
+    try:
+      values = encoding.encode(rule, raw, vocabs)
+    except ValueError as e:  # a vector of the wrong length or with a non-finite number
+      raise DataError(f"{where}: column {column!r} of feature '{name}': {e}; fix the row or the declaration "
+                      f'(features.{name}.dim)') from None
     if f.entity == 'context':  # the last row: an unknown context (a request that gives none)
       values = np.concatenate([values, encoding.missing(rule)[None]])
     encoded[f.entity][name] = values
     rows = encoding.rows(rule, vocabs)
     if f.sharded:
       rows = -(-rows // config.model.row_multiple) * config.model.row_multiple
-    kind = {'multi_categorical': 'multi'}.get(f.kind, f.kind if f.kind == 'numeric' else 'categorical')
+    kind = {'multi_categorical': 'multi', 'text': 'multi', 'numeric': 'numeric', 'vector': 'vector'}.get(
+        f.kind, 'categorical')
     if f.kind == 'numeric' and rule['kind'] == 'bucket':
       kind = 'categorical'
     specs.append(FeatureSpec(name, f.entity, kind, rows, bool(f.sharded), rule, f.pooling))

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from mtl_rec import encoding
 from mtl_rec.data.sampling import NegativeSampler
 from mtl_rec.features import FeatureEncoder
 from mtl_rec.tasks import LabelColumn, TaskSpec
@@ -87,8 +88,10 @@ class TrainStream:
   """Epochs of shuffled global batches; negatives are resampled every epoch; the last partial batch is dropped."""
 
   def __init__(self, positives: Examples, encoder: FeatureEncoder, sampler: NegativeSampler, num_negatives: int,
-               batch_size: int, labels: Labels, seed: int):
+               batch_size: int, labels: Labels, seed: int, dropout: dict[str, float] | None = None):
     self.positives = positives
+    # {feature: share of rows that see it missing} (config.features.<name>.dropout), fixed per (seed, epoch, step)
+    self.dropout = {n: p for n, p in (dropout or {}).items() if p > 0}
     self.encoder = encoder
     self.sampler = sampler
     self.num_negatives = num_negatives
@@ -108,7 +111,14 @@ class TrainStream:
     order = rng.permutation(len(ex))
     for step in range(start_step, self.steps_per_epoch):
       idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-      yield to_batch(ex.take(idx), self.encoder, self.labels)
+      batch = to_batch(ex.take(idx), self.encoder, self.labels)
+      if self.dropout:
+        drop_rng = np.random.default_rng([self.seed, 13, epoch, step])
+        for name, p in self.dropout.items():
+          spec = self.encoder.spec(name)
+          values = batch[spec.entity][name]  # a copy: gathered by fancy indexing
+          values[drop_rng.random(values.shape[0]) < p] = encoding.missing(spec.encoding)
+      yield batch
 
 
 @dataclasses.dataclass

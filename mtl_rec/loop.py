@@ -306,6 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
       'best_step': int(best_step),
       'valid': evaluation.full_metrics(scorer, exp, 'valid'),
       'test': evaluation.full_metrics(scorer, exp, 'test'),
+      # cold-start splits: the held-out rows of the cold items (users) and of the others, apart; popularity beside
+      **({'test_cold_start': evaluation.cold_start_metrics(scorer, exp, 'test'),
+          'baselines_cold_start': {'popularity': evaluation.cold_start_metrics(evaluation.popularity(exp), exp,
+                                                                               'test')}} if exp.split.cold else {}),
       'baselines': evaluation.baseline_metrics(exp),
       'steps': step,
       'data': {'name': ds.name, 'source': ds.source, 'split': config.data.split,

@@ -46,7 +46,8 @@ class MLP(nnx.Module):
     return x
 
 
-DENSE_POOLING_MAX_ROWS = 4096  # multi-valued features with at most this many rows pool by a multi-hot matmul
+DENSE_POOLING_MAX_ROWS = 256  # multi-valued features with at most this many rows (genres, tags) pool by a multi-hot
+# matmul; larger ones (hashed text) gather their rows: a [B, L, rows] one-hot would cost more than the table
 
 
 class Embeddings(nnx.Module):
@@ -56,15 +57,21 @@ class Embeddings(nnx.Module):
   def __init__(self, specs: Sequence[FeatureSpec], dim: int, rngs: nnx.Rngs):
     init = nnx.initializers.normal(stddev=0.05)
     self.specs = tuple(specs)
+    # Hashed text starts at zero: a token only cold items have is never trained, and a random row would be noise
+    # in their pooled vector, where a zero row adds nothing (rows still train: their gradient is the layer above's).
+    start = lambda s, shape: (jnp.zeros(shape) if s.encoding.get('kind') == 'text' else init(rngs.params(), shape))
     self.tables = nnx.data({
-        s.name: nnx.Param(init(rngs.params(), (max(s.vocab_size, 1), dim)),
-                          axes=('vocab' if s.large else 'small_vocab', 'embed'))
-        for s in specs if s.kind != 'numeric'})
+        s.name: nnx.Param(start(s, (max(s.vocab_size, 1), dim)), axes=('vocab' if s.large else 'small_vocab', 'embed'))
+        for s in specs if s.kind in ('categorical', 'multi')})
     self.numeric = nnx.data({s.name: _dense(1, dim, rngs) for s in specs if s.kind == 'numeric'})
+    # vectors (e.g. a pretrained text or image encoder's) through a learned projection to the embedding width
+    self.vectors = nnx.data({s.name: _dense(int(s.encoding['dim']), dim, rngs) for s in specs if s.kind == 'vector'})
 
   def embed(self, spec: FeatureSpec, x: jax.Array) -> jax.Array:
     if spec.kind == 'numeric':
       return self.numeric[spec.name](x[..., None])
+    if spec.kind == 'vector':
+      return self.vectors[spec.name](x)
     table = self.tables[spec.name][...]
     if spec.kind == 'multi':  # ids [B, L], -1 padding: the sum or mean of the rows of the values
       rows = table.shape[0]

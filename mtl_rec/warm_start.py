@@ -62,7 +62,7 @@ def row_sources(old_run_dir: str, encoder: FeatureEncoder) -> dict[str, np.ndarr
         src[OOV_ROW] = OOV_ROW
       found = old_rows >= (1 - offset)
       src[1 - offset:1 - offset + keys.size] = np.where(found, old_rows, -1)
-    elif same_rule and rule['kind'] in ('bucket', 'hash', 'multi'):  # the same rule: rows mean the same
+    elif same_rule and rule['kind'] in ('bucket', 'hash', 'multi', 'text'):  # the same rule: rows mean the same
       src[:] = np.arange(spec.vocab_size)
     out[spec.name] = src
   return out

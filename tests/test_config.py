@@ -43,7 +43,13 @@ def test_bad_values_name_the_field(field, value, message):
 
 
 @pytest.mark.parametrize('change, message', [
-    (lambda c: setattr(c.features.gender, 'kind', 'text'), 'features.gender.kind'),
+    (lambda c: setattr(c.features.gender, 'kind', 'image'), 'features.gender.kind'),
+    (lambda c: c.features.gender.update(kind='text', vocabulary='hash'), 'features.gender.hash_buckets'),
+    (lambda c: setattr(c.features.gender, 'dropout', 1.0), 'features.gender.dropout'),
+    (lambda c: c.features.gender.update(kind='text', char_ngrams=1), 'features.gender.max_tokens'),
+    (lambda c: setattr(c.features.gender, 'kind', 'vector'), 'features.gender.dim'),
+    (lambda c: setattr(c.data, 'cold_items', 1.0), 'data.cold_items'),
+    (lambda c: setattr(c.data, 'cold_users', -0.1), 'data.cold_users'),
     (lambda c: setattr(c.features.gender, 'entity', 'session'), 'features.gender.entity'),
     (lambda c: c.features.gender.update(vocabulary='hash'), 'hash_buckets'),
     (lambda c: setattr(c.features.genres, 'sharded', True), 'features.genres.sharded'),
@@ -83,7 +89,7 @@ def test_declaration_order_survives_copies_and_json():
   """The model's inputs and heads follow the order a config declares them in, whatever ConfigDict does to keys."""
   import copy  # pylint: disable=g-import-not-at-top
   c = movielens_100k.get_config()
-  want = ['user_id', 'gender', 'age', 'occupation', 'zip', 'item_id', 'genres', 'year']
+  want = ['user_id', 'gender', 'age', 'occupation', 'zip', 'item_id', 'genres', 'year', 'title']
   for copy_of in (c, copy.deepcopy(c), config_lib.from_json(config_lib.to_json(c))):
     assert [n for n, _ in config_lib.ordered(copy_of.features)] == want
     assert [n for n, _ in config_lib.ordered(copy_of.tasks)] == ['click', 'like', 'rating']

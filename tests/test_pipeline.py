@@ -163,13 +163,37 @@ def test_sampler_rejects_users_that_saw_every_item():
     s.sample(np.array([0]), 1, np.random.default_rng(0))
 
 
-def _stream(num_negatives=3, batch_size=16):
+def _stream(num_negatives=3, batch_size=16, dropout=None):
   data = small_data()
   c = small_config(split='random')
   exp = experiment.build(c, data)
   rows = np.arange(data.num_rows)
   sampler = NegativeSampler(exp.user_index, exp.item_index, np.arange(30), 30)
-  return TrainStream(exp.positives(rows), exp.encoder, sampler, num_negatives, batch_size, exp.labels, seed=0), data
+  return TrainStream(exp.positives(rows), exp.encoder, sampler, num_negatives, batch_size, exp.labels, seed=0,
+                     dropout=dropout), data
+
+
+def test_feature_dropout_hides_a_seeded_share_of_training_rows():
+  """features.<name>.dropout: that share of training rows sees the feature missing (OOV row, no values); the other
+  features and rows are untouched, and regenerating an epoch drops the same rows."""
+  plain = list(_stream(batch_size=64)[0].epoch(1))
+  stream = _stream(batch_size=64, dropout={'item_id': 0.3, 'genres': 0.5, 'gender': 0.0})[0]
+  dropped = list(stream.epoch(1))
+  ids = np.concatenate([b['item']['item_id'] for b in dropped])
+  base = np.concatenate([b['item']['item_id'] for b in plain])
+  hidden = ids != base
+  assert (ids[hidden] == encoding.OOV_ROW).all() and (base[hidden] != encoding.OOV_ROW).all()
+  assert 0.25 < hidden.mean() < 0.35, hidden.mean()
+  genres = np.concatenate([b['item']['genres'] for b in dropped])
+  genres_hidden = (genres != np.concatenate([b['item']['genres'] for b in plain])).any(axis=1)
+  assert (genres[genres_hidden] == -1).all() and 0.4 < genres_hidden.mean() < 0.6
+  assert abs(np.corrcoef(hidden, genres_hidden)[0, 1]) < 0.15  # drawn independently per feature
+  for a, b in zip(plain, dropped):  # everything else as without dropout
+    for key in ('gender', 'age', 'occupation', 'zip'):
+      np.testing.assert_array_equal(a['user'][key], b['user'][key])
+    np.testing.assert_array_equal(a['labels']['rating'], b['labels']['rating'])
+  for a, b in zip(dropped, stream.epoch(1)):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_train_stream_is_deterministic_and_resumable():

@@ -114,7 +114,7 @@ def _check_columns(ds: Dataset, need: dict[str, dict[str, str]], source: str) ->
                         f'{", ".join(table)}); fix the column name in the config')
 
 
-def _builtin(config: ml_collections.ConfigDict) -> RatingsData:
+def _builtin(config: ml_collections.ConfigDict) -> RatingsData | Dataset:
   d = config.data
   path, cache = d.path or None, d.cache_dir or None
   if d.source == 'movielens_100k':
@@ -128,6 +128,9 @@ def _builtin(config: ml_collections.ConfigDict) -> RatingsData:
     return tfds_source.load(d.tfds_name, data_dir=d.tfds_data_dir or None)
   from mtl_rec.data import synthetic  # pylint: disable=g-import-not-at-top
   sc = d.synthetic
+  if sc.generator == 'shop':
+    return synthetic.shop(num_users=sc.num_users, num_items=sc.num_items, interactions_per_user=sc.interactions_per_user,
+                          latent_dim=sc.latent_dim, seed=config.seed, item_vector_dim=sc.item_vector_dim)
   return synthetic.generate(num_users=sc.num_users, num_items=sc.num_items,
                             interactions_per_user=sc.interactions_per_user, latent_dim=sc.latent_dim,
                             seed=config.seed)
@@ -138,7 +141,8 @@ def load_data(config: ml_collections.ConfigDict) -> Dataset:
   d = config.data
   need = columns_needed(config)
   if d.source != 'files':
-    ds = to_dataset(_builtin(config))
+    ds = _builtin(config)
+    ds = ds if isinstance(ds, Dataset) else to_dataset(ds)  # the shop generator writes a Dataset directly
     if d.log.user_column != ds.user_column or d.log.item_column != ds.item_column:
       raise DataError(f"source '{d.source}' names its ids {ds.user_column!r} and {ds.item_column!r}; set "
                       'data.log.user_column / item_column to those')

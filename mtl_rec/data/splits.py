@@ -19,6 +19,7 @@ class Split:
   train: np.ndarray  # int64 row indices, sorted
   valid: np.ndarray
   test: np.ndarray
+  cold: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # {'items' | 'users': held-out raw ids}
 
 
 def _hold_out(rows: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -81,10 +82,18 @@ def make_split(ds: Dataset, data_config: ml_collections.ConfigDict, seed: int) -
       valid, base = rows[names == 'valid'], rows[names == 'train']
   if valid is None:
     base, valid = _hold_out(base, dc.valid_fraction, rng)
+  cold = {}
+  for entity, share, column in (('items', dc.cold_items, ds.item_column), ('users', dc.cold_users, ds.user_column)):
+    if share:  # these ids' training rows move to validation: they are seen only in validation and test
+      ids = np.unique(ds.log[column])
+      picked = np.random.default_rng([seed, 8, len(cold)]).permutation(ids.size)[:int(round(share * ids.size))]
+      cold[entity] = np.sort(ids[picked])
+      moved = np.isin(ds.log[column][base], cold[entity])
+      base, valid = base[~moved], np.sort(np.concatenate([valid, base[moved]]))
   if not base.size or not test.size:
     raise DataError(f'the {dc.split!r} split of {n:,} log rows leaves {base.size} training and {test.size} test '
                     'rows; both must be non-empty')
-  return Split(train=base, valid=valid, test=np.sort(test))
+  return Split(train=base, valid=valid, test=np.sort(test), cold=cold)
 
 
 def write_csv(ds: Dataset, split: Split, columns: list[str], directory: str) -> None:

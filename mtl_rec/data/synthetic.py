@@ -268,7 +268,7 @@ SHOP_CATEGORIES = ('books', 'games', 'garden', 'home', 'music', 'outdoor', 'spor
 
 
 def shop(num_users: int = 2000, num_items: int = 500, interactions_per_user: int = 20, latent_dim: int = 4,
-         seed: int = 0) -> Dataset:
+         seed: int = 0, item_vector_dim: int = 0) -> Dataset:
   """A synthetic shop: a log of the items users clicked, with string ids, request context and four labels.
 
   Columns: log (user, item, ts, device, hour, add_to_cart, watch_fraction, satisfaction), users (user, country,
@@ -277,6 +277,9 @@ def shop(num_users: int = 2000, num_items: int = 500, interactions_per_user: int
   item factors, cheaper items and the 'web' device; watch_fraction from u.v; a 3-class satisfaction survey
   (answered on 40% of the rows, else empty) from u.v plus the item's quality. Side features carry signal too:
   country from the user factors, category and tags from the item factors; age is missing for 10% of the users.
+  With `item_vector_dim` > 0 the items table also has 'embedding': the item's factors, popularity and quality
+  through a random linear map to that many numbers, plus noise — what a pretrained encoder of the item's content
+  would give, and the only feature that knows an item no one has clicked yet.
   """
   data, truth = generate_with_truth(num_users, num_items, interactions_per_user, latent_dim, seed)
   rng = np.random.default_rng([seed, 7])
@@ -306,6 +309,14 @@ def shop(num_users: int = 2000, num_items: int = 500, interactions_per_user: int
   tag_logits = 2.0 * _projection(truth.item_factors, rng, tag_names.size) - 2.5
   has_tag = rng.random((num_items, tag_names.size)) < 1 / (1 + np.exp(-tag_logits))
   tags = np.asarray(['|'.join(tag_names[row]) for row in has_tag])
+  items_extra = {}
+  if item_vector_dim:
+    planted = np.concatenate([truth.item_factors / truth.item_factors.std(), truth.item_popularity[:, None],
+                              quality[:, None]], axis=1)
+    vectors = planted @ rng.standard_normal((planted.shape[1], item_vector_dim)) / np.sqrt(planted.shape[1])
+    vectors = vectors + rng.normal(0, 0.1, vectors.shape)
+    items_extra['embedding'] = np.empty(num_items, dtype=object)
+    items_extra['embedding'][:] = np.round(vectors, 4).tolist()
   user_ids = np.char.add('u', _digits_to_str(_decimal_digits(np.arange(1, num_users + 1))))
   item_ids = np.char.add('i', _digits_to_str(_decimal_digits(np.arange(1, num_items + 1))))
   return Dataset(
@@ -315,5 +326,5 @@ def shop(num_users: int = 2000, num_items: int = 500, interactions_per_user: int
            'watch_fraction': np.round(watch, 4), 'satisfaction': satisfaction},
       users={'user': user_ids, 'country': country, 'age': age},
       items={'item': item_ids, 'title': np.char.add('Product ', item_ids), 'category': category, 'tags': tags,
-             'price': np.round(price, 2)},
+             'price': np.round(price, 2), **items_extra},
       user_column='user', item_column='item', timestamp_column='ts')

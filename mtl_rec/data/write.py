@@ -29,7 +29,7 @@ def _arrow(values: Any, fmt: str, delimiter: str) -> pa.Array:
     values = np.asarray(values.lists() + [[]], dtype=object)[:-1]
   if isinstance(values, np.ndarray) and values.dtype == object:
     lists = [list(v) for v in values]
-    return pa.array([delimiter.join(v) for v in lists] if fmt == 'csv' else lists)
+    return pa.array([delimiter.join(map(str, v)) for v in lists] if fmt == 'csv' else lists)
   values = np.asarray(values)
   if values.dtype.kind == 'f':
     return pa.array(values, mask=~np.isfinite(values))

@@ -93,7 +93,13 @@ class Server:
     positions = np.concatenate([w.item_positions for w in works])
     weights = np.repeat(np.stack([w.weights for w in works]), counts, axis=0)
     context = {k: np.concatenate([w.context[k] for w in works]) for k in self.model.context_inputs}
-    out = self.model.score_rows(user, positions, weights, context)
+    items = None
+    if any(w.items is not None for w in works):  # some request described items: every row's features, explicitly
+      table = self.model.item_table
+      rows = lambda w: np.where(w.item_positions >= 0, w.item_positions, self.model.num_items)
+      items = {k: np.concatenate([w.items[k] if w.items is not None else table[k][rows(w)] for w in works])
+               for k in self.model.item_inputs}
+    out = self.model.score_rows(user, positions, weights, context, items)
     results, start = [], 0
     for n in counts:
       results.append({k: v[start:start + n] for k, v in out.items()})
@@ -146,6 +152,8 @@ class Server:
     items = []
     for j, item_id in enumerate(req.items):
       entry = {'item_id': item_id, 'score': scores[j], 'cold_start': cold[j]}
+      if req.from_request[j]:
+        entry['features'] = 'request'  # scored from the content the request gave
       for t, col in zip(names, cols):
         entry[t] = col[j]
       items.append(entry)
@@ -162,6 +170,11 @@ class Server:
     ids = self.model.items.raw(positions)
     titles = self.model.titles[positions].tolist() if self.model.titles is not None else [None] * len(ids)
     items = [{'item_id': i, 'title': t, 'score': s} for i, t, s in zip(ids, titles, list(scores))]
+    if req.extra is not None:  # described items compete with the catalog's top k
+      out = await self.score_batcher.submit(req.extra, req.extra.rows)
+      new = [{'item_id': i, 'title': None, 'score': s, 'cold_start': True, 'features': 'request'}
+             for i, s in zip(req.extra_ids, list(out['score']))]
+      items = sorted(items + new, key=lambda e: -float(e['score']))[:req.k]
     return _json({'model': self.model.name, 'version': self.model.version, 'user': req.user.describe(),
                   'k': req.k, 'exclude_seen': req.exclude_seen,
                   'weights': dict(zip(self.model.task_names, req.weights.tolist())), 'unknown_values': req.unknown,

@@ -178,6 +178,9 @@ class ExportedModel:
     self.user_fields = {self.rules[n]['raw']: (n, self.rules[n]) for n in self.user_inputs
                         if self.rules[n]['raw_type'] != 'id'}
     self.context_fields = {self.rules[n]['raw']: (n, self.rules[n]) for n in self.context_inputs}
+    # An item's content features a request may give (an item the export does not know, scored from them).
+    self.item_fields = {self.rules[n]['raw']: (n, self.rules[n]) for n in self.item_inputs
+                        if self.rules[n]['raw_type'] != 'id'}
 
     self.score_buckets = buckets(max_batch_rows, min(min_bucket_rows, max_batch_rows))
     self.recommend_buckets = buckets(max_recommend_users)
@@ -217,6 +220,13 @@ class ExportedModel:
 
   def user_unknown_fields(self, overrides: dict[str, Any]) -> list[str]:
     return self._encode(self.user_fields, overrides, {})[1]
+
+  def item_features(self, position: int, fields: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(encoded item inputs, fields whose value is unknown) of an item given by the request: the catalog's features
+    where it knows the item (-1: it does not, and its id and every feature not given are unknown, as for an unknown
+    user), replaced by the given content fields."""
+    row = position if position >= 0 else self.num_items
+    return self._encode(self.item_fields, fields, {n: self.item_table[n][row] for n in self.item_inputs})
 
   def context_features(self, values: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
     """(encoded context inputs, fields whose value was unknown) of a request's raw context (missing fields and a
@@ -261,23 +271,24 @@ class ExportedModel:
     return out
 
   def score_rows(self, user: dict[str, np.ndarray], item_positions: np.ndarray, weights: np.ndarray,
-                 context: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                 context: dict[str, np.ndarray] | None = None,
+                 items: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """{task: [n], 'score': [n]} for paired rows: user features [n] each, catalog positions [n] (-1: unknown item),
-    fusion weights [n, T], context features [n] each (default: unknown). Larger inputs are split into calls of the
-    largest bucket."""
+    fusion weights [n, T], context features [n] each (default: unknown), and item features [n] each where the
+    request gave them (default: the catalog's). Larger inputs are split into calls of the largest bucket."""
     n = int(item_positions.shape[0])
+    if items is None:
+      items = {k: v[np.where(item_positions >= 0, item_positions, self.num_items)] for k, v in self.item_table.items()}
     context = context if context is not None else {k: np.broadcast_to(v, (n,) + np.shape(v))
                                                    for k, v in self.no_context.items()}
     if n > self.max_batch_rows:
       step = self.max_batch_rows
-      parts = [self.score_rows({k: v[s:s + step] for k, v in user.items()}, item_positions[s:s + step],
-                               weights[s:s + step], {k: v[s:s + step] for k, v in context.items()})
-               for s in range(0, n, step)]
+      cut = lambda d, s: {k: v[s:s + step] for k, v in d.items()}
+      parts = [self.score_rows(cut(user, s), item_positions[s:s + step], weights[s:s + step], cut(context, s),
+                               cut(items, s)) for s in range(0, n, step)]
       return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     b = self._bucket(n, self.score_buckets)
-    pos = np.full(b, self.num_items, np.int64)
-    pos[:n] = np.where(item_positions >= 0, item_positions, self.num_items)
-    items = {k: v[pos] for k, v in self.item_table.items()}
+    items = self._padded(items, self.item_inputs, n, b, {k: v[-1] for k, v in self.item_table.items()})
     users = self._padded(user, self.user_inputs, n, b, {k: v[-1] for k, v in self.user_table.items()})
     contexts = self._padded(context, self.context_inputs, n, b, self.no_context)
     w = np.zeros((b, len(self.task_names)), np.float32)

@@ -17,6 +17,7 @@ import numpy as np
 from mtl_rec.serving.loader import MAX_ID_CHARS, ExportedModel
 
 MAX_LIST_VALUES = 256  # values of one multi-valued request field
+MAX_TEXT_CHARS = 16384  # characters of one text request field (a description)
 
 
 class BadRequest(Exception):
@@ -140,6 +141,13 @@ def parse_fields(values: dict[str, Any], fields: dict[str, tuple[str, Any]], whe
       out[name] = value
     elif raw_type == 'id':
       out[name] = check_id(value, f'{where}.{name}')
+    elif raw_type == 'list[float]':  # a vector feature: exactly its declared length
+      dim = fields[name][1]['dim']
+      if not isinstance(value, list) or not all(_is_number(v) and math.isfinite(v) for v in value):
+        raise BadRequest(f'{where}.{name} must be an array of {dim} finite numbers, got {_type_name(value)}')
+      if len(value) != dim:
+        raise BadRequest(f"{where}.{name} has {len(value)} numbers; this model's {name} vectors have {dim}")
+      out[name] = value
     elif raw_type == 'list[str]':
       if (not isinstance(value, list) or len(value) > MAX_LIST_VALUES or
           not all(isinstance(v, str) and len(v) <= MAX_ID_CHARS for v in value)):
@@ -147,9 +155,9 @@ def parse_fields(values: dict[str, Any], fields: dict[str, tuple[str, Any]], whe
                          f'{_type_name(value)}')
       out[name] = value
     else:
-      if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
-        raise BadRequest(f'{where}.{name} must be a string of at most {MAX_ID_CHARS} characters, got '
-                         f'{_type_name(value)}')
+      limit = MAX_TEXT_CHARS if fields[name][1]['kind'] == 'text' else MAX_ID_CHARS
+      if not isinstance(value, str) or len(value) > limit:
+        raise BadRequest(f'{where}.{name} must be a string of at most {limit} characters, got {_type_name(value)}')
       out[name] = value
   return out
 
@@ -193,12 +201,13 @@ def parse_context(value: Any, model: ExportedModel) -> tuple[dict[str, Any], lis
 @dataclasses.dataclass
 class ScoreWork:
   """Rows for the score batcher: user features [n], catalog positions [n] (-1 unknown), weights [T], context
-  features [n]."""
+  features [n], and item features [n] where the request gave an item's content (None: the catalog's)."""
 
   user: dict[str, np.ndarray]
   item_positions: np.ndarray
   weights: np.ndarray
   context: dict[str, np.ndarray]
+  items: dict[str, np.ndarray] | None = None
 
   @property
   def rows(self) -> int:
@@ -208,10 +217,11 @@ class ScoreWork:
 @dataclasses.dataclass
 class ScoreRequest:
   user: UserRef
-  items: list[Any]
+  items: list[Any]  # raw item ids
   item_cold: np.ndarray
   work: ScoreWork
-  unknown: list[str]  # fields of the user and the context whose values the model does not know
+  unknown: list[str]  # fields of the user, the context and given items whose values the model does not know
+  from_request: list[bool]  # per item: scored from content features the request gave
 
 
 def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest:
@@ -232,10 +242,12 @@ def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest
   if len(items) > max_items:
     raise BadRequest(f'items has {len(items)} entries; at most {max_items} per request')
   # Fast path for well-formed lists; the per-item check finds and names the first bad entry otherwise.
-  if not (all(type(x) is str for x in items) and 0 < min(map(len, items)) and max(map(len, items)) <= MAX_ID_CHARS
-          or all(type(x) is int for x in items)):
-    for j, x in enumerate(items):
-      check_id(x, f'items[{j}]')
+  objects = {j: x for j, x in enumerate(items) if isinstance(x, dict)}
+  # Fast path for well-formed lists; the per-item check finds and names the first bad entry otherwise.
+  if objects or not (all(type(x) is str for x in items) and 0 < min(map(len, items)) and
+                     max(map(len, items)) <= MAX_ID_CHARS or all(type(x) is int for x in items)):
+    items = [parse_item(x, model, f'items[{j}]')[0] if j in objects else check_id(x, f'items[{j}]')
+             for j, x in enumerate(items)]
   weights = parse_weights(body.get('weights'), model)
   context, context_unknown = parse_context(body.get('context'), model)
   pos = model.items.lookup(items)
@@ -243,8 +255,25 @@ def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest
   broadcast = lambda v, dtype: np.broadcast_to(np.asarray(v, dtype), (n,) + np.shape(v))
   feats = {k: broadcast(v, model.user_table[k].dtype) for k, v in user.features.items()}
   ctx = {k: broadcast(v, model.no_context[k].dtype) for k, v in context.items()}
-  return ScoreRequest(user, items, model.items_cold(pos), ScoreWork(feats, pos, weights, ctx),
-                      user.unknown + context_unknown)
+  unknown = user.unknown + context_unknown
+  item_feats = None
+  if objects:  # items given with their content: their features from the request, the others' from the catalog
+    item_feats = {k: v[np.where(pos >= 0, pos, model.num_items)].copy() for k, v in model.item_table.items()}
+    for j, obj in objects.items():
+      given, fields_unknown = model.item_features(int(pos[j]), parse_item(obj, model, f'items[{j}]')[1])
+      for k, v in given.items():
+        item_feats[k][j] = v
+      unknown += [f'items[{j}].{f}' for f in fields_unknown]
+  return ScoreRequest(user, items, model.items_cold(pos), ScoreWork(feats, pos, weights, ctx, item_feats), unknown,
+                      [j in objects for j in range(n)])
+
+
+def parse_item(value: dict[str, Any], model: ExportedModel, where: str) -> tuple[Any, dict[str, Any]]:
+  """{"item_id": ..., content fields} -> (raw id, validated fields): an item the request describes."""
+  if 'item_id' not in value:
+    raise BadRequest(f'{where}.item_id is missing: an item object is {{"item_id": "new-1", <content fields>}}')
+  fields = parse_fields(value, model.item_fields, where, also=('item_id',))
+  return check_id(value['item_id'], f'{where}.item_id'), fields
 
 
 @dataclasses.dataclass
@@ -255,6 +284,8 @@ class RecommendRequest:
   weights: np.ndarray
   context: dict[str, Any]  # encoded context inputs
   unknown: list[str]
+  extra: ScoreWork | None = None  # items the request describes, ranked with the catalog
+  extra_ids: list[Any] = dataclasses.field(default_factory=list)
 
 
 def parse_recommend(body: Any, model: ExportedModel) -> RecommendRequest:
@@ -262,7 +293,7 @@ def parse_recommend(body: Any, model: ExportedModel) -> RecommendRequest:
   with side features instead of "user_id")."""
   if not isinstance(body, dict):
     raise BadRequest(f'the body must be a JSON object, got {_type_name(body)}')
-  _check_fields(body, {'user_id', 'user', 'k', 'exclude_seen', 'weights', 'context'}, 'the request')
+  _check_fields(body, {'user_id', 'user', 'k', 'exclude_seen', 'weights', 'context', 'items'}, 'the request')
   if ('user_id' in body) == ('user' in body):
     raise BadRequest('give exactly one of user_id or user: {"user_id": "196", "k": 10}')
   user = resolve_user(body['user'] if 'user' in body else {'user_id': body['user_id']}, model,
@@ -279,5 +310,18 @@ def parse_recommend(body: Any, model: ExportedModel) -> RecommendRequest:
   if not isinstance(exclude_seen, bool):
     raise BadRequest(f'exclude_seen must be true or false, got {_type_name(exclude_seen)}')
   context, context_unknown = parse_context(body.get('context'), model)
-  return RecommendRequest(user, k, exclude_seen, parse_weights(body.get('weights'), model), context,
-                          user.unknown + context_unknown)
+  weights = parse_weights(body.get('weights'), model)
+  req = RecommendRequest(user, k, exclude_seen, weights, context, user.unknown + context_unknown)
+  extra = body.get('items')
+  if extra is not None:  # new items, described by their content: ranked beside the catalog
+    if not isinstance(extra, list) or not extra or not all(isinstance(x, dict) for x in extra):
+      raise BadRequest('items must be a non-empty array of item objects {"item_id": "new-1", <content fields>}')
+    if len(extra) > 256:
+      raise BadRequest(f'items has {len(extra)} entries; at most 256 new items per recommend request')
+    scored = parse_score({'user': {'user_id': user.raw_id}, 'items': extra, 'weights': body.get('weights'),
+                          'context': body.get('context')}, model, len(extra))
+    scored.work.user = {key: np.broadcast_to(np.asarray(v, model.user_table[key].dtype), (len(extra),) + np.shape(v))
+                        for key, v in user.features.items()}
+    req.extra, req.extra_ids = scored.work, scored.items
+    req.unknown += [u for u in scored.unknown if u.startswith('items[')]
+  return req

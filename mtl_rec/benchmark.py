@@ -89,7 +89,7 @@ def _isolated_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str
     return json.load(f)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, isolate: bool) -> dict[str, Any]:
+def train_or_load(config: ml_collections.ConfigDict, workdir: str, isolate: bool) -> dict[str, Any]:
   done = os.path.join(workdir, 'metrics.json')
   if os.path.exists(done):  # finished in an earlier invocation
     with open(done) as f:
@@ -271,11 +271,11 @@ def run_benchmark(config: ml_collections.ConfigDict, out: str, seeds: int = 3, b
     for name in names:
       c, wd = configs[name], os.path.join(seed_dir, name)
       if name == report_lib.ENSEMBLE:
-        ens = fusion.train_ensemble(c, wd, lambda mc, mwd: _train(mc, mwd, isolate), fusion_negatives)
+        ens = fusion.train_ensemble(c, wd, lambda mc, mwd: train_or_load(mc, mwd, isolate), fusion_negatives)
         scorer, exp, test, fused = ens.scorer, ens.exp, ens.summary['test'], ens.summary['fusion']
         costs = [run_cost(fusion.member_workdir(wd, t), ens.member_results[t]) for t, _ in config_lib.ordered(c.tasks)]
       else:
-        metrics = _train(c, wd, isolate)
+        metrics = train_or_load(c, wd, isolate)
         run = runs_lib.load(wd)
         exp = run.exp
         scorer = NetworkScorer([run.network], exp.encoder, c.eval.batch_size)

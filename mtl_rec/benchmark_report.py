@@ -27,7 +27,7 @@ def metric_mode(key: str) -> str:
   return config_lib.metric_mode(key)
 
 
-def _summary(values: Sequence[float | None]) -> dict[str, Any]:
+def summary(values: Sequence[float | None]) -> dict[str, Any]:
   """mean and std over seeds (sample std, ddof=1; 0 for a single seed); None values (n/a) are left out."""
   v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
   if v.size == 0:
@@ -39,7 +39,7 @@ def _summary(values: Sequence[float | None]) -> dict[str, Any]:
 def _quality_table(names: Sequence[str], per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
   first = per_seed[names[0]][0]['test']  # the unified run's order: each task's metrics, then ranking
   keys = [k for k in first if all(k in r['test'] for n in names for r in per_seed[n])]
-  return {k: {n: _summary([r['test'][k] for r in per_seed[n]]) for n in names} for k in keys}
+  return {k: {n: summary([r['test'][k] for r in per_seed[n]]) for n in names} for k in keys}
 
 
 def _within(u: dict[str, Any], e: dict[str, Any], mode: str) -> bool:
@@ -57,15 +57,15 @@ def build_report(config: ml_collections.ConfigDict, out: str, names: Sequence[st
   """report.json's content (see write_report for the markdown rendering)."""
   per_task = _quality_table(names, per_seed)
   methods = fusion.FUSION_METHODS
-  fused = {n: {m: {'test': {k: _summary([r['fusion']['test'][m][k] for r in per_seed[n]])
+  fused = {n: {m: {'test': {k: summary([r['fusion']['test'][m][k] for r in per_seed[n]])
                             for k in per_seed[n][0]['fusion']['test'][m]},
-                   'valid_ndcg@10_graded': _summary([r['fusion']['valid'][m]['ndcg@10_graded'] for r in per_seed[n]]),
+                   'valid_ndcg@10_graded': summary([r['fusion']['valid'][m]['ndcg@10_graded'] for r in per_seed[n]]),
                    'weights': [r['fusion']['weights'][m] for r in per_seed[n]]}
                for m in methods} for n in names}
-  base = {b: {k: _summary([s[b][k] for s in baselines]) for k in baselines[0][b]} for b in baselines[0]}
+  base = {b: {k: summary([s[b][k] for s in baselines]) for k in baselines[0][b]} for b in baselines[0]}
   cost = {}
   for n in names:
-    cost[n] = {k: _summary([r['cost'][k] for r in per_seed[n]]) for k in per_seed[n][0]['cost']}
+    cost[n] = {k: summary([r['cost'][k] for r in per_seed[n]]) for k in per_seed[n][0]['cost']}
     cost[n].update({k: {'mean': v, 'std': 0.0, 'n': 1, 'values': [v]} for k, v in serving[n].items()})
   ens = ENSEMBLE
   targets = {}
@@ -127,7 +127,7 @@ def notes(report: dict[str, Any], config: ml_collections.ConfigDict, isolate: bo
 # Rendering.
 
 
-def _fmt(s: dict[str, Any] | None, digits: int = 4) -> str:
+def fmt_summary(s: dict[str, Any] | None, digits: int = 4) -> str:
   if s is None or s.get('mean') is None:
     return 'n/a'
   if s['n'] > 1:
@@ -135,7 +135,7 @@ def _fmt(s: dict[str, Any] | None, digits: int = 4) -> str:
   return f'{s["mean"]:.{digits}f}'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
   return '\n'.join(lines)
@@ -174,9 +174,9 @@ def render_markdown(report: dict[str, Any]) -> str:
           ', '.join(base_names) + '.', '']
   rows = []
   for k, cells in report['per_task'].items():
-    rows.append([f'`{k}`'] + [_fmt(cells[n]) for n in names] +
-                [_fmt(report['baselines'][b].get(k)) for b in base_names])
-  out += [_table(['metric'] + names + base_names, rows), '']
+    rows.append([f'`{k}`'] + [fmt_summary(cells[n]) for n in names] +
+                [fmt_summary(report['baselines'][b].get(k)) for b in base_names])
+  out += [markdown_table(['metric'] + names + base_names, rows), '']
 
   out += ['## Fused ranking quality', '',
           'Full-catalog NDCG@10 with graded gains (the held-out rating), ranking every item the user has not rated '
@@ -189,13 +189,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     for m in fusion.FUSION_METHODS:
       f = report['fused_ranking'][n][m]
       w = f['weights'][0]
-      rows.append([f'`{n}`', m, _fmt(f['test']['ndcg@10_graded']), _fmt(f['test']['recall@10']),
-                   _fmt(f['valid_ndcg@10_graded']), ', '.join(f'{t} {v:+.2f}' for t, v in w.items())])
+      rows.append([f'`{n}`', m, fmt_summary(f['test']['ndcg@10_graded']), fmt_summary(f['test']['recall@10']),
+                   fmt_summary(f['valid_ndcg@10_graded']), ', '.join(f'{t} {v:+.2f}' for t, v in w.items())])
   for b in base_names:
     if 'ndcg@10_graded' in report['baselines'][b]:
-      rows.append([f'{b} (baseline)', '—', _fmt(report['baselines'][b]['ndcg@10_graded']),
-                   _fmt(report['baselines'][b].get('recall@10')), '', ''])
-  out += [_table(['system', 'fusion', 'test ndcg@10_graded', 'test recall@10', 'valid ndcg@10_graded',
+      rows.append([f'{b} (baseline)', '—', fmt_summary(report['baselines'][b]['ndcg@10_graded']),
+                   fmt_summary(report['baselines'][b].get('recall@10')), '', ''])
+  out += [markdown_table(['system', 'fusion', 'test ndcg@10_graded', 'test recall@10', 'valid ndcg@10_graded',
                   'weights (seed 0, Σ|w| = 1)'], rows), '']
 
   serving_how = ('the exported `score` artifacts (mtl_rec.export, loaded by mtl_rec.serving.loader, fused with '
@@ -207,19 +207,19 @@ def render_markdown(report: dict[str, Any]) -> str:
           'that of each training run\'s own process (the ensemble: its largest member), JAX runtime included.', '']
   rows = []
   for key, label, digits in COST_ROWS:
-    cells = [_fmt(report['cost'][n].get(key), digits) for n in names]
+    cells = [fmt_summary(report['cost'][n].get(key), digits) for n in names]
     e = report['cost'][ens].get(key, {}).get('mean')
     ratios = []
     for n in names[:-1]:
       u = report['cost'][n].get(key, {}).get('mean')
       ratios.append(f'{u / e:.2f}' if u is not None and e else 'n/a')
     rows.append([label] + cells + [' / '.join(ratios)])
-  out += [_table(['cost'] + names + ['unified ÷ ensemble'], rows), '']
+  out += [markdown_table(['cost'] + names + ['unified ÷ ensemble'], rows), '']
 
   out += ['## Baselines', '', 'Non-learned floors on the same test split (from the unified runs\' metrics.json).', '']
   keys = sorted({k for b in base_names for k in report['baselines'][b]})
-  out += [_table(['metric'] + base_names,
-                 [[f'`{k}`'] + [_fmt(report['baselines'][b].get(k)) for b in base_names] for k in keys]), '']
+  out += [markdown_table(['metric'] + base_names,
+                 [[f'`{k}`'] + [fmt_summary(report['baselines'][b].get(k)) for b in base_names] for k in keys]), '']
 
   out += ['## Targets', '',
           f'Target: the unified model matches or beats the ensemble on every task within the error bars (better '
@@ -232,7 +232,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                  f'{t["params_ratio"]:.2f} ({"met" if t["params_met"] else "missed"})',
                  f'{t["throughput_ratio"]:.2f}× ({"met" if t["throughput_met"] else "missed"})',
                  '**met**' if t['met'] else '**not met**'])
-  out += [_table(['system', 'quality within error bars', 'params ÷ ensemble', 'throughput ÷ ensemble', 'all targets'],
+  out += [markdown_table(['system', 'quality within error bars', 'params ÷ ensemble', 'throughput ÷ ensemble', 'all targets'],
                  rows), '']
 
   out += ['## Plots', '']

@@ -103,9 +103,9 @@ def test_finished_runs_are_not_retrained(report, monkeypatch, tiny_config):
 
 
 def test_summary_and_error_bar_rule():
-  s = benchmark_report._summary([1.0, 2.0, 3.0])  # pylint: disable=protected-access
+  s = benchmark_report.summary([1.0, 2.0, 3.0])
   assert s['mean'] == 2.0 and s['std'] == pytest.approx(1.0) and s['n'] == 3
-  assert benchmark_report._summary([0.5])['std'] == 0.0  # pylint: disable=protected-access
+  assert benchmark_report.summary([0.5])['std'] == 0.0
   within = benchmark_report._within  # pylint: disable=protected-access
   assert within({'mean': 0.80, 'std': 0.01}, {'mean': 0.805, 'std': 0.0}, 'max')  # gap <= std_u + std_e
   assert not within({'mean': 0.78, 'std': 0.01}, {'mean': 0.81, 'std': 0.01}, 'max')

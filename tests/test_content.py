@@ -262,3 +262,29 @@ def test_a_vector_feature_recovers_cold_items(tmp_path):
     m = loop.train_and_evaluate(c, str(tmp_path / name.replace(' ', '_'))).metrics
     aucs[name] = m['test_cold_start']['cold_items']['click_auc']
   assert aucs['vector'] > 0.65 and aucs['vector'] > aucs['id only'] + 0.1, aucs
+
+
+def test_cold_start_benchmark_variants_and_report():
+  from configs import movielens_100k  # pylint: disable=g-import-not-at-top
+  from mtl_rec import cold_start_benchmark as csb  # pylint: disable=g-import-not-at-top
+  assert csb.variants(movielens_100k.get_config()) == {
+      'ids only': ['genres', 'year', 'title'], 'ids + genres, year': ['title'], 'ids + title': ['genres', 'year'],
+      'ids + genres, year, title': []}
+  assert csb.variants(shop_vectors.get_config()) == {'ids only': ['embedding'], 'ids + embedding': []}
+  c = csb.run_config(movielens_100k.get_config(), ['title'], seed=2, cold_items=0.1)
+  assert 'title' not in c.features and c.seed == 2 and c.data.cold_items == 0.1 and not c.export.enabled
+  bare = movielens_100k.get_config()
+  with bare.unlocked():
+    for name in ('genres', 'year', 'title'):
+      del bare.features[name]
+  with pytest.raises(ValueError, match='no item feature besides the id'):
+    csb.variants(bare)
+  run = lambda auc, pop: {'test_cold_start': {'cold_items': {'click_auc': auc}, 'warm_items': {'click_auc': 0.9}},
+                          'baselines_cold_start': {'popularity': {'cold_items': {'click_auc': pop},
+                                                                  'warm_items': {'click_auc': 0.8}}}}
+  report = csb.build_report({'ids only': [run(0.5, 0.5), run(0.5, 0.5)], 'all': [run(0.6, 0.5), run(0.7, 0.5)]})
+  cell = report['variants']['all']['cold_items']['click_auc']
+  assert cell['mean'] == pytest.approx(0.65) and cell['std'] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+  assert report['popularity']['warm_items']['click_auc']['mean'] == pytest.approx(0.8) and report['seeds'] == 2
+  text = csb.render_markdown(report, csb.run_config(movielens_100k.get_config(), [], 0, 0.1))
+  assert '## cold items' in text and '| `click_auc` | 0.5000 ± 0.0000 | 0.6500 ± 0.0707 | 0.5000 ± 0.0000 |' in text

@@ -99,7 +99,7 @@ def test_finished_runs_are_not_retrained(report, monkeypatch, tiny_config):
   wd = os.path.join(out, 'seed0', 'unified_shared_bottom')
   monkeypatch.setattr(benchmark, '_isolated_train', lambda *a: pytest.fail('a finished run was trained again'))
   with open(os.path.join(wd, 'metrics.json')) as f:
-    assert benchmark._train(tiny_config(), wd, isolate=True) == json.load(f)  # pylint: disable=protected-access
+    assert benchmark.train_or_load(tiny_config(), wd, isolate=True) == json.load(f)
 
 
 def test_summary_and_error_bar_rule():

@@ -1,4 +1,4 @@
-"""Non-learned floors reported beside every model number: item popularity and the mu + b_u + b_i bias model.
+"""Non-learned floors reported beside every model number: item popularity, the mu + b_u + b_i bias model and EASE.
 
 Row 0 of our user/item vocabularies is reserved for out-of-vocabulary ids. It never appears in training data,
 so its fitted bias is exactly 0 (the regularizer dominates an empty sum) and such rows predict mu + the other bias.
@@ -105,3 +105,33 @@ def fit_bias_model(user_rows: np.ndarray,
     b_user = np.bincount(u, weights=resid - b_item[i], minlength=num_users) / den_user
   return BiasModel(mu=mu, b_user=b_user.astype(np.float32), b_item=b_item.astype(np.float32),
                    rating_min=rating_min, rating_max=rating_max)
+
+
+# The regularization grids the floors are tuned over on the validation split: a floor with the wrong shrinkage is a
+# floor too low (Koren's Netflix values, 10 and 25 pseudo-ratings, halve most item biases of ML-100K's 1,682 movies).
+BIAS_REGS = (1.0, 2.0, 3.0, 5.0, 10.0, 25.0)
+EASE_L2 = (10.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
+EASE_MAX_ITEMS = 8192  # EASE inverts an items x items matrix: catalogs larger than this get no EASE floor
+
+
+def interactions(user_rows: np.ndarray, item_rows: np.ndarray, num_users: int, num_items: int) -> np.ndarray:
+  """The binary user x item matrix X (float32 [num_users, num_items]) of interaction rows (repeats count once)."""
+  x = np.zeros((num_users, num_items), np.float32)
+  x[_rows('user_rows', user_rows, num_users), _rows('item_rows', item_rows, num_items)] = 1.0
+  return x
+
+
+def fit_ease(x: np.ndarray, l2: float) -> np.ndarray:
+  """EASE (Steck 2019), the closed-form item-item model: B = argmin ||X - XB||^2 + l2 ||B||^2 with diag(B) = 0,
+  i.e. P = (X^T X + l2 I)^-1, B = -P / diag(P), diag(B) = 0. A user's scores are X_u B. float32 [I, I]."""
+  if l2 <= 0:
+    raise ValueError(f'EASE needs l2 > 0, got {l2}')
+  num_items = x.shape[1]
+  if num_items > EASE_MAX_ITEMS:
+    raise ValueError(f'EASE inverts a {num_items} x {num_items} matrix; at most {EASE_MAX_ITEMS} items')
+  g = x.T.astype(np.float64) @ x.astype(np.float64)
+  g[np.diag_indices(num_items)] += l2
+  p = np.linalg.inv(g)
+  b = p / -np.diag(p)[None, :]
+  b[np.diag_indices(num_items)] = 0.0
+  return b.astype(np.float32)

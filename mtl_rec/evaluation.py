@@ -14,7 +14,7 @@ from mtl_rec import tasks as tasks_lib
 from mtl_rec.data.sampling import NegativeSampler
 from mtl_rec.experiment import Experiment
 from mtl_rec.input_pipeline import EvalSet
-from mtl_rec.scoring import NetworkScorer, PopularityScorer, Scorer
+from mtl_rec.scoring import ItemItemScorer, NetworkScorer, PopularityScorer, Scorer
 
 RANKING_METRICS = ('recall@{k}', 'ndcg@{k}', 'hr@{k}_sampled', 'ndcg@{k}_sampled')
 
@@ -175,23 +175,51 @@ def popularity(exp: Experiment) -> PopularityScorer:
   return PopularityScorer(baselines_lib.popularity_scores(exp.item_index[exp.split.train], exp.num_items))
 
 
+def bias_model(exp: Experiment, spec: tasks_lib.TaskSpec) -> baselines_lib.BiasModel:
+  """mu + b_u + b_i of a regression task's label, fitted on the training rows with the shrinkage (user and item
+  regularization from baselines.BIAS_REGS) that fits the validation rows best."""
+  col, s = exp.labels.columns[spec.name], exp.split
+  train, valid = s.train[col.present[s.train]], s.valid[col.present[s.valid]]
+  lo, hi = spec.value_range
+  fit = lambda ru, ri: baselines_lib.fit_bias_model(exp.user_index[train], exp.item_index[train], col.values[train],
+                                                    exp.num_users, exp.num_items, ru, ri, rating_min=lo, rating_max=hi)
+  if not valid.size:
+    return fit(10.0, 25.0)
+  rmse = lambda m: metrics_lib.rmse(col.values[valid], m.predict(exp.user_index[valid], exp.item_index[valid]))
+  return min((fit(ru, ri) for ru in baselines_lib.BIAS_REGS for ri in baselines_lib.BIAS_REGS), key=rmse)
+
+
+def item_item(exp: Experiment) -> Scorer | None:
+  """EASE on the training interactions, its l2 (baselines.EASE_L2) the best validation Recall@K; None where the
+  catalog is larger than baselines.EASE_MAX_ITEMS."""
+  if exp.num_items > baselines_lib.EASE_MAX_ITEMS:
+    return None
+  s, one = exp.split, np.ones(1, np.float32)
+  x = baselines_lib.interactions(exp.user_index[s.train], exp.item_index[s.train], exp.num_users, exp.num_items)
+  scorers = [ItemItemScorer(x, baselines_lib.fit_ease(x, l2)) for l2 in baselines_lib.EASE_L2]
+  if not s.valid.size:
+    return scorers[2]
+  recall = f'recall@{exp.config.eval.k}'
+  valid = [catalog_ranking_metrics(exp, s.valid, exp.history_rows('valid'),
+                                   lambda u, r, e=e: e.score_catalog(u, one, r))[recall] for e in scorers]
+  return scorers[int(np.argmax(valid))]  # the first of equals: the smallest l2
+
+
 def baseline_metrics(exp: Experiment) -> dict[str, dict[str, float]]:
-  """Floors on the test split: popularity (ranking, and AUC of the tasks on all rows) and, where there is a
+  """Floors on the test split: popularity and EASE (ranking, and AUC of the tasks on all rows) and, where there is a
   regression task, the bias-only model mu + b_u + b_i of its label (with the AUC of binary tasks that threshold
-  the same column)."""
+  the same column). Their regularization is tuned on the validation split, as a model's early stopping is."""
   s = exp.split
-  pop = popularity(exp)
   one = np.ones(1, np.float32)
-  pop_metrics = ranking_metrics(pop, one, exp, s.test, exp.history_rows('test'))
-  pop_metrics.update(_binary_aucs(pop, exp, exp.test))  # ranking by popularity, every binary task
-  out = {'popularity': pop_metrics}
+  out = {}
+  for name, scorer in (('popularity', popularity(exp)), ('ease', item_item(exp))):
+    if scorer is not None:
+      out[name] = ranking_metrics(scorer, one, exp, s.test, exp.history_rows('test'))
+      out[name].update(_binary_aucs(scorer, exp, exp.test))  # ranking by its score, every binary task
   regression = next((spec for spec in exp.specs if spec.kind == 'regression'), None)
   if regression is not None:
     col = exp.labels.columns[regression.name]
-    train = s.train[col.present[s.train]]
-    lo, hi = regression.value_range
-    bias = baselines_lib.fit_bias_model(exp.user_index[train], exp.item_index[train], col.values[train],
-                                        exp.num_users, exp.num_items, rating_min=lo, rating_max=hi)
+    bias = bias_model(exp, regression)
     test = s.test[col.present[s.test]]
     pred = bias.predict(exp.user_index[test], exp.item_index[test])
     y = col.values[test]
@@ -204,16 +232,16 @@ def baseline_metrics(exp: Experiment) -> dict[str, dict[str, float]]:
   return out
 
 
+BASELINE_LABELS = {'popularity': 'popularity', 'ease': 'EASE', 'bias_only': 'bias-only'}
+
+
 def format_table(metrics: dict[str, Any], order: Sequence[str] = ()) -> str:
   """A plain-text table of the test metrics beside the baselines (`order` first, then the rest sorted)."""
   test, base = metrics['test'], metrics.get('baselines', {})
   keys = [k for k in order if k in test] + sorted(k for k in test if k not in order)
-  lines = [f'{"metric":<22}{"model":>10}{"popularity":>12}{"bias-only":>11}']
+  columns = [(b, label) for b, label in BASELINE_LABELS.items() if b in base]
+  lines = [f'{"metric":<22}{"model":>10}' + ''.join(f'{label:>12}' for _, label in columns)]
   for k in keys:
-    cells = [f'{test[k]:>10.4f}']
-    for b in ('popularity', 'bias_only'):
-      v = base.get(b, {}).get(k)
-      cells.append(f'{v:>{12 if b == "popularity" else 11}.4f}' if v is not None else
-                   ' ' * (12 if b == 'popularity' else 11))
-    lines.append(f'{k:<22}' + ''.join(cells))
+    v = [base[b].get(k) for b, _ in columns]
+    lines.append(f'{k:<22}{test[k]:>10.4f}' + ''.join(f'{x:>12.4f}' if x is not None else ' ' * 12 for x in v))
   return '\n'.join(lines)

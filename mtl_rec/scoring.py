@@ -181,6 +181,30 @@ class PopularityScorer(Scorer):
     return jnp.broadcast_to(jnp.asarray(self.counts)[None, :, None], (users.shape[0], self.counts.shape[0], 1))
 
 
+class ItemItemScorer(Scorer):
+  """An item-item model (EASE): a user's score of item j is sum_i X[u, i] B[i, j] over the items i of the user's
+  profile X (one column)."""
+
+  task_names = ('item_item',)
+
+  def __init__(self, profiles: np.ndarray, weights: np.ndarray, users_per_block: int = 1024):
+    self.profiles = np.asarray(profiles, np.float32)  # [num_users, num_items]
+    self.weights = np.asarray(weights, np.float32)  # [num_items, num_items]
+    self.users_per_block = users_per_block
+
+  def terms_pairs(self, users: np.ndarray, items: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    uniq, inverse = np.unique(users, return_inverse=True)
+    out = np.empty(users.shape[0], np.float32)
+    for start in range(0, uniq.size, self.users_per_block):  # each distinct user's row of scores once
+      block = self.profiles[uniq[start:start + self.users_per_block]] @ self.weights
+      sel = (inverse >= start) & (inverse < start + block.shape[0])
+      out[sel] = block[inverse[sel] - start, items[sel]]
+    return out[:, None]
+
+  def terms_catalog(self, users: np.ndarray, rows: np.ndarray | None = None) -> jax.Array:
+    return (jnp.asarray(self.profiles[users]) @ jnp.asarray(self.weights))[..., None]
+
+
 def count_params(params: Any) -> int:
   """Number of scalars in a params pytree (embedding tables as stored, padding rows included)."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -329,3 +329,44 @@ def test_bias_model_defaults_beat_global_mean_and_clip():
     baselines.fit_bias_model(np.array([0, 1]), np.array([0]), np.array([3.0]), 2, 1)
   with pytest.raises(ValueError):
     model.predict(np.array([num_users]), np.array([0]))
+
+
+def test_ease_matches_its_closed_form_and_ranks_co_occurring_items():
+  """EASE on a hand-made matrix: B = -P / diag(P) with P = (X^T X + l2 I)^-1 and a zero diagonal, the solution of
+  min ||X - XB||^2 + l2 ||B||^2 under diag(B) = 0 (its gradient vanishes off the diagonal); items bought together
+  score each other."""
+  users = np.array([0, 0, 1, 1, 2, 2, 3, 3, 3, 0])  # items 0 and 1 go together, 2 and 3 go together
+  items = np.array([0, 1, 0, 1, 2, 3, 2, 3, 1, 0])  # (0, 0) twice: counts once
+  x = baselines.interactions(users, items, 4, 4)
+  assert x.sum() == 9 and x[0].tolist() == [1, 1, 0, 0]
+  b = baselines.fit_ease(x, 2.0).astype(np.float64)
+  assert np.all(np.diag(b) == 0)
+  g = x.T.astype(np.float64) @ x
+  residual_grad = -2 * g @ (np.eye(4) - b) + 2 * 2.0 * b  # d/dB of the objective
+  off = ~np.eye(4, dtype=bool)
+  np.testing.assert_allclose(residual_grad[off], 0, atol=1e-5)
+  assert b[0, 1] > b[0, 2] and b[2, 3] > b[2, 0]
+  scores = x[2] @ b  # the user of items 2 and 3: item 1 (once with 3) over item 0 (never)
+  assert scores[1] > scores[0]
+  with pytest.raises(ValueError, match='l2 > 0'):
+    baselines.fit_ease(x, 0.0)
+
+
+def test_the_bias_floor_is_tuned_on_validation(tiny_config):
+  """baseline_metrics' bias-only model takes the shrinkage that fits the validation rows best: no default of the
+  grid fits them better, and EASE joins the floors, its top items among the unseen."""
+  from mtl_rec import evaluation, experiment  # pylint: disable=g-import-not-at-top
+  exp = experiment.build(tiny_config())
+  spec = next(s for s in exp.specs if s.kind == 'regression')
+  col, valid = exp.labels.columns[spec.name], exp.split.valid
+  valid = valid[col.present[valid]]
+  rmse = lambda m: metrics.rmse(col.values[valid], m.predict(exp.user_index[valid], exp.item_index[valid]))
+  tuned = rmse(evaluation.bias_model(exp, spec))
+  train = exp.split.train[col.present[exp.split.train]]
+  for ru, ri in ((10.0, 25.0), (1.0, 1.0), (25.0, 25.0)):
+    fixed = baselines.fit_bias_model(exp.user_index[train], exp.item_index[train], col.values[train], exp.num_users,
+                                     exp.num_items, ru, ri, rating_min=1.0, rating_max=5.0)
+    assert tuned <= rmse(fixed) + 1e-12, (ru, ri)
+  floors = evaluation.baseline_metrics(exp)
+  assert set(floors) == {'popularity', 'ease', 'bias_only'}
+  assert floors['ease']['recall@10'] > floors['popularity']['recall@10']

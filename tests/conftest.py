@@ -73,14 +73,18 @@ def exported_run_config():
   return c
 
 
+def train_and_export(config, workdir):
+  """(TrainResult, export version dir) of a run trained and exported the way train.py does it."""
+  from mtl_rec import export, loop  # pylint: disable=g-import-not-at-top
+  result = loop.train_and_evaluate(config, workdir)
+  return result, export.export_trained(result.run, workdir, result.metrics)
+
+
 @pytest.fixture(scope='session')
 def exported_run(tmp_path_factory):
   """(workdir, TrainResult) of the tiny run, trained and exported once per session (W/export/1)."""
-  from mtl_rec import export, loop  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp('tiny_exported_run'))
-  result = loop.train_and_evaluate(exported_run_config(), workdir)
-  export.export_trained(result.run, workdir, result.metrics)
-  return workdir, result
+  return workdir, train_and_export(exported_run_config(), workdir)[0]
 
 
 # serve.py in a subprocess and plain HTTP calls to it (the serving tests of several modules).

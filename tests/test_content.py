@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import shop_vectors
-from conftest import REPO, http, start_server, stop_server
+from conftest import REPO, http, start_server, stop_server, train_and_export
 from mtl_rec import config as config_lib
 from mtl_rec import encoding
 from mtl_rec import features as features_lib
@@ -165,11 +165,8 @@ def content_config(**synthetic_sizes):
 
 @pytest.fixture(scope='module')
 def content_run(tmp_path_factory):
-  from mtl_rec import export, loop  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp('content_run'))
-  result = loop.train_and_evaluate(content_config(), workdir)
-  path = export.export_trained(result.run, workdir, result.metrics)
-  return result, path
+  """(TrainResult, export version dir) of content_config()."""
+  return train_and_export(content_config(), str(tmp_path_factory.mktemp('content_run')))
 
 
 @pytest.mark.slow

@@ -241,13 +241,12 @@ def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest
     raise BadRequest('items is empty: send at least one item id')
   if len(items) > max_items:
     raise BadRequest(f'items has {len(items)} entries; at most {max_items} per request')
-  # Fast path for well-formed lists; the per-item check finds and names the first bad entry otherwise.
-  objects = {j: x for j, x in enumerate(items) if isinstance(x, dict)}
+  # Items given as objects with their content: {j: (raw id, validated fields)}.
+  objects = {j: parse_item(x, model, f'items[{j}]') for j, x in enumerate(items) if isinstance(x, dict)}
   # Fast path for well-formed lists; the per-item check finds and names the first bad entry otherwise.
   if objects or not (all(type(x) is str for x in items) and 0 < min(map(len, items)) and
                      max(map(len, items)) <= MAX_ID_CHARS or all(type(x) is int for x in items)):
-    items = [parse_item(x, model, f'items[{j}]')[0] if j in objects else check_id(x, f'items[{j}]')
-             for j, x in enumerate(items)]
+    items = [objects[j][0] if j in objects else check_id(x, f'items[{j}]') for j, x in enumerate(items)]
   weights = parse_weights(body.get('weights'), model)
   context, context_unknown = parse_context(body.get('context'), model)
   pos = model.items.lookup(items)
@@ -259,8 +258,8 @@ def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest
   item_feats = None
   if objects:  # items given with their content: their features from the request, the others' from the catalog
     item_feats = {k: v[np.where(pos >= 0, pos, model.num_items)].copy() for k, v in model.item_table.items()}
-    for j, obj in objects.items():
-      given, fields_unknown = model.item_features(int(pos[j]), parse_item(obj, model, f'items[{j}]')[1])
+    for j, (_, fields) in objects.items():
+      given, fields_unknown = model.item_features(int(pos[j]), fields)
       for k, v in given.items():
         item_feats[k][j] = v
       unknown += [f'items[{j}].{f}' for f in fields_unknown]

@@ -40,6 +40,7 @@ from mtl_rec import config as config_lib
 from mtl_rec import export as export_lib
 from mtl_rec import files
 from mtl_rec import fusion
+from mtl_rec import fusion_weights
 from mtl_rec import loop
 from mtl_rec import runs as runs_lib
 from mtl_rec.experiment import Experiment
@@ -280,7 +281,7 @@ def run_benchmark(config: ml_collections.ConfigDict, out: str, seeds: int = 3, b
         exp = run.exp
         scorer = NetworkScorer([run.network], exp.encoder, c.eval.batch_size)
         test = metrics['test']
-        fused = fusion.evaluate_fusion(scorer, exp, c, fusion_negatives)
+        fused = fusion_weights.evaluate_fusion(scorer, exp, c, fusion_negatives)
         costs = [run_cost(wd, metrics)]
         if name == names[0]:  # the baselines depend only on the split: take them from one run per seed
           baselines.append(metrics['baselines'])

@@ -14,7 +14,7 @@ import numpy as np
 
 from mtl_rec import config as config_lib
 from mtl_rec import files
-from mtl_rec import fusion
+from mtl_rec import fusion_weights
 
 ENSEMBLE = 'ensemble'
 # Target of the issue: unified <= 40% of the ensemble's parameters and >= 2.5x its serving throughput.
@@ -56,7 +56,7 @@ def build_report(config: ml_collections.ConfigDict, out: str, names: Sequence[st
                  elapsed: float) -> dict[str, Any]:
   """report.json's content (see write_report for the markdown rendering)."""
   per_task = _quality_table(names, per_seed)
-  methods = fusion.FUSION_METHODS
+  methods = fusion_weights.FUSION_METHODS
   fused = {n: {m: {'test': {k: summary([r['fusion']['test'][m][k] for r in per_seed[n]])
                             for k in per_seed[n][0]['fusion']['test'][m]},
                    'valid_ndcg@10_graded': summary([r['fusion']['valid'][m]['ndcg@10_graded'] for r in per_seed[n]]),
@@ -186,7 +186,7 @@ def render_markdown(report: dict[str, Any]) -> str:
           'unified model fuses its own heads).', '']
   rows = []
   for n in names:
-    for m in fusion.FUSION_METHODS:
+    for m in fusion_weights.FUSION_METHODS:
       f = report['fused_ranking'][n][m]
       w = f['weights'][0]
       rows.append([f'`{n}`', m, fmt_summary(f['test']['ndcg@10_graded']), fmt_summary(f['test']['recall@10']),
@@ -264,7 +264,7 @@ def write_plots(out: str, report: dict[str, Any], per_seed: dict[str, list[dict[
   panels = [(k, report['per_task'][k]) for k in report['per_task']
             if not k.startswith(('hit@', 'precision@'))]
   panels += [(f'fused ndcg@10_graded ({m})', {n: report['fused_ranking'][n][m]['test']['ndcg@10_graded']
-                                              for n in names}) for m in fusion.FUSION_METHODS]
+                                              for n in names}) for m in fusion_weights.FUSION_METHODS]
   paths['quality'] = _bar_grid(plt, panels, names, colors, os.path.join(out, 'quality.png'),
                                'Test quality per task (mean ± std over seeds)')
   cost_panels = [(label, {n: report['cost'][n].get(key) for n in names}) for key, label, _ in COST_ROWS

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from mtl_rec import evaluation, experiment, fusion, tasks, trainer
+from mtl_rec import evaluation, experiment, fusion, fusion_weights, tasks, trainer
 from mtl_rec.scoring import Network, NetworkScorer
 
 
@@ -16,7 +16,7 @@ def planted_lists(num_users=300, num_pos=5, num_neg=40, seed=0):
   gains[:, :num_pos] = rng.integers(1, 6, size=(num_users, num_pos))
   good = 1.0 / (1.0 + np.exp(-(gains - 1.5 + rng.normal(0, 0.8, gains.shape))))
   scores = np.stack([good, rng.uniform(size=gains.shape), rng.uniform(size=gains.shape)], -1).astype(np.float32)
-  return fusion.FusionLists(scores, gains, np.ones_like(gains, bool))
+  return fusion_weights.FusionLists(scores, gains, np.ones_like(gains, bool))
 
 
 def test_member_config_reduces_to_one_task():
@@ -62,16 +62,16 @@ def test_fusion_terms_share_the_unit_interval():
 def test_learned_weights_beat_uniform_on_planted_validation_lists():
   lists = planted_lists()
   uniform = np.full(3, 1 / 3, np.float32)
-  learned = fusion.fit_learned_weights(lists, uniform)
+  learned = fusion_weights.fit_learned_weights(lists, uniform)
   assert np.abs(learned).sum() == pytest.approx(1.0, abs=1e-5)
   assert np.argmax(learned) == 0 and learned[0] > 0.8, learned
-  ndcg_learned, ndcg_uniform = fusion.list_ndcg(lists, learned, 10), fusion.list_ndcg(lists, uniform, 10)
+  ndcg_learned, ndcg_uniform = fusion_weights.list_ndcg(lists, learned, 10), fusion_weights.list_ndcg(lists, uniform, 10)
   assert ndcg_learned > ndcg_uniform + 0.05, (ndcg_learned, ndcg_uniform)
-  loss = lambda w: float(fusion.listnet_loss(w * 20, lists.scores, lists.gains, lists.mask))
+  loss = lambda w: float(fusion_weights.listnet_loss(w * 20, lists.scores, lists.gains, lists.mask))
   assert loss(learned) < loss(uniform)
   # The same holds on fresh lists from the same process: the weights generalize, they do not memorize.
   fresh = planted_lists(seed=1)
-  assert fusion.list_ndcg(fresh, learned, 10) > fusion.list_ndcg(fresh, uniform, 10)
+  assert fusion_weights.list_ndcg(fresh, learned, 10) > fusion_weights.list_ndcg(fresh, uniform, 10)
 
 
 def test_list_ndcg_is_one_for_the_ideal_order_and_ignores_padding():
@@ -79,9 +79,9 @@ def test_list_ndcg_is_one_for_the_ideal_order_and_ignores_padding():
   scores = gains[..., None].copy()
   mask = np.array([[True, True, True, False], [True, True, True, True]])
   scores[0, 3, 0] = 99.0  # padding with a huge score must not enter the ranking
-  lists = fusion.FusionLists(scores, gains, mask)
-  assert fusion.list_ndcg(lists, np.ones(1, np.float32), 2) == pytest.approx(1.0)
-  assert fusion.list_ndcg(lists, -np.ones(1, np.float32), 2) < 0.5
+  lists = fusion_weights.FusionLists(scores, gains, mask)
+  assert fusion_weights.list_ndcg(lists, np.ones(1, np.float32), 2) == pytest.approx(1.0)
+  assert fusion_weights.list_ndcg(lists, -np.ones(1, np.float32), 2) < 0.5
 
 
 def test_stacking_fits_and_predicts():
@@ -89,7 +89,7 @@ def test_stacking_fits_and_predicts():
   x = rng.uniform(size=(4000, 3)).astype(np.float32)
   x[:, 2] *= 0.01  # a nearly constant feature: standardization must not blow it up
   target = 1.0 / (1.0 + np.exp(-(6.0 * x[:, 0] - 1.0 * x[:, 1] - 3.0)))
-  model = fusion.fit_stacking(x, target, l2=0.0, steps=3000, learning_rate=0.05)
+  model = fusion_weights.fit_stacking(x, target, l2=0.0, steps=3000, learning_rate=0.05)
   pred = model.predict(x)
   assert pred.shape == (4000,) and np.all((pred > 0) & (pred < 1))
   assert np.abs(pred - target).mean() < 0.02
@@ -100,15 +100,15 @@ def test_stacking_fits_and_predicts():
   order = np.argsort(x @ w)
   assert np.all(np.diff(pred[order]) >= -1e-6)
   with pytest.raises(ValueError, match='targets'):
-    fusion.fit_stacking(x, target * 2)
+    fusion_weights.fit_stacking(x, target * 2)
 
 
 def test_stacking_on_planted_lists_weights_the_good_member():
   lists = planted_lists()
-  fit = fusion.fit_fusion(lists, np.array([0.4, 0.3, 0.3], np.float32), max_gain=5.0)
-  assert set(fit['weights']) == set(fusion.FUSION_METHODS)
+  fit = fusion_weights.fit_fusion(lists, np.array([0.4, 0.3, 0.3], np.float32), max_gain=5.0)
+  assert set(fit['weights']) == set(fusion_weights.FUSION_METHODS)
   assert np.argmax(fit['weights']['stacking']) == 0
-  assert fusion.list_ndcg(lists, fit['weights']['stacking'], 10) > fusion.list_ndcg(lists, fit['weights']['fixed'], 10)
+  assert fusion_weights.list_ndcg(lists, fit['weights']['stacking'], 10) > fusion_weights.list_ndcg(lists, fit['weights']['fixed'], 10)
 
 
 @pytest.fixture(scope='module')
@@ -151,7 +151,7 @@ def test_catalog_and_pair_scores_agree(untrained):
 def test_fused_ranking_uses_the_evaluation_protocol(untrained):
   _, exp, _, unified, split = untrained
   history = exp.history_rows('test')
-  fused = fusion.fused_ranking_metrics(split, exp, {'click_only': np.array([1.0, 0.0, 0.0], np.float32)},
+  fused = fusion_weights.fused_ranking_metrics(split, exp, {'click_only': np.array([1.0, 0.0, 0.0], np.float32)},
                                        exp.split.test, history)['click_only']
   direct = evaluation.ranking_metrics(unified, unified.weights('click'), exp, exp.split.test, history)
   for k in ('recall@10', 'ndcg@10', 'ndcg@10_graded'):
@@ -160,10 +160,10 @@ def test_fused_ranking_uses_the_evaluation_protocol(untrained):
 
 def test_evaluate_fusion_reports_every_method(untrained):
   c, exp, _, _, split = untrained
-  f = fusion.evaluate_fusion(split, exp, c, num_negatives=30)
+  f = fusion_weights.evaluate_fusion(split, exp, c, num_negatives=30)
   assert f['tasks'] == ['click', 'like', 'rating']
   assert f['weights']['fixed'] == pytest.approx({'click': 0.4, 'like': 0.3, 'rating': 0.3})
-  for m in fusion.FUSION_METHODS:
+  for m in fusion_weights.FUSION_METHODS:
     assert set(f['weights'][m]) == {'click', 'like', 'rating'}
     assert sum(abs(v) for v in f['weights'][m].values()) == pytest.approx(1.0, abs=1e-5)
     for which in ('valid', 'test'):

@@ -227,6 +227,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.export.max_k = 100  # largest k the exported `recommend` returns (capped at the catalog size)
   c.export.chunk_items = 4096  # `recommend` scores the catalog in blocks of this many items (memory: users x block)
   c.export.platforms = ('cpu',)  # jax.export lowering platforms, e.g. ('cpu', 'cuda') for one artifact on both
+  # The served default fusion weights (what /v1/score and /v1/recommend fuse with when a request gives none):
+  # 'validation' = the best on validation Recall@K of the config's, learned, stacking and each head alone
+  # (mtl_rec.fusion_weights.select_default, recorded in metrics.json 'default_fusion'); 'config' = tasks' fusion_weight
+  c.export.default_fusion = 'validation'
   return c
 
 
@@ -344,6 +348,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   for field in ('max_k', 'chunk_items'):
     positive(f'export.{field}', c.export[field])
+  if c.export.default_fusion not in ('validation', 'config'):
+    raise _err('export.default_fusion', c.export.default_fusion, "use 'validation' or 'config'")
   if not c.export.platforms or any(p not in ('cpu', 'cuda', 'rocm', 'tpu') for p in c.export.platforms):
     raise _err('export.platforms', c.export.platforms, "name one or more of 'cpu', 'cuda', 'rocm', 'tpu'")
 

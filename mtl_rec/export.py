@@ -401,8 +401,13 @@ def export_trained(run: runs_lib.Run, workdir: str, metrics: dict[str, Any] | No
   if not distributed.is_lead():
     return None
   return write_export(os.path.join(workdir, 'export'), [network], tables_from_experiment(run.exp), run.config,
-                      metrics=(metrics or {}).get('test'),
+                      metrics=(metrics or {}).get('test'), fusion_weights=default_fusion_weights(metrics),
                       source={'workdir': os.path.abspath(workdir), 'step': run.step, 'system': 'unified'})
+
+
+def default_fusion_weights(metrics: dict[str, Any] | None) -> dict[str, float] | None:
+  """The fusion weights training chose on validation (metrics.json 'default_fusion'); None: the config's."""
+  return (metrics or {}).get('default_fusion', {}).get('weights')
 
 
 def export_run(workdir: str, step: int | None = None, export_root: str | None = None,
@@ -412,17 +417,17 @@ def export_run(workdir: str, step: int | None = None, export_root: str | None = 
   if version is not None and os.path.exists(os.path.join(export_root, str(version))):
     raise ValueError(f'{export_root}/{version} exists; versions are immutable: pass another --version or none')
   run = runs_lib.load(workdir, step, devices=jax.devices()[:1])
-  metrics = None
+  metrics, weights = None, None
   path = os.path.join(workdir, 'metrics.json')
   if os.path.exists(path):
     saved = files.read_json(path)
     if saved.get('best_step') == run.step:
-      metrics = saved.get('test')
+      metrics, weights = saved.get('test'), default_fusion_weights(saved)
   if metrics is None:  # not the checkpoint metrics.json describes: measure this one
     scorer = scoring.NetworkScorer([run.network], run.exp.encoder, run.config.eval.batch_size)
     metrics = evaluation.full_metrics(scorer, run.exp, 'test')
   return write_export(export_root, [run.network], tables_from_experiment(run.exp), run.config, metrics=metrics,
-                      version=version,
+                      fusion_weights=weights, version=version,
                       source={'workdir': os.path.abspath(workdir), 'step': run.step, 'system': 'unified'})
 
 

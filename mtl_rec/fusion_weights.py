@@ -1,4 +1,4 @@
-"""Fusion weights fitted on the validation split: fixed, learned (ListNet), stacking.
+"""Fusion weights fitted on the validation split: fixed, learned (ListNet), stacking, and the served default.
 
 The fused ranking score is score(u, i) = sum_t w_t * s_t(u, i), each task score s_t on [0, 1] (mtl_rec.scoring).
 Methods (all fitted on the validation split only; the test split is never looked at):
@@ -13,7 +13,10 @@ Methods (all fitted on the validation split only; the test split is never looked
             the soft label gain / (highest gain) (L2-regularized, optax). Its ranking is that of v . s, so it
             exports as fusion weights v like the other two.
 
-Used by the ensemble (mtl_rec.fusion) and the benchmark.
+The served default (`select_default`): among fixed, learned, stacking and every single head's one-hot weights, the
+weights whose full-catalog Recall@K on validation is best, so the list a client gets by default ranks at least as
+well on validation as any one head alone. Used by the unified model's training (mtl_rec.loop) and by the ensemble
+(mtl_rec.fusion).
 """
 
 from __future__ import annotations
@@ -224,3 +227,32 @@ def evaluate_fusion(scorer: NetworkScorer, exp: Experiment, config: ml_collectio
       'test': fused_ranking_metrics(scorer, exp, weights, split.test, exp.history_rows('test')),
   }
 
+
+def select_default(scorer: NetworkScorer, exp: Experiment, config: ml_collections.ConfigDict,
+                   num_negatives: int = 200) -> dict[str, Any]:
+  """The served default fusion weights, chosen on validation only.
+
+  Candidates: fixed (the config's fusion_weight), learned, stacking, and each task alone ('head:<task>', one-hot).
+  The one with the best full-catalog validation Recall@K (evaluation's protocol) wins; ties go to the earlier one,
+  fixed first. Returns {'rule', 'method', 'weights': {task: w}, 'valid': {candidate: Recall@K}, 'test': the
+  winner's test ranking metrics}.
+  """
+  split, k = exp.split, config.eval.k
+  names = scorer.task_names
+  fixed = fixed_weights(config, names)
+  candidates = {'fixed': fixed}
+  if split.valid.size:
+    lists = build_lists(scorer, exp, split.valid, split.train, num_negatives, config.seed)
+    fit = fit_fusion(lists, fixed, float(exp.gains(split.train).max()))
+    candidates.update({m: w for m, w in fit['weights'].items() if m != 'fixed'})
+    candidates.update({f'head:{t}': np.eye(len(names), dtype=np.float32)[j] for j, t in enumerate(names)})
+  metric = f'recall@{k}'
+  cache = _CachedCatalogScores(scorer)
+  valid = {m: evaluation.catalog_ranking_metrics(exp, split.valid, exp.history_rows('valid'),
+                                                 cache.score_users(w))[metric] if split.valid.size else 0.0
+           for m, w in candidates.items()}
+  best = max(candidates, key=lambda m: valid[m])  # max keeps the first of equals
+  return {'rule': f'best validation {metric} of fixed, learned, stacking and each head alone',
+          'method': best, 'weights': dict(zip(names, map(float, candidates[best]))), 'valid': valid,
+          'test': evaluation.catalog_ranking_metrics(exp, split.test, exp.history_rows('test'),
+                                                     lambda u, r: scorer.score_catalog(u, candidates[best], r))}

@@ -26,6 +26,7 @@ from mtl_rec import distributed
 from mtl_rec import evaluation
 from mtl_rec import experiment as experiment_lib
 from mtl_rec import files
+from mtl_rec import fusion_weights
 from mtl_rec import sharding as sharding_lib
 from mtl_rec import trainer as trainer_lib
 from mtl_rec import warm_start
@@ -311,6 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
           'baselines_cold_start': {'popularity': evaluation.cold_start_metrics(evaluation.popularity(exp), exp,
                                                                                'test')}} if exp.split.cold else {}),
       'baselines': evaluation.baseline_metrics(exp),
+      # what the export serves by default: fusion weights chosen on validation (export.default_fusion)
+      **({'default_fusion': fusion_weights.select_default(scorer, exp, config)}
+         if config.export.enabled and config.export.default_fusion == 'validation' else {}),
       'steps': step,
       'data': {'name': ds.name, 'source': ds.source, 'split': config.data.split,
                'train': int(exp.split.train.size), 'valid': int(exp.split.valid.size),

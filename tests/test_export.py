@@ -15,7 +15,10 @@ from flax import nnx
 from jax import export as jax_export
 
 from conftest import REPO
+from mtl_rec import config as config_lib
 from mtl_rec import encoding
+from mtl_rec import evaluation
+from mtl_rec import files
 from mtl_rec import export as export_lib
 from mtl_rec import model as model_lib
 from mtl_rec import runs as runs_lib
@@ -58,12 +61,13 @@ def _params(version_dir, manifest):
     return tuple(w[e['key']] for e in manifest['weights']['order'])
 
 
-def _in_process(run, users, items):
-  """Task predictions and fused score of the restored model, computed the way training evaluates it."""
+def _in_process(run, users, items, weights):
+  """Task predictions and fused score (with {task: weight}) of the restored model, computed the way training
+  evaluates it."""
   batch = run.exp.encoder.gather(users, items)
   preds = NetworkScorer([run.network], run.exp.encoder, run.config.eval.batch_size).predict_pairs(users, items)
-  fused = sum(run.config.tasks[s.name].fusion_weight * (preds[s.name] if s.kind == 'binary' else
-                                                        (preds[s.name] - 1) / 4) for s in run.network.specs)
+  fused = sum(weights[s.name] * (preds[s.name] if s.kind == 'binary' else (preds[s.name] - 1) / 4)
+              for s in run.network.specs)
   return preds, fused, batch
 
 
@@ -80,13 +84,35 @@ def test_training_writes_a_complete_export(workdir, manifest, version_dir, run):
   assert [t['name'] for t in manifest['tasks']] == ['click', 'like', 'rating']
   assert {t['name']: t['kind'] for t in manifest['tasks']} == {'click': 'binary', 'like': 'binary',
                                                                'rating': 'regression'}
-  assert manifest['fusion']['default_weights'] == {t: c.tasks[t].fusion_weight for t in c.tasks}
+  assert manifest['fusion']['default_weights'] == metrics['default_fusion']['weights']  # chosen on validation
   assert manifest['config']['data']['synthetic']['num_users'] == 200
   assert manifest['vocabularies']['oov_row'] == 0
   assert manifest['catalog']['count'] == 120 and manifest['users']['count'] == 200
   assert manifest['functions']['recommend']['max_k'] == 20
   # The parameters are inputs, not constants: the artifacts stay small whatever the tables.
   assert os.path.getsize(os.path.join(version_dir, 'score')) < 200_000
+
+
+def test_the_served_default_ranks_at_least_as_well_on_validation_as_any_head(workdir, manifest, run):
+  """export.default_fusion='validation': the manifest's default weights are the candidate (fixed, learned,
+  stacking, each head alone) with the best validation Recall@10, recomputed here from the restored model."""
+  chosen = files.read_json(os.path.join(workdir, 'metrics.json'))['default_fusion']
+  valid = chosen['valid']
+  assert set(valid) == {'fixed', 'learned', 'stacking', 'head:click', 'head:like', 'head:rating'}
+  assert valid[chosen['method']] == max(valid.values())
+  scorer = NetworkScorer([run.network], run.exp.encoder, run.config.eval.batch_size)
+  recall = lambda w: evaluation.catalog_ranking_metrics(
+      run.exp, run.exp.split.valid, run.exp.history_rows('valid'),
+      lambda u, r: scorer.score_catalog(u, np.asarray(w, np.float32), r))['recall@10']
+  names = list(scorer.task_names)
+  served = recall([manifest['fusion']['default_weights'][t] for t in names])
+  assert served == pytest.approx(valid[chosen['method']], abs=1e-9)
+  for j, t in enumerate(names):
+    assert served >= recall(np.eye(len(names))[j]) - 1e-9, t
+  c = run.config.copy_and_resolve_references()
+  c.export.default_fusion = 'nearest'
+  with pytest.raises(ValueError, match='export.default_fusion'):
+    config_lib.validate(c)
 
 
 def test_weights_load_with_numpy_alone(version_dir, manifest, run):
@@ -103,7 +129,7 @@ def test_score_matches_the_in_process_model(run, version_dir, manifest, n):
   rng = np.random.default_rng(n)
   users = rng.integers(0, run.exp.num_users, n)
   items = rng.integers(0, run.exp.num_items, n)
-  preds, fused, batch = _in_process(run, users, items)
+  preds, fused, batch = _in_process(run, users, items, manifest['fusion']['default_weights'])
   score = _artifact(version_dir, 'score')
   weights = np.tile(np.asarray([manifest['fusion']['default_weights'][t] for t in manifest['fusion']['order']],
                                np.float32), (n, 1))
@@ -142,7 +168,7 @@ def test_artifacts_hold_no_custom_calls(version_dir):
     assert set(re.findall(r'custom_call @(\w+)', mlir)) <= {'shape_assertion'}, name  # jax's own shape checks
 
 
-def test_serving_loads_the_export_with_model_and_training_code_blocked(version_dir, run, import_blocker):
+def test_serving_loads_the_export_with_model_and_training_code_blocked(version_dir, run, manifest, import_blocker):
   users, items = np.asarray([1, 2, 3]), np.asarray([5, 6, 7])
   script = import_blocker + textwrap.dedent(f'''
       import json
@@ -159,7 +185,7 @@ def test_serving_loads_the_export_with_model_and_training_code_blocked(version_d
   assert r.returncode == 0, r.stderr[-3000:]
   got = json.loads(r.stdout.strip().splitlines()[-1])
   assert got['blocked_loaded'] == []
-  preds, fused, _ = _in_process(run, users, items)
+  preds, fused, _ = _in_process(run, users, items, manifest['fusion']['default_weights'])
   for t in ('click', 'like', 'rating'):
     np.testing.assert_allclose(got['out'][t], preds[t], atol=1e-5, rtol=0)
   np.testing.assert_allclose(got['out']['score'], fused, atol=1e-5, rtol=0)

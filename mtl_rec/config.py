@@ -199,7 +199,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 500  # also saved at every epoch end
   c.train.keep_checkpoints = 3  # latest checkpoints kept (the best one is kept apart)
   # Validation metric for early stopping and model selection: '<task>_<metric>' (auc, logloss, accuracy, rmse,
-  # mae, class_accuracy) or 'recall@K' / 'ndcg@K' (K = eval.k); '' = the first task's auc or rmse.
+  # mae, class_accuracy) or 'recall@K' / 'ndcg@K' (K = eval.k); '' = the first task's auc or rmse; 'combined' = every
+  # task's headline metric (auc, rmse, class_accuracy) and Recall@K weighed alike: the mean of their relative
+  # improvements over the first epoch's values (loop.EarlyStopping), so no one task's best epoch cuts the others short.
   c.train.early_stopping_metric = ''
   c.train.patience = 4  # epochs without improvement before stopping; 0 disables early stopping
   c.train.progress_bar = True  # tqdm progress bar with loss and examples/s
@@ -243,12 +245,25 @@ def ranking_task(c: ml_collections.ConfigDict) -> str:
   return c.eval.ranking_task or ordered(c.tasks)[0][0]
 
 
+COMBINED = 'combined'  # train.early_stopping_metric: every task's headline metric and Recall@K together
+
+
+def headline_metric(name: str, t: ml_collections.ConfigDict) -> str:
+  """A task's one validation metric: rmse for regression, class_accuracy for multiclass, auc for binary."""
+  return f'{name}_{"rmse" if t.kind == "regression" else "class_accuracy" if t.kind == "multiclass" else "auc"}'
+
+
 def early_stopping_metric(c: ml_collections.ConfigDict) -> str:
-  """train.early_stopping_metric, or the first task's auc (rmse for regression)."""
+  """train.early_stopping_metric, or the first task's headline metric."""
   if c.train.early_stopping_metric:
     return c.train.early_stopping_metric
   name, t = ordered(c.tasks)[0]
   return f'{name}_{"rmse" if t.kind == "regression" else "auc"}'
+
+
+def combined_metrics(c: ml_collections.ConfigDict) -> list[str]:
+  """What 'combined' model selection weighs equally: each task's headline metric, then Recall@K."""
+  return [headline_metric(n, t) for n, t in ordered(c.tasks)] + [f'recall@{c.eval.k}']
 
 
 def metric_mode(metric: str) -> str:
@@ -338,7 +353,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.patience < 0:
     raise _err('train.patience', c.train.patience, 'must be >= 0 (0 disables early stopping)')
   known = known_metrics(c)
-  if early_stopping_metric(c) not in known:
+  if early_stopping_metric(c) not in known + [COMBINED]:
     raise _err('train.early_stopping_metric', c.train.early_stopping_metric, f'use one of {", ".join(known)}')
 
   for field in ('batch_size', 'k', 'sampled_negatives', 'click_negatives', 'ranking_rows_per_batch'):

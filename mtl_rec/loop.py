@@ -40,23 +40,46 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class EarlyStopping:
-  """Model selection and early stopping on one validation metric, evaluated at every epoch end."""
+  """Model selection and early stopping on one validation metric, evaluated at every epoch end.
+
+  The metric 'combined' weighs several metrics (`components`) alike: its value is the mean of their relative
+  improvements over their first evaluated values (`reference`), sign-corrected so that higher is better.
+  """
 
   metric: str
   mode: str  # 'min' or 'max': which direction is better
   patience: int  # epochs without improvement before stopping; 0 = never stop early
+  components: tuple[str, ...] = ()  # 'combined': the metrics it weighs
+  reference: dict[str, float] | None = None  # 'combined': their first evaluated values
   best_value: float | None = None
   best_step: int | None = None
   bad_epochs: int = 0
   evaluated_epochs: int = 0
   stopped: bool = False
 
-  STATE = ('best_value', 'best_step', 'bad_epochs', 'evaluated_epochs', 'stopped')
+  STATE = ('best_value', 'best_step', 'bad_epochs', 'evaluated_epochs', 'stopped', 'reference')
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'EarlyStopping':
     metric = config_lib.early_stopping_metric(config)
+    if metric == config_lib.COMBINED:
+      return cls(metric, 'max', int(config.train.patience), tuple(config_lib.combined_metrics(config)))
     return cls(metric, config_lib.metric_mode(metric), int(config.train.patience))
+
+  @property
+  def needed(self) -> tuple[str, ...]:
+    """The validation metrics the criterion reads."""
+    return self.components or (self.metric,)
+
+  def value(self, valid: dict[str, float]) -> float:
+    """The criterion's value for a validation's metrics (the first call of 'combined' sets its reference: 0)."""
+    if not self.components:
+      return float(valid[self.metric])
+    if self.reference is None:
+      self.reference = {m: float(valid[m]) for m in self.components}
+    sign = lambda m: -1.0 if config_lib.metric_mode(m) == 'min' else 1.0
+    return float(np.mean([sign(m) * (valid[m] - self.reference[m]) / max(abs(self.reference[m]), 1e-12)
+                          for m in self.components]))
 
   def update(self, value: float, step: int, epoch: int) -> bool:
     """Records epoch `epoch`'s (0-based) validation value at `step`; True if it is the best so far."""
@@ -271,13 +294,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
       # End of epoch: validate, early-stopping bookkeeping, checkpoint (latest, and best if improved).
       scorer = network_scorer(trainer, exp, state['params'])
       valid = evaluation.pointwise_metrics(scorer, exp, exp.valid)
-      if stopping.metric not in valid:
+      if any(m not in valid for m in stopping.needed):
         valid.update(evaluation.ranking_metrics(scorer, scorer.weights(config_lib.ranking_task(config)), exp,
                                                 exp.split.valid, exp.split.train))
-      writer.scalars(step, valid, 'valid/')
-      improved = stopping.update(valid[stopping.metric], step, epoch)
+      value = stopping.value(valid)
+      writer.scalars(step, {**valid, **({stopping.metric: value} if stopping.components else {})}, 'valid/')
+      improved = stopping.update(value, step, epoch)
       log.info('epoch %d step %d: valid %s=%.4f (best %.4f at step %s)', epoch + 1, step, stopping.metric,
-               valid[stopping.metric], stopping.best_value, stopping.best_step)
+               value, stopping.best_value, stopping.best_step)
       if pbar is not None:
         pbar.write(f'epoch {epoch + 1}: valid ' + ' '.join(f'{k}={v:.4f}' for k, v in sorted(valid.items())))
       save(step, state, best=improved)
@@ -305,6 +329,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
   scorer = network_scorer(trainer, exp, params)
   result = {
       'best_step': int(best_step),
+      # how best_step was chosen: the validation criterion, its direction and best value ('combined': what it weighs)
+      'model_selection': {'metric': stopping.metric, 'mode': stopping.mode, 'best_value': stopping.best_value,
+                          **({'components': list(stopping.components), 'reference': stopping.reference}
+                             if stopping.components else {})},
       'valid': evaluation.full_metrics(scorer, exp, 'valid'),
       'test': evaluation.full_metrics(scorer, exp, 'test'),
       # cold-start splits: the held-out rows of the cold items (users) and of the others, apart; popularity beside

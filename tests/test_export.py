@@ -85,6 +85,9 @@ def test_training_writes_a_complete_export(workdir, manifest, version_dir, run):
   assert {t['name']: t['kind'] for t in manifest['tasks']} == {'click': 'binary', 'like': 'binary',
                                                                'rating': 'regression'}
   assert manifest['fusion']['default_weights'] == metrics['default_fusion']['weights']  # chosen on validation
+  # the model-selection rule: the best checkpoint's validation value is what metrics.json reports for it
+  assert metrics['model_selection']['metric'] == 'rating_rmse' and metrics['model_selection']['mode'] == 'min'
+  assert metrics['model_selection']['best_value'] == pytest.approx(metrics['valid']['rating_rmse'], abs=1e-6)
   assert manifest['config']['data']['synthetic']['num_users'] == 200
   assert manifest['vocabularies']['oov_row'] == 0
   assert manifest['catalog']['count'] == 120 and manifest['users']['count'] == 200

@@ -86,3 +86,28 @@ def test_early_stopping_from_config_knows_the_direction():
   c = ml_collections.ConfigDict({'train': {'early_stopping_metric': 'click_auc', 'patience': 3}})
   s = EarlyStopping.from_config(c)
   assert (s.metric, s.mode, s.patience) == ('click_auc', 'max', 3)
+
+
+def test_combined_model_selection_weighs_every_task_and_the_ranking_alike():
+  """train.early_stopping_metric='combined': each task's headline metric and Recall@K, as relative improvements over
+  the first validation (rmse counted down), averaged; the reference survives a resume."""
+  from configs import movielens_100k  # pylint: disable=g-import-not-at-top
+  from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = movielens_100k.get_config()
+  c.train.early_stopping_metric = 'combined'
+  config_lib.validate(c)
+  s = EarlyStopping.from_config(c)
+  assert s.components == ('click_auc', 'like_auc', 'rating_rmse', 'recall@10') and s.mode == 'max'
+  first = {'click_auc': 0.8, 'like_auc': 0.5, 'rating_rmse': 1.0, 'recall@10': 0.1, 'ndcg@10': 0.3}
+  assert s.value(first) == 0.0 and s.reference == {k: v for k, v in first.items() if k != 'ndcg@10'}
+  s.update(0.0, step=1, epoch=0)
+  # rating gets 10% worse, recall 20% better, the AUCs stay: (0 + 0 - 0.1 + 0.2) / 4
+  later = dict(first, rating_rmse=1.1, **{'recall@10': 0.12})
+  assert s.value(later) == pytest.approx(0.025)
+  assert s.update(s.value(later), step=2, epoch=1)
+  resumed = EarlyStopping.from_config(c)
+  resumed.restore(s.state())
+  assert resumed == s and resumed.value(later) == pytest.approx(0.025)
+  # one task's best epoch alone no longer decides: rating recovers a little, ranking falls back further
+  assert not s.update(s.value(dict(first, rating_rmse=1.05, **{'recall@10': 0.1})), step=3, epoch=2)
+  assert s.best_step == 2

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from mtl_rec import benchmark, benchmark_report, fusion
+from mtl_rec import benchmark, benchmark_report, fusion, fusion_weights
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +54,13 @@ def test_per_task_metrics_cover_metrics_json_for_both_systems(report):
 def test_fused_ranking_for_every_method_and_system(report):
   _, r = report
   for name in ('unified_shared_bottom', 'ensemble'):
-    for m in fusion.FUSION_METHODS:
+    for m in fusion_weights.FUSION_METHODS:
       cell = r['fused_ranking'][name][m]
       assert 0.0 < cell['test']['ndcg@10_graded']['mean'] <= 1.0
       assert set(cell['weights'][0]) == {'click', 'like', 'rating'}
   assert 'ndcg@10_graded' in r['baselines']['popularity']
   assert 'rating_rmse' in r['baselines']['bias_only']
+  assert 0.0 < r['baselines']['ease']['recall@10']['mean'] <= 1.0  # the item-item floor in every report
 
 
 def test_cost_is_measured_side_by_side(report):

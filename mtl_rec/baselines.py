@@ -112,6 +112,7 @@ def fit_bias_model(user_rows: np.ndarray,
 BIAS_REGS = (1.0, 2.0, 3.0, 5.0, 10.0, 25.0)
 EASE_L2 = (10.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
 EASE_MAX_ITEMS = 8192  # EASE inverts an items x items matrix: catalogs larger than this get no EASE floor
+EASE_MAX_CELLS = 50_000_000  # nor do logs whose dense users x items matrix would exceed this (200 MB of float32)
 
 
 def interactions(user_rows: np.ndarray, item_rows: np.ndarray, num_users: int, num_items: int) -> np.ndarray:
@@ -121,16 +122,21 @@ def interactions(user_rows: np.ndarray, item_rows: np.ndarray, num_users: int, n
   return x
 
 
-def fit_ease(x: np.ndarray, l2: float) -> np.ndarray:
-  """EASE (Steck 2019), the closed-form item-item model: B = argmin ||X - XB||^2 + l2 ||B||^2 with diag(B) = 0,
-  i.e. P = (X^T X + l2 I)^-1, B = -P / diag(P), diag(B) = 0. A user's scores are X_u B. float32 [I, I]."""
+def gram(x: np.ndarray) -> np.ndarray:
+  """X^T X in float64 [I, I]: the item co-occurrence counts EASE starts from (one for every l2)."""
+  if x.shape[1] > EASE_MAX_ITEMS:
+    raise ValueError(f'EASE inverts a {x.shape[1]} x {x.shape[1]} matrix; at most {EASE_MAX_ITEMS} items')
+  return x.T.astype(np.float64) @ x.astype(np.float64)
+
+
+def fit_ease(g: np.ndarray, l2: float) -> np.ndarray:
+  """EASE (Steck 2019), the closed-form item-item model from the Gram matrix g = X^T X: B = argmin ||X - XB||^2 +
+  l2 ||B||^2 with diag(B) = 0, i.e. P = (g + l2 I)^-1, B = -P / diag(P), diag(B) = 0. A user's scores are X_u B.
+  float32 [I, I]."""
   if l2 <= 0:
     raise ValueError(f'EASE needs l2 > 0, got {l2}')
-  num_items = x.shape[1]
-  if num_items > EASE_MAX_ITEMS:
-    raise ValueError(f'EASE inverts a {num_items} x {num_items} matrix; at most {EASE_MAX_ITEMS} items')
-  g = x.T.astype(np.float64) @ x.astype(np.float64)
-  g[np.diag_indices(num_items)] += l2
+  num_items = g.shape[0]
+  g = g + l2 * np.eye(num_items)
   p = np.linalg.inv(g)
   b = p / -np.diag(p)[None, :]
   b[np.diag_indices(num_items)] = 0.0

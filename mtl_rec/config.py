@@ -405,6 +405,9 @@ def _validate_features(c: ml_collections.ConfigDict) -> None:
       raise _err(f'{where}.max_tokens', f.max_tokens, 'text needs max_tokens >= 1 and char_ngrams 0 or >= 2')
     if not 0 <= f.dropout < 1:
       raise _err(f'{where}.dropout', f.dropout, 'must be in [0, 1): the share of training examples without it')
+    if f.kind == 'vector' and f.entity == 'context':
+      raise _err(f'{where}.kind', f.kind, "vectors describe users or items; a request-time vector is not supported "
+                 "yet: use entity 'user' or 'item'")
     if f.kind == 'vector' and f.dim <= 0:
       raise _err(f'{where}.dim', f.dim, "kind='vector' needs its length: dim > 0")
     if f.kind != 'numeric' and f.vocabulary == 'hash' and f.categories:

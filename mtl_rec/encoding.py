@@ -38,6 +38,7 @@ OOV_ROW = 0
 PAD = -1
 KINDS = ('vocab', 'hash', 'bucket', 'numeric', 'multi', 'text', 'vector')
 _WORD = re.compile(r'\w+')
+MAX_TOKEN_CHARS = 64  # text: longer words are cut to this (bounds the work one string can cause, here and serving)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +186,9 @@ def _multi_rows(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab
 
 
 def tokens(text: str, bigrams: bool = False, char_ngrams: int = 0) -> list[str]:
-  """The tokens of a text rule: words (Unicode word characters, after NFKC normalization and case folding), then
-  'w1 w2' bigrams, then '#'-prefixed character n-grams of each '<word>'."""
-  words = _WORD.findall(unicodedata.normalize('NFKC', text).casefold())
+  """The tokens of a text rule: words (Unicode word characters, after NFKC normalization and case folding; cut to
+  MAX_TOKEN_CHARS), then 'w1 w2' bigrams, then '#'-prefixed character n-grams of each '<word>'."""
+  words = [w[:MAX_TOKEN_CHARS] for w in _WORD.findall(unicodedata.normalize('NFKC', text).casefold())]
   out = list(words)
   if bigrams:
     out += [f'{a} {b}' for a, b in zip(words, words[1:])]

@@ -191,12 +191,13 @@ def bias_model(exp: Experiment, spec: tasks_lib.TaskSpec) -> baselines_lib.BiasM
 
 def item_item(exp: Experiment) -> Scorer | None:
   """EASE on the training interactions, its l2 (baselines.EASE_L2) the best validation Recall@K; None where the
-  catalog is larger than baselines.EASE_MAX_ITEMS."""
-  if exp.num_items > baselines_lib.EASE_MAX_ITEMS:
+  catalog (or the users x items matrix) is larger than baselines.EASE_MAX_ITEMS (EASE_MAX_CELLS)."""
+  if exp.num_items > baselines_lib.EASE_MAX_ITEMS or exp.num_users * exp.num_items > baselines_lib.EASE_MAX_CELLS:
     return None
   s, one = exp.split, np.ones(1, np.float32)
   x = baselines_lib.interactions(exp.user_index[s.train], exp.item_index[s.train], exp.num_users, exp.num_items)
-  scorers = [ItemItemScorer(x, baselines_lib.fit_ease(x, l2)) for l2 in baselines_lib.EASE_L2]
+  g = baselines_lib.gram(x)
+  scorers = [ItemItemScorer(x, baselines_lib.fit_ease(g, l2)) for l2 in baselines_lib.EASE_L2]
   if not s.valid.size:
     return scorers[2]
   recall = f'recall@{exp.config.eval.k}'

@@ -15,8 +15,8 @@ Methods (all fitted on the validation split only; the test split is never looked
 
 The served default (`select_default`): among fixed, learned, stacking and every single head's one-hot weights, the
 weights whose full-catalog Recall@K on validation is best, so the list a client gets by default ranks at least as
-well on validation as any one head alone. Used by the unified model's training (mtl_rec.loop) and by the ensemble
-(mtl_rec.fusion).
+well on validation as any one head alone (used by the unified model's training, mtl_rec.loop). The ensemble
+(mtl_rec.fusion) and the benchmark use the fits and `evaluate_fusion`.
 """
 
 from __future__ import annotations
@@ -247,10 +247,10 @@ def select_default(scorer: NetworkScorer, exp: Experiment, config: ml_collection
     candidates.update({m: w for m, w in fit['weights'].items() if m != 'fixed'})
     candidates.update({f'head:{t}': np.eye(len(names), dtype=np.float32)[j] for j, t in enumerate(names)})
   metric = f'recall@{k}'
-  cache = _CachedCatalogScores(scorer)
+  # one catalog pass per candidate, batch by batch (eval.ranking_rows_per_batch): nothing kept across candidates
   valid = {m: evaluation.catalog_ranking_metrics(exp, split.valid, exp.history_rows('valid'),
-                                                 cache.score_users(w))[metric] if split.valid.size else 0.0
-           for m, w in candidates.items()}
+                                                 lambda u, r, w=w: scorer.score_catalog(u, w, r))[metric]
+              if split.valid.size else 0.0 for m, w in candidates.items()}
   best = max(candidates, key=lambda m: valid[m])  # max keeps the first of equals
   return {'rule': f'best validation {metric} of fixed, learned, stacking and each head alone',
           'method': best, 'weights': dict(zip(names, map(float, candidates[best]))), 'valid': valid,

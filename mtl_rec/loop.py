@@ -38,6 +38,9 @@ from mtl_rec.scoring import Network, NetworkScorer
 log = logging.getLogger(__name__)
 
 
+COMBINED_FLOOR = 0.01  # 'combined': relative improvements are over max(|first value|, this)
+
+
 @dataclasses.dataclass
 class EarlyStopping:
   """Model selection and early stopping on one validation metric, evaluated at every epoch end.
@@ -78,7 +81,8 @@ class EarlyStopping:
     if self.reference is None:
       self.reference = {m: float(valid[m]) for m in self.components}
     sign = lambda m: -1.0 if config_lib.metric_mode(m) == 'min' else 1.0
-    return float(np.mean([sign(m) * (valid[m] - self.reference[m]) / max(abs(self.reference[m]), 1e-12)
+    # a reference near 0 (Recall@K after one epoch on a small set) would make one metric outweigh all others
+    return float(np.mean([sign(m) * (valid[m] - self.reference[m]) / max(abs(self.reference[m]), COMBINED_FLOOR)
                           for m in self.components]))
 
   def update(self, value: float, step: int, epoch: int) -> bool:

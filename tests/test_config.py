@@ -48,6 +48,7 @@ def test_bad_values_name_the_field(field, value, message):
     (lambda c: setattr(c.features.gender, 'dropout', 1.0), 'features.gender.dropout'),
     (lambda c: c.features.gender.update(kind='text', char_ngrams=1), 'features.gender.max_tokens'),
     (lambda c: setattr(c.features.gender, 'kind', 'vector'), 'features.gender.dim'),
+    (lambda c: c.features.gender.update(kind='vector', dim=4, entity='context'), 'request-time vector'),
     (lambda c: setattr(c.data, 'cold_items', 1.0), 'data.cold_items'),
     (lambda c: setattr(c.data, 'cold_users', -0.1), 'data.cold_users'),
     (lambda c: setattr(c.features.gender, 'entity', 'session'), 'features.gender.entity'),

@@ -37,6 +37,7 @@ def test_tokens_of_tricky_strings():
   assert encoding.tokens("don't stop", bigrams=True) == ['don', 't', 'stop', 'don t', 't stop']
   assert encoding.tokens('ab', char_ngrams=3) == ['ab', '#<ab', '#ab>']
   assert encoding.tokens('a', char_ngrams=4) == ['a', '#<a>']  # a word shorter than n: the padded word itself
+  assert encoding.tokens('x' * 1000 + ' y') == ['x' * encoding.MAX_TOKEN_CHARS, 'y']  # bounded work per string
 
 
 def test_a_fitted_text_vocabulary_keeps_tokens_of_several_training_rows():
@@ -238,6 +239,11 @@ def test_cold_items_are_served_from_their_content(content_run, tmp_path, import_
     assert status == 400 and 'finite' in out['error'], out
     status, out, _ = http(url, '/v1/recommend', {'user_id': user_id, 'items': [warm_id]})
     assert status == 400 and 'item objects' in out['error'], out
+    status, out, _ = http(url, '/v1/recommend', {'user_id': user_id, 'items': [{'item_id': warm_id, **content}]})
+    assert status == 400 and 'is in the catalog' in out['error'], out  # it would be listed twice
+    huge = b'{"user": {"user_id": "u1"}, "items": [{"item_id": "n", "embedding": [1' + b'0' * 400 + b', 0]}]}'
+    status, out, _ = http(url, '/v1/score', huge)  # float() of it overflows: a 400, not a 500
+    assert status == 400 and 'items[0].embedding' in out['error'], out
     assert http(url, '/v2/health/ready')[0] == 200
   finally:
     stop_server(proc, log_path)

@@ -339,7 +339,7 @@ def test_ease_matches_its_closed_form_and_ranks_co_occurring_items():
   items = np.array([0, 1, 0, 1, 2, 3, 2, 3, 1, 0])  # (0, 0) twice: counts once
   x = baselines.interactions(users, items, 4, 4)
   assert x.sum() == 9 and x[0].tolist() == [1, 1, 0, 0]
-  b = baselines.fit_ease(x, 2.0).astype(np.float64)
+  b = baselines.fit_ease(baselines.gram(x), 2.0).astype(np.float64)
   assert np.all(np.diag(b) == 0)
   g = x.T.astype(np.float64) @ x
   residual_grad = -2 * g @ (np.eye(4) - b) + 2 * 2.0 * b  # d/dB of the objective
@@ -349,7 +349,7 @@ def test_ease_matches_its_closed_form_and_ranks_co_occurring_items():
   scores = x[2] @ b  # the user of items 2 and 3: item 1 (once with 3) over item 0 (never)
   assert scores[1] > scores[0]
   with pytest.raises(ValueError, match='l2 > 0'):
-    baselines.fit_ease(x, 0.0)
+    baselines.fit_ease(baselines.gram(x), 0.0)
 
 
 def test_the_bias_floor_is_tuned_on_validation(tiny_config):

@@ -106,10 +106,8 @@ def _to_numpy(col: pa.ChunkedArray, name: str, what: str) -> Any:
   if pa.types.is_timestamp(t) or pa.types.is_date(t):
     return col.cast(pa.timestamp('s')).cast(pa.int64()).to_numpy().astype(np.float64 if col.null_count else np.int64)
   if pa.types.is_list(t) or pa.types.is_large_list(t):
-    numbers = pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)
-    cast = (lambda v: float('nan') if v is None else float(v)) if numbers else str
     out = np.empty(len(col), dtype=object)
-    out[:] = [[cast(v) for v in x if numbers or v is not None] if x is not None else [] for x in col.to_pylist()]
+    out[:] = [[str(v) for v in x if v is not None] if x is not None else [] for x in col.to_pylist()]
     return out
   raise DataError(f'{what}: column {name!r} has type {t}, which mtl_rec does not read; use strings, numbers, '
                   'booleans, timestamps or lists of strings')

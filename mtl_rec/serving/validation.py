@@ -17,7 +17,7 @@ import numpy as np
 from mtl_rec.serving.loader import MAX_ID_CHARS, ExportedModel
 
 MAX_LIST_VALUES = 256  # values of one multi-valued request field
-MAX_TEXT_CHARS = 16384  # characters of one text request field (a description)
+MAX_TEXT_CHARS = 4096  # characters of one text request field (a description)
 
 
 class BadRequest(Exception):
@@ -76,6 +76,14 @@ def _is_number(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_finite(x: Any) -> bool:
+  """A JSON number that is finite as a float (a 400-digit integer is not: float() overflows)."""
+  try:
+    return _is_number(x) and math.isfinite(x)
+  except OverflowError:
+    return False
+
+
 def _type_name(x: Any) -> str:
   return {dict: 'object', list: 'array', str: 'string', bool: 'boolean', int: 'integer', float: 'number',
           type(None): 'null'}.get(type(x), type(x).__name__)
@@ -110,7 +118,7 @@ def parse_weights(value: Any, model: ExportedModel, where: str = 'weights') -> n
   for task, x in value.items():
     if task not in model.task_names:
       raise BadRequest(f'{where} names unknown task {task!r}; tasks: {", ".join(model.task_names)}')
-    if not _is_number(x) or not math.isfinite(x):
+    if not _is_finite(x):
       raise BadRequest(f'{where}.{task} must be a finite number, got {x!r}')
     if abs(x) > 1e6:
       raise BadRequest(f'{where}.{task}={x!r} is out of range; use |weight| <= 1e6')
@@ -136,14 +144,14 @@ def parse_fields(values: dict[str, Any], fields: dict[str, tuple[str, Any]], whe
         raise BadRequest(f'{where}.{name} must be an integer, got {value!r}')
       out[name] = value
     elif raw_type == 'float':
-      if not _is_number(value) or not math.isfinite(value):
+      if not _is_finite(value):
         raise BadRequest(f'{where}.{name} must be a finite number, got {value!r}')
       out[name] = value
     elif raw_type == 'id':
       out[name] = check_id(value, f'{where}.{name}')
     elif raw_type == 'list[float]':  # a vector feature: exactly its declared length
       dim = fields[name][1]['dim']
-      if not isinstance(value, list) or not all(_is_number(v) and math.isfinite(v) for v in value):
+      if not isinstance(value, list) or not all(_is_finite(v) for v in value):
         raise BadRequest(f'{where}.{name} must be an array of {dim} finite numbers, got {_type_name(value)}')
       if len(value) != dim:
         raise BadRequest(f"{where}.{name} has {len(value)} numbers; this model's {name} vectors have {dim}")
@@ -319,6 +327,11 @@ def parse_recommend(body: Any, model: ExportedModel) -> RecommendRequest:
       raise BadRequest(f'items has {len(extra)} entries; at most 256 new items per recommend request')
     scored = parse_score({'user': {'user_id': user.raw_id}, 'items': extra, 'weights': body.get('weights'),
                           'context': body.get('context')}, model, len(extra))
+    known = np.flatnonzero(scored.work.item_positions >= 0)
+    if known.size:  # the catalog's top k already ranks it: it would appear twice
+      j = int(known[0])
+      raise BadRequest(f'items[{j}].item_id {scored.items[j]!r} is in the catalog, which recommend ranks already; '
+                       'give new items only (/v1/score scores a catalog item with other features)')
     scored.work.user = {key: np.broadcast_to(np.asarray(v, model.user_table[key].dtype), (len(extra),) + np.shape(v))
                         for key, v in user.features.items()}
     req.extra, req.extra_ids = scored.work, scored.items

@@ -291,3 +291,22 @@ def test_cold_start_benchmark_variants_and_report():
   assert report['popularity']['warm_items']['click_auc']['mean'] == pytest.approx(0.8) and report['seeds'] == 2
   text = csb.render_markdown(report, csb.run_config(movielens_100k.get_config(), [], 0, 0.1))
   assert '## cold items' in text and '| `click_auc` | 0.5000 ± 0.0000 | 0.6500 ± 0.0707 | 0.5000 ± 0.0000 |' in text
+
+
+@pytest.mark.parametrize('fmt', ['parquet', 'csv'])
+def test_vectors_read_back_from_parquet_and_csv_exactly(tmp_path, fmt):
+  """A list<double> Parquet column and a '|'-joined CSV column give the same float32 rows as the generator's."""
+  from configs import shop  # pylint: disable=g-import-not-at-top
+  from mtl_rec import experiment  # pylint: disable=g-import-not-at-top
+  from mtl_rec.data import write  # pylint: disable=g-import-not-at-top
+  ds = synthetic.shop(num_users=60, num_items=20, interactions_per_user=5, item_vector_dim=4)
+  write.write_dataset(ds, str(tmp_path), fmt)
+  c = shop.get_config(str(tmp_path))
+  c.data.log.paths = (str(tmp_path / f'log*.{fmt}'),)
+  c.data.user_table.paths = (str(tmp_path / f'users.{fmt}'),)
+  c.data.item_table.paths = (str(tmp_path / f'items.{fmt}'),)
+  c.features.embedding = feature('item', kind='vector', dim=4)
+  exp = experiment.build(c)
+  order = [list(ds.items['item']).index(i) for i in exp.data.items['item']]
+  want = np.asarray([ds.items['embedding'][j] for j in order], np.float32)
+  np.testing.assert_array_equal(exp.encoder.item_table['embedding'], want)

@@ -165,21 +165,24 @@ def _multi_rows(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab
     if out.shape[1] < length:
       out = np.pad(out, [(0, 0), (0, length - out.shape[1])], constant_values=PAD)
     return out.astype(np.int32)
-  lists = value_lists(rule, values)
-  flat = np.asarray([s for row in lists for s in row], dtype=np.str_)
-  if 'vocab' in rule:
-    rows = vocabs[rule['vocab']].lookup(flat).astype(np.int64) - 1 if flat.size else np.zeros(0, np.int64)
+  return _value_rows(rule, value_lists(rule, values), length, vocabs)
+
+
+def _value_rows(rule: Mapping[str, Any], per_row: list[list[str]], length: int,
+                vocabs: Mapping[str, Vocab]) -> np.ndarray:
+  """int32 [N, length]: each row's values as rows of the value table (vocabulary position, unknown values dropped;
+  or hash bucket), distinct, in order of appearance, the first `length`, padded with PAD (multi and text rules)."""
+  flat = np.asarray([s for row in per_row for s in row], dtype=np.str_)
+  if not flat.size:
+    ids = np.zeros(0, np.int64)
+  elif 'vocab' in rule:
+    ids = vocabs[rule['vocab']].lookup(flat).astype(np.int64) - 1
   else:
-    rows = _hash_rows(rule, flat) if flat.size else np.zeros(0, np.int64)
-  out = np.full((len(lists), length), PAD, np.int32)
+    ids = _hash_rows(rule, flat)
+  out = np.full((len(per_row), length), PAD, np.int32)
   start = 0
-  for r, row in enumerate(lists):
-    kept = []
-    for x in rows[start:start + len(row)]:
-      if x >= 0 and x not in kept:
-        kept.append(int(x))
-        if len(kept) == length:
-          break
+  for r, row in enumerate(per_row):
+    kept = [i for i in dict.fromkeys(ids[start:start + len(row)].tolist()) if i >= 0][:length]
     out[r, :len(kept)] = kept
     start += len(row)
   return out
@@ -209,20 +212,7 @@ def text_tokens(rule: Mapping[str, Any], values: Any) -> list[list[str]]:
 
 
 def _text_rows(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab]) -> np.ndarray:
-  length = int(rule['max_tokens'])
-  out = np.full((len(values), length), PAD, np.int32)
-  per_row = text_tokens(rule, values)
-  flat = np.asarray([t for row in per_row for t in row], dtype=np.str_)
-  if 'vocab' in rule:  # a fitted vocabulary: its rows 0..n-1; unknown tokens are dropped
-    ids = vocabs[rule['vocab']].lookup(flat) - 1 if flat.size else np.zeros(0, np.int64)
-  else:
-    ids = _hash_rows(rule, flat) if flat.size else np.zeros(0, np.int64)
-  start = 0
-  for r, row in enumerate(per_row):
-    kept = [i for i in dict.fromkeys(ids[start:start + len(row)].tolist()) if i >= 0][:length]
-    out[r, :len(kept)] = kept
-    start += len(row)
-  return out
+  return _value_rows(rule, text_tokens(rule, values), int(rule['max_tokens']), vocabs)
 
 
 def vectors(rule: Mapping[str, Any], values: Any) -> np.ndarray:

@@ -82,6 +82,12 @@ def _fit_vocab(values: np.ndarray, known: np.ndarray, weights: np.ndarray, f: ml
   return Vocab(keys[chosen])
 
 
+def _fit_lists_vocab(per_row: list[Any], row_weights: np.ndarray, f: ml_collections.ConfigDict) -> Vocab:
+  """_fit_vocab over multi-valued rows: each row's distinct values count its row's weight once."""
+  flat = np.asarray([v for row in per_row for v in row], dtype=np.str_)
+  return _fit_vocab(flat, np.ones(flat.shape, bool), np.repeat(row_weights, [len(row) for row in per_row]), f)
+
+
 def _weighted_quantiles(x: np.ndarray, weights: np.ndarray, num_buckets: int) -> list[float]:
   keep = np.isfinite(x) & (weights > 0)
   if not keep.any():
@@ -119,10 +125,7 @@ def _rule(name: str, f: ml_collections.ConfigDict, raw: Any, weights: np.ndarray
       return {**rule, 'buckets': int(f.hash_buckets)}
     # A token's count is the number of training rows (users, items) whose text holds it: min_count=2 keeps the
     # words that several items share and drops those of one title only, which would be a second id.
-    per_row = encoding.text_tokens(rule, raw)
-    flat = np.asarray([t for row in per_row for t in row], dtype=np.str_)
-    vocabs[name] = _fit_vocab(flat, np.ones(flat.shape, bool),
-                              np.repeat((weights > 0).astype(np.float64), [len(r) for r in per_row]), f)
+    vocabs[name] = _fit_lists_vocab(encoding.text_tokens(rule, raw), (weights > 0).astype(np.float64), f)
     return {**rule, 'vocab': name}
   if f.kind == 'vector':
     return {'kind': 'vector', 'raw': name, 'raw_type': 'list[float]', 'dim': int(f.dim), 'delimiter': f.delimiter}
@@ -137,10 +140,7 @@ def _rule(name: str, f: ml_collections.ConfigDict, raw: Any, weights: np.ndarray
     if f.categories:
       vocabs[name] = Vocab.declared(np.asarray([str(v) for v in f.categories]))
     else:
-      lists = encoding.value_lists(rule, raw)
-      flat = np.asarray([s for row in lists for s in set(row)], dtype=np.str_)
-      w = np.repeat(weights, [len(set(row)) for row in lists])
-      vocabs[name] = _fit_vocab(flat, np.ones(flat.shape, bool), w, f)
+      vocabs[name] = _fit_lists_vocab([set(row) for row in encoding.value_lists(rule, raw)], weights, f)
     return {**rule, 'vocab': name}
   if isinstance(raw, MultiHot) or raw.dtype == object:
     raise DataError(f"{where}: column {f.column or name!r} of feature '{name}' holds lists; declare it "

@@ -34,6 +34,7 @@ TASK_ROWS = ('all', 'observed')
 OBSERVED = 'observed'  # the implicit label: 1 on every log row, 0 on sampled negatives
 LOSS_WEIGHTINGS = ('static', 'uncertainty')
 OPTIMIZERS = ('adam', 'adamw')
+TABLE_OPTIMIZERS = ('dense', 'rowwise_adagrad', 'lazy_adam')  # for the row-sharded id tables (rowwise.py)
 SCHEDULES = ('constant', 'cosine')
 NEGATIVE_DISTRIBUTIONS = ('uniform', 'popularity')
 # What each head kind reports on validation/test, as '<task>_<suffix>'; the ones that are better when lower.
@@ -191,6 +192,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 100  # linear warmup steps
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
   c.optimizer.embedding_l2 = 1e-5  # L2 penalty on the sharded-table rows used in a batch (per example)
+  # The row-sharded id tables (an id feature's embedding and its id biases form one group): 'dense' (the optimizer
+  # above, every row every step), 'rowwise_adagrad' (one accumulator per row, only touched rows read and written:
+  # for tables of millions of rows) or 'lazy_adam' (Adam's moments, updated on touched rows only). See rowwise.py.
+  c.optimizer.tables = ml_collections.ConfigDict()
+  c.optimizer.tables.name = 'dense'  # every group's optimizer
+  c.optimizer.tables.by_feature = ''  # per group, overriding name: 'user_id=rowwise_adagrad,item_id=lazy_adam'
+  # peak rate of the row-wise optimizers (the schedule above); 0 = rowwise_adagrad 0.05, lazy_adam the one above
+  c.optimizer.tables.learning_rate = 0.0
+  c.optimizer.tables.eps = 1e-8  # added to the root of the accumulator / second moment
+  c.optimizer.tables.initial_accumulator = 0.0  # rowwise_adagrad's starting accumulator
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 1024  # global batch size (rows: log rows and sampled negatives)
@@ -206,8 +217,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.patience = 4  # epochs without improvement before stopping; 0 disables early stopping
   c.train.progress_bar = True  # tqdm progress bar with loss and examples/s
   # The batch's gradient is summed over this many fixed groups of rows, in one fixed order, so a run gives the same
-  # numbers on any mesh whose data axis divides it (XLA's own sum orders the additions by the mesh, and a long run
-  # amplifies that last-bit noise). Raised to a multiple of the data axis where needed; 0 = XLA's sum (faster: a
+  # numbers on any mesh whose device count divides it (XLA's own sum orders the additions by the mesh, and a long run
+  # amplifies that last-bit noise). Raised to a multiple of the device count where needed; 0 = XLA's sum (faster: a
   # step took 1/1.6 of the time on ML-100K on 2 CPU cores; numbers then differ across meshes).
   c.train.grad_groups = 8
 
@@ -273,6 +284,22 @@ def metric_mode(metric: str) -> str:
 
 def feature_column(name: str, f: ml_collections.ConfigDict) -> str:
   return f.column or name
+
+
+def table_optimizers(c: ml_collections.ConfigDict) -> tuple[str, dict[str, str]]:
+  """(config.optimizer.tables.name, {feature: optimizer} of its by_feature 'user_id=lazy_adam,...'); raises
+  ValueError naming the fix."""
+  name = c.optimizer.tables.name
+  if name not in TABLE_OPTIMIZERS:
+    raise _err('optimizer.tables.name', name, f'use one of {", ".join(TABLE_OPTIMIZERS)}')
+  out = {}
+  for part in filter(None, (p.strip() for p in str(c.optimizer.tables.by_feature).split(','))):
+    feature, sep, value = (x.strip() for x in part.partition('='))
+    if not sep or not feature or value not in TABLE_OPTIMIZERS:
+      raise _err('optimizer.tables.by_feature', c.optimizer.tables.by_feature,
+                 f"{part!r} is not 'feature=optimizer' with an optimizer among {', '.join(TABLE_OPTIMIZERS)}")
+    out[feature] = value
+  return name, out
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -345,6 +372,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in ('weight_decay', 'warmup_steps', 'grad_clip_norm', 'embedding_l2'):
     if c.optimizer[field] < 0:
       raise _err(f'optimizer.{field}', c.optimizer[field], 'must be >= 0')
+
+  tables_name, by_feature = table_optimizers(c)
+  if tables_name != 'dense' or set(by_feature.values()) - {'dense'}:
+    if not c.train.grad_groups:
+      raise _err('optimizer.tables.name', tables_name, 'the row-wise optimizers need train.grad_groups > 0 (the '
+                 'fixed-order gradient gives them one gradient per looked-up row); set --config.train.grad_groups=8')
+  declared = set(c.features)
+  unknown = sorted(set(by_feature) - declared)
+  if unknown:
+    raise _err('optimizer.tables.by_feature', c.optimizer.tables.by_feature,
+               f'{unknown[0]!r} is not a declared feature ({", ".join(sorted(declared))})')
+  for field in ('learning_rate', 'eps', 'initial_accumulator'):
+    if c.optimizer.tables[field] < 0:
+      raise _err(f'optimizer.tables.{field}', c.optimizer.tables[field], 'must be >= 0')
+  if c.optimizer.tables.eps == 0 and c.optimizer.tables.initial_accumulator == 0:
+    raise _err('optimizer.tables.eps', 0, 'must be > 0 when optimizer.tables.initial_accumulator is 0 (a row '
+               'whose accumulator is 0 would divide by 0)')
 
   for field in ('batch_size', 'epochs', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     positive(f'train.{field}', c.train[field])

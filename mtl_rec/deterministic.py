@@ -13,7 +13,7 @@ sums are fixed that way; `trainer.train_step` takes one or the other (config.tra
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +46,16 @@ def fixed_order_sum(x: jax.Array, mesh: Mesh, axis: str | None) -> jax.Array:
 
 
 def global_norm(tree: Any, shardings: Any) -> jax.Array:
-  """optax.global_norm of a tree laid out as `shardings` (a matching tree of NamedShardings, at most the first axis
+  """optax.global_norm of a tree laid out as `shardings` (see global_sq_norm)."""
+  return jnp.sqrt(global_sq_norm(tree, shardings))
+
+
+def global_sq_norm(tree: Any, shardings: Any) -> jax.Array:
+  """The sum of squares of a tree laid out as `shardings` (a matching tree of NamedShardings, at most the first axis
   split), in an order that does not depend on the mesh: each row's sum of squares (a row lives whole on one
-  device), gathered, then summed; leaves in tree order."""
+  device), gathered, then summed; leaves in tree order. An empty tree sums to 0."""
+  if not jax.tree.leaves(tree):
+    return jnp.zeros((), jnp.float32)
   leaves, treedef = jax.tree.flatten(tree)
   specs = [s.spec for s in treedef.flatten_up_to(shardings)]
   if any(any(a is not None for a in spec[1:]) for spec in specs):
@@ -63,14 +70,15 @@ def global_norm(tree: Any, shardings: Any) -> jax.Array:
       if len(spec) and spec[0] is not None:
         rows = jax.lax.all_gather(rows, spec[0], axis=0, tiled=True)
       total = total + pairwise_sum(rows)
-    return jnp.sqrt(total)
+    return total
   return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(), check_vma=False)(*leaves)
 
 
-def gradient_groups(grad_groups: int, data_size: int) -> int:
+def gradient_groups(grad_groups: int, num_devices: int) -> int:
   """The number of row groups a batch's gradient is summed over (config.train.grad_groups): the configured count,
-  raised to a multiple of the data axis size where it is not one; 0 (off) stays 0."""
-  return math.lcm(grad_groups, data_size) if grad_groups else 0
+  raised to a multiple of the mesh's device count where it is not one (every device takes whole groups); 0 (off)
+  stays 0."""
+  return math.lcm(grad_groups, num_devices) if grad_groups else 0
 
 
 def _shard_take(table: jax.Array, ids: jax.Array) -> jax.Array:
@@ -82,7 +90,7 @@ def _shard_take(table: jax.Array, ids: jax.Array) -> jax.Array:
   return jnp.take(table, local, axis=0, mode='fill', fill_value=0)
 
 
-def _components(table_inputs: Mapping[tuple[str, ...], tuple[tuple[str, ...], ...]]
+def components(table_inputs: Mapping[tuple[str, ...], tuple[tuple[str, ...], ...]]
                 ) -> list[tuple[list[tuple[str, ...]], list[tuple[str, ...]]]]:
   """Tables grouped with every input that indexes any of them, transitively: [(tables, inputs)], in the order of
   `table_inputs`. All tables of a group are looked up with all of its inputs, so one row layout serves them."""
@@ -98,9 +106,17 @@ def _components(table_inputs: Mapping[tuple[str, ...], tuple[tuple[str, ...], ..
   return groups
 
 
+def component_ids(batch: Any, inputs: Sequence[tuple[str, ...]]) -> jax.Array:
+  """The ids a component's tables are looked up with, [B, K]: its inputs' ids side by side (row r's k-th looked-up
+  row is r * K + k in the row cotangents `value_and_grad` returns)."""
+  n = batch['valid'].shape[0]
+  return jnp.concatenate([trees.get(batch, i).reshape(n, -1) for i in inputs], axis=1).astype(jnp.int32)
+
+
 def value_and_grad(loss_fn: Callable[..., tuple[jax.Array, Any]], *, groups: int, param_shardings: Any,
                    batch_sharding: NamedSharding,
-                   table_inputs: Mapping[tuple[str, ...], tuple[tuple[str, ...], ...]]) -> Callable:
+                   table_inputs: Mapping[tuple[str, ...], tuple[tuple[str, ...], ...]],
+                   row_tables: Collection[tuple[str, ...]] = ()) -> Callable:
   """`jax.value_and_grad(loss_fn, has_aux=True)`, with every sum of the gradient in an order no mesh changes.
 
   Args:
@@ -108,14 +124,20 @@ def value_and_grad(loss_fn: Callable[..., tuple[jax.Array, Any]], *, groups: int
       into parts, the parts' losses and auxes (a pytree of sums) add up to the whole batch's; `args` (e.g. the
       whole batch's normalizers) are the same for every part. It reads each row-sharded table only as
       `jnp.take(table, ids, axis=0)` of the inputs that `table_inputs` lists for it.
-    groups: the fixed number of row groups (a multiple of the data axis; see `gradient_groups`).
+    groups: the fixed number of row groups (a multiple of the mesh's device count; see `gradient_groups`).
     param_shardings: a tree like params of NamedShardings; leaves whose rows are split over 'model' are the tables.
     batch_sharding: the batch's sharding (rows over 'data').
     table_inputs: {table's parameter path (trees.path_parts): (batch path of an integer input that indexes it, ...)}.
 
+    row_tables: tables (paths of table_inputs) whose gradient is returned as one cotangent per looked-up row, not as
+      a dense table: for the row-wise optimizers (rowwise.py), which never materialize a table-sized gradient.
+
   Returns:
-    `fn(params, batch, rng, *args) -> ((loss, aux), grads)`, the batch's loss, aux and gradient up to rounding,
-    the same bits on every mesh whose data axis divides `groups`. How:
+    `fn(params, batch, rng, *args) -> ((loss, aux), grads, rows)`, the batch's loss, aux and gradient up to
+    rounding, the same bits on every mesh whose device count divides `groups`; `grads` has None for each of
+    `row_tables`, whose gradient is in `rows`: {path: [B * K, *row shape] cotangents} (rows laid out like the
+    batch's), row r * K + k
+    for the k-th id of row r of `component_ids(batch, inputs)`. How:
     - every table is looked up for the whole batch on every device (shard_map: each device reads its rows; a psum
       over 'model' of one non-zero value per row is exact);
     - the loss runs on `groups` fixed groups of rows (whole groups per device), one group at a time: the same
@@ -126,10 +148,12 @@ def value_and_grad(loss_fn: Callable[..., tuple[jax.Array, Any]], *, groups: int
     - rng is folded with the group's index.
   """
   mesh = batch_sharding.mesh
-  by_rows = P(batch_sharding.spec[0])
+  # Groups are spread over every device, the model axis's too (the batch is split over 'data' only: each model
+  # device takes its part of its data shard's rows), so no device repeats another's dense work.
+  by_rows = P((batch_sharding.spec[0], sharding_lib.RULES['vocab']))
   whole = P()
   vocab_axis = sharding_lib.RULES['vocab']
-  components = _components(table_inputs)
+  comps = components(table_inputs)
 
   def fn(params: Any, batch: Any, rng: jax.Array, *args: Any):
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -146,15 +170,12 @@ def value_and_grad(loss_fn: Callable[..., tuple[jax.Array, Any]], *, groups: int
 
     # Each component's id inputs as [B, K] (K: the inputs' widths side by side), and the positions that replace
     # them inside a group of g rows: row r's k-th looked-up row is r * K + k.
-    ids, widths = [], []
-    for _, inputs in components:
-      cols = [trees.get(batch, i).reshape(n, -1) for i in inputs]
-      widths.append([c.shape[1] for c in cols])
-      ids.append(jnp.concatenate(cols, axis=1).astype(jnp.int32))
+    ids = [component_ids(batch, inputs) for _, inputs in comps]
+    widths = [[trees.get(batch, i).reshape(n, -1).shape[1] for i in inputs] for _, inputs in comps]
 
     def positions(g: int) -> list[list[jax.Array]]:
       out = []
-      for (_, inputs), w, c_ids in zip(components, widths, ids):
+      for (_, inputs), w, c_ids in zip(comps, widths, ids):
         k = c_ids.shape[1]
         base = jnp.arange(g, dtype=jnp.int32)[:, None] * k
         start, parts = 0, []
@@ -165,9 +186,9 @@ def value_and_grad(loss_fn: Callable[..., tuple[jax.Array, Any]], *, groups: int
         out.append(parts)
       return out
 
-    table_ids = [index[t] for tables, _ in components for t in tables]
+    table_ids = [index[t] for tables, _ in comps for t in tables]
     table_specs = [specs[i] for i in table_ids]
-    ids_of = [c_ids for (tables, _), c_ids in zip(components, ids) for _ in tables]
+    ids_of = [c_ids for (tables, _), c_ids in zip(comps, ids) for _ in tables]
 
     # 1. Every table's rows for the whole batch, on every device: [B, K] + the table's row shape.
     def lookup(tables, ids):
@@ -185,7 +206,7 @@ def value_and_grad(loss_fn: Callable[..., tuple[jax.Array, Any]], *, groups: int
         new[i] = x
       for i, r in zip(table_ids, rows_g):
         new[i] = r.reshape((-1,) + r.shape[2:])
-      for (_, inputs), pos in zip(components, positions(size)):
+      for (_, inputs), pos in zip(comps, positions(size)):
         for i, p in zip(inputs, pos):
           batch_g = trees.replace(batch_g, i, p)
       grouped = jax.value_and_grad(
@@ -211,13 +232,22 @@ def value_and_grad(loss_fn: Callable[..., tuple[jax.Array, Any]], *, groups: int
     d_dense = [fixed_sum(g) for g in d_dense]
     d_rows = [r.reshape((-1,) + leaves[i].shape[1:]) for r, i in zip(d_rows, table_ids)]  # [B * K] in batch order
 
-    # 3. Each table's gradient: its shard's scatter-add of every looked-up row's cotangent, in batch order.
+    # 3. Each (dense) table's gradient: its shard's scatter-add of every looked-up row's cotangent, in batch order.
+    dense_tables = [j for j, i in enumerate(table_ids) if paths[i] not in row_tables]
+
     def table_vjp(tables, ids, cotangents):
       return jax.vjp(lambda ts: [_shard_take(t, i.reshape(-1)) for t, i in zip(ts, ids)], tables)[1](cotangents)[0]
-    d_tables = jax.shard_map(table_vjp, mesh=mesh, in_specs=(table_specs, whole, whole), out_specs=table_specs,
-                             check_vma=False)([leaves[i] for i in table_ids], ids_of, d_rows)
+    d_tables = [None] * len(table_ids)
+    if dense_tables:
+      pick = lambda xs: [xs[j] for j in dense_tables]
+      done = jax.shard_map(table_vjp, mesh=mesh, in_specs=(pick(table_specs), whole, whole),
+                           out_specs=pick(table_specs), check_vma=False)(
+                               [leaves[table_ids[j]] for j in dense_tables], pick(ids_of), pick(d_rows))
+      for j, g in zip(dense_tables, done):
+        d_tables[j] = g
+    rows_out = {paths[i]: r for i, r in zip(table_ids, d_rows) if paths[i] in row_tables}
     grads = _unflatten(treedef, d_dense, d_tables, dense_ids, table_ids)
-    return (fixed_sum(group_losses), jax.tree.map(fixed_sum, group_aux)), grads
+    return (fixed_sum(group_losses), jax.tree.map(fixed_sum, group_aux)), grads, rows_out
 
   return fn
 

@@ -91,7 +91,7 @@ def check_divisible(batch_size: int, mesh: Mesh, row_multiple: int, groups: int 
                      f'use a multiple of {data}')
   if groups and batch_size % groups:
     raise ValueError(f'config.train.batch_size={batch_size} is not divisible by the {groups} gradient groups '
-                     f'(train.grad_groups on a data axis of {data}); use a multiple of {groups}, or set '
+                     f'(train.grad_groups on {mesh.size} devices); use a multiple of {groups}, or set '
                      '--config.train.grad_groups=0 to let XLA sum the gradient (numbers then depend on the mesh)')
   if batch_size % jax.process_count():
     raise ValueError(f'config.train.batch_size={batch_size} must divide evenly over {jax.process_count()} processes')

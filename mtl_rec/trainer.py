@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -20,9 +21,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mtl_rec import deterministic
+from mtl_rec import rowwise
 from mtl_rec import model as model_lib
 from mtl_rec import sharding as sharding_lib
 from mtl_rec import tasks as tasks_lib
+from mtl_rec import trees
 from mtl_rec.features import FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -49,13 +52,15 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
 
 
-def learning_rate(oc: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """config.optimizer's schedule: linear warmup to the peak, then constant or cosine decay to 0 at `total_steps`."""
+def learning_rate(oc: ml_collections.ConfigDict, total_steps: int, peak: float = 0.0) -> optax.Schedule:
+  """config.optimizer's schedule: linear warmup to the peak (`peak`, else oc.learning_rate), then constant or cosine
+  decay to 0 at `total_steps`."""
+  peak = peak or oc.learning_rate
   warmup = min(oc.warmup_steps, max(total_steps - 1, 0))
   if oc.schedule == 'cosine':
-    return optax.warmup_cosine_decay_schedule(0.0, oc.learning_rate, warmup, max(total_steps, warmup + 1))
-  return optax.join_schedules([optax.linear_schedule(0.0, oc.learning_rate, max(warmup, 1)),
-                               optax.constant_schedule(oc.learning_rate)], [warmup])
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                               optax.constant_schedule(peak)], [warmup])
 
 
 def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -66,6 +71,18 @@ def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int) -> optax.Gra
   else:
     opt = optax.adam(lr)
   return optax.chain(clip_by_global_norm(oc.grad_clip_norm), opt) if oc.grad_clip_norm > 0 else opt
+
+
+def make_row_optimizer(config: ml_collections.ConfigDict, table_inputs: Any,
+                       total_steps: int) -> rowwise.RowOptimizer | None:
+  """The row-wise optimizer of the id-table groups config.optimizer.tables does not leave dense; None if none."""
+  groups = [g for g in rowwise.table_groups(config, table_inputs) if g.rule != rowwise.DENSE]
+  if not groups:
+    return None
+  tc = config.optimizer.tables
+  peak = lambda rule: tc.learning_rate or rowwise.DEFAULT_LEARNING_RATES[rule] or config.optimizer.learning_rate
+  schedules = {g.rule: learning_rate(config.optimizer, total_steps, peak(g.rule)) for g in groups}
+  return rowwise.RowOptimizer(groups, schedules, float(tc.eps), float(tc.initial_accumulator))
 
 
 @dataclasses.dataclass
@@ -82,6 +99,7 @@ class Trainer:
   train_step: Callable
   eval_step: Callable
   init_state: Any  # freshly initialized state on the mesh (a restore target)
+  row_optimizer: rowwise.RowOptimizer | None = None  # the id-table groups updated row-wise (None: all dense)
 
 
 def loss_fn(params: Any, batch: dict[str, Any], rng: jax.Array, norms: dict[str, Any], *, graphdef, specs,
@@ -97,26 +115,53 @@ def loss_fn(params: Any, batch: dict[str, Any], rng: jax.Array, norms: dict[str,
   return total, sums
 
 
+def without(tree: Any, paths: Any) -> Any:
+  """`tree` with None at `paths` (the row-wise tables: optax and the dense norm skip them)."""
+  for path in paths:
+    tree = trees.replace(tree, path, None)
+  return tree
+
+
 def train_step(state: dict[str, Any], batch: dict[str, Any], *, value_and_grad: Callable, tx, specs, esmm: bool,
-               seed: int, param_shardings: Any) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+               seed: int, param_shardings: Any, row_optimizer: rowwise.RowOptimizer | None = None,
+               grad_clip_norm: float = 0.0) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One optimizer step. Pure: (state, batch) -> (new state, metrics).
 
   `value_and_grad` is `jax.value_and_grad(loss_fn, has_aux=True)` or `deterministic.value_and_grad(loss_fn, ...)`
-  (the same sums in an order no mesh changes; config.train.grad_groups).
+  (the same sums in an order no mesh changes; config.train.grad_groups), returning ((loss, aux), grads, rows).
+  With a `row_optimizer`, its tables' gradients come as rows (None in grads) and it updates their touched rows;
+  optax (`tx`) updates the rest; global-norm clipping (`grad_clip_norm`, also inside `tx`) sees both.
   """
   rng = jax.random.fold_in(jax.random.key(seed), state['step'])
   params = state['params']
   norms = tasks_lib.normalizers(batch, specs, esmm)
-  (loss, sums), grads = value_and_grad(params, batch, rng, norms)
+  (loss, sums), grads, rows = value_and_grad(params, batch, rng, norms)
   if 'log_vars' in params:  # uncertainty weighting's regularizer sum_t w_t s_t: once per batch, params alone
     weights = tasks_lib.uncertainty_weights(specs)
     loss = loss + jnp.sum(weights * params['log_vars'])
     grads = {**grads, 'log_vars': grads['log_vars'] + weights}
-  grad_norm = deterministic.global_norm(grads, param_shardings)  # before clipping
-  updates, opt_state = tx.update(grads, state['opt_state'], params, grad_norm=grad_norm)
-  params = optax.apply_updates(params, updates)
+  row_tables = row_optimizer.tables if row_optimizer is not None else ()
+  sq_norm = deterministic.global_sq_norm(grads, without(param_shardings, row_tables))
+  if row_optimizer is not None:
+    mesh = next(iter(jax.tree.leaves(param_shardings))).mesh
+    deduped = row_optimizer.dedup(batch, rows, mesh)
+    sq_norm = sq_norm + row_optimizer.sq_norm(deduped, mesh)
+  grad_norm = jnp.sqrt(sq_norm)  # before clipping
+  dense_params = without(params, row_tables)
+  updates, opt_state = tx.update(grads, state['opt_state'], dense_params, grad_norm=grad_norm)
+  new_params = optax.apply_updates(dense_params, updates)
+  new_state = {'step': state['step'] + 1, 'opt_state': opt_state}
+  if row_optimizer is not None:
+    scale = (jnp.where(grad_norm < grad_clip_norm, 1.0, grad_clip_norm / grad_norm) if grad_clip_norm > 0
+             else jnp.ones((), jnp.float32))
+    updated, new_state['table_opt_state'] = row_optimizer.apply(
+        params, state['table_opt_state'], deduped, param_shardings, state['step'], scale)
+    for t in row_tables:
+      new_params = trees.replace(new_params, t, trees.get(updated, t))
+  new_state['params'] = new_params
   metrics = {'loss': loss, **{f'loss_{k}': v / norms['tasks'][k] for k, v in sums.items()}, 'grad_norm': grad_norm}
-  return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+  return new_state, metrics
+
 
 
 def eval_step(params: Any, batch: dict[str, Any], *, graphdef, specs) -> dict[str, jax.Array]:
@@ -130,17 +175,18 @@ def batch_multiple(config: ml_collections.ConfigDict, num_devices: int | None = 
   with the fixed-order gradient, its groups."""
   shape = sharding_lib.resolve_shape(tuple(config.mesh.shape), num_devices or jax.device_count())
   shards = shape[tuple(config.mesh.axis_names).index('data')] * jax.process_count()
-  return deterministic.gradient_groups(config.train.grad_groups, shards) or shards
+  groups = deterministic.gradient_groups(config.train.grad_groups, math.prod(shape))
+  return math.lcm(groups, shards) if groups else shards
 
 
 def make_trainer(config: ml_collections.ConfigDict, features: Sequence[FeatureSpec],
                  specs: tuple[tasks_lib.TaskSpec, ...], total_steps: int, devices: Any = None) -> Trainer:
   """Builds the model on the mesh from config.mesh and jits the steps with explicit shardings."""
   mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names, devices)
-  groups = deterministic.gradient_groups(config.train.grad_groups, mesh.shape['data'])
+  groups = deterministic.gradient_groups(config.train.grad_groups, mesh.size)
   if groups != config.train.grad_groups:
-    log.info('train.grad_groups=%d raised to %d, a multiple of the data axis: numbers match other meshes whose '
-             'data axis divides %d', config.train.grad_groups, groups, groups)
+    log.info('train.grad_groups=%d raised to %d, a multiple of the device count: numbers match other meshes whose '
+             'device count divides %d', config.train.grad_groups, groups, groups)
   sharding_lib.check_divisible(config.train.batch_size, mesh, config.model.row_multiple, groups)
   # Parameters are initialized by one jit straight into their shards: no full table ever sits on one device, and
   # one compile replaces the dozens an eager init costs.
@@ -151,13 +197,18 @@ def make_trainer(config: ml_collections.ConfigDict, features: Sequence[FeatureSp
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build())), out_shardings=param_shardings)()
   replicated = jax.sharding.NamedSharding(mesh, P())
   tx = make_optimizer(config.optimizer, total_steps)
+  row_optimizer = make_row_optimizer(config, abstract_model.table_inputs(), total_steps)
+  row_tables = row_optimizer.tables if row_optimizer is not None else ()
+  dense_params, dense_shardings = without(params, row_tables), without(param_shardings, row_tables)
   # Optimizer moments take their parameter's sharding and scalars (counts) are replicated, stated explicitly:
   # left to jit, the counts land on one device and the step then rejects the mixed placement.
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, dense_params), dense_shardings,
                                         transform_non_params=lambda _: replicated)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(dense_params)
   state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated), 'params': params, 'opt_state': opt_state}
   state_shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
+  if row_optimizer is not None:
+    state['table_opt_state'], state_shardings['table_opt_state'] = row_optimizer.init(params, param_shardings)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   esmm = bool(config.model.esmm)
   loss = functools.partial(loss_fn, graphdef=graphdef, specs=specs, esmm=esmm,
@@ -165,23 +216,28 @@ def make_trainer(config: ml_collections.ConfigDict, features: Sequence[FeatureSp
   if groups:
     value_and_grad = deterministic.value_and_grad(loss, groups=groups, param_shardings=param_shardings,
                                                   batch_sharding=batch_sharding,
-                                                  table_inputs=abstract_model.table_inputs())
+                                                  table_inputs=abstract_model.table_inputs(), row_tables=row_tables)
   else:
-    value_and_grad = jax.value_and_grad(loss, has_aux=True)
+    plain = jax.value_and_grad(loss, has_aux=True)
+    value_and_grad = lambda *args: (*plain(*args), {})
   step = jax.jit(
       functools.partial(train_step, value_and_grad=value_and_grad, tx=tx, specs=specs, esmm=esmm,
-                        seed=int(config.seed), param_shardings=param_shardings),
+                        seed=int(config.seed), param_shardings=param_shardings, row_optimizer=row_optimizer,
+                        grad_clip_norm=float(config.optimizer.grad_clip_norm)),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, specs=specs),
                      in_shardings=(state_shardings['params'], batch_sharding), out_shardings=replicated)
-  return Trainer(config, graphdef, tx, mesh, state_shardings, batch_sharding, specs, step, evaluate, state)
+  return Trainer(config, graphdef, tx, mesh, state_shardings, batch_sharding, specs, step, evaluate, state,
+                 row_optimizer)
 
 
 def memory_report(trainer: Trainer, state: Any, example_batch: Any) -> dict[str, Any]:
   """Parameter/optimizer bytes per device and the compiled train step's memory analysis."""
   report = {'params_bytes_per_device': sharding_lib.bytes_per_device(state['params']),
-            'opt_state_bytes_per_device': sharding_lib.bytes_per_device(state['opt_state'])}
+            # optax's state and the row-wise optimizers' (table_opt_state), together
+            'opt_state_bytes_per_device': sharding_lib.bytes_per_device(
+                [state['opt_state'], state.get('table_opt_state', {})])}
   abstract_batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.batch_sharding), example_batch)
   abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

@@ -60,13 +60,17 @@ def _history(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_two_processes_match_one_device(tmp_path):
+# The id tables on the dense optimizer (the default), and on the row-wise ones (rowwise.py: user tables row-wise
+# Adagrad, item tables lazy Adam), whose shard-local updates must not depend on the processes either.
+@pytest.mark.parametrize('tables', ['', 'user_id=rowwise_adagrad,item_id=lazy_adam'])
+def test_two_processes_match_one_device(tmp_path, tables):
   port = _free_port()
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   logs = [str(tmp_path / f'process_{i}.log') for i in range(2)] + [str(tmp_path / 'single.log')]
+  extra = [f'--config.optimizer.tables.by_feature={tables}']
   procs = [_start([f'--workdir={multi}', '--config.mesh.shape=(2,4)', f'--coordinator_address=127.0.0.1:{port}',
-                   '--num_processes=2', f'--process_id={i}'], logs[i], devices=4) for i in range(2)]
-  procs.append(_start([f'--workdir={single}', '--config.mesh.shape=(1,1)'], logs[2], devices=1))
+                   '--num_processes=2', f'--process_id={i}', *extra], logs[i], devices=4) for i in range(2)]
+  procs.append(_start([f'--workdir={single}', '--config.mesh.shape=(1,1)', *extra], logs[2], devices=1))
   _wait(procs, logs)
 
   printed = [[line for line in open(log) if line.startswith(('mesh {', 'Test metrics'))] for log in logs]

@@ -44,10 +44,10 @@ def env(tmp_path_factory):
               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
 
 
-def _start(workdir, env):
+def _start(workdir, env, extra=()):
   log = open(f'{workdir}.log', 'a')
-  return subprocess.Popen([sys.executable, 'train.py', *OVERRIDES, f'--workdir={workdir}'], cwd=REPO, env=env,
-                          stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.Popen([sys.executable, 'train.py', *OVERRIDES, *extra, f'--workdir={workdir}'], cwd=REPO,
+                          env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _finish(proc, workdir):
@@ -143,3 +143,21 @@ def test_sigkill_mid_epoch_resumes_from_the_last_complete_checkpoint(uninterrupt
   assert f'resumed from checkpoint at step {max(complete)}' in out
   assert not os.path.exists(half)  # the leftover is cleaned up, never restored
   _assert_same_run(workdir, uninterrupted)
+
+
+def test_sigkill_resume_with_row_wise_table_optimizers(tmp_path, env):
+  """The row-wise optimizers' state (rowwise.py) is checkpointed with the model: killed and re-run, the run ends
+  as the uninterrupted one does."""
+  extra = ['--config.optimizer.tables.by_feature=user_id=rowwise_adagrad,item_id=lazy_adam',
+           '--config.optimizer.tables.learning_rate=0.05']
+  reference = str(tmp_path / 'uninterrupted')
+  _finish(_start(reference, env, extra), reference)
+  workdir = str(tmp_path / 'killed')
+  proc = _start(workdir, env, extra)
+  _kill_at(proc, workdir, 38, signal.SIGKILL)
+  proc.wait(timeout=TIMEOUT)
+  complete = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) if d.isdigit()]
+  assert complete and max(complete) < _metrics(reference)['steps']
+  out = _finish(_start(workdir, env, extra), workdir)
+  assert f'resumed from checkpoint at step {max(complete)}' in out
+  _assert_same_run(workdir, reference)

@@ -1,11 +1,22 @@
-"""Trains the synthetic config at scale for a bounded number of steps and reports memory and throughput.
+"""Trains the synthetic config at scale for a bounded number of steps and reports memory and throughput, per table
+optimizer, and the capacity plan past this machine.
 
-  python -m mtl_rec.scale_benchmark --out=scale.json                    # 2M users x 2M items, 64-dim, mesh (2, 4)
-  python -m mtl_rec.scale_benchmark --out=s.json --num_users=200000 --num_items=200000 --steps=5
+  python -m mtl_rec.scale_benchmark --out=scale.json       # 2M users x 2M items x 64, mesh (2, 4), dense Adam
+  python -m mtl_rec.scale_benchmark --out=s.json --optimizers=dense_adam,rowwise_adagrad,lazy_adam
+  python -m mtl_rec.scale_benchmark --out=s.json --optimizers=rowwise_adagrad --num_users=10000000 \
+      --num_items=10000000 --steps=100                         # 5 GB of tables on this 24 GB machine
+  python -m mtl_rec.scale_benchmark --out=plan.json --plan --calibration=s.json   # 1B x 100M x 64 on 256 devices
+
+With several optimizers each runs in its own process (its own peak RSS, its memory returned after), and the same
+optimizers run again at --calibration_rows users and items: the capacity plan (capacity.py) takes its constants
+from those and its predictions for the main size are compared with what was measured there (`plan_check`).
+JSON: `runs[name]` per optimizer (step_seconds_median, examples_per_sec, table_bytes_per_device,
+optimizer_state_bytes_per_device, step_temp_bytes, peak_rss_bytes, ...), `comparison` (against dense_adam),
+`calibration`, `plan_check`, and with --plan `plan`.
 
 On CPU it simulates `--devices` devices (8 by default). The embedding tables cover every user and item id (rows
-padded to a multiple of the model axis) and are row-sharded over `model`, so the JSON's `table_bytes_per_device`
-should be about `table_bytes_total / model axis` (plus the small replicated tables).
+padded to a multiple of the model axis) and are row-sharded over `model`, so `table_bytes_per_device` should be
+about `table_bytes_total / model axis` (plus the small replicated tables).
 
 The network, features and tasks are --config's (default configs/synthetic.py). The batches are built directly, not by
 `experiment.build`: generating the synthetic ratings is quick at this size,
@@ -19,8 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -29,6 +45,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtl_rec import capacity
 from mtl_rec import config as config_lib
 from mtl_rec import features as features_lib
 from mtl_rec import input_pipeline
@@ -49,6 +66,20 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps (after one untimed
 _MESH = flags.DEFINE_list('mesh', ['2', '4'], 'Mesh shape (data, model); -1 = the remaining devices.')
 _DEVICES = flags.DEFINE_integer('devices', 8, 'Simulated CPU devices (ignored if XLA_FLAGS already sets a count '
                                 'or the backend is not CPU).')
+_OPTIMIZERS = flags.DEFINE_list('optimizers', ['dense_adam'], 'Optimizers of the id tables, each run in turn: '
+                                'dense_adam, rowwise_adagrad, lazy_adam (rowwise.py).')
+_CALIBRATION_ROWS = flags.DEFINE_integer('calibration_rows', 500_000, 'With several optimizers (dense_adam and '
+                                         'rowwise_adagrad among them): users and items of the runs that calibrate '
+                                         'the capacity plan, checked against the main size; 0 = none.')
+_PLAN_ONLY = flags.DEFINE_bool('plan', False, 'Also print and write the capacity plan for the --plan_* size.')
+_CALIBRATION = flags.DEFINE_string('calibration', None, "With --plan: a previous run's JSON whose calibration "
+                                   'to use (no runs then).')
+_PLAN_USERS = flags.DEFINE_integer('plan_users', 1_000_000_000, 'Users of the planned configuration.')
+_PLAN_ITEMS = flags.DEFINE_integer('plan_items', 100_000_000, 'Items of the planned configuration.')
+_PLAN_MESH = flags.DEFINE_list('plan_mesh', ['8', '32'], 'Mesh (data, model) of the planned configuration.')
+_PLAN_BATCH_SIZE = flags.DEFINE_integer('plan_batch_size', 262_144, 'Global batch of the planned configuration.')
+_PLAN_DEVICE_GB = flags.DEFINE_float('plan_device_memory_gib', 95.0, 'Memory per device of the planned '
+                                     'configuration, GiB (TPU v5p: 95, H100: 80, v5e: 16).')
 
 
 def build_encoder(ds: Any, config: Any, user_index: np.ndarray, item_index: np.ndarray) -> Any:
@@ -105,11 +136,17 @@ def make_batches(ds: Any, encoder: Any, labels: Any, user_index: np.ndarray, ite
 
 
 def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size: int, steps: int,
-        mesh_shape: tuple[int, ...], interactions_per_user: int = 2) -> dict[str, Any]:
-  """Builds the data, the sharded model and optimizer, runs `steps` timed steps; returns the report."""
+        mesh_shape: tuple[int, ...], interactions_per_user: int = 2, optimizer: str = 'dense_adam') -> dict[str, Any]:
+  """Builds the data, the sharded model and optimizer (`optimizer`: a key of capacity.OPTIMIZERS, for the id
+  tables; the rest is on config.optimizer), runs `steps` timed steps; returns the report."""
 
   t_start = time.time()
   config = scale_config(config, num_users, num_items, embed_dim, batch_size, mesh_shape, interactions_per_user)
+  if optimizer not in capacity.OPTIMIZERS:
+    raise ValueError(f'--optimizers: {optimizer!r} is not one of {", ".join(capacity.OPTIMIZERS)}')
+  with config.unlocked():
+    config.optimizer.tables.name = capacity.OPTIMIZERS[optimizer]
+    config.optimizer.tables.by_feature = ''
 
   t = time.time()
   ds = loader.load_data(config)
@@ -121,8 +158,9 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
   batches = make_batches(ds, encoder, input_pipeline.Labels(specs, columns), user_index, item_index, config,
                          min(steps + 1, 4))
   data_sec = time.time() - t
-  print(f'data: {ds.num_rows:,} synthetic log rows, {num_users:,} users, {num_items:,} items '
+  print(f'{optimizer}: data: {ds.num_rows:,} synthetic log rows, {num_users:,} users, {num_items:,} items '
         f'({data_sec:.1f}s)', flush=True)
+  del ds, user_index, item_index
 
   t = time.time()
   trainer = trainer_lib.make_trainer(config, encoder.specs, specs, total_steps=steps + 1)
@@ -139,9 +177,11 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
   large = [s.name for s in encoder.specs if s.large]
   large_total = sum(int(tables[n].nbytes) for n in large)
   small_total = sum(int(x.nbytes) for n, x in tables.items() if n not in large)
+  row_sharded = [x for x in jax.tree.leaves(state['params']) if sharding_lib.is_row_sharded(x.sharding.spec)]
+  id_table_per_device = sharding_lib.bytes_per_device(row_sharded)
   opt_per_device = report['opt_state_bytes_per_device']
   params_per_device = report['params_bytes_per_device']
-  print(f'mesh {dict(trainer.mesh.shape)}: tables {large_total + small_total:,} B in all, '
+  print(f'{optimizer}: mesh {dict(trainer.mesh.shape)}: tables {large_total + small_total:,} B in all, '
         f'{max(table_per_device.values()):,} B per device (id tables / {model} + small tables = '
         f'{large_total // model + small_total:,} B); params {max(params_per_device.values()):,} B, '
         f'optimizer state {max(opt_per_device.values()):,} B per device', flush=True)
@@ -158,26 +198,37 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
     losses.append(float(m['loss']))
     times.append(time.time() - t)
   total_time = sum(times)
+  memory = {k[len('step_'):]: v for k, v in report.items() if k.startswith('step_')}
+  plan_model = capacity.abstract_model(config, encoder.specs, specs)
+  planned = capacity.memory(plan_model, model, optimizer)
   result = {
+      'optimizer': optimizer, 'table_optimizer': config.optimizer.tables.name,
       'num_users': num_users, 'num_items': num_items, 'embed_dim': embed_dim, 'batch_size': batch_size,
       'steps': steps, 'devices': len(jax.devices()), 'platform': jax.devices()[0].platform,
       'mesh': dict(trainer.mesh.shape),
       'table_rows': {n: int(tables[n].shape[0]) for n in large},
       'table_bytes_total': large_total + small_total,
       'id_table_bytes_total': large_total,
-      'table_bytes_per_device': table_per_device,
-      'table_bytes_per_device_max': max(table_per_device.values()),
+      'table_bytes_per_device': max(table_per_device.values()),
+      'table_bytes_by_device': table_per_device,
       'table_bytes_per_device_expected': large_total // model + small_total,
+      # every row-sharded parameter (id embeddings and id biases), per device: what dense Adam sweeps every step
+      'id_table_bytes_per_device': max(id_table_per_device.values()),
       'params_bytes_total': int(sum(x.nbytes for x in jax.tree.leaves(state['params']))),
-      'params_bytes_per_device_max': max(params_per_device.values()),
-      'opt_state_bytes_total': int(sum(x.nbytes for x in jax.tree.leaves(state['opt_state']))),
-      'opt_state_bytes_per_device': opt_per_device,
-      'opt_state_bytes_per_device_max': max(opt_per_device.values()),
-      'step_memory_analysis': {k[len('step_'):]: v for k, v in report.items() if k.startswith('step_')},
+      'params_bytes_per_device': max(params_per_device.values()),
+      'optimizer_state_bytes_total': int(sum(x.nbytes for x in jax.tree.leaves(
+          [state['opt_state'], state.get('table_opt_state', {})]))),
+      'optimizer_state_bytes_per_device': max(opt_per_device.values()),
+      'optimizer_state_bytes_by_device': opt_per_device,
+      'step_memory_analysis': memory,
+      'step_temp_bytes': memory.get('temp_size_in_bytes', 0),
+      'planned_bytes_per_device': planned.to_dict(),  # capacity.memory's formulas for this configuration
       'examples_per_sec': steps * batch_size / total_time,
+      'step_seconds_median': statistics.median(times),
       'step_time_sec': {'mean': total_time / steps, 'median': statistics.median(times), 'min': min(times),
                         'max': max(times)},
       'losses': losses,
+      'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
       'data_sec': data_sec, 'init_sec': init_sec, 'compile_sec': compile_sec, 'wall_sec': time.time() - t_start,
       'data_note': 'batches built directly from synthetic ratings + uniform negatives (not experiment.build)',
   }
@@ -186,20 +237,140 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
   return result
 
 
+def _in_subprocess(optimizer: str, num_users: int, num_items: int, out_dir: str) -> dict[str, Any]:
+  """One run in a fresh process (its own peak RSS; its memory returned when it ends), with this command's flags."""
+  out = os.path.join(out_dir, f'{optimizer}_{num_users}x{num_items}.json')
+  forwarded = [a for a in sys.argv[1:] if a.startswith('--config')] + [
+      f'--embed_dim={_EMBED_DIM.value}', f'--interactions_per_user={_INTERACTIONS.value}',
+      f'--batch_size={_BATCH_SIZE.value}', f'--steps={_STEPS.value}', f'--mesh={",".join(_MESH.value)}',
+      f'--devices={_DEVICES.value}']
+  cmd = [sys.executable, '-m', 'mtl_rec.scale_benchmark', *forwarded, f'--optimizers={optimizer}',
+         f'--num_users={num_users}', f'--num_items={num_items}', '--calibration_rows=0', f'--out={out}']
+  done = subprocess.run(cmd, check=False)
+  if done.returncode:
+    raise RuntimeError(f'{optimizer} at {num_users:,} x {num_items:,} failed (exit {done.returncode}): '
+                       f'{" ".join(cmd)}')
+  with open(out) as f:
+    return json.load(f)['runs'][optimizer]
+
+
+def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """Each optimizer against dense Adam: examples/s ratio and optimizer state as a fraction of Adam's."""
+  if 'dense_adam' not in runs:
+    return {}
+  ref = runs['dense_adam']
+  return {name: {'examples_per_sec_vs_dense_adam': r['examples_per_sec'] / ref['examples_per_sec'],
+                 'optimizer_state_fraction_of_dense_adam': (r['optimizer_state_bytes_per_device']
+                                                            / ref['optimizer_state_bytes_per_device'])}
+          for name, r in runs.items()}
+
+
+def plan_report(cal: capacity.Calibration, config: Any, optimizers: list[str], num_users: int, num_items: int,
+                mesh_shape: tuple[int, int], batch_size: int, device_memory: float) -> dict[str, Any]:
+  """The capacity plan of `num_users` x `num_items` on `mesh_shape`: per optimizer, bytes per device and expected
+  step time; and the largest square tables that fit `device_memory` bytes per device (the planned mesh)."""
+  small = scale_config(config, 1000, 1000, _EMBED_DIM.value, batch_size, (1, 1), 1)
+  ds = loader.load_data(small)
+  columns = tasks_lib.label_columns(small, ds)
+  specs = tasks_lib.task_specs(small, columns, np.arange(ds.num_rows))
+  features = build_encoder(ds, small, ds.log[ds.user_column] - 1, ds.log[ds.item_column] - 1).specs
+  at = lambda users, items: capacity.abstract_model(small, capacity.with_table_rows(
+      features, {'user_id': users, 'item_id': items}, math.prod(mesh_shape)), specs)
+  model = at(num_users, num_items)
+  devices = math.prod(mesh_shape)
+  out = {'num_users': num_users, 'num_items': num_items, 'embed_dim': _EMBED_DIM.value, 'mesh': list(mesh_shape),
+         'devices': devices, 'batch_size': batch_size, 'device_memory_bytes': device_memory,
+         'calibration': cal.to_dict(), 'optimizers': {}}
+  for name in optimizers:
+    p = capacity.plan(cal, capacity.memory(model, mesh_shape[1], name), name, batch_size, devices)
+    # bytes are linear in the rows: the largest N x N tables within device_memory, from two sizes
+    b1 = capacity.plan(cal, capacity.memory(at(10**6, 10**6), mesh_shape[1], name), name, batch_size, devices)
+    b2 = capacity.plan(cal, capacity.memory(at(2 * 10**6, 2 * 10**6), mesh_shape[1], name), name, batch_size,
+                       devices)
+    per_row = (b2['total_bytes_per_device'] - b1['total_bytes_per_device']) / 10**6
+    fixed = b1['total_bytes_per_device'] - per_row * 10**6
+    p['fits_device_memory'] = p['total_bytes_per_device'] <= device_memory
+    p['largest_square_tables'] = int(max(device_memory - fixed, 0) / per_row)
+    out['optimizers'][name] = p
+  return out
+
+
+def _print_plan(p: dict[str, Any]) -> None:
+  gib = lambda b: f'{b / 2**30:,.2f} GiB'
+  print(f'capacity plan: {p["num_users"]:,} users x {p["num_items"]:,} items x {p["embed_dim"]} on mesh '
+        f'{tuple(p["mesh"])} ({p["devices"]} devices), batch {p["batch_size"]:,}, {gib(p["device_memory_bytes"])} '
+        'per device', flush=True)
+  for name, r in p['optimizers'].items():
+    print(f'  {name:16s} tables {gib(r["table_bytes_per_device"])}  optimizer state '
+          f'{gib(r["optimizer_state_bytes_per_device"])}  step temporaries {gib(r["step_temp_bytes_per_device"])}  '
+          f'total {gib(r["total_bytes_per_device"])} ({"fits" if r["fits_device_memory"] else "does not fit"})  '
+          f'step {r["step_seconds"]:.3f}s ({r["examples_per_sec"]:,.0f} examples/s); largest N x N tables that fit: '
+          f'{r["largest_square_tables"]:,}', flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  optimizers = list(dict.fromkeys(_OPTIMIZERS.value))
+  unknown = [o for o in optimizers if o not in capacity.OPTIMIZERS]
+  if unknown or not optimizers:
+    raise app.UsageError(f'--optimizers={",".join(_OPTIMIZERS.value)}: use names among '
+                         f'{", ".join(capacity.OPTIMIZERS)}')
   if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
     jax.config.update('jax_num_cpu_devices', _DEVICES.value)  # before any backend exists; only CPU honours it
-  result = run(_CONFIG.value, _NUM_USERS.value, _NUM_ITEMS.value, _EMBED_DIM.value, _BATCH_SIZE.value, _STEPS.value,
-               tuple(int(s) for s in _MESH.value), _INTERACTIONS.value)
+  mesh = tuple(int(s) for s in _MESH.value)
+  result: dict[str, Any] = {'runs': {}}
+  if _PLAN_ONLY.value and _CALIBRATION.value:
+    with open(_CALIBRATION.value) as f:
+      cal = capacity.Calibration(**{k: v for k, v in json.load(f)['calibration'].items()
+                                    if k != 'dense_bandwidth_bytes_per_sec'})
+  else:
+    if len(optimizers) == 1 and not _CALIBRATION_ROWS.value:
+      result['runs'][optimizers[0]] = run(_CONFIG.value, _NUM_USERS.value, _NUM_ITEMS.value, _EMBED_DIM.value,
+                                          _BATCH_SIZE.value, _STEPS.value, mesh, _INTERACTIONS.value, optimizers[0])
+    else:
+      with tempfile.TemporaryDirectory() as tmp:
+        for name in optimizers:
+          result['runs'][name] = _in_subprocess(name, _NUM_USERS.value, _NUM_ITEMS.value, tmp)
+        if _CALIBRATION_ROWS.value and {'dense_adam', 'rowwise_adagrad'} <= set(optimizers):
+          rows = _CALIBRATION_ROWS.value
+          result['calibration_runs'] = {name: _in_subprocess(name, rows, rows, tmp) for name in optimizers}
+    result['comparison'] = comparison(result['runs'])
+    cal = None
+    if 'calibration_runs' in result:
+      cal = capacity.calibrate(result['calibration_runs'])
+      result['calibration'] = cal.to_dict()
+      result['plan_check'] = {}
+      for name, r in result['runs'].items():  # the plan for the measured size, from the other size's constants
+        b = capacity.Bytes(**r['planned_bytes_per_device'])
+        planned = capacity.plan(cal, b, name, r['batch_size'], r['devices'])
+        result['plan_check'][name] = {'planned': planned, 'relative_error': capacity.relative_errors(planned, r)}
+  if _PLAN_ONLY.value:
+    if cal is None:
+      raise app.UsageError('--plan needs constants: run with dense_adam and rowwise_adagrad in --optimizers and '
+                           '--calibration_rows > 0, or pass --calibration=<a previous run\'s JSON>')
+    plan_mesh = tuple(int(s) for s in _PLAN_MESH.value)
+    result['plan'] = plan_report(cal, _CONFIG.value, optimizers if result['runs'] or len(optimizers) > 1
+                                 else list(capacity.OPTIMIZERS), _PLAN_USERS.value, _PLAN_ITEMS.value, plan_mesh,
+                                 _PLAN_BATCH_SIZE.value, _PLAN_DEVICE_GB.value * 2**30)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, 'w') as f:
     json.dump(result, f, indent=2, sort_keys=True)
-  print(f'{result["examples_per_sec"]:,.0f} examples/s, step {result["step_time_sec"]["median"]:.3f}s (median of '
-        f'{result["steps"]}); table bytes per device {result["table_bytes_per_device_max"]:,} of '
-        f'{result["table_bytes_total"]:,} in all; optimizer state per device '
-        f'{result["opt_state_bytes_per_device_max"]:,}; written to {_OUT.value}', flush=True)
+  for name, r in result['runs'].items():
+    vs = result['comparison'].get(name, {})
+    print(f'{name:16s} {r["examples_per_sec"]:>10,.0f} examples/s, step {r["step_seconds_median"]:.3f}s (median of '
+          f'{r["steps"]}); tables {r["table_bytes_per_device"]:,} B/device; optimizer state '
+          f'{r["optimizer_state_bytes_per_device"]:,} B/device; step temporaries {r["step_temp_bytes"]:,} B; peak RSS '
+          f'{r["peak_rss_bytes"] / 2**30:.2f} GiB' + (
+              f'; {vs["examples_per_sec_vs_dense_adam"]:.1f}x the examples/s of dense Adam, state '
+              f'{100 * vs["optimizer_state_fraction_of_dense_adam"]:.2f}% of its' if vs and name != 'dense_adam'
+              else ''), flush=True)
+  for name, check in result.get('plan_check', {}).items():
+    print(f'plan vs measured, {name}: ' + ', '.join(f'{k} {100 * v:+.1f}%' for k, v in
+                                                   check['relative_error'].items()), flush=True)
+  if 'plan' in result:
+    _print_plan(result['plan'])
+  print(f'written to {_OUT.value}', flush=True)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,148 @@
+"""The capacity plan: bytes per device and step time of the sharded model at sizes and meshes no machine here holds.
+
+Bytes come from the model itself: its parameter shapes at the planned table sizes (`nnx.eval_shape`: nothing is
+allocated), the sharding rules (row-sharded tables split over 'model', the rest replicated) and what each table
+optimizer keeps: Adam two moments per parameter, row-wise Adagrad one float per row of each table group, lazy Adam
+Adam's moments. Step temporaries and step time are linear models whose constants a machine's measured runs give
+(`calibrate`, from scale-benchmark runs at one size):
+
+  temporaries = temp_table_factor[optimizer] x id-table bytes per device + batch temporaries (measured)
+  step time   = examples per device x seconds per example  +  id-table bytes per device x seconds per table byte
+
+Dense Adam reads and writes every row of every table, its gradient and both moments at every step: the second term,
+whose constant is the device's memory bandwidth over the passes it makes (TRAFFIC_PASSES). The row-wise optimizers
+touch only the batch's rows: their second term is 0 and the step is the network's. The scale benchmark calibrates
+at one size and checks the plan against runs at another (`plan_check` in its JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mtl_rec import deterministic
+from mtl_rec import model as model_lib
+from mtl_rec import sharding as sharding_lib
+from mtl_rec import trees
+
+OPTIMIZERS = {'dense_adam': 'dense', 'rowwise_adagrad': 'rowwise_adagrad', 'lazy_adam': 'lazy_adam'}
+# Dense Adam's passes over the table bytes per step: read parameters, gradient, mu, nu; write parameters, mu, nu;
+# the gradient is zeroed and scattered into: about 9. Used only to express a calibrated constant as a bandwidth.
+TRAFFIC_PASSES = 9
+
+
+@dataclasses.dataclass(frozen=True)
+class Bytes:
+  """Bytes per device of one configuration (the most loaded device)."""
+  tables: int  # every embedding table (row-sharded id tables / model axis, small tables whole)
+  id_tables: int  # the row-sharded parameters (id embeddings and id biases) / model axis
+  params: int  # all parameters
+  optimizer_state: int  # the dense optimizer's moments plus the row-wise state
+
+  def to_dict(self) -> dict[str, int]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A model's parameters as shapes: ShapeDtypeStructs, PartitionSpecs and the id tables' groups."""
+  params: Any
+  specs: Any
+  table_inputs: dict[tuple[str, ...], Any]
+
+
+def abstract_model(config: Any, features: Sequence[Any], tasks: Sequence[Any]) -> Model:
+  """The model of `config` with these feature specs (whose vocab_size may be any size: nothing is allocated)."""
+  abstract = nnx.eval_shape(lambda: model_lib.build(config, features, tasks))
+  _, state = nnx.split(abstract)
+  return Model(nnx.to_pure_dict(state), sharding_lib.param_specs(state), abstract.table_inputs())
+
+
+def with_table_rows(features: Sequence[Any], rows: dict[str, int], multiple: int) -> tuple[Any, ...]:
+  """The feature specs with the id tables of `rows` ({feature: rows}) resized, padded to `multiple`."""
+  return tuple(dataclasses.replace(s, vocab_size=-(-rows[s.name] // multiple) * multiple) if s.name in rows else s
+               for s in features)
+
+
+def memory(m: Model, model_axis: int, optimizer: str) -> Bytes:
+  """Bytes per device of the model's parameters on a model axis of `model_axis`, with the id tables on
+  `optimizer` (a key of OPTIMIZERS)."""
+  flat_specs = jax.tree.leaves(m.specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  total = tables = id_tables = 0
+  for (path, x), spec in zip(trees.leaves_by_path(m.params).items(), flat_specs, strict=True):
+    size = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+    if sharding_lib.is_row_sharded(spec):
+      size = -(-x.shape[0] // model_axis) * (size // x.shape[0])
+      id_tables += size
+    if path[:2] == ('embeddings', 'tables'):
+      tables += size
+    total += size
+  dense = total - id_tables
+  if optimizer == 'rowwise_adagrad':  # dense Adam on the rest, one float32 per row of each group of id tables
+    rows = [trees.get(m.params, tables_[0]).shape[0] for tables_, _ in deterministic.components(m.table_inputs)]
+    state = 2 * dense + 4 * sum(-(-r // model_axis) for r in rows)
+  else:  # dense Adam, and lazy Adam's moments of every row
+    state = 2 * total
+  return Bytes(tables, id_tables, total, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+  """A machine's measured constants (see the module docstring)."""
+  seconds_per_example: float  # per device: the network's forward and backward, the lookups, the row updates
+  seconds_per_table_byte: float  # dense Adam's extra time per id-table byte per device
+  temp_table_factor: dict[str, float]  # step temporaries per id-table byte per device, by optimizer
+  temp_batch_bytes_per_example: float  # the rest of the step temporaries, per example of the global batch
+
+  @property
+  def dense_bandwidth_bytes_per_sec(self) -> float:
+    """The memory bandwidth per device that dense Adam's step time implies (TRAFFIC_PASSES over the tables)."""
+    return TRAFFIC_PASSES / self.seconds_per_table_byte if self.seconds_per_table_byte > 0 else math.inf
+
+  def to_dict(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), 'dense_bandwidth_bytes_per_sec': self.dense_bandwidth_bytes_per_sec}
+
+
+def calibrate(runs: dict[str, dict[str, Any]]) -> Calibration:
+  """Constants from scale-benchmark runs of one size ({optimizer: its JSON}; dense_adam and rowwise_adagrad
+  needed): the row-wise step is the network's; dense Adam's extra time is the tables'."""
+  if not {'dense_adam', 'rowwise_adagrad'} <= set(runs):
+    raise ValueError('calibration needs dense_adam and rowwise_adagrad runs of one size')
+  rw, dense = runs['rowwise_adagrad'], runs['dense_adam']
+  per_device = rw['batch_size'] / rw['devices']
+  s_ex = rw['step_seconds_median'] / per_device
+  s_byte = max(dense['step_seconds_median'] - rw['step_seconds_median'], 0.0) / dense['id_table_bytes_per_device']
+  batch_temp = rw['step_temp_bytes'] / rw['batch_size']
+  factors = {name: max(r['step_temp_bytes'] - batch_temp * r['batch_size'], 0) / r['id_table_bytes_per_device']
+             for name, r in runs.items()}
+  return Calibration(s_ex, s_byte, factors, batch_temp)
+
+
+def step_seconds(cal: Calibration, optimizer: str, batch_size: int, devices: int, id_table_bytes: int) -> float:
+  """Expected seconds per step: examples per device times the network's cost, plus dense Adam's table passes."""
+  tables = cal.seconds_per_table_byte * id_table_bytes if optimizer == 'dense_adam' else 0.0
+  return cal.seconds_per_example * batch_size / devices + tables
+
+
+def plan(cal: Calibration, b: Bytes, optimizer: str, batch_size: int, devices: int) -> dict[str, Any]:
+  """The plan of one configuration: bytes per device (tables, optimizer state, step temporaries, total) and the
+  expected step time and examples/s."""
+  temp = cal.temp_table_factor.get(optimizer, 0.0) * b.id_tables + cal.temp_batch_bytes_per_example * batch_size
+  t = step_seconds(cal, optimizer, batch_size, devices, b.id_tables)
+  return {'table_bytes_per_device': b.tables, 'params_bytes_per_device': b.params,
+          'optimizer_state_bytes_per_device': b.optimizer_state, 'step_temp_bytes_per_device': int(temp),
+          'total_bytes_per_device': int(b.params + b.optimizer_state + temp),
+          'step_seconds': t, 'examples_per_sec': batch_size / t}
+
+
+def relative_errors(planned: dict[str, Any], measured: dict[str, Any]) -> dict[str, float]:
+  """(plan - measured) / measured for the figures a run measures."""
+  pairs = {'table_bytes_per_device': 'table_bytes_per_device',
+           'optimizer_state_bytes_per_device': 'optimizer_state_bytes_per_device',
+           'step_temp_bytes_per_device': 'step_temp_bytes', 'step_seconds': 'step_seconds_median'}
+  return {k: (planned[k] - measured[m]) / measured[m] for k, m in pairs.items() if measured.get(m)}

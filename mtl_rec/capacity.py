@@ -6,12 +6,12 @@ optimizer keeps: Adam two moments per parameter, row-wise Adagrad one float per 
 Adam's moments. Step temporaries and step time are linear models whose constants a machine's measured runs give
 (`calibrate`, from scale-benchmark runs at one size):
 
-  temporaries = temp_table_factor[optimizer] x id-table bytes per device + batch temporaries (measured)
+  temporaries = global batch x bytes per example  +  id-table bytes per device x temporaries per table byte
   step time   = examples per device x seconds per example  +  id-table bytes per device x seconds per table byte
 
 Dense Adam reads and writes every row of every table, its gradient and both moments at every step: the second term,
-whose constant is the device's memory bandwidth over the passes it makes (TRAFFIC_PASSES). The row-wise optimizers
-touch only the batch's rows: their second term is 0 and the step is the network's. The scale benchmark calibrates
+whose constant is the passes it makes (TRAFFIC_PASSES) over the device's memory bandwidth; its temporaries hold
+the tables' gradient. The row-wise optimizers touch only the batch's rows: their second terms are 0. The scale benchmark calibrates
 at one size and checks the plan against runs at another (`plan_check` in its JSON).
 """
 
@@ -93,51 +93,67 @@ def memory(m: Model, model_axis: int, optimizer: str) -> Bytes:
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-  """A machine's measured constants (see the module docstring)."""
-  seconds_per_example: float  # per device: the network's forward and backward, the lookups, the row updates
-  seconds_per_table_byte: float  # dense Adam's extra time per id-table byte per device
-  temp_table_factor: dict[str, float]  # step temporaries per id-table byte per device, by optimizer
-  temp_batch_bytes_per_example: float  # the rest of the step temporaries, per example of the global batch
+  """A machine's measured constants, per optimizer (see the module docstring)."""
+  seconds_per_example: dict[str, float]  # per device: the network, the lookups and the row updates
+  seconds_per_table_byte: dict[str, float]  # dense Adam's extra time per id-table byte per device (0 for the others)
+  temp_bytes_per_example: dict[str, float]  # step temporaries per example of the global batch
+  temp_bytes_per_table_byte: dict[str, float]  # step temporaries per id-table byte per device (dense: the gradient)
 
-  @property
-  def dense_bandwidth_bytes_per_sec(self) -> float:
-    """The memory bandwidth per device that dense Adam's step time implies (TRAFFIC_PASSES over the tables)."""
-    return TRAFFIC_PASSES / self.seconds_per_table_byte if self.seconds_per_table_byte > 0 else math.inf
+  def bandwidth(self, optimizer: str) -> float:
+    """The memory bandwidth per device, bytes/s, that dense Adam's step time implies (TRAFFIC_PASSES passes)."""
+    s = self.seconds_per_table_byte.get(optimizer, 0.0)
+    return TRAFFIC_PASSES / s if s > 0 else math.inf
 
   def to_dict(self) -> dict[str, Any]:
-    return {**dataclasses.asdict(self), 'dense_bandwidth_bytes_per_sec': self.dense_bandwidth_bytes_per_sec}
+    return dataclasses.asdict(self)
 
 
 def calibrate(runs: dict[str, dict[str, Any]]) -> Calibration:
-  """Constants from scale-benchmark runs of one size ({optimizer: its JSON}; dense_adam and rowwise_adagrad
-  needed): the row-wise step is the network's; dense Adam's extra time is the tables'."""
-  if not {'dense_adam', 'rowwise_adagrad'} <= set(runs):
-    raise ValueError('calibration needs dense_adam and rowwise_adagrad runs of one size')
-  rw, dense = runs['rowwise_adagrad'], runs['dense_adam']
-  per_device = rw['batch_size'] / rw['devices']
-  s_ex = rw['step_seconds_median'] / per_device
-  s_byte = max(dense['step_seconds_median'] - rw['step_seconds_median'], 0.0) / dense['id_table_bytes_per_device']
-  batch_temp = rw['step_temp_bytes'] / rw['batch_size']
-  factors = {name: max(r['step_temp_bytes'] - batch_temp * r['batch_size'], 0) / r['id_table_bytes_per_device']
-             for name, r in runs.items()}
-  return Calibration(s_ex, s_byte, factors, batch_temp)
-
-
-def step_seconds(cal: Calibration, optimizer: str, batch_size: int, devices: int, id_table_bytes: int) -> float:
-  """Expected seconds per step: examples per device times the network's cost, plus dense Adam's table passes."""
-  tables = cal.seconds_per_table_byte * id_table_bytes if optimizer == 'dense_adam' else 0.0
-  return cal.seconds_per_example * batch_size / devices + tables
+  """Constants from scale-benchmark runs of one size ({optimizer: its JSON}; rowwise_adagrad needed, and
+  dense_adam to plan it). The row-wise optimizers never hold or sweep a table-sized buffer, so their step time and
+  temporaries are the batch's alone; dense Adam's are the row-wise step's plus a term in the id-table bytes."""
+  if 'rowwise_adagrad' not in runs:
+    raise ValueError('calibration needs a rowwise_adagrad run (and dense_adam to plan dense Adam)')
+  rw = runs['rowwise_adagrad']
+  per_example = lambda r: r['step_seconds_median'] * r['devices'] / r['batch_size']
+  s_ex, s_byte, t_ex, t_byte = {}, {}, {}, {}
+  for name, r in runs.items():
+    if name == 'dense_adam':
+      s_ex[name], t_ex[name] = per_example(rw), rw['step_temp_bytes'] / rw['batch_size']
+      s_byte[name] = max(r['step_seconds_median'] - per_example(rw) * r['batch_size'] / r['devices'], 0.0) / (
+          r['id_table_bytes_per_device'])
+      t_byte[name] = max(r['step_temp_bytes'] - t_ex[name] * r['batch_size'], 0.0) / r['id_table_bytes_per_device']
+    else:
+      s_ex[name], t_ex[name] = per_example(r), r['step_temp_bytes'] / r['batch_size']
+      s_byte[name] = t_byte[name] = 0.0
+  return Calibration(s_ex, s_byte, t_ex, t_byte)
 
 
 def plan(cal: Calibration, b: Bytes, optimizer: str, batch_size: int, devices: int) -> dict[str, Any]:
   """The plan of one configuration: bytes per device (tables, optimizer state, step temporaries, total) and the
   expected step time and examples/s."""
-  temp = cal.temp_table_factor.get(optimizer, 0.0) * b.id_tables + cal.temp_batch_bytes_per_example * batch_size
-  t = step_seconds(cal, optimizer, batch_size, devices, b.id_tables)
+  if optimizer not in cal.seconds_per_example:
+    raise ValueError(f'the calibration has no {optimizer} run; calibrate with it among the optimizers')
+  temp = cal.temp_bytes_per_example[optimizer] * batch_size + cal.temp_bytes_per_table_byte[optimizer] * b.id_tables
+  t = (cal.seconds_per_example[optimizer] * batch_size / devices
+       + cal.seconds_per_table_byte[optimizer] * b.id_tables)
   return {'table_bytes_per_device': b.tables, 'params_bytes_per_device': b.params,
           'optimizer_state_bytes_per_device': b.optimizer_state, 'step_temp_bytes_per_device': int(temp),
           'total_bytes_per_device': int(b.params + b.optimizer_state + temp),
           'step_seconds': t, 'examples_per_sec': batch_size / t}
+
+
+def for_hardware(cal: Calibration, seconds_per_example: float | None, bandwidth: float | None) -> Calibration:
+  """`cal` with other devices' constants: the network's seconds per example per device and the memory bandwidth
+  (bytes/s) per device, which sets dense Adam's seconds per table byte (TRAFFIC_PASSES passes); None keeps cal's."""
+  s_ex = dict(cal.seconds_per_example)
+  if seconds_per_example is not None:
+    base = s_ex.get('rowwise_adagrad', seconds_per_example)
+    s_ex = {k: seconds_per_example * v / base for k, v in s_ex.items()}  # keep the optimizers' measured ratios
+  s_byte = dict(cal.seconds_per_table_byte)
+  if bandwidth is not None:
+    s_byte = {k: (TRAFFIC_PASSES / bandwidth if v > 0 else 0.0) for k, v in s_byte.items()}
+  return dataclasses.replace(cal, seconds_per_example=s_ex, seconds_per_table_byte=s_byte)
 
 
 def relative_errors(planned: dict[str, Any], measured: dict[str, Any]) -> dict[str, float]:

@@ -68,8 +68,8 @@ _DEVICES = flags.DEFINE_integer('devices', 8, 'Simulated CPU devices (ignored if
                                 'or the backend is not CPU).')
 _OPTIMIZERS = flags.DEFINE_list('optimizers', ['dense_adam'], 'Optimizers of the id tables, each run in turn: '
                                 'dense_adam, rowwise_adagrad, lazy_adam (rowwise.py).')
-_CALIBRATION_ROWS = flags.DEFINE_integer('calibration_rows', 500_000, 'With several optimizers (dense_adam and '
-                                         'rowwise_adagrad among them): users and items of the runs that calibrate '
+_CALIBRATION_ROWS = flags.DEFINE_integer('calibration_rows', 1_000_000, 'With several optimizers (rowwise_adagrad '
+                                         'among them): users and items of the runs that calibrate '
                                          'the capacity plan, checked against the main size; 0 = none.')
 _PLAN_ONLY = flags.DEFINE_bool('plan', False, 'Also print and write the capacity plan for the --plan_* size.')
 _CALIBRATION = flags.DEFINE_string('calibration', None, "With --plan: a previous run's JSON whose calibration "
@@ -80,6 +80,10 @@ _PLAN_MESH = flags.DEFINE_list('plan_mesh', ['8', '32'], 'Mesh (data, model) of 
 _PLAN_BATCH_SIZE = flags.DEFINE_integer('plan_batch_size', 262_144, 'Global batch of the planned configuration.')
 _PLAN_DEVICE_GB = flags.DEFINE_float('plan_device_memory_gib', 95.0, 'Memory per device of the planned '
                                      'configuration, GiB (TPU v5p: 95, H100: 80, v5e: 16).')
+_PLAN_BANDWIDTH = flags.DEFINE_float('plan_bandwidth_gbps', None, "Memory bandwidth per device of the planned "
+                                     "devices, GB/s (H100: 3350, TPU v5p: 2765); default: this machine's, measured.")
+_PLAN_SECONDS_PER_EXAMPLE = flags.DEFINE_float('plan_seconds_per_example', None, "The network's seconds per "
+                                               "example per planned device; default: this machine's, measured.")
 
 
 def build_encoder(ds: Any, config: Any, user_index: np.ndarray, item_index: np.ndarray) -> Any:
@@ -266,10 +270,11 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def plan_report(cal: capacity.Calibration, config: Any, optimizers: list[str], num_users: int, num_items: int,
-                mesh_shape: tuple[int, int], batch_size: int, device_memory: float) -> dict[str, Any]:
+                embed_dim: int, mesh_shape: tuple[int, int], batch_size: int, device_memory: float
+                ) -> dict[str, Any]:
   """The capacity plan of `num_users` x `num_items` on `mesh_shape`: per optimizer, bytes per device and expected
   step time; and the largest square tables that fit `device_memory` bytes per device (the planned mesh)."""
-  small = scale_config(config, 1000, 1000, _EMBED_DIM.value, batch_size, (1, 1), 1)
+  small = scale_config(config, 1000, 1000, embed_dim, batch_size, (1, 1), 1)
   ds = loader.load_data(small)
   columns = tasks_lib.label_columns(small, ds)
   specs = tasks_lib.task_specs(small, columns, np.arange(ds.num_rows))
@@ -278,9 +283,10 @@ def plan_report(cal: capacity.Calibration, config: Any, optimizers: list[str], n
       features, {'user_id': users, 'item_id': items}, math.prod(mesh_shape)), specs)
   model = at(num_users, num_items)
   devices = math.prod(mesh_shape)
-  out = {'num_users': num_users, 'num_items': num_items, 'embed_dim': _EMBED_DIM.value, 'mesh': list(mesh_shape),
+  out = {'num_users': num_users, 'num_items': num_items, 'embed_dim': embed_dim, 'mesh': list(mesh_shape),
          'devices': devices, 'batch_size': batch_size, 'device_memory_bytes': device_memory,
-         'calibration': cal.to_dict(), 'optimizers': {}}
+         'calibration': cal.to_dict(), 'dense_adam_bandwidth_bytes_per_sec': cal.bandwidth('dense_adam'),
+         'optimizers': {}}
   for name in optimizers:
     p = capacity.plan(cal, capacity.memory(model, mesh_shape[1], name), name, batch_size, devices)
     # bytes are linear in the rows: the largest N x N tables within device_memory, from two sizes
@@ -322,8 +328,7 @@ def main(argv):
   result: dict[str, Any] = {'runs': {}}
   if _PLAN_ONLY.value and _CALIBRATION.value:
     with open(_CALIBRATION.value) as f:
-      cal = capacity.Calibration(**{k: v for k, v in json.load(f)['calibration'].items()
-                                    if k != 'dense_bandwidth_bytes_per_sec'})
+      cal = capacity.Calibration(**json.load(f)['calibration'])
   else:
     if len(optimizers) == 1 and not _CALIBRATION_ROWS.value:
       result['runs'][optimizers[0]] = run(_CONFIG.value, _NUM_USERS.value, _NUM_ITEMS.value, _EMBED_DIM.value,
@@ -332,7 +337,7 @@ def main(argv):
       with tempfile.TemporaryDirectory() as tmp:
         for name in optimizers:
           result['runs'][name] = _in_subprocess(name, _NUM_USERS.value, _NUM_ITEMS.value, tmp)
-        if _CALIBRATION_ROWS.value and {'dense_adam', 'rowwise_adagrad'} <= set(optimizers):
+        if _CALIBRATION_ROWS.value and 'rowwise_adagrad' in optimizers:
           rows = _CALIBRATION_ROWS.value
           result['calibration_runs'] = {name: _in_subprocess(name, rows, rows, tmp) for name in optimizers}
     result['comparison'] = comparison(result['runs'])
@@ -350,8 +355,10 @@ def main(argv):
       raise app.UsageError('--plan needs constants: run with dense_adam and rowwise_adagrad in --optimizers and '
                            '--calibration_rows > 0, or pass --calibration=<a previous run\'s JSON>')
     plan_mesh = tuple(int(s) for s in _PLAN_MESH.value)
-    result['plan'] = plan_report(cal, _CONFIG.value, optimizers if result['runs'] or len(optimizers) > 1
-                                 else list(capacity.OPTIMIZERS), _PLAN_USERS.value, _PLAN_ITEMS.value, plan_mesh,
+    bandwidth = _PLAN_BANDWIDTH.value * 1e9 if _PLAN_BANDWIDTH.value else None
+    cal = capacity.for_hardware(cal, _PLAN_SECONDS_PER_EXAMPLE.value, bandwidth)
+    result['plan'] = plan_report(cal, _CONFIG.value, [o for o in capacity.OPTIMIZERS if o in cal.seconds_per_example], _PLAN_USERS.value, _PLAN_ITEMS.value,
+                                 _EMBED_DIM.value, plan_mesh,
                                  _PLAN_BATCH_SIZE.value, _PLAN_DEVICE_GB.value * 2**30)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, 'w') as f:

@@ -46,6 +46,21 @@ class MLP(nnx.Module):
     return x
 
 
+EMBEDDING_STDDEV = 0.05  # initial rows ~ N(0, 0.05^2)
+# Sharded tables with more rows than this start at zero in the model and are filled with their N(0, 0.05^2) rows
+# after placement, shard by shard and block by block (trainer.fill_large_tables): generating a 5 GB table in one
+# piece took ~6x its size in temporaries, more than this 24 GB machine has for 10M x 10M x 64. Each row's values
+# come from the seed and the row's number alone, so every mesh gets the same table.
+LARGE_INIT_ROWS = 1 << 20
+
+
+def large_init_tables(specs: Sequence[FeatureSpec]) -> list[tuple[str, ...]]:
+  """Parameter paths of the tables trainer.fill_large_tables fills (the model builds them as zeros)."""
+  return [('embeddings', 'tables', s.name) for s in specs
+          if s.large and s.kind in ('categorical', 'multi') and s.encoding.get('kind') != 'text'
+          and s.vocab_size > LARGE_INIT_ROWS]
+
+
 DENSE_POOLING_MAX_ROWS = 256  # multi-valued features with at most this many rows (genres, tags) pool by a multi-hot
 # matmul; larger ones (hashed text) gather their rows: a [B, L, rows] one-hot would cost more than the table
 
@@ -55,11 +70,14 @@ class Embeddings(nnx.Module):
   (logical axis 'vocab'); numeric features go through a learned 1 -> dim projection."""
 
   def __init__(self, specs: Sequence[FeatureSpec], dim: int, rngs: nnx.Rngs):
-    init = nnx.initializers.normal(stddev=0.05)
+    init = nnx.initializers.normal(stddev=EMBEDDING_STDDEV)
     self.specs = tuple(specs)
     # Hashed text starts at zero: a token only cold items have is never trained, and a random row would be noise
     # in their pooled vector, where a zero row adds nothing (rows still train: their gradient is the layer above's).
-    start = lambda s, shape: (jnp.zeros(shape) if s.encoding.get('kind') == 'text' else init(rngs.params(), shape))
+    # Very large tables start at zero here and are filled after placement (LARGE_INIT_ROWS).
+    zero = {p[-1] for p in large_init_tables(specs)}
+    start = lambda s, shape: (jnp.zeros(shape) if s.encoding.get('kind') == 'text' or s.name in zero
+                              else init(rngs.params(), shape))
     self.tables = nnx.data({
         s.name: nnx.Param(start(s, (max(s.vocab_size, 1), dim)), axes=('vocab' if s.large else 'small_vocab', 'embed'))
         for s in specs if s.kind in ('categorical', 'multi')})

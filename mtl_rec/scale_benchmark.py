@@ -230,7 +230,8 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
       'examples_per_sec': steps * batch_size / total_time,
       'step_seconds_median': statistics.median(times),
       'step_time_sec': {'mean': total_time / steps, 'median': statistics.median(times), 'min': min(times),
-                        'max': max(times)},
+                        'max': max(times), 'p25': float(np.percentile(times, 25)),
+                        'p75': float(np.percentile(times, 75))},
       'losses': losses,
       'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
       'data_sec': data_sec, 'init_sec': init_sec, 'compile_sec': compile_sec, 'wall_sec': time.time() - t_start,
@@ -349,15 +350,25 @@ def main(argv):
       for name, r in result['runs'].items():  # the plan for the measured size, from the other size's constants
         b = capacity.Bytes(**r['planned_bytes_per_device'])
         planned = capacity.plan(cal, b, name, r['batch_size'], r['devices'])
-        result['plan_check'][name] = {'planned': planned, 'relative_error': capacity.relative_errors(planned, r)}
+        spread = (r['step_time_sec']['p75'] - r['step_time_sec']['p25']) / r['step_seconds_median']
+        result['plan_check'][name] = {'planned': planned, 'relative_error': capacity.relative_errors(planned, r),
+                                      # this machine's step-to-step noise: the measured steps' interquartile range
+                                      'measured_step_seconds_iqr_relative': spread}
   if _PLAN_ONLY.value:
     if cal is None:
       raise app.UsageError('--plan needs constants: run with dense_adam and rowwise_adagrad in --optimizers and '
                            '--calibration_rows > 0, or pass --calibration=<a previous run\'s JSON>')
+    planned_optimizers = [o for o in capacity.OPTIMIZERS if o in cal.seconds_per_example]
+    # This machine: its devices share its memory; the largest tables each optimizer's device bytes allow (the data,
+    # Python and XLA's own memory come on top: compare peak_rss_bytes of a run)
+    host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    result['plan_this_host'] = plan_report(cal, _CONFIG.value, planned_optimizers, _NUM_USERS.value,
+                                           _NUM_ITEMS.value, _EMBED_DIM.value, mesh, _BATCH_SIZE.value,
+                                           host / jax.device_count())
     plan_mesh = tuple(int(s) for s in _PLAN_MESH.value)
     bandwidth = _PLAN_BANDWIDTH.value * 1e9 if _PLAN_BANDWIDTH.value else None
     cal = capacity.for_hardware(cal, _PLAN_SECONDS_PER_EXAMPLE.value, bandwidth)
-    result['plan'] = plan_report(cal, _CONFIG.value, [o for o in capacity.OPTIMIZERS if o in cal.seconds_per_example], _PLAN_USERS.value, _PLAN_ITEMS.value,
+    result['plan'] = plan_report(cal, _CONFIG.value, planned_optimizers, _PLAN_USERS.value, _PLAN_ITEMS.value,
                                  _EMBED_DIM.value, plan_mesh,
                                  _PLAN_BATCH_SIZE.value, _PLAN_DEVICE_GB.value * 2**30)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
@@ -374,8 +385,11 @@ def main(argv):
               else ''), flush=True)
   for name, check in result.get('plan_check', {}).items():
     print(f'plan vs measured, {name}: ' + ', '.join(f'{k} {100 * v:+.1f}%' for k, v in
-                                                   check['relative_error'].items()), flush=True)
+                                                   check['relative_error'].items())
+          + f' (measured steps\' interquartile range: {100 * check["measured_step_seconds_iqr_relative"]:.0f}% of '
+          'the median)', flush=True)
   if 'plan' in result:
+    _print_plan(result['plan_this_host'])
     _print_plan(result['plan'])
   print(f'written to {_OUT.value}', flush=True)
 

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 import math
+import zlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -71,6 +72,32 @@ def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int) -> optax.Gra
   else:
     opt = optax.adam(lr)
   return optax.chain(clip_by_global_norm(oc.grad_clip_norm), opt) if oc.grad_clip_norm > 0 else opt
+
+
+def fill_large_tables(params: Any, shardings: Any, paths: Sequence[tuple[str, ...]], seed: int,
+                      block_rows: int = 1 << 16) -> Any:
+  """`params` with the tables at `paths` (built as zeros) filled with N(0, EMBEDDING_STDDEV^2) rows in place: each
+  device writes its shard block by block (shard_map + fori_loop + dynamic_update_slice into the donated zeros), so
+  the only temporaries are one block's. Row r's values depend on (seed, table, r) alone: the same on every mesh."""
+  for path in paths:
+    table, sharding = trees.get(params, path), trees.get(shardings, path)
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32('/'.join(path).encode()))
+
+    def local(t, key=key):
+      rows = t.shape[0]
+      block = min(block_rows, rows)
+      first = jax.lax.axis_index(sharding_lib.RULES['vocab']) * rows
+      row = lambda r: jax.random.normal(jax.random.fold_in(key, r), t.shape[1:], t.dtype)
+
+      def body(b, t):
+        start = jnp.minimum(b * block, rows - block)  # the last block ends at the shard's end (rewriting a few rows)
+        values = jax.vmap(row)(first + start + jnp.arange(block)) * model_lib.EMBEDDING_STDDEV
+        return jax.lax.dynamic_update_slice_in_dim(t, values.astype(t.dtype), start, axis=0)
+      return jax.lax.fori_loop(0, -(-rows // block), body, t)
+    fill = jax.jit(jax.shard_map(local, mesh=sharding.mesh, in_specs=sharding.spec, out_specs=sharding.spec),
+                   out_shardings=sharding, donate_argnums=0)
+    params = trees.replace(params, path, fill(table))
+  return params
 
 
 def make_row_optimizer(config: ml_collections.ConfigDict, table_inputs: Any,
@@ -195,6 +222,7 @@ def make_trainer(config: ml_collections.ConfigDict, features: Sequence[FeatureSp
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = sharding_lib.named(mesh, sharding_lib.param_specs(abstract_params))
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build())), out_shardings=param_shardings)()
+  params = fill_large_tables(params, param_shardings, model_lib.large_init_tables(features), int(config.seed))
   replicated = jax.sharding.NamedSharding(mesh, P())
   tx = make_optimizer(config.optimizer, total_steps)
   row_optimizer = make_row_optimizer(config, abstract_model.table_inputs(), total_steps)

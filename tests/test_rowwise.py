@@ -239,3 +239,25 @@ def test_row_optimizer_state_restores_onto_another_mesh_and_warm_starts(mixed_ru
                                            dense.state_shardings['params'], exp.encoder)
   for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(saved['params']), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_large_tables_are_filled_in_place_the_same_on_every_mesh():
+  """Tables too large to generate in one piece (model.LARGE_INIT_ROWS) are filled shard by shard, block by block:
+  N(0, 0.05^2) rows that depend on the seed and the row alone, whatever the mesh and block size."""
+  path = ('embeddings', 'tables', 'user_id')
+  out = []
+  for shape, block in [((1, 1), 1 << 16), ((2, 4), 100), ((1, 8), 7)]:
+    mesh = sharding_lib.make_mesh(shape, ('data', 'model'))
+    shardings = {'embeddings': {'tables': {'user_id': jax.sharding.NamedSharding(mesh, P('model', None))}}}
+    params = jax.device_put({'embeddings': {'tables': {'user_id': np.zeros((4000, 8), np.float32)}}}, shardings)
+    filled = trainer_lib.fill_large_tables(params, shardings, [path], seed=3, block_rows=block)
+    assert _get(filled, path).sharding == _get(shardings, path)
+    out.append(np.asarray(_get(filled, path)))
+  for x in out[1:]:
+    np.testing.assert_array_equal(x, out[0])
+  assert abs(out[0].std() - 0.05) < 0.002 and abs(out[0].mean()) < 0.002
+  assert len(np.unique(out[0], axis=0)) == 4000  # every row its own draw
+  other = trainer_lib.fill_large_tables(jax.device_put({'embeddings': {'tables': {'user_id': np.zeros(
+      (4000, 8), np.float32)}}}), {'embeddings': {'tables': {'user_id': jax.sharding.NamedSharding(
+          sharding_lib.make_mesh((1, 1), ('data', 'model')), P('model', None))}}}, [path], seed=4)
+  assert not np.array_equal(np.asarray(_get(other, path)), out[0])  # another seed, another table

@@ -261,3 +261,13 @@ def test_large_tables_are_filled_in_place_the_same_on_every_mesh():
       (4000, 8), np.float32)}}}), {'embeddings': {'tables': {'user_id': jax.sharding.NamedSharding(
           sharding_lib.make_mesh((1, 1), ('data', 'model')), P('model', None))}}}, [path], seed=4)
   assert not np.array_equal(np.asarray(_get(other, path)), out[0])  # another seed, another table
+
+
+def test_unique_is_jnp_unique():
+  rng = np.random.default_rng(5)
+  for ids in [rng.integers(-1, 50, 300), rng.integers(0, 10**7, 4096), np.full(17, 3), np.array([rowwise.FILL - 1, -1])]:
+    ids = jnp.asarray(ids.astype(np.int32))
+    want_u, want_i = jnp.unique(ids, size=ids.size, fill_value=rowwise.FILL, return_inverse=True)
+    got_u, got_i = jax.jit(rowwise.unique)(ids)
+    np.testing.assert_array_equal(got_u, want_u)
+    np.testing.assert_array_equal(got_i, want_i.reshape(-1))

@@ -111,16 +111,18 @@ class Calibration:
 def calibrate(runs: dict[str, dict[str, Any]]) -> Calibration:
   """Constants from scale-benchmark runs of one size ({optimizer: its JSON}; rowwise_adagrad needed, and
   dense_adam to plan it). The row-wise optimizers never hold or sweep a table-sized buffer, so their step time and
-  temporaries are the batch's alone; dense Adam's are the row-wise step's plus a term in the id-table bytes."""
+  temporaries are the batch's alone; dense Adam's are the row-wise step's plus a term in the id-table bytes. Step
+  times are each run's fastest step, what the machine does undisturbed: this shared machine's step times scatter by
+  10-25% from run to run, and the median with them."""
   if 'rowwise_adagrad' not in runs:
     raise ValueError('calibration needs a rowwise_adagrad run (and dense_adam to plan dense Adam)')
   rw = runs['rowwise_adagrad']
-  per_example = lambda r: r['step_seconds_median'] * r['devices'] / r['batch_size']
+  per_example = lambda r: r['step_seconds_min'] * r['devices'] / r['batch_size']
   s_ex, s_byte, t_ex, t_byte = {}, {}, {}, {}
   for name, r in runs.items():
     if name == 'dense_adam':
       s_ex[name], t_ex[name] = per_example(rw), rw['step_temp_bytes'] / rw['batch_size']
-      s_byte[name] = max(r['step_seconds_median'] - per_example(rw) * r['batch_size'] / r['devices'], 0.0) / (
+      s_byte[name] = max(r['step_seconds_min'] - per_example(rw) * r['batch_size'] / r['devices'], 0.0) / (
           r['id_table_bytes_per_device'])
       t_byte[name] = max(r['step_temp_bytes'] - t_ex[name] * r['batch_size'], 0.0) / r['id_table_bytes_per_device']
     else:
@@ -160,5 +162,5 @@ def relative_errors(planned: dict[str, Any], measured: dict[str, Any]) -> dict[s
   """(plan - measured) / measured for the figures a run measures."""
   pairs = {'table_bytes_per_device': 'table_bytes_per_device',
            'optimizer_state_bytes_per_device': 'optimizer_state_bytes_per_device',
-           'step_temp_bytes_per_device': 'step_temp_bytes', 'step_seconds': 'step_seconds_median'}
+           'step_temp_bytes_per_device': 'step_temp_bytes', 'step_seconds': 'step_seconds_min'}
   return {k: (planned[k] - measured[m]) / measured[m] for k, m in pairs.items() if measured.get(m)}

@@ -229,6 +229,7 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
       'planned_bytes_per_device': planned.to_dict(),  # capacity.memory's formulas for this configuration
       'examples_per_sec': steps * batch_size / total_time,
       'step_seconds_median': statistics.median(times),
+      'step_seconds_min': min(times),  # the undisturbed step: what the capacity plan calibrates and predicts
       'step_time_sec': {'mean': total_time / steps, 'median': statistics.median(times), 'min': min(times),
                         'max': max(times), 'p25': float(np.percentile(times, 25)),
                         'p75': float(np.percentile(times, 75))},

@@ -136,8 +136,7 @@ def value_and_grad(loss_fn: Callable[..., tuple[jax.Array, Any]], *, groups: int
     `fn(params, batch, rng, *args) -> ((loss, aux), grads, rows)`, the batch's loss, aux and gradient up to
     rounding, the same bits on every mesh whose device count divides `groups`; `grads` has None for each of
     `row_tables`, whose gradient is in `rows`: {path: [B * K, *row shape] cotangents} (rows laid out like the
-    batch's), row r * K + k
-    for the k-th id of row r of `component_ids(batch, inputs)`. How:
+    batch's), row r * K + k for the k-th id of row r of `component_ids(batch, inputs)`. How:
     - every table is looked up for the whole batch on every device (shard_map: each device reads its rows; a psum
       over 'model' of one non-zero value per row is exact);
     - the loss runs on `groups` fixed groups of rows (whole groups per device), one group at a time: the same

@@ -190,7 +190,6 @@ def train_step(state: dict[str, Any], batch: dict[str, Any], *, value_and_grad: 
   return new_state, metrics
 
 
-
 def eval_step(params: Any, batch: dict[str, Any], *, graphdef, specs) -> dict[str, jax.Array]:
   """Task predictions (tasks.predictions) of a batch."""
   outputs, _ = nnx.merge(graphdef, params)(batch)

@@ -36,7 +36,8 @@ def variants(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
   features, the ids with those alone and the ids with all but those; every item feature."""
   ids = {config.data.log.item_column, config.data.item_table.id_column}
   item = [(n, f) for n, f in config_lib.ordered(config.features) if f.entity == 'item']
-  content = [n for n, f in item if config_lib.feature_column(n, f) not in ids]
+  # an item's audience (kind 'history') is not content: a cold item has none
+  content = [n for n, f in item if config_lib.feature_column(n, f) not in ids and f.kind != 'history']
   if not content:
     raise ValueError('the config declares no item feature besides the id: nothing to compare. Declare the items\' '
                      "content (config.feature('item', 'title', kind='text', ...))")

@@ -23,7 +23,7 @@ FILE_FORMATS = ('', 'parquet', 'csv')
 SYNTHETIC_GENERATORS = ('movielens', 'shop')
 SPLITS = ('random', 'leave_last_out', 'timestamp', 'column', 'head')
 ENTITIES = ('user', 'item', 'context')
-FEATURE_KINDS = ('categorical', 'multi_categorical', 'numeric', 'text', 'vector')
+FEATURE_KINDS = ('categorical', 'multi_categorical', 'numeric', 'text', 'vector', 'history')
 VOCABULARIES = ('fit', 'hash')
 POOLINGS = ('mean', 'sum')
 TRANSFORMS = ('standardize', 'bucketize')
@@ -60,7 +60,9 @@ def feature(entity: str, column: str = '', kind: str = 'categorical', **override
   f.column = column  # source column; '' = the feature's name. Ids: the log's user_column / item_column
   # 'categorical', 'multi_categorical' (list column or delimited string), 'numeric', 'text' (a string: its tokens'
   # rows, from a vocabulary fitted like a categorical one or hashed, pooled) or 'vector' (a fixed-length list of
-  # numbers, e.g. a pretrained encoder's embedding of the item's text or image)
+  # numbers, e.g. a pretrained encoder's embedding of the item's text or image) or 'history' (no column: the ids of
+  # the other entity this one interacted with in the training split, most recent first, pooled through the table
+  # of the id feature `of`, leaving out the example's own; SVD++'s implicit feedback, Koren 2008)
   f.kind = kind
   f.dtype = ''  # read the CSV column as 'str', 'int' or 'float'; '' = inferred (e.g. 'str' keeps zip '01234')
   f.sharded = False  # categorical: rows split over the mesh's 'model' axis and L2-regularized per use (id tables)
@@ -78,8 +80,9 @@ def feature(entity: str, column: str = '', kind: str = 'categorical', **override
   f.prefix = 0  # string values are cut to their first `prefix` characters first (e.g. zip code areas); 0 = whole
   f.divide = 0  # integer values are floor-divided by this first (e.g. years into 5-year spans); 0 = not
   f.delimiter = '|'  # multi_categorical in a string column: the separator
-  f.max_values = 16  # multi_categorical: values kept per row (the first ones)
-  f.pooling = 'mean'  # multi_categorical and text: 'mean' or 'sum' of the values' (tokens') rows
+  f.max_values = 16  # multi_categorical: values kept per row (the first ones); history: the most recent ones
+  f.of = ''  # history: the other entity's categorical id feature whose table it pools (e.g. 'item_id' for a user)
+  f.pooling = 'mean'  # multi_categorical, text and history: 'mean' or 'sum' of the values' (tokens', ids') rows
   # text (encoding.tokens: NFKC-normalized, case-folded words)
   f.bigrams = False  # text: also word bigrams
   f.char_ngrams = 0  # text: also character n-grams of each word (e.g. 3); 0 = off
@@ -464,6 +467,10 @@ def _validate_features(c: ml_collections.ConfigDict) -> None:
     for field in ('max_size', 'prefix', 'divide'):
       if f[field] < 0:
         raise _err(f'{where}.{field}', f[field], 'must be >= 0 (0 = off)')
+    if f.kind == 'history':
+      _validate_history(c, name, f)
+    elif f.of:
+      raise _err(f'{where}.of', f.of, "only kind='history' pools another feature's table; remove it")
     if f.sharded and f.kind != 'categorical':
       raise _err(f'{where}.sharded', True, 'only categorical features have sharded tables')
     if f.kind == 'numeric':
@@ -474,6 +481,23 @@ def _validate_features(c: ml_collections.ConfigDict) -> None:
   for entity in ('user', 'item'):
     if not any(f.entity == entity for f in c.features.values()):
       raise _err('features', tuple(c.features), f"declare at least one '{entity}' feature (e.g. its id)")
+
+
+def _validate_history(c: ml_collections.ConfigDict, name: str, f: ml_collections.ConfigDict) -> None:
+  where = f'features.{name}'
+  other = {'user': 'item', 'item': 'user'}.get(f.entity)
+  if other is None:
+    raise _err(f'{where}.entity', f.entity, "a history belongs to a 'user' (the items they interacted with) or an "
+               "'item' (its audience)")
+  target = c.features.get(f.of) if f.of else None
+  ids = {'user': c.data.log.user_column, 'item': c.data.log.item_column}[other]
+  if (target is None or target.entity != other or target.kind != 'categorical' or target.vocabulary != 'fit'
+      or target.categories or feature_column(f.of, target) != ids):
+    raise _err(f'{where}.of', f.of, f"name the {other}s' id feature (kind 'categorical' on the log's {other} id "
+               f"column {ids!r}, vocabulary 'fit'), e.g. of='{other}_id'")
+  if f.column:
+    raise _err(f'{where}.column', f.column, 'a history is built from the training log, not read from a column; '
+               "leave column ''")
 
 
 def _validate_tasks(c: ml_collections.ConfigDict) -> None:

@@ -19,6 +19,12 @@ type of value it reads (`raw_type`: 'id', 'str', 'int', 'float' or 'list[str]').
              `tokens` (NFKC-normalized, case-folded words; word bigrams; character n-grams of each word) -> int32
              [L] rows of its distinct tokens in order (vocabulary position, unknown tokens dropped; or
              stable_hash(token) % N), padded with -1 (pooled like multi).
+  history    {'vocab': NAME, 'of': FEATURE, 'delimiter', 'max_values': L}: the ids a user (an item) interacted
+             with, a list (or a delimited string) of raw ids of the other entity, most recent first -> int32 [L]
+             rows of FEATURE's own table (1 + the id's place in its vocabulary NAME; unknown ids dropped), distinct,
+             in order, padded with -1. It has no table of its own: the model pools FEATURE's rows (SVD++'s
+             implicit feedback), leaving out the example's own FEATURE row. Training builds it from the training
+             log (features.fit); a request may give it raw for a user the export does not know.
   vector     {'dim': D, 'delimiter'}: a list of D numbers (or a delimited string of them) -> float32 [D]; missing
              (null, empty) -> zeros; another length or a non-finite number is a ValueError.
 
@@ -36,7 +42,7 @@ import numpy as np
 
 OOV_ROW = 0
 PAD = -1
-KINDS = ('vocab', 'hash', 'bucket', 'numeric', 'multi', 'text', 'vector')
+KINDS = ('vocab', 'hash', 'bucket', 'numeric', 'multi', 'text', 'vector', 'history')
 _WORD = re.compile(r'\w+')
 MAX_TOKEN_CHARS = 64  # text: longer words are cut to this (bounds the work one string can cause, here and serving)
 
@@ -267,6 +273,9 @@ def encode(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab]) ->
     return _text_rows(rule, values, vocabs)
   if kind == 'vector':
     return vectors(rule, values)
+  if kind == 'history':  # rows of the id table (1-based: _value_rows gives 0-based value places)
+    places = _value_rows(rule, value_lists(rule, values), int(rule['max_values']), vocabs)
+    return np.where(places >= 0, places + 1, PAD).astype(np.int32)
   raise ValueError(f'unknown encoding kind {kind!r}; known: {", ".join(KINDS)}')
 
 
@@ -274,7 +283,7 @@ def missing(rule: Mapping[str, Any]) -> np.ndarray:
   """The encoding of an unknown value (one row): what a request that does not give the field gets."""
   if rule['kind'] == 'numeric':
     return np.zeros((), np.float32)
-  if rule['kind'] == 'multi':
+  if rule['kind'] in ('multi', 'history'):
     return np.full((int(rule['max_values']),), PAD, np.int32)
   if rule['kind'] == 'text':
     return np.full((int(rule['max_tokens']),), PAD, np.int32)
@@ -284,7 +293,8 @@ def missing(rule: Mapping[str, Any]) -> np.ndarray:
 
 
 def rows(rule: Mapping[str, Any], vocabs: Mapping[str, Vocab]) -> int:
-  """Rows of the table a rule indexes (OOV row included; a multi rule's value table has none); 0 for numeric."""
+  """Rows of the table a rule indexes (OOV row included; a multi rule's value table has none); 0 for numeric and
+  history (which indexes another feature's table)."""
   kind = rule['kind']
   if kind == 'vocab':
     return vocabs[rule['vocab']].size
@@ -303,7 +313,7 @@ def unknown(rule: Mapping[str, Any], value: Any, vocabs: Mapping[str, Vocab]) ->
   """Whether a request value falls on the out-of-vocabulary row (or, multi-valued, holds a value that is dropped)."""
   if value is None or rule['kind'] in ('numeric', 'bucket', 'hash', 'text', 'vector'):
     return False
-  if rule['kind'] == 'multi':
+  if rule['kind'] in ('multi', 'history'):
     given = len(set(value_lists(rule, [value])[0]))
     return given > 0 and int((encode(rule, [value], vocabs) >= 0).sum()) < min(given, int(rule['max_values']))
   return int(encode(rule, [value], vocabs)[0]) == OOV_ROW

@@ -35,7 +35,8 @@ def columns_needed(config: ml_collections.ConfigDict) -> dict[str, dict[str, str
   builtin = d.source != 'files'  # built-in sources come with both side tables
   side = {'user': ('users', builtin or bool(d.user_table.paths), d.log.user_column),
           'item': ('items', builtin or bool(d.item_table.paths), d.log.item_column)}
-  entity_columns = [(f.entity, config_lib.feature_column(name, f), f.dtype) for name, f in config.features.items()]
+  entity_columns = [(f.entity, config_lib.feature_column(name, f), f.dtype) for name, f in config.features.items()
+                    if f.kind != 'history']  # histories come from the log's id columns
   if d.item_table.title_column:
     entity_columns.append(('item', d.item_table.title_column, 'str'))
   for entity, column, dtype in entity_columns:

@@ -206,8 +206,8 @@ def value_and_grad(loss_fn: Callable[..., tuple[jax.Array, Any]], *, groups: int
       for i, r in zip(table_ids, rows_g):
         new[i] = r.reshape((-1,) + r.shape[2:])
       for (_, inputs), pos in zip(comps, positions(size)):
-        for i, p in zip(inputs, pos):
-          batch_g = trees.replace(batch_g, i, p)
+        for i, p in zip(inputs, pos):  # padding ids (< 0) stay -1: the model masks them (multi-valued inputs)
+          batch_g = trees.replace(batch_g, i, jnp.where(trees.get(batch_g, i) < 0, -1, p))
       grouped = jax.value_and_grad(
           lambda d, t: loss_fn(_unflatten(treedef, d, t, dense_ids, table_ids), batch_g, rng, *args), argnums=(0, 1),
           has_aux=True)

@@ -63,7 +63,18 @@ class FeatureEncoder:
       unknown = next(iter(self.context_table.values())).shape[0] - 1
       r = np.full(np.shape(user_index), unknown) if rows is None else np.where(rows >= 0, rows, unknown)
       out['context'] = {k: v[r] for k, v in self.context_table.items()}
-    return out
+    return self.exclude_targets(out)
+
+  def exclude_targets(self, features: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    """Each history without the example's own id (a training example's item is in its user's history): the
+    label must not leak into the input. The model leaves it out too, by comparing ids; this does it here, before
+    the fixed-order gradient replaces ids with lookup positions, which the model cannot compare."""
+    for s in self.specs:
+      if s.kind == 'history':
+        other = 'item' if s.entity == 'user' else 'user'
+        h = features[s.entity][s.name]
+        features[s.entity][s.name] = np.where(h == features[other][s.encoding['of']][..., None], encoding.PAD, h)
+    return features
 
   def spec(self, name: str) -> FeatureSpec:
     return next(s for s in self.specs if s.name == name)
@@ -180,8 +191,9 @@ def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, 
   tables = {'user': ds.users, 'item': ds.items, 'context': ds.log}
   ids = {'user': ds.user_column, 'item': ds.item_column}
   vocabs: dict[str, Vocab] = {}
-  specs, encoded = [], {'user': {}, 'item': {}, 'context': {}}
-  for name, f in config_lib.ordered(config.features):
+  specs, encoded = {}, {'user': {}, 'item': {}, 'context': {}}
+  declared = config_lib.ordered(config.features)
+  for name, f in [(n, f) for n, f in declared if f.kind != 'history']:
     column = config_lib.feature_column(name, f)
     where = {'user': 'the users table', 'item': 'the items table', 'context': 'the interaction log'}[f.entity]
     raw = tables[f.entity][column]
@@ -201,6 +213,36 @@ def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, 
         f.kind, 'categorical')
     if f.kind == 'numeric' and rule['kind'] == 'bucket':
       kind = 'categorical'
-    specs.append(FeatureSpec(name, f.entity, kind, rows, bool(f.sharded), rule, f.pooling))
-  return FeatureEncoder(specs=tuple(specs), vocabs=vocabs, user_table=encoded['user'], item_table=encoded['item'],
-                        context_table=encoded['context'])
+    specs[name] = FeatureSpec(name, f.entity, kind, rows, bool(f.sharded), rule, f.pooling)
+  # Histories, from the training rows and the encoded ids of the feature each pools
+  index = {'user': user_index, 'item': item_index}
+  recency = (np.asarray(ds.log[ds.timestamp_column], np.float64) if ds.timestamp_column in ds.log
+             else np.zeros(ds.num_rows))
+  for name, f in [(n, f) for n, f in declared if f.kind == 'history']:
+    other = 'item' if f.entity == 'user' else 'user'
+    rule = {'kind': 'history', 'raw': name, 'raw_type': 'list[str]', 'of': f.of, 'vocab': specs[f.of].encoding['vocab'],
+            'delimiter': f.delimiter, 'max_values': int(f.max_values)}
+    rows = np.asarray(train_rows, np.int64)
+    encoded[f.entity][name] = histories(index[f.entity][rows], encoded[other][f.of][index[other][rows]],
+                                        recency[rows], rows, len(tables[f.entity][ids[f.entity]]), f.max_values)
+    specs[name] = FeatureSpec(name, f.entity, 'history', 0, False, rule, f.pooling)
+  return FeatureEncoder(specs=tuple(specs[n] for n, _ in declared), vocabs=vocabs, user_table=encoded['user'],
+                        item_table=encoded['item'], context_table=encoded['context'])
+
+
+def histories(owner: np.ndarray, member: np.ndarray, recency: np.ndarray, rows: np.ndarray, num_owners: int,
+              length: int) -> np.ndarray:
+  """int32 [num_owners, length]: each owner's distinct members (table rows > 0; the OOV row 0 is left out), most
+  recent first (by `recency`, then by log row), the first `length`, padded with -1."""
+  keep = member > OOV_ROW
+  owner, member, recency, rows = owner[keep], member[keep].astype(np.int64), recency[keep], rows[keep]
+  order = np.lexsort((-rows, -recency, owner))  # by owner, most recent first
+  owner, member = owner[order], member[order]
+  _, first = np.unique(owner * (int(member.max(initial=0)) + 1) + member, return_index=True)
+  first = np.sort(first)  # each (owner, member) once, at its most recent row
+  owner, member = owner[first], member[first]
+  rank = np.arange(owner.shape[0]) - np.searchsorted(owner, owner, side='left')
+  out = np.full((num_owners, length), encoding.PAD, np.int32)
+  sel = rank < length
+  out[owner[sel], rank[sel]] = member[sel]
+  return out

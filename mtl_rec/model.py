@@ -85,7 +85,16 @@ class Embeddings(nnx.Module):
     # vectors (e.g. a pretrained text or image encoder's) through a learned projection to the embedding width
     self.vectors = nnx.data({s.name: _dense(int(s.encoding['dim']), dim, rngs) for s in specs if s.kind == 'vector'})
 
-  def embed(self, spec: FeatureSpec, x: jax.Array) -> jax.Array:
+  def embed(self, spec: FeatureSpec, x: jax.Array, exclude: jax.Array | None = None) -> jax.Array:
+    """The feature's vector [B, dim]; for a history, `exclude` is the example's own id of the table it pools ([B]),
+    left out of the pool."""
+    if spec.kind == 'history':  # ids [B, L] of another feature's rows, -1 padding: their mean (or sum)
+      table = self.tables[spec.encoding['of']][...]
+      valid = ((x >= 0) & (x != exclude[..., None])).astype(table.dtype)
+      pooled = jnp.sum(jnp.take(table, jnp.maximum(x, 0), axis=0) * valid[..., None], axis=-2)
+      if spec.pooling == 'sum':
+        return pooled
+      return pooled * (1.0 / jnp.maximum(valid.sum(-1, keepdims=True), 1.0))  # a reciprocal: see below
     if spec.kind == 'numeric':
       return self.numeric[spec.name](x[..., None])
     if spec.kind == 'vector':
@@ -217,6 +226,9 @@ class MultiTaskModel(nnx.Module):
     """{parameter path (nnx.to_pure_dict layout): batch inputs (entity, feature)} for every row-sharded table: the
     id inputs that index it. What reads those tables, stated as data (the fixed-order gradient uses it)."""
     out = {('embeddings', 'tables', s.name): ((s.entity, s.name),) for s in self.embeddings.specs if s.large}
+    for s in self.embeddings.specs:  # a history reads the table of the id feature it pools
+      if s.kind == 'history' and ('embeddings', 'tables', s.encoding['of']) in out:
+        out['embeddings', 'tables', s.encoding['of']] += ((s.entity, s.name),)
     for task, tables in self.id_biases.items():
       out.update({('id_biases', task, feature): ((self.entities[feature], feature),) for feature in tables})
     return out
@@ -225,7 +237,11 @@ class MultiTaskModel(nnx.Module):
                rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     feats, user_vecs, item_vecs, sq = [], [], [], 0.0
     for spec in self.embeddings.specs:
-      e = self.embeddings.embed(spec, features[spec.entity][spec.name])
+      exclude = None
+      if spec.kind == 'history':
+        of = spec.encoding['of']
+        exclude = features[self.entities[of]][of]
+      e = self.embeddings.embed(spec, features[spec.entity][spec.name], exclude)
       feats.append(e)
       (item_vecs if spec.entity == 'item' else user_vecs).append(e)
       if spec.large:

@@ -40,16 +40,17 @@ def table(columns: dict[str, Any], fmt: str, delimiter: str = '|') -> pa.Table:
   return pa.table({name: _arrow(v, fmt, delimiter) for name, v in columns.items()})
 
 
-def write_table(columns: dict[str, Any], path: str, fmt: str, delimiter: str = '|') -> None:
-  """One table, written atomically; `delimiter` joins multi-valued columns in CSV."""
+def write_table(columns: dict[str, Any], path: str, fmt: str, delimiter: str = '|', row_group_size: int = 0) -> None:
+  """One table, written atomically; `delimiter` joins multi-valued columns in CSV; Parquet row groups of
+  `row_group_size` rows (0: pyarrow's default), the unit the streaming reader shards and shuffles."""
   t = table(columns, fmt, delimiter)
   if fmt == 'parquet':
-    files.write_atomic(path, lambda tmp: pq.write_table(t, tmp))
+    files.write_atomic(path, lambda tmp: pq.write_table(t, tmp, row_group_size=row_group_size or None))
   else:
     files.write_atomic(path, lambda tmp: pacsv.write_csv(t, tmp))
 
 
-def write_dataset(ds: Dataset, out: str, fmt: str) -> dict[str, str]:
+def write_dataset(ds: Dataset, out: str, fmt: str, row_group_size: int = 0) -> dict[str, str]:
   """{'log' | 'users' | 'items': path} of the tables written under `out`."""
   if fmt not in FORMATS:
     raise ValueError(f'format {fmt!r}: use one of {", ".join(FORMATS)}')
@@ -57,7 +58,7 @@ def write_dataset(ds: Dataset, out: str, fmt: str) -> dict[str, str]:
   paths = {}
   for name in ('log', 'users', 'items'):
     paths[name] = os.path.join(out, f'{name}.{fmt}')
-    write_table(getattr(ds, name), paths[name], fmt)
+    write_table(getattr(ds, name), paths[name], fmt, row_group_size=row_group_size if name == 'log' else 0)
   return paths
 
 
@@ -68,7 +69,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f'unexpected arguments {argv[1:]}; flags look like --out=DIR')
   try:
-    paths = write_dataset(loader.load_data(f.config), f.out, f.format)
+    if f.row_group_size < 0:
+      raise ValueError(f'--row_group_size={f.row_group_size}: give a number of rows (0 = pyarrow\'s default)')
+    paths = write_dataset(loader.load_data(f.config), f.out, f.format, f.row_group_size)
   except ValueError as e:
     sys.exit(f'error: {e}')
   for name, path in paths.items():
@@ -81,4 +84,6 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', 'configs/movielens_100k.py', 'Config whose data source to write.')
   flags.DEFINE_string('out', None, 'Output directory.', required=True)
   flags.DEFINE_enum('format', 'parquet', list(FORMATS), 'Table format.')
+  flags.DEFINE_integer('row_group_size', 0, "Parquet: rows per row group of the log (the streaming reader's unit of "
+                       "sharding and shuffling); 0 = pyarrow's default.")
   app.run(main)

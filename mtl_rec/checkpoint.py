@@ -28,7 +28,7 @@ def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.Checkpoi
         max_to_keep=keep, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory))))
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=('state', 'meta'))
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=('state', 'meta', 'input'))
 
 
 def abstract_like(state: Any) -> Any:
@@ -46,16 +46,31 @@ class Checkpointer:
     self.best = _manager(os.path.join(root, 'best'), 1, read_only)
 
   @staticmethod
-  def _save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
+  def _save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any],
+            input_state: dict[str, Any] | None) -> None:
     if step in mngr.all_steps() or step == mngr.latest_step():
       return
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
+    if input_state is not None:
+      import grain  # pylint: disable=g-import-not-at-top
+      from mtl_rec.data import stream  # pylint: disable=g-import-not-at-top
+      items['input'] = grain.checkpoint.CheckpointSave(stream.Snapshot(input_state))
+    mngr.save(step, args=ocp.args.Composite(**items))
 
-  def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False) -> None:
-    """Asynchronous save of `state` at `step` (and as the best state when `best`)."""
-    self._save(self.latest, step, state, meta)
+  def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False,
+           input_state: dict[str, Any] | None = None) -> None:
+    """Asynchronous save of `state` at `step` (and as the best state when `best`); `input_state`: the streaming
+    reader's position (a grain iterator's state), saved by Grain's handler in the same checkpoint."""
+    self._save(self.latest, step, state, meta, input_state)
     if best:
-      self._save(self.best, step, state, meta)
+      self._save(self.best, step, state, meta, input_state)
+
+  def restore_input(self, step: int, iterator: Any) -> Any:
+    """`iterator` (a grain.DatasetIterator) set to the reader position saved at `step`; None if none was saved."""
+    if not os.path.isdir(os.path.join(str(self.latest.directory), str(step), 'input')):
+      return None
+    import grain  # pylint: disable=g-import-not-at-top
+    return self.latest.restore(step, args=ocp.args.Composite(input=grain.checkpoint.CheckpointRestore(iterator))).input
 
   @staticmethod
   def _restore(mngr: ocp.CheckpointManager, target: Any, step: int | None) -> tuple[Any, dict[str, Any]] | None:

@@ -151,6 +151,14 @@ def base_config() -> ml_collections.ConfigDict:
   # so they appear only in validation and test; metrics.json then reports them apart ('cold_items', 'warm_items').
   c.data.cold_items = 0.0
   c.data.cold_users = 0.0
+  # 'memory' (the log loaded whole: fastest for small data) or 'stream' (training rows read from the Parquet log's row
+  # groups as a stream, sharded over processes, resumable from the checkpoint; see mtl_rec.data.stream)
+  c.data.reader = 'memory'
+  c.data.stream = ml_collections.ConfigDict()
+  c.data.stream.num_shards = 0  # logical shards (row group g -> shard g % num_shards); 0 = one per process
+  c.data.stream.interleave = 4  # row groups read and shuffled together (more: better mixing, more memory)
+  c.data.stream.threads = 2  # Grain reader threads
+  c.data.stream.prefetch = 2  # reading groups buffered ahead of the train step, per shard
   c.data.synthetic = ml_collections.ConfigDict()
   # 'movielens' (MovieLens' columns: ratings, gender/age/occupation/zip, genres/year) or 'shop' (the "Your own data"
   # example's columns: clicks, add_to_cart, watch_fraction, satisfaction, context; see data/synthetic.shop)
@@ -339,6 +347,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise _err('data.split_column', d.split_column, "split='column' needs the column naming each row's split")
   if d.split == 'head' and d.split_test_rows <= 0:
     raise _err('data.split_test_rows', d.split_test_rows, "split='head' needs the number of test rows (> 0)")
+  one_of('data.reader', d.reader, ('memory', 'stream'))
+  if d.reader == 'stream':
+    if d.source != 'files' or d.format == 'csv' or any(str(p).lower().endswith(('.csv', '.tsv')) for p in d.log.paths):
+      raise _err('data.reader', d.reader, "streams Parquet logs of source='files'; write CSV or built-in data as "
+                 "Parquet (python -m mtl_rec.data.write --format=parquet) or use data.reader='memory'")
+    if d.stream.num_shards < 0:
+      raise _err('data.stream.num_shards', d.stream.num_shards, 'must be >= 0 (0 = one shard per process)')
+    for field in ('interleave', 'threads', 'prefetch'):
+      positive(f'data.stream.{field}', d.stream[field])
   for field in ('num_users', 'num_items', 'interactions_per_user', 'latent_dim'):
     positive(f'data.synthetic.{field}', d.synthetic[field])
   if d.synthetic.generator not in SYNTHETIC_GENERATORS:

@@ -87,10 +87,15 @@ def _fit_vocab(values: np.ndarray, known: np.ndarray, weights: np.ndarray, f: ml
     return Vocab(np.zeros(0, values.dtype))
   keys, inverse = np.unique(values[keep], return_inverse=True)
   counts = np.bincount(inverse, weights=weights[keep])
-  chosen = np.flatnonzero(counts >= f.min_count)
-  if f.max_size and chosen.size > f.max_size:
-    chosen = np.sort(chosen[np.argsort(-counts[chosen], kind='stable')[:f.max_size]])
-  return Vocab(keys[chosen])
+  return Vocab(keys[frequent(counts, f.min_count, f.max_size)])
+
+
+def frequent(counts: np.ndarray, min_count: int, max_size: int) -> np.ndarray:
+  """Indices (ascending) of the values seen at least `min_count` times, the `max_size` most frequent (0 = all)."""
+  chosen = np.flatnonzero(counts >= min_count)
+  if max_size and chosen.size > max_size:
+    chosen = np.sort(chosen[np.argsort(-counts[chosen], kind='stable')[:max_size]])
+  return chosen
 
 
 def _fit_lists_vocab(per_row: list[Any], row_weights: np.ndarray, f: ml_collections.ConfigDict) -> Vocab:

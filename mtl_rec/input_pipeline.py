@@ -12,7 +12,7 @@ multi-host job builds the same global batch and keeps its own slice.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from mtl_rec import encoding
 from mtl_rec.data.sampling import NegativeSampler
 from mtl_rec.features import FeatureEncoder
 from mtl_rec.tasks import LabelColumn, TaskSpec
+
+if TYPE_CHECKING:  # imported when used: Grain is needed by data.reader='stream' only
+  from mtl_rec.data import stream as stream_lib
 
 Batch = dict
 
@@ -113,12 +116,57 @@ class TrainStream:
       idx = order[step * self.batch_size:(step + 1) * self.batch_size]
       batch = to_batch(ex.take(idx), self.encoder, self.labels)
       if self.dropout:
-        drop_rng = np.random.default_rng([self.seed, 13, epoch, step])
-        for name, p in self.dropout.items():
-          spec = self.encoder.spec(name)
-          values = batch[spec.entity][name]  # a copy: gathered by fancy indexing
-          values[drop_rng.random(values.shape[0]) < p] = encoding.missing(spec.encoding)
+        drop_features(batch, self.encoder, self.dropout, np.random.default_rng([self.seed, 13, epoch, step]))
       yield batch
+
+
+def drop_features(batch: Batch, encoder: FeatureEncoder, dropout: dict[str, float], rng: np.random.Generator) -> None:
+  """Feature dropout: each feature of `dropout` ({name: share}) is set missing on that share of the batch's rows."""
+  for name, p in dropout.items():
+    spec = encoder.spec(name)
+    values = batch[spec.entity][name]  # a copy: gathered by fancy indexing
+    values[rng.random(values.shape[0]) < p] = encoding.missing(spec.encoding)
+
+
+class StreamedTrain:
+  """Epochs of training batches read from the log's Parquet files as a stream (data.reader='stream'; see
+  mtl_rec.data.stream for the order). Unlike TrainStream, each process builds only its own rows of the global batch
+  (`local`), and `epoch()` returns a resumable `grain.DatasetIterator` whose state the checkpoint carries."""
+
+  local = True
+
+  def __init__(self, plan: stream_lib.Plan, decode: stream_lib.Decode, columns: list[str], encoder: FeatureEncoder,
+               specs: tuple[TaskSpec, ...], sampler: NegativeSampler, num_negatives: int, seed: int,
+               shards: list[int], read_options: Any, dropout: dict[str, float] | None = None):
+    self.plan, self.decode, self.columns, self.encoder = plan, decode, columns, encoder
+    self.specs, self.sampler, self.num_negatives, self.seed = specs, sampler, num_negatives, seed
+    self.shards, self.read_options = shards, read_options
+    self.dropout = {n: p for n, p in (dropout or {}).items() if p > 0}
+    self.batch_size = plan.positives_per_shard * plan.num_shards * (1 + num_negatives)  # global rows
+    self.steps_per_epoch = plan.steps_per_epoch
+    if self.steps_per_epoch == 0:
+      raise ValueError(f'train.batch_size={self.batch_size} is larger than a shard\'s epoch; lower '
+                       '--config.train.batch_size or data.stream.num_shards')
+
+  def epoch(self, epoch: int, start_step: int = 0) -> stream_lib.LocalBatches:
+    """This process's rows of the global batches `start_step`.. of `epoch` (0-based)."""
+    from mtl_rec.data import stream as stream_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
+    return stream_lib.LocalBatches(
+        [stream_lib.ShardIterator(self.plan, self.decode, self.columns, epoch, s, self.read_options, start_step)
+         for s in self.shards], self.to_batch)
+
+  def to_batch(self, chunk: stream_lib.Chunk, epoch: int, shard: int, step: int) -> Batch:
+    """A shard's positives, then `num_negatives` sampled items for each (drawn from (seed, epoch, shard, step))."""
+    n, k = len(chunk), self.num_negatives
+    local_rows = np.arange(n)
+    pos = Examples(chunk.user, chunk.item, local_rows, np.ones(n, np.float32))
+    ex = with_negatives(pos, self.sampler, k, np.random.default_rng([self.seed, 23, epoch, shard, step]))
+    batch = to_batch(ex, self.encoder, Labels(self.specs, chunk.columns))
+    for name, values in chunk.context.items():  # a negative carries its positive's context
+      batch['context'][name] = values[ex.row]
+    if self.dropout:
+      drop_features(batch, self.encoder, self.dropout, np.random.default_rng([self.seed, 13, epoch, shard, step]))
+    return batch
 
 
 @dataclasses.dataclass

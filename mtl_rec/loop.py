@@ -232,6 +232,29 @@ def _start(trainer: trainer_lib.Trainer, exp: experiment_lib.Experiment, ckpt: C
   return state
 
 
+def _input_state(exp: experiment_lib.Experiment, position: dict[str, int] | None) -> dict[str, Any] | None:
+  """The streaming reader's state at `position` (as its iterator's get_state() gives it), or None (in memory)."""
+  if position is None:
+    return None
+  shards = exp.stream.shards
+  return {**position, 'num_shards': exp.stream.plan.num_shards, 'shards': list(shards)}
+
+
+def _resumed_input(exp: experiment_lib.Experiment, ckpt: Checkpointer, step: int, spe: int) -> Any:
+  """The streaming reader restored from the checkpoint at `step` (Grain's handler), checked against the step."""
+  epoch = step // spe
+  batches = ckpt.restore_input(step, exp.stream.epoch(epoch, step % spe))
+  if batches is None:
+    log.warning('the checkpoint at step %d has no reader state: the stream restarts from its step', step)
+    return None
+  if batches.epoch * spe + batches.batch != step:
+    raise ValueError(f'the checkpoint at step {step} holds the reader at epoch {batches.epoch}, batch '
+                     f'{batches.batch}, which is not that step ({spe} steps an epoch): the data changed since the '
+                     'checkpoint; resume with the same files and config, or start a new workdir')
+  log.info('reader resumed at epoch %d, batch %d', batches.epoch, batches.batch)
+  return batches
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_from: str | None = None) -> TrainResult:
   """Trains with early stopping on validation, evaluates the best checkpoint on test, writes the run directory.
 
@@ -263,7 +286,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
   state = _start(trainer, exp, ckpt, stopping, init_from)
   start_step = int(state['step'])
 
-  report = trainer_lib.memory_report(trainer, state, next(exp.stream.epoch(0)))
+  example = next(exp.stream.epoch(0))  # global shapes (a streamed batch holds this process's rows only)
+  if getattr(exp.stream, 'local', False) and jax.process_count() > 1:
+    example = jax.tree.map(lambda x: np.concatenate([x] * jax.process_count()), example)
+  report = trainer_lib.memory_report(trainer, state, example)
   log.info('mesh %s; memory: %s', dict(trainer.mesh.shape), report)
   if lead:
     print(f'mesh {dict(trainer.mesh.shape)}  params/device {max(report["params_bytes_per_device"].values()):,} B  '
@@ -276,16 +302,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     pbar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
   progress = ReportProgress(config.train.log_every_steps, spe, config.train.batch_size, writer, pbar)
+  streaming = getattr(exp.stream, 'local', False)  # data.reader='stream': each process reads its own rows
+  place = sharding_lib.local_batch if streaming else sharding_lib.global_batch
+  # the reader's position, saved beside the state: where the next batch starts
+  position = lambda step: {'epoch': step // spe, 'batch': step % spe} if streaming else None
   save = lambda step, state, best=False: ckpt.save(step, state, {**stopping.state(), 'config': config.to_dict()},
-                                                   best=best)
+                                                   best=best, input_state=_input_state(exp, position(step)))
 
   step, preempted = start_step, False
+  resumed = _resumed_input(exp, ckpt, start_step, spe) if streaming and start_step else None
   with Preemption() as preemption:
     for epoch in range(step // spe, config.train.epochs):
       if stopping.stopped:
         break
-      for batch in exp.stream.epoch(epoch, start_step=step - epoch * spe):
-        state, metrics = trainer.train_step(state, sharding_lib.global_batch(batch, trainer.batch_sharding))
+      if resumed is not None and resumed.epoch == epoch:  # the reader as the checkpoint left it
+        batches = resumed
+      else:
+        batches = exp.stream.epoch(epoch, start_step=step - epoch * spe)
+      resumed = None
+      for batch in batches:
+        state, metrics = trainer.train_step(state, place(batch, trainer.batch_sharding))
         step += 1
         progress(step, epoch, metrics)
         if step % config.train.checkpoint_every_steps == 0 and step % spe:  # epoch ends save below

@@ -121,6 +121,22 @@ def global_batch(batch: Any, sharding: NamedSharding) -> Any:
   return jax.tree.map(put, batch)
 
 
+def local_batch(batch: Any, sharding: NamedSharding) -> Any:
+  """Places this process's rows of a global batch (its contiguous block, see process_rows) on the mesh."""
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+
+  def put(x: np.ndarray) -> jax.Array:
+    global_rows = x.shape[0] * jax.process_count()
+    rows = process_rows(sharding, global_rows)
+    if (rows.start, rows.stop) != (jax.process_index() * x.shape[0], (jax.process_index() + 1) * x.shape[0]):
+      raise ValueError(f'process {jax.process_index()} holds rows {rows.start}..{rows.stop} of the global batch, '
+                       f'not block {jax.process_index()} of {x.shape[0]}: data.reader=stream needs the batch split over processes '
+                       "(a 'data' mesh axis that is a multiple of the process count)")
+    return jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
+  return jax.tree.map(put, batch)
+
+
 def bytes_per_device(tree: Any) -> dict[str, int]:
   """Bytes of `tree`'s arrays held by each addressable device."""
   out: dict[str, int] = {}

@@ -60,14 +60,13 @@ def _history(workdir):
     return [json.loads(line) for line in f]
 
 
-# The id tables on the dense optimizer (the default), and on the row-wise ones (rowwise.py: user tables row-wise
-# Adagrad, item tables lazy Adam), whose shard-local updates must not depend on the processes either.
-@pytest.mark.parametrize('tables', ['', 'user_id=rowwise_adagrad,item_id=lazy_adam'])
-def test_two_processes_match_one_device(tmp_path, tables):
+def test_two_processes_match_one_device(tmp_path):
+  """The item tables on the dense optimizer (the default), the user tables on row-wise Adagrad (rowwise.py), whose
+  shard-local updates must not depend on the processes either (lazy Adam: the streaming test below)."""
   port = _free_port()
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   logs = [str(tmp_path / f'process_{i}.log') for i in range(2)] + [str(tmp_path / 'single.log')]
-  extra = [f'--config.optimizer.tables.by_feature={tables}']
+  extra = ['--config.optimizer.tables.by_feature=user_id=rowwise_adagrad']
   procs = [_start([f'--workdir={multi}', '--config.mesh.shape=(2,4)', f'--coordinator_address=127.0.0.1:{port}',
                    '--num_processes=2', f'--process_id={i}', *extra], logs[i], devices=4) for i in range(2)]
   procs.append(_start([f'--workdir={single}', '--config.mesh.shape=(1,1)', *extra], logs[2], devices=1))
@@ -93,3 +92,29 @@ def test_two_processes_match_one_device(tmp_path, tables):
   step_dir = os.path.join(multi, 'checkpoints', 'latest', str(m_multi['steps']), 'state')
   assert {'ocdbt.process_0', 'ocdbt.process_1'} <= set(os.listdir(step_dir))
   assert sorted(os.listdir(multi)) == sorted(os.listdir(single))
+
+
+def test_two_processes_stream_disjoint_shards_and_match_one_process(tmp_path):
+  """data.reader='stream' with 2 logical shards: each of 2 processes reads only its shard's row groups and builds its
+  rows of the global batch; one process reading both shards logs the same losses, bit for bit (item tables on lazy
+  Adam)."""
+  from mtl_rec.data import synthetic, write  # pylint: disable=g-import-not-at-top
+  from mtl_rec.data.types import to_dataset  # pylint: disable=g-import-not-at-top
+  data = tmp_path / 'data'
+  write.write_dataset(to_dataset(synthetic.generate(num_users=120, num_items=80, interactions_per_user=10,
+                                                    latent_dim=4, seed=0)), str(data), 'parquet', row_group_size=60)
+  extra = ['--config.data.source=files', '--config.data.reader=stream', '--config.data.stream.num_shards=2',
+           '--config.optimizer.tables.by_feature=item_id=lazy_adam', '--config.train.batch_size=160', f"--config.data.log.paths=('{data}/log.parquet',)",
+           f"--config.data.user_table.paths=('{data}/users.parquet',)",
+           f"--config.data.item_table.paths=('{data}/items.parquet',)"]
+  port = _free_port()
+  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  logs = [str(tmp_path / f'process_{i}.log') for i in range(2)] + [str(tmp_path / 'single.log')]
+  procs = [_start([f'--workdir={multi}', '--config.mesh.shape=(2,4)', f'--coordinator_address=127.0.0.1:{port}',
+                   '--num_processes=2', f'--process_id={i}', *extra], logs[i], devices=4) for i in range(2)]
+  procs.append(_start([f'--workdir={single}', '--config.mesh.shape=(1,1)', *extra], logs[2], devices=1))
+  _wait(procs, logs)
+  h_multi, h_single = _history(multi), _history(single)
+  assert [r['step'] for r in h_multi] == [r['step'] for r in h_single] and len(h_multi) >= 5
+  losses = np.array([[r[k] for r in h] for h in (h_multi, h_single) for k in ('loss', 'loss_click', 'loss_rating')])
+  np.testing.assert_array_equal(losses[:3], losses[3:])

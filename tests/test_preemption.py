@@ -145,19 +145,33 @@ def test_sigkill_mid_epoch_resumes_from_the_last_complete_checkpoint(uninterrupt
   _assert_same_run(workdir, uninterrupted)
 
 
-def test_sigkill_resume_with_row_wise_table_optimizers(tmp_path, env):
-  """The row-wise optimizers' state (rowwise.py) is checkpointed with the model: killed and re-run, the run ends
-  as the uninterrupted one does."""
-  extra = ['--config.optimizer.tables.by_feature=user_id=rowwise_adagrad,item_id=lazy_adam',
-           '--config.optimizer.tables.learning_rate=0.05']
+def test_sigkill_resume_with_the_streaming_reader_and_row_wise_optimizers(tmp_path, env):
+  """data.reader='stream': the reader's position is saved in the checkpoint (Grain's handler) and restored from it;
+  so is the row-wise optimizers' state (rowwise.py). Killed and re-run, the run reads the same batches and ends as
+  the uninterrupted one does."""
+  from mtl_rec.data import synthetic, write  # pylint: disable=g-import-not-at-top
+  from mtl_rec.data.types import to_dataset  # pylint: disable=g-import-not-at-top
+  data = tmp_path / 'data'
+  write.write_dataset(to_dataset(synthetic.generate(num_users=150, num_items=100, interactions_per_user=10,
+                                                    latent_dim=4, seed=0)), str(data), 'parquet', row_group_size=100)
+  extra = ['--config.data.source=files', '--config.data.reader=stream', '--config.train.batch_size=160',
+           '--config.optimizer.tables.by_feature=user_id=rowwise_adagrad,item_id=lazy_adam',
+           '--config.optimizer.tables.learning_rate=0.05',
+           f"--config.data.log.paths=('{data}/log.parquet',)", f"--config.data.user_table.paths=('{data}/users.parquet',)",
+           f"--config.data.item_table.paths=('{data}/items.parquet',)"]
   reference = str(tmp_path / 'uninterrupted')
   _finish(_start(reference, env, extra), reference)
+  steps = _metrics(reference)['steps']
   workdir = str(tmp_path / 'killed')
   proc = _start(workdir, env, extra)
-  _kill_at(proc, workdir, 38, signal.SIGKILL)
+  _kill_at(proc, workdir, 62, signal.SIGKILL)  # past the periodic checkpoint at step 45, mid-epoch 1
   proc.wait(timeout=TIMEOUT)
   complete = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) if d.isdigit()]
-  assert complete and max(complete) < _metrics(reference)['steps']
+  assert complete and max(complete) < steps
+  resumed = max(complete)
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'latest', str(resumed), 'input'))
   out = _finish(_start(workdir, env, extra), workdir)
-  assert f'resumed from checkpoint at step {max(complete)}' in out
+  assert f'resumed from checkpoint at step {resumed}' in out
+  spe = steps // 3  # configs/synthetic.py trains 3 epochs; no early stopping
+  assert f'reader resumed at epoch {resumed // spe}, batch {resumed % spe}' in out
   _assert_same_run(workdir, reference)

@@ -1,0 +1,345 @@
+"""Streaming training input for logs larger than memory: Parquet row groups -> sharded, shuffled, resumable batches.
+
+Reading is Grain's: per shard and epoch a `grain.MapDataset` over *reading groups* (`interleave` row groups at a
+time), read, filtered and encoded in `threads` threads with `prefetch` groups buffered (`to_iter_dataset`), so memory
+is bounded by the groups in flight, never by the size of the log. The unit is a row group, not a row: Grain's
+`ParquetIterDataset` yields one Python dict per row, which on this 2-core machine is slower than the train step
+(`mtl_rec.data_benchmark` measures both).
+
+Order, a pure function of (seed, epoch):
+- the log's row groups are dealt to `num_shards` logical shards: row group g belongs to shard g % num_shards;
+- shard s's epoch e is its row groups in an order drawn from (seed, e, s), read `interleave` at a time; each reading
+  group's training rows are permuted together (seed, e, s, group), which mixes rows of different files and times;
+- batch b of shard s is rows [b n, (b+1) n) of that sequence (n = positives per shard batch), with `num_negatives`
+  sampled items per positive drawn from (seed, e, s, b); the global batch is the shards' batches b in shard order.
+So 1 process with S shards and P processes with S / P shards each build the same global batches, and together the
+processes read every row group once per epoch. An epoch has min over shards of floor(training rows / n) steps (the
+tail of the longer shards is dropped, like the last partial batch of the in-memory stream).
+
+Resume: an iterator's position is (epoch, batch); it is a `grain.DatasetIterator`, saved with the model by Grain's
+Orbax handler (`grain.checkpoint.CheckpointSave` in the checkpoint's Composite). Restoring seeks to the reading group
+holding the next row from the per-row-group counts: nothing consumed before is read again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mtl_rec.data.types import DataError
+from mtl_rec.tasks import LabelColumn
+
+@dataclasses.dataclass(frozen=True)
+class RowGroups:
+  """The log's Parquet row groups in file order, from the files' metadata (nothing else is read)."""
+
+  paths: tuple[str, ...]
+  file: np.ndarray  # [G] index into paths
+  group: np.ndarray  # [G] row group within its file
+  rows: np.ndarray  # [G] rows
+  start: np.ndarray  # [G] global row id of its first row (rows are numbered in file order)
+
+  @classmethod
+  def of(cls, paths: Sequence[str]) -> 'RowGroups':
+    file, group, rows = [], [], []
+    for f, path in enumerate(paths):
+      try:
+        meta = pq.ParquetFile(path).metadata
+      except (pa.ArrowException, OSError) as e:
+        raise DataError(f'interaction log: {path} is not a readable Parquet file ({e}); the streaming reader '
+                        '(data.reader=stream) reads Parquet only: convert CSV logs with pyarrow, or write the file '
+                        'again if it is truncated') from e
+      for g in range(meta.num_row_groups):
+        file.append(f)
+        group.append(g)
+        rows.append(meta.row_group(g).num_rows)
+    rows = np.asarray(rows, np.int64)
+    start = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if rows.size else rows
+    return cls(tuple(paths), np.asarray(file, np.int64), np.asarray(group, np.int64), rows, start)
+
+  def __len__(self) -> int:
+    return int(self.rows.size)
+
+  @property
+  def num_rows(self) -> int:
+    return int(self.rows.sum())
+
+  def read(self, g: int, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """Row group g's `columns` as numpy arrays (strings as str arrays), and '_row': the rows' global ids."""
+    path = self.paths[int(self.file[g])]
+    table = pq.ParquetFile(path).read_row_group(int(self.group[g]), columns=list(columns))
+    out = {}
+    for name in columns:
+      column = table.column(name)
+      if column.null_count and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = pc.fill_null(column, '')
+      values = column.to_numpy(zero_copy_only=False)
+      out[name] = values.astype(np.str_) if values.dtype == object else values
+    out['_row'] = np.arange(self.start[g], self.start[g] + self.rows[g], dtype=np.int64)
+    return out
+
+
+class IdIndex:
+  """Raw ids -> positions in a table of distinct ids (-1 where an id is not in it)."""
+
+  def __init__(self, ids: np.ndarray):
+    ids = np.asarray(ids)
+    self.size = int(ids.size)
+    self.dense = None
+    if ids.dtype.kind in 'iu' and ids.size and ids.min() >= 0 and ids.max() < max(4 * ids.size, 1 << 20):
+      self.dense = np.full(int(ids.max()) + 1, -1, np.int64)  # small non-negative integer ids: one gather
+      self.dense[ids] = np.arange(ids.size)
+    else:
+      self.order = np.argsort(ids, kind='stable')
+      self.sorted = ids[self.order]
+
+  def __call__(self, raw: np.ndarray) -> np.ndarray:
+    raw = np.asarray(raw)
+    if self.dense is not None:
+      if raw.dtype.kind not in 'iu':
+        return np.full(raw.shape, -1, np.int64) if raw.dtype.kind == 'U' else self(raw.astype(np.int64))
+      ok = (raw >= 0) & (raw < self.dense.size)
+      return np.where(ok, self.dense[np.where(ok, raw, 0)], -1)
+    if self.sorted.dtype.kind == 'U' and raw.dtype.kind != 'U':
+      raw = raw.astype(np.str_)
+    elif self.sorted.dtype.kind != 'U' and raw.dtype.kind == 'U':
+      return np.full(raw.shape, -1, np.int64)
+    pos = np.minimum(np.searchsorted(self.sorted, raw), max(self.size - 1, 0))
+    found = self.sorted[pos] == raw if self.size else np.zeros(raw.shape, bool)
+    return np.where(found, self.order[pos] if self.size else -1, -1).astype(np.int64)
+
+
+@dataclasses.dataclass
+class Chunk:
+  """Encoded training rows of a reading group: positions, global row ids, label columns and context features."""
+
+  user: np.ndarray  # int64 positions in the users table
+  item: np.ndarray  # int64 positions in the items table
+  row: np.ndarray  # int64 global row ids
+  columns: dict[str, Any]  # {task: LabelColumn} over these rows
+  context: dict[str, np.ndarray]  # {feature: encoded values} over these rows
+
+  def __len__(self) -> int:
+    return int(self.user.shape[0])
+
+  def take(self, idx: np.ndarray) -> 'Chunk':
+    return Chunk(self.user[idx], self.item[idx], self.row[idx],
+                 {k: LabelColumn(c.values[idx], c.present[idx]) for k, c in self.columns.items()},
+                 {k: v[idx] for k, v in self.context.items()})
+
+  @staticmethod
+  def concat(parts: list['Chunk']) -> 'Chunk':
+    first = parts[0]
+    cat = lambda f: np.concatenate([f(p) for p in parts])
+    return Chunk(cat(lambda p: p.user), cat(lambda p: p.item), cat(lambda p: p.row),
+                 {k: LabelColumn(cat(lambda p: p.columns[k].values), cat(lambda p: p.columns[k].present))
+                  for k in first.columns},
+                 {k: cat(lambda p: p.context[k]) for k in first.context})
+
+
+# (row group's columns) -> Chunk of its training rows; built by the caller, which knows the split and the features
+Decode = Callable[[dict[str, np.ndarray]], Chunk]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Which rows each shard reads, in which order, and how many steps an epoch has (see the module docstring)."""
+
+  groups: RowGroups
+  train_rows: np.ndarray  # [G] training rows of each row group (after the split's filter)
+  num_shards: int
+  interleave: int
+  positives_per_shard: int  # n: positives in a shard's batch
+  seed: int
+
+  def __post_init__(self):
+    if self.num_shards > len(self.groups):
+      raise DataError(f'the log has {len(self.groups)} Parquet row groups, fewer than data.stream.num_shards='
+                      f'{self.num_shards}: write the log with smaller row groups (pyarrow: row_group_size=) or '
+                      'lower the shard count')
+
+  def shard_groups(self, shard: int) -> np.ndarray:
+    return np.arange(len(self.groups))[shard::self.num_shards]
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return int(min(self.train_rows[self.shard_groups(s)].sum() for s in range(self.num_shards))
+               // self.positives_per_shard)
+
+  def reading_groups(self, epoch: int, shard: int) -> list[np.ndarray]:
+    """Shard `shard`'s row groups for `epoch`, in reading order, `interleave` at a time."""
+    order = np.random.default_rng([self.seed, 21, epoch, shard]).permutation(self.shard_groups(shard))
+    return [order[i:i + self.interleave] for i in range(0, order.size, self.interleave)]
+
+
+class ShardIterator(grain.DatasetIterator):
+  """Shard batches of positives (Chunks of n rows) from `start_batch` of an epoch; its state is (epoch, batch)."""
+
+  def __init__(self, plan: Plan, decode: Decode, columns: Sequence[str], epoch: int, shard: int,
+               read_options: grain.ReadOptions, start_batch: int = 0):
+    super().__init__()
+    self.plan, self.decode, self.columns = plan, decode, list(columns)
+    self.epoch, self.shard, self.read_options = epoch, shard, read_options
+    self.reading = plan.reading_groups(epoch, shard)
+    sizes = np.asarray([plan.train_rows[g].sum() for g in self.reading], np.int64)
+    self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # first row of each reading group
+    self._seek(start_batch)
+
+  def _read(self, k: int) -> Chunk:
+    """Reading group k: its row groups read and decoded, training rows permuted together (seed, epoch, shard, k)."""
+    chunk = Chunk.concat([self.decode(self.plan.groups.read(int(g), self.columns)) for g in self.reading[k]])
+    expected = self.offsets[k + 1] - self.offsets[k]
+    if len(chunk) != expected:
+      raise DataError(f'row groups {list(self.reading[k])} of the log hold {len(chunk)} training rows, not the '
+                      f'{expected} counted when the run started: the files changed under a running job; restart '
+                      'it in a new workdir')
+    perm = np.random.default_rng([self.plan.seed, 22, self.epoch, self.shard, k]).permutation(len(chunk))
+    return chunk.take(perm)
+
+  def _seek(self, batch: int) -> None:
+    self.batch = batch
+    row = batch * self.plan.positives_per_shard
+    k = int(np.searchsorted(self.offsets, row, side='right') - 1)
+    k = min(k, max(len(self.reading) - 1, 0))
+    ds = grain.MapDataset.source(list(range(len(self.reading))))[k:].map(self._read)
+    self._groups = iter(ds.to_iter_dataset(self.read_options))
+    self._buffer: list[Chunk] = []
+    self._buffer_start = int(self.offsets[k])  # row of the epoch sequence where the buffer starts
+
+  def __next__(self) -> Chunk:
+    n = self.plan.positives_per_shard
+    if self.batch >= self.plan.steps_per_epoch:
+      raise StopIteration
+    lo, hi = self.batch * n, (self.batch + 1) * n
+    while self._buffer_start + sum(len(c) for c in self._buffer) < hi:
+      self._buffer.append(next(self._groups))
+    data = Chunk.concat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+    out = data.take(np.arange(lo - self._buffer_start, hi - self._buffer_start))
+    # drop the reading groups wholly consumed
+    while self._buffer and self._buffer_start + len(self._buffer[0]) <= hi:
+      self._buffer_start += len(self._buffer.pop(0))
+    self.batch += 1
+    return out
+
+  def get_state(self) -> dict[str, Any]:
+    return {'epoch': int(self.epoch), 'shard': int(self.shard), 'batch': int(self.batch)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if int(state['shard']) != self.shard:
+      raise ValueError(f'input state {state} is not of shard {self.shard}')
+    if int(state['epoch']) != self.epoch:
+      self.__init__(self.plan, self.decode, self.columns, int(state['epoch']), self.shard, self.read_options,
+                    int(state['batch']))
+    else:
+      self._seek(int(state['batch']))
+
+
+class LocalBatches(grain.DatasetIterator):
+  """This process's rows of each global batch: its shards' batches b, concatenated in shard order, as model batches.
+
+  Its state, saved with the model, is {'epoch', 'batch', 'num_shards', 'shards'}.
+  """
+
+  def __init__(self, shards: list[ShardIterator], to_batch: Callable[[Chunk, int, int, int], dict[str, Any]]):
+    super().__init__()
+    self.shards, self.to_batch = shards, to_batch
+
+  def __next__(self) -> dict[str, Any]:
+    parts = [self.to_batch(next(it), it.epoch, it.shard, it.batch - 1) for it in self.shards]
+    return parts[0] if len(parts) == 1 else _concat_batches(parts)
+
+  @property
+  def epoch(self) -> int:
+    return self.shards[0].epoch
+
+  @property
+  def batch(self) -> int:
+    return self.shards[0].batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {'epoch': self.epoch, 'batch': self.batch, 'num_shards': self.shards[0].plan.num_shards,
+            'shards': [it.shard for it in self.shards]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state['num_shards'] != self.shards[0].plan.num_shards or state['shards'] != [it.shard for it in self.shards]:
+      raise ValueError(f"the checkpoint's input state {state} was written with another shard layout than this run's "
+                       f'(num_shards={self.shards[0].plan.num_shards}, shards {[it.shard for it in self.shards]}); '
+                       'resume with the same data.stream.num_shards and process count')
+    for it in self.shards:
+      it.set_state({'epoch': state['epoch'], 'shard': it.shard, 'batch': state['batch']})
+
+
+def _concat_batches(parts: list[Any]) -> Any:
+  if isinstance(parts[0], dict):
+    return {k: _concat_batches([p[k] for p in parts]) for k in parts[0]}
+  return np.concatenate(parts)
+
+
+def owned_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
+  """The logical shards a process reads: a contiguous block, so its batch rows are a contiguous block too."""
+  if num_shards % process_count:
+    raise DataError(f'data.stream.num_shards={num_shards} is not a multiple of the {process_count} processes; '
+                    'set it to a multiple (0 = one shard per process)')
+  per = num_shards // process_count
+  return list(range(process_index * per, (process_index + 1) * per))
+
+
+class Snapshot(grain.DatasetIterator):
+  """A frozen iterator state, for saving: the checkpoint gets the position at the save, whenever it is written."""
+
+  def __init__(self, state: dict[str, Any]):
+    super().__init__()
+    self.state = dict(state)
+
+  def __next__(self):
+    raise StopIteration
+
+  def get_state(self) -> dict[str, Any]:
+    return dict(self.state)
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.state = dict(state)
+
+
+def statistics(groups: RowGroups, id_columns: Sequence[str], labels: Sequence[str], path: str) -> dict[str, Any]:
+  """One streaming pass over the log, in bounded memory: for each of `id_columns` its distinct values, sorted, and
+  their counts ('<column>_values', '<column>_counts'), and each label's [sum, count] ('<label>_sum_count'); written
+  to `path` (.npz) and read from there when it exists (a resumed or repeated run does not read the log again)."""
+  if os.path.exists(path):
+    with np.load(path) as z:
+      return {k: z[k] for k in z.files}
+  counts: dict[str, list[pa.Table]] = {c: [] for c in id_columns}
+  sums = {label: np.zeros(2) for label in labels}
+
+  def merge(tables: list[pa.Table]) -> list[pa.Table]:
+    t = pa.concat_tables(tables).group_by('values').aggregate([('counts', 'sum')])
+    return [t.rename_columns(['values', 'counts'])]
+
+  for g in range(len(groups)):
+    cols = groups.read(g, [*id_columns, *labels])
+    for name in counts:
+      vc = pc.value_counts(pa.array(cols[name]))
+      counts[name].append(pa.table({'values': vc.field('values'), 'counts': vc.field('counts')}))
+      if len(counts[name]) >= 8:  # bounded memory: merge every few row groups
+        counts[name] = merge(counts[name])
+    for label in labels:
+      x = cols[label].astype(np.float64)
+      sums[label] += (x.sum(), x.size)
+  out: dict[str, Any] = {}
+  for name, tables in counts.items():
+    t = merge(tables)[0].sort_by('values')
+    out[f'{name}_values'] = t.column('values').to_numpy()
+    out[f'{name}_counts'] = t.column('counts').to_numpy()
+  for label, s in sums.items():
+    out[f'{label}_sum_count'] = s
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.savez(path + '.tmp.npz', **out)
+  os.replace(path + '.tmp.npz', path)
+  return out

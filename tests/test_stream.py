@@ -1,0 +1,250 @@
+"""The streaming reader (data.reader='stream'): shards, order, resume, and the batches it gives the model.
+
+A synthetic log written as Parquet with many row groups; the shard iterators are checked by the global row ids they
+yield (every row once per epoch, disjoint shards), the model batches of one process with 2 shards against those of
+2 processes with one shard each, and a position saved and restored (directly and through the Orbax checkpoint).
+"""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mtl_rec import experiment as experiment_lib
+from mtl_rec.checkpoint import Checkpointer
+from mtl_rec.data import stream as stream_lib
+from mtl_rec.data import synthetic
+from mtl_rec.data import write as write_lib
+from mtl_rec.data.types import DataError, to_dataset
+from mtl_rec.tasks import LabelColumn
+
+ROWS_PER_GROUP = 100
+
+
+def _write_log(directory, num_files=2, groups_per_file=5):
+  """Files of `groups_per_file` row groups of ROWS_PER_GROUP rows: columns user_id, item_id (ints), rating."""
+  rng = np.random.default_rng(0)
+  paths, n = [], num_files * groups_per_file * ROWS_PER_GROUP
+  users, items = rng.integers(0, 50, n), rng.integers(1000, 1040, n)
+  per_file = n // num_files
+  for f in range(num_files):
+    sl = slice(f * per_file, (f + 1) * per_file)
+    path = str(directory / f'log_{f}.parquet')
+    pq.write_table(pa.table({'user_id': users[sl], 'item_id': items[sl], 'rating': rng.integers(1, 6, per_file)}),
+                   path, row_group_size=ROWS_PER_GROUP)
+    paths.append(path)
+  return paths, users, items
+
+
+def _plan(groups, num_shards, per_shard, interleave=2, seed=0):
+  return stream_lib.Plan(groups, groups.rows.copy(), num_shards, interleave, per_shard, seed)
+
+
+def _decode(cols):
+  n = cols['_row'].size
+  return stream_lib.Chunk(cols['user_id'].astype(np.int64), cols['item_id'].astype(np.int64), cols['_row'],
+                          {'rating': LabelColumn(cols['rating'].astype(np.float32), np.ones(n, bool))}, {})
+
+
+def _shard(plan, epoch, shard, start=0):
+  import grain  # pylint: disable=g-import-not-at-top
+  return stream_lib.ShardIterator(plan, _decode, ['user_id', 'item_id', 'rating'], epoch, shard,
+                                  grain.ReadOptions(num_threads=2, prefetch_buffer_size=2), start)
+
+
+def test_row_groups_from_metadata(tmp_path):
+  paths, _, _ = _write_log(tmp_path)
+  groups = stream_lib.RowGroups.of(paths)
+  assert len(groups) == 10 and groups.num_rows == 1000
+  np.testing.assert_array_equal(groups.start, np.arange(10) * ROWS_PER_GROUP)
+  np.testing.assert_array_equal(groups.file, [0] * 5 + [1] * 5)
+  cols = groups.read(7, ['user_id'])
+  np.testing.assert_array_equal(cols['_row'], np.arange(700, 800))
+
+
+@pytest.mark.parametrize('num_shards', [1, 2, 5])
+def test_shards_are_disjoint_and_read_every_row_once_per_epoch(tmp_path, num_shards):
+  paths, users, _ = _write_log(tmp_path)
+  groups = stream_lib.RowGroups.of(paths)
+  plan = _plan(groups, num_shards, per_shard=1000 // num_shards // 4)  # 4 steps cover every row
+  assert plan.steps_per_epoch == 4
+  orders = []
+  for epoch in range(2):
+    rows = [np.concatenate([c.row for c in _shard(plan, epoch, s)]) for s in range(num_shards)]
+    for s, r in enumerate(rows):  # a shard reads only its row groups: g % num_shards == s
+      assert set(np.unique(r // ROWS_PER_GROUP) % num_shards) == {s}
+    union = np.concatenate(rows)
+    np.testing.assert_array_equal(np.sort(union), np.arange(1000))  # every row exactly once
+    orders.append(union)
+    # the chunks carry their rows' values
+    chunk = next(_shard(plan, epoch, 0))
+    np.testing.assert_array_equal(chunk.user, users[chunk.row])
+  assert not np.array_equal(orders[0], orders[1])  # a new order each epoch
+  again = np.concatenate([np.concatenate([c.row for c in _shard(plan, 1, s)]) for s in range(num_shards)])
+  np.testing.assert_array_equal(again, orders[1])  # and the same order for the same (seed, epoch)
+
+
+def test_batches_mix_row_groups_and_drop_only_the_tail(tmp_path):
+  paths, _, _ = _write_log(tmp_path)
+  plan = _plan(stream_lib.RowGroups.of(paths), 2, per_shard=150, interleave=2)
+  assert plan.steps_per_epoch == 3  # 500 rows a shard: 3 batches of 150, the last 50 dropped
+  batches = list(_shard(plan, 0, 0))
+  assert len(batches) == 3 and all(len(b) == 150 for b in batches)
+  assert len(np.unique(batches[0].row // ROWS_PER_GROUP)) == 2  # a batch draws from `interleave` row groups
+  assert len(np.unique(np.concatenate([b.row for b in batches]))) == 450
+
+
+def test_resume_from_a_saved_position_gives_the_same_batches(tmp_path):
+  paths, _, _ = _write_log(tmp_path)
+  plan = _plan(stream_lib.RowGroups.of(paths), 2, per_shard=60, interleave=2)
+  full = [c.row for c in _shard(plan, 1, 1)]
+  it = _shard(plan, 1, 1)
+  head = [next(it).row for _ in range(3)]
+  state = it.get_state()
+  assert state == {'epoch': 1, 'shard': 1, 'batch': 3}
+  fresh = _shard(plan, 0, 1)  # set_state moves it to the saved epoch as well
+  fresh.set_state(state)
+  for a, b in zip(head + [c.row for c in fresh], full, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_files_changed_under_a_run_are_an_error(tmp_path):
+  paths, _, _ = _write_log(tmp_path)
+  groups = stream_lib.RowGroups.of(paths)
+  plan = stream_lib.Plan(groups, groups.rows + 1, 2, 2, 50, 0)  # counts that the files no longer match
+  with pytest.raises(DataError, match='files changed'):
+    next(_shard(plan, 0, 0))
+  with pytest.raises(DataError, match='row groups'):
+    _plan(groups, 11, 10)
+  with pytest.raises(DataError, match='multiple'):
+    stream_lib.owned_shards(3, 0, 2)
+  assert stream_lib.owned_shards(4, 1, 2) == [2, 3]
+
+
+def test_id_index(tmp_path):
+  dense = stream_lib.IdIndex(np.array([5, 3, 9]))
+  np.testing.assert_array_equal(dense(np.array([9, 5, 4, 3, -1, 100])), [2, 0, -1, 1, -1, -1])
+  sparse = stream_lib.IdIndex(np.array([10**12, 7, 10**15]))
+  np.testing.assert_array_equal(sparse(np.array([7, 10**15, 8])), [1, 2, -1])
+  text = stream_lib.IdIndex(np.array(['b', 'a', 'c']))
+  np.testing.assert_array_equal(text(np.array(['c', 'z', 'a'])), [2, -1, 1])
+
+
+@pytest.fixture(scope='module')
+def files_dir(tmp_path_factory):
+  """A synthetic MovieLens-like dataset as Parquet tables, the log in row groups of 500 rows."""
+  out = tmp_path_factory.mktemp('files')
+  ds = to_dataset(synthetic.generate(num_users=120, num_items=80, interactions_per_user=25, latent_dim=4, seed=0))
+  write_lib.write_dataset(ds, str(out), 'parquet', row_group_size=500)
+  return out
+
+
+def _files_config(tiny_config, files_dir, **overrides):
+  c = tiny_config(**{'train__batch_size': 200, **overrides})
+  c.data.source = 'files'
+  c.data.log.paths = (str(files_dir / 'log.parquet'),)
+  c.data.user_table.paths = (str(files_dir / 'users.parquet'),)
+  c.data.item_table.paths = (str(files_dir / 'items.parquet'),)
+  c.data.reader = 'stream'
+  return c
+
+
+def test_one_process_with_two_shards_builds_what_two_processes_build(tiny_config, files_dir):
+  c = _files_config(tiny_config, files_dir)
+  c.data.stream.num_shards = 2
+  exp = experiment_lib.build(c)
+  stream = exp.stream
+  assert stream.local and stream.shards == [0, 1] and stream.batch_size == 200
+  both = list(stream.epoch(0))
+  assert len(both) == stream.steps_per_epoch > 3
+  halves = []
+  for shard in (0, 1):  # what process `shard` of 2 builds: its shard only
+    stream.shards = [shard]
+    halves.append(list(stream.epoch(0)))
+  stream.shards = [0, 1]
+  for b, h0, h1 in zip(both, *halves, strict=True):
+    assert b['observed'].shape == (200,) and h0['observed'].shape == (100,)
+    for path, x in _leaves(b):
+      np.testing.assert_array_equal(x, np.concatenate([_get(h0, path), _get(h1, path)]), err_msg=str(path))
+  # positives first then their negatives, per shard; the click label is 'observed'
+  b = both[0]
+  k = c.sampling.num_negatives
+  np.testing.assert_array_equal(b['observed'][:100], np.r_[np.ones(100 // (1 + k)), np.zeros(100 - 100 // (1 + k))])
+  # a training row's ids and rating come from its file row: the streamed batch equals the in-memory encoding
+  train_rows = set(exp.split.train.tolist())
+  chunk = next(stream_lib.ShardIterator(stream.plan, stream.decode, stream.columns, 0, 0, stream.read_options))
+  assert set(chunk.row.tolist()) <= train_rows
+  np.testing.assert_array_equal(chunk.user, exp.user_index[chunk.row])
+  np.testing.assert_array_equal(chunk.item, exp.item_index[chunk.row])
+  np.testing.assert_array_equal(chunk.columns['rating'].values, exp.labels.columns['rating'].values[chunk.row])
+
+
+def _leaves(tree, path=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _leaves(v, path + (k,))
+  else:
+    yield path, tree
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def test_reader_position_round_trips_through_the_checkpoint(tiny_config, files_dir, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  exp = experiment_lib.build(_files_config(tiny_config, files_dir))
+  spe = exp.stream.steps_per_epoch
+  reference = list(exp.stream.epoch(1))
+  ckpt = Checkpointer(str(tmp_path), keep=2)
+  step = spe + 2  # epoch 1, batch 2
+  ckpt.save(step, {'w': jax.numpy.zeros(3)}, {'note': 'x'},
+            input_state={'epoch': 1, 'batch': 2, 'num_shards': 1, 'shards': [0]})
+  ckpt.wait()
+  restored = ckpt.restore_input(step, exp.stream.epoch(0))
+  assert (restored.epoch, restored.batch) == (1, 2)
+  rest = list(restored)
+  assert len(rest) == spe - 2
+  for got, want in zip(rest, reference[2:], strict=True):
+    for path, x in _leaves(want):
+      np.testing.assert_array_equal(_get(got, path), x, err_msg=str(path))
+  with pytest.raises(ValueError, match='shard layout'):
+    ckpt.restore_input(step, _two_shard_stream(exp).epoch(0))
+  ckpt.close()
+
+
+def _two_shard_stream(exp):
+  stream = exp.stream
+  plan = stream_lib.Plan(stream.plan.groups, stream.plan.train_rows, 2, stream.plan.interleave,
+                         stream.plan.positives_per_shard // 2, stream.plan.seed)
+  return type(stream)(plan, stream.decode, stream.columns, stream.encoder, stream.specs, stream.sampler,
+                      stream.num_negatives, stream.seed, [0, 1], stream.read_options)
+
+
+def test_stream_config_errors(tiny_config, files_dir):
+  c = _files_config(tiny_config, files_dir, train__batch_size=201)
+  with pytest.raises(DataError, match='multiple of'):
+    experiment_lib.build(c)
+  c = _files_config(tiny_config, files_dir)
+  c.data.source = 'synthetic'
+  with pytest.raises(ValueError, match='data.reader'):
+    experiment_lib.build(c)
+
+
+def test_statistics_pass_counts_ids_and_is_reused(tmp_path):
+  paths, users, items = _write_log(tmp_path, num_files=2, groups_per_file=10)  # 20 row groups: several merges
+  groups = stream_lib.RowGroups.of(paths)
+  path = str(tmp_path / 'run' / 'statistics.npz')
+  stats = stream_lib.statistics(groups, ['user_id', 'item_id'], ['rating'], path)
+  for name, ids in (('user_id', users), ('item_id', items)):
+    values, counts = np.unique(ids, return_counts=True)
+    np.testing.assert_array_equal(stats[f'{name}_values'], values)
+    np.testing.assert_array_equal(stats[f'{name}_counts'], counts)
+  ratings = np.concatenate([pq.read_table(p).column('rating').to_numpy() for p in paths])
+  np.testing.assert_allclose(stats['rating_sum_count'], [ratings.sum(), ratings.size])
+  for p in paths:  # reused from the run directory: the log is not read again
+    open(p, 'wb').close()
+  again = stream_lib.statistics(stream_lib.RowGroups.__new__(stream_lib.RowGroups), ['user_id'], [], path)
+  np.testing.assert_array_equal(again['user_id_counts'], stats['user_id_counts'])

@@ -17,14 +17,24 @@ The generative story (every array is seeded, so the same arguments give identica
     relative to the scores (so time does not leak the ranking).
 
 Raw ids are 1..N like MovieLens: user id `k` is row `k - 1` of `Truth.user_factors`.
+
+`write_log` is another, simpler story at another scale: an interaction log of any length (100M rows and more)
+written to Parquet a row group at a time, for the streaming benchmark (mtl_rec.data_benchmark).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
+import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from mtl_rec import files
 from mtl_rec.data.movielens import GENRES
 from mtl_rec.data.types import Dataset, ItemTable, RatingsData, UserTable
 
@@ -328,3 +338,52 @@ def shop(num_users: int = 2000, num_items: int = 500, interactions_per_user: int
       items={'item': item_ids, 'title': np.char.add('Product ', item_ids), 'category': category, 'tags': tags,
              'price': np.round(price, 2), **items_extra},
       user_column='user', item_column='item', timestamp_column='ts')
+
+
+def sparse_id(index: np.ndarray, salt: int) -> np.ndarray:
+  """Ids as real logs have them: 62-bit numbers spread out (a bijective hash of the index), not 0..n-1."""
+  x = (index.astype(np.uint64) + np.uint64(salt << 40)) * np.uint64(0x9E3779B97F4A7C15)
+  return (x >> np.uint64(2)).astype(np.int64)
+
+
+def write_log(directory: str, rows: int, num_users: int, num_items: int, seed: int, row_group_size: int,
+              rows_per_file: int, latent_dim: int = 8) -> list[str]:
+  """The synthetic log's files (written unless a complete copy is there): user_id, item_id (int64, sparse_id),
+  rating (int8, 1-5: planted factors + noise), timestamp (int64, increasing). Users are uniform, items Zipf-popular."""
+  done = os.path.join(directory, 'COMPLETE.json')
+  meta = {'ids': 'sparse', 'rows': rows, 'num_users': num_users, 'num_items': num_items, 'seed': seed,
+          'row_group_size': row_group_size, 'rows_per_file': rows_per_file, 'latent_dim': latent_dim}
+  if os.path.exists(done) and json.load(open(done))['meta'] == meta:
+    return json.load(open(done))['paths']
+  shutil.rmtree(directory, ignore_errors=True)
+  os.makedirs(directory)
+  rng = np.random.default_rng([seed, 31])
+  user_f = rng.normal(0, 1 / np.sqrt(latent_dim), (num_users, latent_dim)).astype(np.float32)
+  item_f = rng.normal(0, 1 / np.sqrt(latent_dim), (num_items, latent_dim)).astype(np.float32)
+  item_bias = rng.normal(0, 0.5, num_items).astype(np.float32)
+  popularity = 1.0 / np.arange(1, num_items + 1) ** 0.8
+  cdf = np.cumsum(popularity / popularity.sum())
+  schema = pa.schema([('user_id', pa.int64()), ('item_id', pa.int64()), ('rating', pa.int8()),
+                      ('timestamp', pa.int64())])
+  paths, written = [], 0
+  t = time.time()
+  while written < rows:
+    path = os.path.join(directory, f'log-{len(paths):05d}.parquet')
+    with pq.ParquetWriter(path + '.tmp', schema) as w:
+      in_file = 0
+      while in_file < rows_per_file and written < rows:
+        n = min(row_group_size, rows_per_file - in_file, rows - written)
+        users = rng.integers(0, num_users, n)
+        items = np.minimum(np.searchsorted(cdf, rng.random(n)), num_items - 1)
+        score = 3.4 + 2.0 * np.einsum('ij,ij->i', user_f[users], item_f[items]) + item_bias[items]
+        rating = np.clip(np.rint(score + rng.normal(0, 0.6, n)), 1, 5).astype(np.int8)
+        w.write_table(pa.table({'user_id': sparse_id(users, 1), 'item_id': sparse_id(items, 2), 'rating': rating,
+                                'timestamp': np.arange(written, written + n, dtype=np.int64)}, schema=schema),
+                      row_group_size=n)
+        in_file += n
+        written += n
+    os.replace(path + '.tmp', path)
+    paths.append(path)
+    print(f'log: {written:,} / {rows:,} rows written ({time.time() - t:.0f}s)', flush=True)
+  files.write_json(done, {'meta': meta, 'paths': paths})
+  return paths

@@ -243,8 +243,7 @@ def test_dropout_under_the_grouped_gradient(exp, config_on):
   """Dropout masks come from the step's rng folded with the group's index: dropout is applied (the gradient
   differs from the one without it), gives the same bits on every mesh, and follows the rng."""
   out = {}
-  for shape, rate, seed in [((1, 1), 0.3, 0), ((4, 2), 0.3, 0), ((2, 4), 0.3, 0), ((1, 1), 0.0, 0),
-                            ((1, 1), 0.3, 1)]:
+  for shape, rate, seed in [((1, 1), 0.3, 0), ((2, 4), 0.3, 0), ((1, 1), 0.0, 0), ((1, 1), 0.3, 1)]:
     c = config_on(shape)
     c.model.dropout = rate
     trainer = _trainer(c, exp)
@@ -252,9 +251,8 @@ def test_dropout_under_the_grouped_gradient(exp, config_on):
     (loss, _), grads = _grads(trainer, trainer.init_state['params'], batch, 8, _table_inputs(trainer), seed)
     out[shape, rate, seed] = jax.device_get((loss, grads))
   ref = jax.tree.leaves(out[(1, 1), 0.3, 0])
-  for shape in [(4, 2), (2, 4)]:
-    for a, b in zip(ref, jax.tree.leaves(out[shape, 0.3, 0]), strict=True):
-      np.testing.assert_array_equal(a, b, err_msg=str(shape))
+  for a, b in zip(ref, jax.tree.leaves(out[(2, 4), 0.3, 0]), strict=True):
+    np.testing.assert_array_equal(a, b)
   assert ref[0] != out[(1, 1), 0.0, 0][0]  # the loss with dropout is not the loss without
   assert ref[0] != out[(1, 1), 0.3, 1][0]  # another rng, other masks
   kernel = lambda g: g['backbone']['mlp']['layers'][0]['kernel']

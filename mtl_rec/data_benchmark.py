@@ -41,6 +41,7 @@ from mtl_rec import files
 from mtl_rec import sharding as sharding_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec import trainer as trainer_lib
+from mtl_rec.data import fetch
 from mtl_rec.data import stream as stream_lib
 from mtl_rec.data import synthetic
 from mtl_rec.data.sampling import NegativeSampler
@@ -69,8 +70,7 @@ _TABLE_LR = flags.DEFINE_float('table_learning_rate', 0.05, "The id tables' lear
 
 
 def _cache_root() -> str:
-  return _CACHE_DIR.value or os.path.join(
-      os.environ.get('MTL_REC_DATA') or os.path.expanduser('~/.cache/mtl_rec'), 'data_benchmark')
+  return _CACHE_DIR.value or str(fetch.default_cache_dir() / 'data_benchmark')
 
 
 def id_encoder(config: Any, stats: dict[str, Any]) -> features_lib.FeatureEncoder:

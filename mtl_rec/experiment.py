@@ -137,7 +137,8 @@ def streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, tr
   columns = list(dict.fromkeys([log_columns.user_column, log_columns.item_column, *labels, *(c for _, c in context)]))
 
   def decode(cols: dict[str, np.ndarray]) -> stream_lib.Chunk:
-    sub = {c: v[keep(cols)] for c, v in cols.items()}
+    mask = keep(cols)
+    sub = {c: v[mask] for c, v in cols.items()}
     u, i = users(sub[log_columns.user_column]), items(sub[log_columns.item_column])
     for what, pos, column in (('user', u, log_columns.user_column), ('item', i, log_columns.item_column)):
       if (pos < 0).any():

@@ -220,8 +220,13 @@ class ShardIterator(grain.DatasetIterator):
     lo, hi = self.batch * n, (self.batch + 1) * n
     while self._buffer_start + sum(len(c) for c in self._buffer) < hi:
       self._buffer.append(next(self._groups))
-    data = Chunk.concat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-    out = data.take(np.arange(lo - self._buffer_start, hi - self._buffer_start))
+    parts, start = [], self._buffer_start  # the rows [lo, hi) of each buffered group (two at a group boundary)
+    for chunk in self._buffer:
+      a, b = max(lo - start, 0), min(hi - start, len(chunk))
+      if a < b:
+        parts.append(chunk.take(np.arange(a, b)))
+      start += len(chunk)
+    out = parts[0] if len(parts) == 1 else Chunk.concat(parts)
     # drop the reading groups wholly consumed
     while self._buffer and self._buffer_start + len(self._buffer[0]) <= hi:
       self._buffer_start += len(self._buffer.pop(0))

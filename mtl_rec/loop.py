@@ -286,8 +286,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
   state = _start(trainer, exp, ckpt, stopping, init_from)
   start_step = int(state['step'])
 
+  streaming = getattr(exp.stream, 'local', False)  # data.reader='stream': each process reads its own rows
   example = next(exp.stream.epoch(0))  # global shapes (a streamed batch holds this process's rows only)
-  if getattr(exp.stream, 'local', False) and jax.process_count() > 1:
+  if streaming and jax.process_count() > 1:
     example = jax.tree.map(lambda x: np.concatenate([x] * jax.process_count()), example)
   report = trainer_lib.memory_report(trainer, state, example)
   log.info('mesh %s; memory: %s', dict(trainer.mesh.shape), report)
@@ -302,7 +303,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     pbar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
   progress = ReportProgress(config.train.log_every_steps, spe, config.train.batch_size, writer, pbar)
-  streaming = getattr(exp.stream, 'local', False)  # data.reader='stream': each process reads its own rows
   place = sharding_lib.local_batch if streaming else sharding_lib.global_batch
   # the reader's position, saved beside the state: where the next batch starts
   position = lambda step: {'epoch': step // spe, 'batch': step % spe} if streaming else None

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import os
+from typing import Callable
 
 import ml_collections
 import numpy as np
@@ -22,47 +23,82 @@ class Split:
   cold: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # {'items' | 'users': held-out raw ids}
 
 
-def _hold_out(rows: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  """Splits `rows` into (kept, held_out) with a seeded random `fraction` held out."""
-  perm = rng.permutation(rows.shape[0])
-  n_out = int(round(rows.shape[0] * fraction))
-  return np.sort(rows[perm[n_out:]]), np.sort(rows[perm[:n_out]])
+TRAIN, VALID, TEST = 0, 1, 2  # split codes of `assign`
+STREAMABLE = ('random', 'timestamp', 'column', 'head')  # the splits decided row by row (data.reader='stream')
+
+_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), 0x9E3779B97F4A7C15
+
+
+def row_uniform(rows: np.ndarray, seed: int, salt: int) -> np.ndarray:
+  """A uniform number in [0, 1) per global row id, a pure function of (row, seed, salt): splitmix64's finalizer.
+
+  Holding out rows by it needs no permutation of the whole log, so a streamed log splits row group by row group
+  exactly as the same log loaded in memory."""
+  key = np.uint64((seed * _GOLDEN + (salt + 1) * 0xD1B54A32D192ED03) % (1 << 64))
+  x = np.asarray(rows, np.int64).astype(np.uint64) ^ key
+  x = (x ^ (x >> np.uint64(30))) * _M1
+  x = (x ^ (x >> np.uint64(27))) * _M2
+  x = x ^ (x >> np.uint64(31))
+  return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def assign(rows: np.ndarray, log: dict[str, np.ndarray], data_config: ml_collections.ConfigDict, seed: int,
+           hash_valid: bool = True, where: Callable[[int], str] = lambda i: f'row {i}') -> np.ndarray:
+  """int8 split codes (TRAIN, VALID, TEST) of log rows with global ids `rows` and columns `log`, row by row, for
+  the splits in STREAMABLE (see make_split). `hash_valid`: validation is the seeded valid_fraction of the other
+  rows (for 'column': only when the column names no 'valid' row anywhere). `where(i)` names row i in an error."""
+  dc = data_config
+  rows = np.asarray(rows, np.int64)
+  code = np.full(rows.shape, TRAIN, np.int8)
+  if dc.split == 'head':
+    test = rows < dc.split_test_rows
+  elif dc.split == 'random':
+    test = row_uniform(rows, seed, 0) < dc.test_fraction
+  elif dc.split == 'timestamp':
+    test = np.asarray(log[dc.log.timestamp_column]) >= dc.split_cut
+  elif dc.split == 'column':
+    names = np.asarray(log[dc.split_column]).astype(np.str_)
+    bad = np.flatnonzero(~np.isin(names, ('train', 'valid', 'test')))
+    if bad.size:
+      raise DataError(f'interaction log: {where(int(bad[0]))}: column {dc.split_column!r} holds '
+                      f"{names[bad[0]]!r}; the split column names 'train', 'valid' or 'test'")
+    code[names == 'valid'] = VALID
+    test = names == 'test'
+  else:
+    raise DataError(f"data.split={dc.split!r} is not decided row by row; data.reader='stream' takes one of "
+                    f"{', '.join(STREAMABLE)}")
+  if hash_valid:
+    code[row_uniform(rows, seed, 1) < dc.valid_fraction] = VALID
+  code[test] = TEST
+  return code
+
+
+def _hold_out(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Splits `rows` (global row ids) into (kept, held_out): a row is held out when its seeded uniform is below
+  `fraction` (row_uniform), so about that share of them."""
+  out = row_uniform(rows, seed, 1) < fraction
+  return np.sort(rows[~out]), np.sort(rows[out])
 
 
 def make_split(ds: Dataset, data_config: ml_collections.ConfigDict, seed: int) -> Split:
   """The split config.data asks for (data.split):
 
-    'random': a seeded `test_fraction` of the log rows is the test set.
+    'random': the rows whose seeded uniform (row_uniform of the global row id) is below `test_fraction`.
     'leave_last_out': each user's latest row (by timestamp, then file order) is the test set (a user with a
       single row keeps it for training).
     'timestamp': rows at or after `split_cut` are the test set.
     'column': the column `split_column` names each row's set: 'train', 'valid' or 'test'.
     'head': the first `split_test_rows` rows in file order are the test set (MovieLens-100K's official u1 split is
       the first 20,000 rows of u.data).
-  Validation is a seeded `valid_fraction` of the non-test rows (except for 'column' with 'valid' rows) — never the
-  test set.
+  Validation: the non-test rows whose seeded uniform is below `valid_fraction` (for 'column': the 'valid' rows if
+  there are any) — never the test set. Every split but 'leave_last_out' is decided row by row (`assign`), so a
+  streamed log (data.reader='stream') gets the same split as the same log loaded in memory.
   """
   dc = data_config
   n = ds.num_rows
   rows = np.arange(n, dtype=np.int64)
-  rng = np.random.default_rng([seed, 1])
   users = ds.log[ds.user_column]
-  valid = None
-  if dc.split == 'head':
-    if dc.split_test_rows >= n:
-      raise DataError(f'data.split_test_rows={dc.split_test_rows} leaves no training rows of the {n:,} in the log; '
-                      'use fewer')
-    test, base = rows[:dc.split_test_rows], rows[dc.split_test_rows:]
-  elif dc.split == 'random':
-    base, test = _hold_out(rows, dc.test_fraction, rng)
-  elif dc.split == 'timestamp':
-    is_test = ds.log[ds.timestamp_column] >= dc.split_cut
-    test, base = rows[is_test], rows[~is_test]
-    if not test.size or not base.size:
-      raise DataError(f'data.split_cut={dc.split_cut} puts {"no" if not test.size else "every"} row in the test set '
-                      f'(timestamps run from {ds.log[ds.timestamp_column].min():g} to '
-                      f'{ds.log[ds.timestamp_column].max():g}); choose a time inside that range')
-  elif dc.split == 'leave_last_out':
+  if dc.split == 'leave_last_out':
     order = np.lexsort((rows, ds.log[ds.timestamp_column], users))  # by user, then time, then file order
     last = np.ones(n, bool)
     last[:-1] = users[order[:-1]] != users[order[1:]]
@@ -70,18 +106,20 @@ def make_split(ds: Dataset, data_config: ml_collections.ConfigDict, seed: int) -
     is_test[order[last]] = True
     inverse = np.unique(users, return_inverse=True)[1]
     is_test &= np.bincount(inverse)[inverse] > 1  # a test row for a user seen nowhere else measures nothing
-    test, base = rows[is_test], rows[~is_test]
-  else:  # 'column'
-    names = np.asarray(ds.log[dc.split_column]).astype(np.str_)
-    bad = np.flatnonzero(~np.isin(names, ('train', 'valid', 'test')))
-    if bad.size:
-      raise DataError(f'interaction log: {ds.where("log", int(bad[0]))}: column {dc.split_column!r} holds '
-                      f"{names[bad[0]]!r}; the split column names 'train', 'valid' or 'test'")
-    test, base = rows[names == 'test'], rows[names != 'test']
-    if (names == 'valid').any():
-      valid, base = rows[names == 'valid'], rows[names == 'train']
-  if valid is None:
-    base, valid = _hold_out(base, dc.valid_fraction, rng)
+    test, (base, valid) = rows[is_test], _hold_out(rows[~is_test], dc.valid_fraction, seed)
+  else:
+    if dc.split == 'head' and dc.split_test_rows >= n:
+      raise DataError(f'data.split_test_rows={dc.split_test_rows} leaves no training rows of the {n:,} in the log; '
+                      'use fewer')
+    if dc.split == 'timestamp':
+      times = ds.log[ds.timestamp_column]
+      if not (times >= dc.split_cut).any() or (times >= dc.split_cut).all():
+        raise DataError(f'data.split_cut={dc.split_cut} puts {"no" if (times < dc.split_cut).all() else "every"} '
+                        f'row in the test set (timestamps run from {times.min():g} to {times.max():g}); choose a '
+                        'time inside that range')
+    hash_valid = dc.split != 'column' or not (np.asarray(ds.log[dc.split_column]).astype(np.str_) == 'valid').any()
+    code = assign(rows, ds.log, dc, seed, hash_valid, lambda i: ds.where('log', i))
+    base, valid, test = rows[code == TRAIN], rows[code == VALID], rows[code == TEST]
   cold = {}
   for entity, share, column in (('items', dc.cold_items, ds.item_column), ('users', dc.cold_users, ds.user_column)):
     if share:  # these ids' training rows move to validation: they are seen only in validation and test

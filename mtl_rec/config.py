@@ -151,14 +151,22 @@ def base_config() -> ml_collections.ConfigDict:
   # so they appear only in validation and test; metrics.json then reports them apart ('cold_items', 'warm_items').
   c.data.cold_items = 0.0
   c.data.cold_users = 0.0
-  # 'memory' (the log loaded whole: fastest for small data) or 'stream' (training rows read from the Parquet log's row
-  # groups as a stream, sharded over processes, resumable from the checkpoint; see mtl_rec.data.stream)
+  # 'memory' (the log loaded whole: fastest for small data) or 'stream' (logs larger than memory: the log is never
+  # loaded; training rows are read from its Parquet row groups as a stream, sharded over processes, resumable from the
+  # checkpoint; statistics come from a streaming pass, evaluation from a sample; see mtl_rec.data.stream)
   c.data.reader = 'memory'
   c.data.stream = ml_collections.ConfigDict()
   c.data.stream.num_shards = 0  # logical shards (row group g -> shard g % num_shards); 0 = one per process
   c.data.stream.interleave = 4  # row groups read and shuffled together (more: better mixing, more memory)
   c.data.stream.threads = 2  # Grain reader threads
   c.data.stream.prefetch = 2  # reading groups buffered ahead of the train step, per shard
+  # evaluation: every held-out row of a seeded sample of users, as many users as hold at most this many held-out rows
+  # (all of them on a log that small), with all their other rows (what they have seen)
+  c.data.stream.eval_rows = 200_000
+  # context features' vocabularies, bucket edges and statistics, and the tasks' label statistics: fitted on a seeded
+  # uniform sample of about this many training rows (all of them on a log that small); id counts are exact
+  c.data.stream.fit_rows = 1_000_000
+  c.data.stream.row_group_size = 1 << 20  # CSV logs are converted once to Parquet row groups of this many rows
   c.data.synthetic = ml_collections.ConfigDict()
   # 'movielens' (MovieLens' columns: ratings, gender/age/occupation/zip, genres/year) or 'shop' (the "Your own data"
   # example's columns: clicks, add_to_cart, watch_fraction, satisfaction, context; see data/synthetic.shop)
@@ -349,9 +357,29 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise _err('data.split_test_rows', d.split_test_rows, "split='head' needs the number of test rows (> 0)")
   one_of('data.reader', d.reader, ('memory', 'stream'))
   if d.reader == 'stream':
-    if d.source != 'files' or d.format == 'csv' or any(str(p).lower().endswith(('.csv', '.tsv')) for p in d.log.paths):
-      raise _err('data.reader', d.reader, "streams Parquet logs of source='files'; write CSV or built-in data as "
-                 "Parquet (python -m mtl_rec.data.write --format=parquet) or use data.reader='memory'")
+    if d.source != 'files':
+      raise _err('data.reader', d.reader, "streams logs of source='files' (Parquet or CSV); write built-in data as "
+                 "files (python -m mtl_rec.data.write --format=parquet) or use data.reader='memory'")
+    if d.split not in ('random', 'timestamp', 'column', 'head'):
+      raise _err('data.split', d.split, "is not decided row by row: data.reader='stream' takes 'random', 'timestamp', "
+                 "'column' or 'head' (or use data.reader='memory')")
+    if d.cold_items or d.cold_users:
+      raise _err('data.cold_items' if d.cold_items else 'data.cold_users', d.cold_items or d.cold_users,
+                 "cold-start splits need the whole log in memory: use data.reader='memory'")
+    for name, f in c.features.items():
+      if f.kind == 'history':
+        raise _err(f'features.{name}.kind', f.kind, "histories are built from the whole log in memory: use "
+                   "data.reader='memory' or drop the feature")
+      if f.entity in ('user', 'item') and not (d.user_table.paths if f.entity == 'user' else d.item_table.paths) \
+          and (f.column or name) != (d.log.user_column if f.entity == 'user' else d.log.item_column):
+        raise _err(f'features.{name}', f.entity, f"is a {f.entity} feature but no {f.entity}s table is declared: with "
+                   f"data.reader='stream' {f.entity} features come from data.{f.entity}_table.paths (one row per "
+                   f'{f.entity}), not from the log')
+    if d.item_table.title_column and not d.item_table.paths:
+      raise _err('data.item_table.title_column', d.item_table.title_column, "with data.reader='stream' titles come "
+                 "from the items table (data.item_table.paths), not from the log: declare one or set it to ''")
+    for field in ('eval_rows', 'fit_rows', 'row_group_size'):
+      positive(f'data.stream.{field}', d.stream[field])
     if d.stream.num_shards < 0:
       raise _err('data.stream.num_shards', d.stream.num_shards, 'must be >= 0 (0 = one shard per process)')
     for field in ('interleave', 'threads', 'prefetch'):

@@ -7,8 +7,10 @@ the streaming reader, with the memory it takes and how fast the input runs again
 1. The log: `--rows` interactions of `--num_users` users and `--num_items` items with planted factors (ratings 1-5),
    written in row groups of `--row_group_size` rows, `--rows_per_file` rows a file, under --cache_dir (reused by the
    next run with the same sizes and seed; only the current row group is ever in memory).
-2. Statistics, one streaming pass: the user and item vocabularies (ids with their training counts) and each
-   regression label's mean; written to --workdir and reused when it is run again.
+2. The experiment, as train.py builds it with data.reader='stream' (experiment.build_streamed), never loading the
+   log: a survey pass (the split row by row, --held_out test and as much validation; the user and item vocabularies
+   from their training counts) and a sample pass (evaluation users' rows, a fitting sample of training rows); both
+   written under --workdir and reused when it is run again.
 3. Input alone: `--input_steps` batches from the streaming reader (data.reader='stream': Grain over row groups),
    nothing trained -> `input_examples_per_sec`. Beside it, Grain's row-at-a-time `ParquetIterDataset` for the same
    rows -> `grain_parquet_rows_per_sec` (why the reader works a row group at a time).
@@ -23,7 +25,6 @@ row-wise Adagrad (--table_optimizer: what README recommends for tables of millio
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
 import time
@@ -36,15 +37,12 @@ from ml_collections import config_flags
 
 from mtl_rec import config as config_lib
 from mtl_rec import experiment as experiment_lib
-from mtl_rec import features as features_lib
 from mtl_rec import files
 from mtl_rec import sharding as sharding_lib
-from mtl_rec import tasks as tasks_lib
 from mtl_rec import trainer as trainer_lib
 from mtl_rec.data import fetch
 from mtl_rec.data import stream as stream_lib
 from mtl_rec.data import synthetic
-from mtl_rec.data.sampling import NegativeSampler
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Network, tasks and optimizer.')
 _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON report.', required=True)
@@ -66,6 +64,7 @@ _INTERLEAVE = flags.DEFINE_integer('interleave', 2, 'Row groups read and shuffle
 _PREFETCH = flags.DEFINE_integer('prefetch', 2, 'Reading groups buffered ahead (data.stream.prefetch).')
 _TABLE_OPTIMIZER = flags.DEFINE_enum('table_optimizer', 'rowwise_adagrad', ['dense', 'rowwise_adagrad', 'lazy_adam'],
                                      "The id tables' optimizer (optimizer.tables.name): row-wise at this size.")
+_HELD_OUT = flags.DEFINE_float('held_out', 0.01, 'Share of the rows in the test set, and again in validation.')
 _TABLE_LR = flags.DEFINE_float('table_learning_rate', 0.05, "The id tables' learning rate (row-wise optimizers).")
 
 
@@ -73,34 +72,24 @@ def _cache_root() -> str:
   return _CACHE_DIR.value or str(fetch.default_cache_dir() / 'data_benchmark')
 
 
-def id_encoder(config: Any, stats: dict[str, Any]) -> features_lib.FeatureEncoder:
-  """user_id and item_id features over the streamed counts: the ids of the declared feature's min_count / max_size
-  get rows 1..n (sorted), every other id the OOV row. Positions index every id seen (the users / items table)."""
-  specs, vocabs, tables = [], {}, {}
-  for name, entity in (('user_id', 'user'), ('item_id', 'item')):
-    f = config.features[name]
-    ids, counts = stats[f'{name}_values'], stats[f'{name}_counts']
-    vocab = features_lib.Vocab(ids[features_lib.frequent(counts, f.min_count, f.max_size)])
-    vocabs[name] = vocab
-    rows = -(-vocab.size // config.model.row_multiple) * config.model.row_multiple
-    specs.append(features_lib.FeatureSpec(name, entity, 'categorical', rows, True,
-                                          {'kind': 'vocab', 'raw': name, 'raw_type': 'id', 'vocab': name}))
-    tables[entity] = {name: vocab.lookup(ids).astype(np.int32)}  # position -> table row
-  return features_lib.FeatureEncoder(tuple(specs), vocabs, tables['user'], tables['item'], {})
-
-
-def benchmark_config(config: Any) -> Any:
+def benchmark_config(config: Any, paths: list[str]) -> Any:
   config = config.copy_and_resolve_references()
   with config.unlocked():
     for name in list(config.features):
       if name not in ('user_id', 'item_id'):
         del config.features[name]
   config.data.source = 'files'
-  config.data.log.paths = ('synthetic.parquet',)
+  config.data.log.paths = tuple(paths)
   config.data.log.timestamp_column = ''
   config.data.user_table.paths = ()
   config.data.item_table.paths = ()
+  config.data.item_table.title_column = ''
   config.data.reader = 'stream'
+  # 1% test, 1% validation (row by row); evaluation users: those holding ~2,000 held-out rows (and all their rows)
+  config.data.split = 'random'
+  config.data.test_fraction = _HELD_OUT.value
+  config.data.valid_fraction = _HELD_OUT.value
+  config.data.stream.eval_rows = 2000
   config.data.stream.threads = _THREADS.value
   config.data.stream.interleave = _INTERLEAVE.value
   config.data.stream.prefetch = _PREFETCH.value
@@ -113,21 +102,6 @@ def benchmark_config(config: Any) -> Any:
     config.optimizer.tables.learning_rate = _TABLE_LR.value
   config_lib.validate(config)
   return config
-
-
-def task_specs(config: Any, stats: dict[str, Any], sample: dict[str, np.ndarray]) -> tuple[tasks_lib.TaskSpec, ...]:
-  """The config's tasks; a regression head's initial bias is its label's streamed mean."""
-  from mtl_rec.data.types import Dataset  # pylint: disable=g-import-not-at-top
-  ds = Dataset(name='sample', source='sample', log=sample, users={}, items={}, user_column='user_id',
-               item_column='item_id')
-  specs = tasks_lib.task_specs(config, tasks_lib.label_columns(config, ds), np.arange(ds.num_rows))
-  out = []
-  for s in specs:
-    if s.kind == 'regression':
-      total, count = stats[f'{s.label}_sum_count']
-      s = dataclasses.replace(s, bias_init=float(total / count))
-    out.append(s)
-  return tuple(out)
 
 
 def _rss() -> int:
@@ -154,36 +128,27 @@ def main(argv):
     if flag.value <= 0:
       raise app.UsageError(f'--{flag.name}={flag.value}: must be > 0')
   t_start = time.time()
-  config = benchmark_config(_CONFIG.value)
+  seed = _CONFIG.value.seed
   log_dir = os.path.join(_cache_root(), f'rows{_ROWS.value}_u{_NUM_USERS.value}_i{_NUM_ITEMS.value}_'
-                         f'g{_ROW_GROUP.value}_s{config.seed}')
+                         f'g{_ROW_GROUP.value}_s{seed}')
   t = time.time()
-  paths = synthetic.write_log(log_dir, _ROWS.value, _NUM_USERS.value, _NUM_ITEMS.value, config.seed, _ROW_GROUP.value,
-                    _ROWS_PER_FILE.value)
+  paths = synthetic.write_log(log_dir, _ROWS.value, _NUM_USERS.value, _NUM_ITEMS.value, seed, _ROW_GROUP.value,
+                              _ROWS_PER_FILE.value)
   log_sec = time.time() - t
   disk = sum(os.path.getsize(p) for p in paths)
+  config = benchmark_config(_CONFIG.value, paths)
   groups = stream_lib.RowGroups.of(paths)
   print(f'log: {groups.num_rows:,} rows in {len(paths)} files, {len(groups)} row groups, {disk / 2**30:.2f} GiB '
         f'({log_sec:.0f}s)', flush=True)
 
-  labels = sorted({t.label for t in config.tasks.values() if t.label != config_lib.OBSERVED})
+  # the experiment, never loading the log: survey pass (split, id counts), sample pass (evaluation + fitting rows)
   t = time.time()
-  stats = stream_lib.statistics(groups, ['user_id', 'item_id'], labels,
-                               os.path.join(_WORKDIR.value or os.path.join(log_dir, 'run'), 'statistics.npz'))
+  exp = experiment_lib.build(config, workdir=_WORKDIR.value or os.path.join(log_dir, 'run'))
   stats_sec = time.time() - t
-  encoder = id_encoder(config, stats)
-  num_users, num_items = len(stats['user_id_values']), len(stats['item_id_values'])
-  print(f'statistics: {num_users:,} users, {num_items:,} items ({stats_sec:.0f}s, one pass)', flush=True)
-  specs = task_specs(config, stats, groups.read(0, ['user_id', 'item_id', *labels]))
-  # negatives: uniform over the items seen (data.sampling), from the streamed frequency table; no per-user
-  # exclusion at this scale (a sampled item the user also rated is rare: ~ its share of the catalogue)
-  sampler = NegativeSampler(np.zeros(0, np.int64), np.zeros(0, np.int64), np.arange(num_items), num_items,
-                            config.sampling.distribution, config.sampling.popularity_power,
-                            popularity_counts=stats['item_id_counts'])
-  stream = experiment_lib.streamed(config, groups, groups.rows.copy(), lambda cols: slice(None),
-                                   stream_lib.IdIndex(stats['user_id_values']),
-                                   stream_lib.IdIndex(stats['item_id_values']), encoder, specs, sampler,
-                                   config.sampling.num_negatives)
+  encoder, stream = exp.encoder, exp.stream
+  num_users, num_items = exp.num_users, exp.num_items
+  print(f'statistics: {num_users:,} users, {num_items:,} items, {exp.counts["train"]:,} training rows; held in '
+        f'memory: {exp.counts["sampled"]} ({stats_sec:.0f}s, two passes)', flush=True)
   spe = stream.steps_per_epoch
   steps = min(_STEPS.value or spe, spe)
 
@@ -202,7 +167,7 @@ def main(argv):
         f'ParquetIterDataset row by row: {grain_rate:,.0f} rows/s', flush=True)
 
   # Training
-  trainer = trainer_lib.make_trainer(config, encoder.specs, specs, total_steps=steps)
+  trainer = trainer_lib.make_trainer(config, encoder.specs, exp.specs, total_steps=steps)
   state = trainer.init_state
   it = stream.epoch(0)
   first = next(it)
@@ -226,7 +191,7 @@ def main(argv):
   train_sec = time.time() - t0
   train_rate = (steps - 1) * stream.batch_size / train_sec
   result = {
-      'rows': groups.num_rows,
+      'rows': groups.num_rows, 'train_rows': exp.counts['train'], 'held_in_memory': exp.counts['sampled'],
       'peak_rss_bytes': _rss(),
       'input_examples_per_sec': input_rate,
       'train_examples_per_sec': train_rate,

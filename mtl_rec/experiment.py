@@ -3,13 +3,16 @@
 `build(config)` loads the data (checking it: any bad row or file is a DataError before anything is trained or
 written), splits it, builds the task labels, fits the features on the training split, and builds the negative
 samplers, the training stream and the evaluation sets. Training, evaluation, export, the ensemble and the
-benchmarks all take an `Experiment` instead of re-deriving any of it.
+benchmarks all take an `Experiment` instead of re-deriving any of it. With data.reader='stream' the log is never
+loaded (`build_streamed`): `data.log` is then a sample of it, the training stream reads the files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+import json
+import os
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import ml_collections
@@ -45,6 +48,15 @@ class Experiment:
   stream: TrainStream | StreamedTrain  # StreamedTrain: data.reader='stream'
   valid: EvalSet
   test: EvalSet
+  # rows of the whole log in each set: the split's sizes in memory; with data.reader='stream', where `data.log` holds
+  # only the evaluation sample and the fitting sample, the streaming pass's counts (and 'sampled': what it holds)
+  counts: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # the log rows (of `data`) the tasks' label statistics and context features are fitted on: the training split,
+  # or with data.reader='stream' the fitting sample; None = split.train
+  fit_rows: np.ndarray | None = None
+
+  def label_rows(self) -> np.ndarray:
+    return self.split.train if self.fit_rows is None else self.fit_rows
 
   @property
   def num_users(self) -> int:
@@ -89,9 +101,15 @@ def _positions(ids: np.ndarray, table_ids: np.ndarray, what: str) -> np.ndarray:
   return order[pos].astype(np.int64)
 
 
-def build(config: ml_collections.ConfigDict, data: Dataset | None = None) -> Experiment:
-  """Loads (unless given) and checks the data, splits it, fits features on the training split, builds samplers."""
+def build(config: ml_collections.ConfigDict, data: Dataset | None = None, workdir: str | None = None) -> Experiment:
+  """Loads (unless given) and checks the data, splits it, fits features on the training split, builds samplers.
+
+  data.reader='stream': the log is never loaded (see build_streamed); its passes are cached under `workdir`."""
   config_lib.validate(config)
+  if config.data.reader == 'stream':
+    if workdir is None:
+      raise ValueError("data.reader='stream' caches its passes over the log in the run directory: pass workdir")
+    return build_streamed(config, workdir)
   ds = load_data(config) if data is None else data
   split = splits_lib.make_split(ds, config.data, config.seed)
   uidx = _positions(ds.log[ds.user_column], ds.users[ds.user_column], 'user')
@@ -109,24 +127,23 @@ def build(config: ml_collections.ConfigDict, data: Dataset | None = None) -> Exp
   positives = lambda rows: _positives(uidx, iidx, rows)
   num_negatives = config.sampling.num_negatives if sampled else 0
   dropout = {n: f.dropout for n, f in config.features.items()}
-  if config.data.reader == 'stream':
-    stream = _streamed(config, ds, split, encoder, specs, train_sampler, num_negatives, dropout)
-  else:
-    stream = TrainStream(positives(split.train), encoder, train_sampler, num_negatives, config.train.batch_size,
-                         labels, config.seed, dropout)
+  stream = TrainStream(positives(split.train), encoder, train_sampler, num_negatives, config.train.batch_size,
+                       labels, config.seed, dropout)
   return Experiment(
       config=config, data=ds, split=split, encoder=encoder, user_index=uidx, item_index=iidx,
       train_sampler=train_sampler, eval_sampler=eval_sampler, labels=labels, specs=specs, stream=stream,
       valid=EvalSet.build(positives(split.valid), eval_sampler, config.eval.click_negatives if sampled else 0,
                           config.seed, 1),
       test=EvalSet.build(positives(split.test), eval_sampler, config.eval.click_negatives if sampled else 0,
-                         config.seed, 2))
+                         config.seed, 2),
+      counts={'train': int(split.train.size), 'valid': int(split.valid.size), 'test': int(split.test.size)})
 
 
 def streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, train_rows: np.ndarray,
              keep: Callable[[dict[str, np.ndarray]], np.ndarray], users: stream_lib.IdIndex, items: stream_lib.IdIndex,
              encoder: features_lib.FeatureEncoder, specs: tuple[tasks_lib.TaskSpec, ...], sampler: NegativeSampler,
-             num_negatives: int, dropout: dict[str, float] | None = None) -> StreamedTrain:
+             num_negatives: int, dropout: dict[str, float] | None = None,
+             extra_columns: tuple[str, ...] = ()) -> StreamedTrain:
   """The training stream over the log's row groups `groups`: rows where `keep(columns)` holds (train_rows[g] of row
   group g), ids looked up in `users` / `items`, labels by the tasks' rules, context features by their fitted rules."""
   from mtl_rec.data import stream as stream_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
@@ -134,7 +151,8 @@ def streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, tr
   context = [(s, config_lib.feature_column(s.name, config.features[s.name])) for s in encoder.specs
              if s.entity == 'context']
   labels = [t.label for _, t in config_lib.ordered(config.tasks) if t.label != config_lib.OBSERVED]
-  columns = list(dict.fromkeys([log_columns.user_column, log_columns.item_column, *labels, *(c for _, c in context)]))
+  columns = list(dict.fromkeys([log_columns.user_column, log_columns.item_column, *labels, *(c for _, c in context),
+                                *extra_columns]))
 
   def decode(cols: dict[str, np.ndarray]) -> stream_lib.Chunk:
     mask = keep(cols)
@@ -164,20 +182,116 @@ def streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, tr
                        dropout)
 
 
-def _streamed(config: ml_collections.ConfigDict, ds: Dataset, split: splits_lib.Split,
-              encoder: features_lib.FeatureEncoder, specs: tuple[tasks_lib.TaskSpec, ...], sampler: NegativeSampler,
-              num_negatives: int, dropout: dict[str, float]) -> StreamedTrain:
-  """data.reader='stream' over a log also loaded here (splits, vocabularies and evaluation from memory): the
-  training rows are read again from the Parquet files, row group by row group."""
+def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  """The experiment of a log read as a stream (data.reader='stream'), never loaded whole. Two passes, each cached
+  under workdir/input/ and reused by a resumed run:
+
+  1. `stream.survey`: every row's split (splits.assign, row by row: the same split as in memory), each row group's
+     training rows, and each user's and item's rows per set: exact id counts for the vocabularies (min_count,
+     max_size), the features' per-user / per-item weights and the negative sampler's item frequencies.
+  2. `stream.collect`: the evaluation sample, every row of a seeded sample of the users with held-out rows (their
+     training rows are what they have seen), as many users as hold at most data.stream.eval_rows held-out rows;
+     and a seeded uniform sample of about data.stream.fit_rows training rows, on which context features and the
+     tasks' label statistics are fitted. On a log smaller than both, that is the whole log.
+  Then `data.log` is that sample, `split` indexes it, and the training stream reads the training rows of the files.
+  """
+  from mtl_rec.data import loader  # pylint: disable=g-import-not-at-top
   from mtl_rec.data import stream as stream_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  groups = stream_lib.RowGroups.of(readers.expand(config.data.log.paths, 'interaction log'))
-  if groups.num_rows != ds.num_rows:
-    raise DataError(f'the log files hold {groups.num_rows} rows but {ds.num_rows} were loaded; the files changed '
-                    'while the run started: run it again')
-  is_train = np.zeros(ds.num_rows, bool)
-  is_train[split.train] = True
-  cum = np.concatenate([[0], np.cumsum(is_train)])
-  train_rows = cum[groups.start + groups.rows] - cum[groups.start]
-  return streamed(config, groups, train_rows, lambda cols: is_train[cols['_row']],
-                  stream_lib.IdIndex(ds.users[ds.user_column]), stream_lib.IdIndex(ds.items[ds.item_column]),
-                  encoder, specs, sampler, num_negatives, dropout)
+  d, lc, seed = config.data, config.data.log, config.seed
+  need = loader.columns_needed(config)
+  inputs = os.path.join(workdir, 'input')
+  paths = stream_lib.parquet_log(readers.expand(lc.paths, 'interaction log'), d.format, d.csv_delimiter,
+                                 need['log'], os.path.join(inputs, 'parquet'), d.stream.row_group_size)
+  groups = stream_lib.RowGroups.of(paths)
+  split_columns = tuple(c for c in (lc.timestamp_column if d.split == 'timestamp' else '',
+                                    d.split_column if d.split == 'column' else '') if c)
+  hash_valid = d.split != 'column' or not _any_equal(groups, d.split_column, 'valid')  # as splits.make_split
+
+  def codes(cols: dict[str, np.ndarray], g: int) -> np.ndarray:
+    return splits_lib.assign(cols['_row'], cols, d, seed, hash_valid, lambda i: groups.where(g, i))
+
+  def checked(cols: dict[str, np.ndarray], g: int) -> dict[str, np.ndarray]:
+    for c in (lc.user_column, lc.item_column):
+      cols[c] = readers.check_ids(cols[c], c, groups.origins(g), 'interaction log')
+    return cols
+
+  key = json.dumps([groups.fingerprint(), seed, {k: d[k] for k in ('split', 'test_fraction', 'valid_fraction',
+                                                                   'split_cut', 'split_column', 'split_test_rows')}])
+  survey = stream_lib.survey(groups, [lc.user_column, lc.item_column, *split_columns],
+                             lambda cols, g: codes(checked(cols, g), g), [lc.user_column, lc.item_column],
+                             os.path.join(inputs, 'survey.npz'), key)
+  totals = survey['group_counts'].sum(0)
+  if not totals[splits_lib.TRAIN] or not totals[splits_lib.TEST]:
+    raise DataError(f'the {d.split!r} split of the {groups.num_rows:,} log rows leaves {totals[0]} training and '
+                    f'{totals[2]} test rows; both must be non-empty')
+  user_values, user_counts = survey[f'{lc.user_column}_values'], survey[f'{lc.user_column}_counts']
+  item_values, item_counts = survey[f'{lc.item_column}_values'], survey[f'{lc.item_column}_counts']
+
+  # the samples: evaluation users (seeded by their rank among the log's distinct ids) and training rows
+  held = user_counts[:, splits_lib.VALID] + user_counts[:, splits_lib.TEST]
+  candidates = np.flatnonzero(held > 0)
+  candidates = candidates[np.argsort(splits_lib.row_uniform(candidates, seed, 4), kind='stable')]
+  take = max(int(np.searchsorted(np.cumsum(held[candidates]), d.stream.eval_rows, side='right')), 1)
+  eval_users = stream_lib.IdIndex(np.sort(user_values[candidates[:take]]))
+  fit_rate = min(1.0, d.stream.fit_rows / totals[splits_lib.TRAIN])
+  in_fit = lambda rows: splits_lib.row_uniform(rows, seed, 3) < fit_rate
+
+  def select(cols: dict[str, np.ndarray], g: int) -> np.ndarray:
+    return (eval_users(cols[lc.user_column]) >= 0) | ((codes(cols, g) == splits_lib.TRAIN) & in_fit(cols['_row']))
+
+  log_columns = list(dict.fromkeys([*need['log'], *split_columns]))
+  sample = stream_lib.collect(groups, log_columns, lambda cols, g: select(checked(cols, g), g),
+                              os.path.join(inputs, 'sample.npz'), json.dumps([key, take, fit_rate, log_columns]))
+  code = codes(sample, 0)
+  if lc.timestamp_column:
+    sample[lc.timestamp_column] = readers.numeric(sample[lc.timestamp_column], lc.timestamp_column, (),
+                                                  'interaction log', 'the timestamp column')
+  users, items, origins = loader.entity_tables(config, user_values, item_values)
+  for c, table in ((lc.user_column, users), (lc.item_column, items)):
+    sample[c] = sample[c].astype(table[c].dtype) if sample[c].dtype.kind != table[c].dtype.kind else sample[c]
+  ds = Dataset(name=d.name or 'files', source=', '.join(lc.paths), log=sample, users=users, items=items,
+               user_column=lc.user_column, item_column=lc.item_column, timestamp_column=lc.timestamp_column or None,
+               origins=origins)
+  rows = np.arange(ds.num_rows, dtype=np.int64)
+  split = splits_lib.Split(train=rows[code == splits_lib.TRAIN], valid=rows[code == splits_lib.VALID],
+                           test=rows[code == splits_lib.TEST])
+  fit_rows = split.train[in_fit(sample['_row'][split.train])]
+  user_pos, item_pos = stream_lib.IdIndex(users[lc.user_column]), stream_lib.IdIndex(items[lc.item_column])
+  uidx, iidx = user_pos(sample[lc.user_column]), item_pos(sample[lc.item_column])
+  num_users, num_items = len(users[lc.user_column]), len(items[lc.item_column])
+  item_train = np.zeros(num_items)
+  item_train[item_pos(item_values)] = item_counts[:, splits_lib.TRAIN]
+  weights = {'user': np.zeros(num_users), 'item': item_train,
+             'context': np.bincount(fit_rows, minlength=ds.num_rows).astype(np.float64)}
+  weights['user'][user_pos(user_values)] = user_counts[:, splits_lib.TRAIN]
+  columns = tasks_lib.label_columns(config, ds)
+  specs = tasks_lib.task_specs(config, columns, fit_rows)
+  encoder = features_lib.fit(ds, split.train, config, uidx, iidx, weights)
+  train_items = np.flatnonzero(item_train > 0)
+  # negatives from the streamed item frequencies; a user's training positives are excluded where the sample holds
+  # them (all of them for the evaluation users, and on a log as small as the samples)
+  train_sampler = NegativeSampler(uidx[split.train], iidx[split.train], train_items, num_items,
+                                  config.sampling.distribution, config.sampling.popularity_power,
+                                  popularity_counts=item_train)
+  eval_sampler = NegativeSampler(uidx, iidx, train_items, num_items, 'uniform')
+  sampled = any(s.all_rows for s in specs)
+  num_negatives = config.sampling.num_negatives if sampled else 0
+  stream = streamed(config, groups, survey['group_counts'][:, splits_lib.TRAIN],
+                    lambda cols: codes(cols, 0) == splits_lib.TRAIN, user_pos, item_pos, encoder, specs,
+                    train_sampler, num_negatives, {n: f.dropout for n, f in config.features.items()}, split_columns)
+  positives = lambda r: _positives(uidx, iidx, r)
+  click_negatives = config.eval.click_negatives if sampled else 0
+  return Experiment(
+      config=config, data=ds, split=split, encoder=encoder, user_index=uidx, item_index=iidx,
+      train_sampler=train_sampler, eval_sampler=eval_sampler, labels=Labels(specs, columns), specs=specs,
+      stream=stream, valid=EvalSet.build(positives(split.valid), eval_sampler, click_negatives, seed, 1),
+      test=EvalSet.build(positives(split.test), eval_sampler, click_negatives, seed, 2),
+      counts={'train': int(totals[0]), 'valid': int(totals[1]), 'test': int(totals[2]), 'log': groups.num_rows,
+              'sampled': {'rows': int(ds.num_rows), 'evaluation_users': take, 'fit_rows': int(fit_rows.size),
+                          'valid': int(split.valid.size), 'test': int(split.test.size)}},
+      fit_rows=fit_rows)
+
+
+def _any_equal(groups: stream_lib.RowGroups, column: str, value: str) -> bool:
+  """Whether `column` of the log holds `value` in any row (one pass over that column)."""
+  return any((groups.read(g, [column])[column].astype(np.str_) == value).any() for g in range(len(groups)))

@@ -183,16 +183,18 @@ def _rule(name: str, f: ml_collections.ConfigDict, raw: Any, weights: np.ndarray
 
 
 def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, user_index: np.ndarray,
-        item_index: np.ndarray) -> FeatureEncoder:
+        item_index: np.ndarray, weights: dict[str, np.ndarray] | None = None) -> FeatureEncoder:
   """Fits every declared feature's rule on the training rows and encodes every user, item and log row.
 
   `user_index` / `item_index`: each log row's position in ds.users / ds.items. Sharded tables get their rows padded
-  to a multiple of config.model.row_multiple (padding rows are never looked up).
+  to a multiple of config.model.row_multiple (padding rows are never looked up). `weights`: what each user, item and
+  log row counts for ({'user' | 'item' | 'context': [rows]}); by default its training interactions (a log held
+  only in part, data.reader='stream', passes the counts of the whole log's training rows).
   """
   num_users, num_items = len(ds.users[ds.user_column]), len(ds.items[ds.item_column])
-  weights = {'user': np.bincount(user_index[train_rows], minlength=num_users).astype(np.float64),
-             'item': np.bincount(item_index[train_rows], minlength=num_items).astype(np.float64),
-             'context': np.bincount(train_rows, minlength=ds.num_rows).astype(np.float64)}
+  weights = weights or {'user': np.bincount(user_index[train_rows], minlength=num_users).astype(np.float64),
+                        'item': np.bincount(item_index[train_rows], minlength=num_items).astype(np.float64),
+                        'context': np.bincount(train_rows, minlength=ds.num_rows).astype(np.float64)}
   tables = {'user': ds.users, 'item': ds.items, 'context': ds.log}
   ids = {'user': ds.user_column, 'item': ds.item_column}
   vocabs: dict[str, Vocab] = {}

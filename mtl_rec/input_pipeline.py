@@ -155,6 +155,12 @@ class StreamedTrain:
         [stream_lib.ShardIterator(self.plan, self.decode, self.columns, epoch, s, self.read_options, start_step)
          for s in self.shards], self.to_batch)
 
+  def state_at(self, step: int) -> dict[str, Any]:
+    """The reader's state (its epoch() iterator's get_state()) when `step` steps have been trained."""
+    from mtl_rec.data import stream as stream_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
+    spe = self.steps_per_epoch
+    return stream_lib.position_state(self.plan, self.shards, step // spe, step % spe)
+
   def to_batch(self, chunk: stream_lib.Chunk, epoch: int, shard: int, step: int) -> Batch:
     """A shard's positives, then `num_negatives` sampled items for each (drawn from (seed, epoch, shard, step))."""
     n, k = len(chunk), self.num_negatives

@@ -232,14 +232,6 @@ def _start(trainer: trainer_lib.Trainer, exp: experiment_lib.Experiment, ckpt: C
   return state
 
 
-def _input_state(exp: experiment_lib.Experiment, position: dict[str, int] | None) -> dict[str, Any] | None:
-  """The streaming reader's state at `position` (as its iterator's get_state() gives it), or None (in memory)."""
-  if position is None:
-    return None
-  shards = exp.stream.shards
-  return {**position, 'num_shards': exp.stream.plan.num_shards, 'shards': list(shards)}
-
-
 def _resumed_input(exp: experiment_lib.Experiment, ckpt: Checkpointer, step: int, spe: int) -> Any:
   """The streaming reader restored from the checkpoint at `step` (Grain's handler), checked against the step."""
   epoch = step // spe
@@ -263,11 +255,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
   """
   config_lib.validate(config)
   t0 = time.time()
-  exp = experiment_lib.build(config)  # every data check passes before anything is written
+  exp = experiment_lib.build(config, workdir=workdir)  # every data check passes before anything is trained
   ds = exp.data
-  log.info('data: %s (%s): %d log rows, %d users, %d items; split %s: train %d / valid %d / test %d (%.1fs)',
-           ds.name, ds.source, ds.num_rows, exp.num_users, exp.num_items, config.data.split,
-           exp.split.train.size, exp.split.valid.size, exp.split.test.size, time.time() - t0)
+  n = exp.counts
+  log.info('data: %s (%s): %d log rows, %d users, %d items; split %s: train %d / valid %d / test %d%s (%.1fs)',
+           ds.name, ds.source, n.get('log', ds.num_rows), exp.num_users, exp.num_items, config.data.split,
+           n['train'], n['valid'], n['test'], f'; held in memory: {n["sampled"]}' if 'sampled' in n else '',
+           time.time() - t0)
   os.makedirs(workdir, exist_ok=True)
   lead = distributed.is_lead()
   if lead:
@@ -275,7 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
     labels = [s.label for s in exp.specs if not s.implicit]
     columns = [ds.user_column, ds.item_column] + list(dict.fromkeys(labels)) + (
         [ds.timestamp_column] if ds.timestamp_column else [])
-    splits_lib.write_csv(ds, exp.split, columns, os.path.join(workdir, 'splits'))
+    if 'sampled' not in exp.counts:  # a streamed log is not written again
+      splits_lib.write_csv(ds, exp.split, columns, os.path.join(workdir, 'splits'))
   warm_start.save_features(exp.encoder, workdir)
 
   spe = exp.stream.steps_per_epoch
@@ -305,9 +300,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
   progress = ReportProgress(config.train.log_every_steps, spe, config.train.batch_size, writer, pbar)
   place = sharding_lib.local_batch if streaming else sharding_lib.global_batch
   # the reader's position, saved beside the state: where the next batch starts
-  position = lambda step: {'epoch': step // spe, 'batch': step % spe} if streaming else None
   save = lambda step, state, best=False: ckpt.save(step, state, {**stopping.state(), 'config': config.to_dict()},
-                                                   best=best, input_state=_input_state(exp, position(step)))
+                                                   best=best,
+                                                   input_state=exp.stream.state_at(step) if streaming else None)
 
   step, preempted = start_step, False
   resumed = _resumed_input(exp, ckpt, start_step, spe) if streaming and start_step else None
@@ -384,9 +379,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
       **({'default_fusion': fusion_weights.select_default(scorer, exp, config)}
          if config.export.enabled and config.export.default_fusion == 'validation' else {}),
       'steps': step,
-      'data': {'name': ds.name, 'source': ds.source, 'split': config.data.split,
-               'train': int(exp.split.train.size), 'valid': int(exp.split.valid.size),
-               'test': int(exp.split.test.size)},
+      # rows of the log in each set ('sampled': what a streamed run held in memory and evaluated on)
+      'data': {'name': ds.name, 'source': ds.source, 'split': config.data.split, 'reader': config.data.reader,
+               **exp.counts},
       'memory': report,
       'wall_time_sec': time.time() - t0,
   }

@@ -55,7 +55,7 @@ def load(workdir: str, step: int | None = None, devices: Any = None, exp: Experi
   """
   config = load_config(workdir)
   if exp is None or not same_data(exp.config, config):
-    exp = experiment_lib.build(config)
+    exp = experiment_lib.build(config, workdir=workdir)
   devices = jax.devices() if devices is None else list(devices)
   try:
     sharding_lib.resolve_shape(config.mesh.shape, len(devices))
@@ -63,7 +63,7 @@ def load(workdir: str, step: int | None = None, devices: Any = None, exp: Experi
   except ValueError:
     shape = (-1, 1)
   mesh = sharding_lib.make_mesh(shape, config.mesh.axis_names, devices)
-  specs = tasks_lib.task_specs(config, tasks_lib.label_columns(config, exp.data), exp.split.train)  # this run's
+  specs = tasks_lib.task_specs(config, tasks_lib.label_columns(config, exp.data), exp.label_rows())  # this run's
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_lib.build(config, exp.encoder.specs, specs)))
   shardings = sharding_lib.named(mesh, sharding_lib.param_specs(abstract))
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
+from mtl_rec.data import splits
 from mtl_rec.data import synthetic
 
 pytestmark = pytest.mark.slow
@@ -32,20 +33,27 @@ def test_data_benchmark_reports_and_reuses_its_log(tmp_path):
   for key in ('rows', 'peak_rss_bytes', 'input_examples_per_sec', 'train_examples_per_sec', 'input_wait_fraction'):
     assert key in result, key
   assert result['rows'] == 20000 and result['files'] == 2 and result['row_groups'] == 10
-  assert result['steps_per_epoch'] == result['steps'] == 20000 // 512  # 512 positives + 512 negatives a batch
+  # the split, row by row: 1% test, 1% validation; the rest trains
+  log_dir = next((tmp_path / 'cache').iterdir())
+  users = np.concatenate([pq.read_table(p, columns=['user_id']).column(0).to_numpy()
+                          for p in sorted(log_dir.glob('log-*.parquet'))])
+  rows = np.arange(users.size)
+  train = (splits.row_uniform(rows, 0, 0) >= 0.01) & (splits.row_uniform(rows, 0, 1) >= 0.01)
+  assert result['train_rows'] == train.sum() and 19_400 < train.sum() < 19_800
+  assert result['steps_per_epoch'] == result['steps'] == train.sum() // 512  # 512 positives + 512 negatives a batch
   assert result['examples_trained'] == result['steps'] * 1024
   assert 0 <= result['input_wait_fraction'] < 1
   assert result['input_examples_per_sec'] > 0 and result['train_examples_per_sec'] > 0
   assert result['grain_parquet_rows_per_sec'] > 0
   assert np.all(np.isfinite(result['losses_every_100_steps']))
-  # min_count=45 of 40 interactions a user on average: the vocabulary keeps the frequent users only
-  log_dir = next((tmp_path / 'cache').iterdir())
-  users = np.concatenate([pq.read_table(p, columns=['user_id']).column(0).to_numpy()
-                          for p in sorted(log_dir.glob('log-*.parquet'))])
-  _, counts = np.unique(users, return_counts=True)
-  assert result['num_users'] == counts.size
-  assert result['vocab_sizes'] == {'user_id': int((counts >= 45).sum()) + 1, 'item_id': result['num_items'] + 1}
-  assert (log_dir / 'run' / 'statistics.npz').exists()  # reused by the next run (tests/test_stream.py)
+  # min_count=45 of 40 interactions a user on average: the vocabulary keeps the users frequent in training only
+  assert result['num_users'] == np.unique(users).size
+  _, counts = np.unique(users[train], return_counts=True)
+  assert result['vocab_sizes']['user_id'] == int((counts >= 45).sum()) + 1
+  held = result['held_in_memory']  # ~400 held-out rows, under the benchmark's 2,000: every user evaluated
+  assert held['test'] == (splits.row_uniform(rows, 0, 0) < 0.01).sum()
+  assert held['evaluation_users'] == np.unique(users[~train]).size
+  assert (log_dir / 'run' / 'input' / 'survey.npz').exists()  # reused by the next run (tests/test_stream.py)
 
   # the next run with the same sizes reuses the log; other sizes write their own
   mtimes = {p: p.stat().st_mtime for p in log_dir.glob('log-*.parquet')}

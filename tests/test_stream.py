@@ -5,6 +5,9 @@ yield (every row once per epoch, disjoint shards), the model batches of one proc
 2 processes with one shard each, and a position saved and restored (directly and through the Orbax checkpoint).
 """
 
+import dataclasses
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +15,7 @@ import pytest
 
 from mtl_rec import experiment as experiment_lib
 from mtl_rec.checkpoint import Checkpointer
+from mtl_rec.data import readers
 from mtl_rec.data import stream as stream_lib
 from mtl_rec.data import synthetic
 from mtl_rec.data import write as write_lib
@@ -149,10 +153,10 @@ def _files_config(tiny_config, files_dir, **overrides):
   return c
 
 
-def test_one_process_with_two_shards_builds_what_two_processes_build(tiny_config, files_dir):
+def test_one_process_with_two_shards_builds_what_two_processes_build(tiny_config, files_dir, tmp_path):
   c = _files_config(tiny_config, files_dir)
   c.data.stream.num_shards = 2
-  exp = experiment_lib.build(c)
+  exp = experiment_lib.build(c, workdir=str(tmp_path))
   stream = exp.stream
   assert stream.local and stream.shards == [0, 1] and stream.batch_size == 200
   both = list(stream.epoch(0))
@@ -171,12 +175,13 @@ def test_one_process_with_two_shards_builds_what_two_processes_build(tiny_config
   k = c.sampling.num_negatives
   np.testing.assert_array_equal(b['observed'][:100], np.r_[np.ones(100 // (1 + k)), np.zeros(100 - 100 // (1 + k))])
   # a training row's ids and rating come from its file row: the streamed batch equals the in-memory encoding
-  train_rows = set(exp.split.train.tolist())
+  at = {int(r): k for k, r in enumerate(exp.data.log['_row'])}  # global row -> its position in the held sample
   chunk = next(stream_lib.ShardIterator(stream.plan, stream.decode, stream.columns, 0, 0, stream.read_options))
-  assert set(chunk.row.tolist()) <= train_rows
-  np.testing.assert_array_equal(chunk.user, exp.user_index[chunk.row])
-  np.testing.assert_array_equal(chunk.item, exp.item_index[chunk.row])
-  np.testing.assert_array_equal(chunk.columns['rating'].values, exp.labels.columns['rating'].values[chunk.row])
+  assert set(chunk.row.tolist()) <= set(exp.data.log['_row'][exp.split.train].tolist())
+  pos = np.asarray([at[int(r)] for r in chunk.row])
+  np.testing.assert_array_equal(chunk.user, exp.user_index[pos])
+  np.testing.assert_array_equal(chunk.item, exp.item_index[pos])
+  np.testing.assert_array_equal(chunk.columns['rating'].values, exp.labels.columns['rating'].values[pos])
 
 
 def _leaves(tree, path=()):
@@ -195,7 +200,7 @@ def _get(tree, path):
 
 def test_reader_position_round_trips_through_the_checkpoint(tiny_config, files_dir, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  exp = experiment_lib.build(_files_config(tiny_config, files_dir))
+  exp = experiment_lib.build(_files_config(tiny_config, files_dir), workdir=str(tmp_path / 'run'))
   spe = exp.stream.steps_per_epoch
   reference = list(exp.stream.epoch(1))
   ckpt = Checkpointer(str(tmp_path), keep=2)
@@ -205,6 +210,7 @@ def test_reader_position_round_trips_through_the_checkpoint(tiny_config, files_d
   ckpt.wait()
   restored = ckpt.restore_input(step, exp.stream.epoch(0))
   assert (restored.epoch, restored.batch) == (1, 2)
+  assert restored.get_state() == exp.stream.state_at(step)  # what the training loop saves at that step
   rest = list(restored)
   assert len(rest) == spe - 2
   for got, want in zip(rest, reference[2:], strict=True):
@@ -223,28 +229,154 @@ def _two_shard_stream(exp):
                       stream.num_negatives, stream.seed, [0, 1], stream.read_options)
 
 
-def test_stream_config_errors(tiny_config, files_dir):
+def test_stream_config_errors(tiny_config, files_dir, tmp_path):
   c = _files_config(tiny_config, files_dir, train__batch_size=201)
   with pytest.raises(DataError, match='multiple of'):
-    experiment_lib.build(c)
+    experiment_lib.build(c, workdir=str(tmp_path))
+  for field, value, match in (('data.source', 'synthetic', 'data.reader'), ('data.split', 'leave_last_out', 'row by row'),
+                              ('data.cold_items', 0.1, 'cold-start'), ('data.stream.eval_rows', 0, 'eval_rows')):
+    c = _files_config(tiny_config, files_dir)
+    section, name = field.rsplit('.', 1)
+    node = c
+    for part in section.split('.'):
+      node = node[part]
+    node[name] = value
+    with pytest.raises(ValueError, match=match):
+      experiment_lib.build(c, workdir=str(tmp_path))
   c = _files_config(tiny_config, files_dir)
-  c.data.source = 'synthetic'
-  with pytest.raises(ValueError, match='data.reader'):
-    experiment_lib.build(c)
+  c.data.user_table.paths = ()  # user features would have to come from the log
+  with pytest.raises(ValueError, match='no users table'):
+    experiment_lib.build(c, workdir=str(tmp_path))
 
 
-def test_statistics_pass_counts_ids_and_is_reused(tmp_path):
+def test_survey_counts_ids_per_set_and_is_reused(tmp_path):
   paths, users, items = _write_log(tmp_path, num_files=2, groups_per_file=10)  # 20 row groups: several merges
   groups = stream_lib.RowGroups.of(paths)
-  path = str(tmp_path / 'run' / 'statistics.npz')
-  stats = stream_lib.statistics(groups, ['user_id', 'item_id'], ['rating'], path)
+  path = str(tmp_path / 'run' / 'survey.npz')
+  codes = lambda cols, g: (cols['_row'] % 3).astype(np.int8)  # a split code per row: 0 train, 1 valid, 2 test
+  stats = stream_lib.survey(groups, ['user_id', 'item_id'], codes, ['user_id', 'item_id'], path, key='k1')
+  code = np.arange(users.size) % 3
   for name, ids in (('user_id', users), ('item_id', items)):
-    values, counts = np.unique(ids, return_counts=True)
+    values = np.unique(ids)
     np.testing.assert_array_equal(stats[f'{name}_values'], values)
-    np.testing.assert_array_equal(stats[f'{name}_counts'], counts)
-  ratings = np.concatenate([pq.read_table(p).column('rating').to_numpy() for p in paths])
-  np.testing.assert_allclose(stats['rating_sum_count'], [ratings.sum(), ratings.size])
+    want = np.stack([np.bincount(np.searchsorted(values, ids[code == k]), minlength=values.size) for k in range(3)], 1)
+    np.testing.assert_array_equal(stats[f'{name}_counts'], want)
+  np.testing.assert_array_equal(stats['group_counts'].sum(0), np.bincount(code, minlength=3))
+  np.testing.assert_array_equal(stats['group_counts'].sum(1), groups.rows)
   for p in paths:  # reused from the run directory: the log is not read again
     open(p, 'wb').close()
-  again = stream_lib.statistics(stream_lib.RowGroups.__new__(stream_lib.RowGroups), ['user_id'], [], path)
+  empty = stream_lib.RowGroups.__new__(stream_lib.RowGroups)
+  again = stream_lib.survey(empty, ['user_id'], codes, ['user_id'], path, key='k1')
   np.testing.assert_array_equal(again['user_id_counts'], stats['user_id_counts'])
+  with pytest.raises(Exception):  # another key (another split or log): computed again, here from the emptied files
+    stream_lib.survey(stream_lib.RowGroups.of(paths), ['user_id'], codes, ['user_id'], path, key='k2')
+
+
+def _same_experiment(streamed, memory, sampled=False):
+  """The streamed experiment holds a sample of the log; everything it holds equals the in-memory experiment (but
+  `sampled`: label statistics, from the fitting sample, are estimates)."""
+  rows = streamed.data.log['_row']
+  for name in ('train', 'valid', 'test'):
+    held = rows[getattr(streamed.split, name)]
+    assert np.isin(held, getattr(memory.split, name)).all(), name  # the same split, row by row
+  if sampled:
+    for a, b in zip(streamed.specs, memory.specs, strict=True):
+      assert dataclasses.replace(a, bias_init=b.bias_init) == b and abs(a.bias_init - b.bias_init) < 0.1
+  else:
+    assert streamed.specs == memory.specs
+  assert streamed.encoder.specs == memory.encoder.specs  # ids: exact counts over the whole log
+  for name, vocab in memory.encoder.vocabs.items():
+    np.testing.assert_array_equal(streamed.encoder.vocabs[name].keys, vocab.keys, err_msg=name)
+  for table in ('user_table', 'item_table'):
+    for name, x in getattr(memory.encoder, table).items():
+      np.testing.assert_array_equal(getattr(streamed.encoder, table)[name], x, err_msg=name)
+  for name in ('train', 'valid', 'test'):
+    assert streamed.counts[name] == memory.counts[name]
+
+
+def test_streamed_experiment_never_loads_the_log_and_equals_the_in_memory_one(tiny_config, files_dir, tmp_path,
+                                                                               monkeypatch):
+  c = _files_config(tiny_config, files_dir)
+  c.data.reader = 'memory'
+  memory = experiment_lib.build(c)
+  c.data.reader = 'stream'
+  with monkeypatch.context() as m:  # the log is read row group by row group only
+    m.setattr(readers, 'read_tables', _refuse_log(readers.read_tables))
+    streamed = experiment_lib.build(c, workdir=str(tmp_path / 'all'))
+  _same_experiment(streamed, memory)
+  assert streamed.data.num_rows == memory.data.num_rows  # a log this small is held whole
+  assert streamed.stream.steps_per_epoch == memory.stream.steps_per_epoch
+  assert (tmp_path / 'all' / 'input' / 'survey.npz').exists() and (tmp_path / 'all' / 'input' / 'sample.npz').exists()
+
+  # capped samples: 150 held-out rows of whole users, ~600 rows to fit on; ids still counted over the whole log
+  c.data.stream.eval_rows, c.data.stream.fit_rows = 150, 600
+  capped = experiment_lib.build(c, workdir=str(tmp_path / 'capped'))
+  _same_experiment(capped, memory, sampled=True)
+  held = capped.split.valid.size + capped.split.test.size
+  assert 0 < held <= 150 and capped.counts['sampled']['evaluation_users'] < 120
+  log_users = memory.data.log['user_id']
+  for u in np.unique(capped.data.log['user_id'][np.concatenate([capped.split.valid, capped.split.test])]):
+    assert (capped.data.log['user_id'] == u).sum() == (log_users == u).sum()  # all of an evaluation user's rows
+  assert 400 < capped.fit_rows.size < 800
+  assert capped.data.num_rows < memory.data.num_rows / 2
+
+
+def _refuse_log(read_tables):
+  def read(paths, *args, **kwargs):
+    if any('log' in os.path.basename(p) for p in paths):
+      raise AssertionError(f'the log was loaded whole: {paths}')
+    return read_tables(paths, *args, **kwargs)
+  return read
+
+
+def test_csv_logs_stream_through_a_parquet_copy(tiny_config, files_dir, tmp_path):
+  c = _files_config(tiny_config, files_dir)
+  c.data.reader = 'memory'
+  memory = experiment_lib.build(c)
+  csv_dir = tmp_path / 'csv'
+  write_lib.write_dataset(memory.data, str(csv_dir), 'csv')
+  c.data.log.paths = (str(csv_dir / 'log.csv'),)
+  c.data.reader = 'stream'
+  c.data.stream.row_group_size = 700
+  streamed = experiment_lib.build(c, workdir=str(tmp_path / 'run'))
+  _same_experiment(streamed, memory)
+  copy, = (tmp_path / 'run' / 'input' / 'parquet').iterdir()
+  assert pq.ParquetFile(copy).metadata.num_row_groups == -(-memory.data.num_rows // 700)
+  (csv_dir / 'bad.csv').write_text('user_id,item_id,timestamp\n1,2,4\n')  # no rating column
+  c.data.log.paths = (str(csv_dir / 'bad.csv'),)
+  with pytest.raises(DataError, match="bad.csv has no column 'rating'"):
+    experiment_lib.build(c, workdir=str(tmp_path / 'bad'))
+
+
+@pytest.mark.parametrize('split', ['column', 'column_without_valid', 'timestamp', 'random'])
+def test_every_row_by_row_split_streams_as_in_memory(tiny_config, files_dir, tmp_path, split):
+  c = _files_config(tiny_config, files_dir)
+  log = pq.read_table(files_dir / 'log.parquet')
+  if split.startswith('column'):
+    names = np.asarray(['train', 'test', 'train', 'valid', 'train'] * (log.num_rows // 5 + 1))[:log.num_rows]
+    if split == 'column_without_valid':  # validation is then the seeded share of the 'train' rows, in both readers
+      names[names == 'valid'] = 'train'
+    pq.write_table(log.append_column('set', pa.array(names)), tmp_path / 'log.parquet', row_group_size=500)
+    c.data.log.paths = (str(tmp_path / 'log.parquet'),)
+    c.data.split, c.data.split_column = 'column', 'set'
+  elif split == 'timestamp':
+    c.data.split, c.data.split_cut = 'timestamp', int(np.median(log.column('timestamp').to_numpy()))
+  else:
+    c.data.split = 'random'
+  c.data.reader = 'memory'
+  memory = experiment_lib.build(c)
+  c.data.reader = 'stream'
+  streamed = experiment_lib.build(c, workdir=str(tmp_path / 'run'))
+  _same_experiment(streamed, memory)
+  assert memory.split.valid.size > 0 and memory.split.test.size > 0
+
+
+def test_a_bad_id_in_a_streamed_log_names_its_file_and_row(tiny_config, files_dir, tmp_path):
+  log = pq.read_table(files_dir / 'log.parquet').to_pydict()
+  log['user_id'] = [float(u) for u in log['user_id']]
+  log['user_id'][1234] = None  # in the third row group of 500 rows
+  pq.write_table(pa.table(log), tmp_path / 'log.parquet', row_group_size=500)
+  c = _files_config(tiny_config, files_dir)
+  c.data.log.paths = (str(tmp_path / 'log.parquet'),)
+  with pytest.raises(DataError, match=r"log.parquet, row 1235: column 'user_id' holds a null id"):
+    experiment_lib.build(c, workdir=str(tmp_path / 'run'))

@@ -163,3 +163,14 @@ def load_data(config: ml_collections.ConfigDict) -> Dataset:
   return Dataset(name=d.name or 'files', source=', '.join(d.log.paths), log=log_table, users=users, items=items,
                  user_column=d.log.user_column, item_column=d.log.item_column,
                  timestamp_column=d.log.timestamp_column or None, origins=origins)
+
+
+def entity_tables(config: ml_collections.ConfigDict, user_ids: np.ndarray,
+                  item_ids: np.ndarray) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """(users, items, origins) for a log known only by its distinct ids (data.reader='stream'): the declared side
+  tables with the log's ids they lack appended, or the ids alone."""
+  d, need, origins = config.data, columns_needed(config), {}
+  ids = {d.log.user_column: np.asarray(user_ids), d.log.item_column: np.asarray(item_ids)}
+  users = _entity_table(config, 'user', ids, need['users'], origins)
+  items = _entity_table(config, 'item', ids, need['items'], origins)
+  return users, items, origins

@@ -39,7 +39,8 @@ def expand(patterns: Sequence[str], what: str) -> list[str]:
   return files
 
 
-def _format(path: str, fmt: str) -> str:
+def file_format(path: str, fmt: str) -> str:
+  """'parquet' or 'csv': `fmt` when given, else by the file's extension."""
   if fmt:
     return fmt
   ext = os.path.splitext(path)[1].lower()
@@ -91,7 +92,9 @@ def _read_file(path: str, fmt: str, delimiter: str, columns: dict[str, str], wha
   return table, first_line
 
 
-def _to_numpy(col: pa.ChunkedArray, name: str, what: str) -> Any:
+def to_numpy(col: pa.ChunkedArray | pa.Array, name: str, what: str) -> Any:
+  """An arrow column as the numpy column mtl_rec works on (strings as str, nullable ints as float, lists as
+  object arrays of lists of str)."""
   t = col.type
   if pa.types.is_dictionary(t):
     col, t = col.cast(t.value_type), t.value_type
@@ -121,7 +124,7 @@ def read_tables(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[st
   """
   tables, origins, start = [], [], 0
   for path in expand(paths, what):
-    table, first_line = _read_file(path, _format(path, fmt), delimiter, columns, what)
+    table, first_line = _read_file(path, file_format(path, fmt), delimiter, columns, what)
     tables.append(table.select(list(columns)))
     origins.append(Origin(path, start, table.num_rows, first_line))
     start += table.num_rows
@@ -130,7 +133,7 @@ def read_tables(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[st
   except pa.ArrowException as e:
     raise DataError(f'{what}: the files hold different types for the same column ({e}); write them with one '
                     'schema') from e
-  return {name: _to_numpy(table.column(name), name, what) for name in columns}, tuple(origins)
+  return {name: to_numpy(table.column(name), name, what) for name in columns}, tuple(origins)
 
 
 def check_ids(ids: np.ndarray, column: str, origins: tuple[Origin, ...], what: str, unique: bool = False) -> np.ndarray:
@@ -184,3 +187,45 @@ def _is_number(text: str) -> bool:
     return True
   except ValueError:
     return False
+
+
+def csv_to_parquet(path: str, out: str, delimiter: str, columns: dict[str, str], what: str,
+                   row_group_size: int = 1 << 20) -> None:
+  """Converts the CSV file `path` (its `columns`, types as in read_tables) into the Parquet file `out`, block by
+  block in bounded memory: the streaming reader (data.reader='stream') reads Parquet row groups."""
+  _read_file_header_check(path, delimiter, columns, what)
+  types = {c: ARROW_TYPES[t] for c, t in columns.items() if t}
+  tmp = out + '.tmp'
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  writer, rows = None, 0
+  try:
+    reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=64 << 20),
+                            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                            convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=types,
+                                                                 strings_can_be_null=True))
+    for batch in reader:
+      table = pa.Table.from_batches([batch])
+      if writer is None:
+        writer = pq.ParquetWriter(tmp, table.schema)
+      writer.write_table(table, row_group_size=row_group_size)
+      rows += table.num_rows
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"{what}: {path} could not be read ({e}) at about row {rows + 1}: a value of another type than "
+                    'the rows before it (set the feature\'s dtype for CSV columns that look numeric but are not), or '
+                    'a truncated or corrupt file') from e
+  finally:
+    if writer is not None:
+      writer.close()
+  if not rows:
+    raise DataError(f'{what}: {path} has no rows; write the data again or drop it from the paths')
+  os.replace(tmp, out)
+
+
+def _read_file_header_check(path: str, delimiter: str, columns: dict[str, str], what: str) -> None:
+  if os.path.getsize(path) == 0:
+    raise DataError(f'{what}: {path} is empty (0 bytes); write the data again or drop it from the paths')
+  available = _csv_header(path, delimiter)
+  missing = [c for c in columns if c not in available]
+  if missing:
+    raise DataError(f'{what}: {path} has no column {missing[0]!r} (its columns: {", ".join(available)}); rename the '
+                    'column in the file or point the config at the right one')

@@ -33,7 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mtl_rec.data.types import DataError
+from mtl_rec.data import readers
+from mtl_rec.data.types import DataError, Origin, where
 from mtl_rec.tasks import LabelColumn
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +54,8 @@ class RowGroups:
       try:
         meta = pq.ParquetFile(path).metadata
       except (pa.ArrowException, OSError) as e:
-        raise DataError(f'interaction log: {path} is not a readable Parquet file ({e}); the streaming reader '
-                        '(data.reader=stream) reads Parquet only: convert CSV logs with pyarrow, or write the file '
-                        'again if it is truncated') from e
+        raise DataError(f'interaction log: {path} is not a readable Parquet file ({e}); it may be truncated or '
+                        'corrupt: write it again') from e
       for g in range(meta.num_row_groups):
         file.append(f)
         group.append(g)
@@ -72,18 +72,49 @@ class RowGroups:
     return int(self.rows.sum())
 
   def read(self, g: int, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    """Row group g's `columns` as numpy arrays (strings as str arrays), and '_row': the rows' global ids."""
+    """Row group g's `columns` as numpy columns (readers.to_numpy), and '_row': the rows' global ids."""
     path = self.paths[int(self.file[g])]
-    table = pq.ParquetFile(path).read_row_group(int(self.group[g]), columns=list(columns))
-    out = {}
-    for name in columns:
-      column = table.column(name)
-      if column.null_count and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        column = pc.fill_null(column, '')
-      values = column.to_numpy(zero_copy_only=False)
-      out[name] = values.astype(np.str_) if values.dtype == object else values
+    parquet = pq.ParquetFile(path)
+    missing = [c for c in columns if c not in parquet.schema_arrow.names]
+    if missing:
+      raise DataError(f'interaction log: {path} has no column {missing[0]!r} (its columns: '
+                      f'{", ".join(parquet.schema_arrow.names)}); rename the column in the file or point the config '
+                      'at the right one')
+    table = parquet.read_row_group(int(self.group[g]), columns=list(columns))
+    out = {name: readers.to_numpy(table.column(name), name, 'interaction log') for name in columns}
     out['_row'] = np.arange(self.start[g], self.start[g] + self.rows[g], dtype=np.int64)
     return out
+
+  def origins(self, g: int) -> tuple[Origin, ...]:
+    """Where the rows of row group g come from (its file, and its offset in it), for error messages."""
+    offset = int(self.start[g] - self.start[self.file == self.file[g]].min())
+    return (Origin(self.paths[int(self.file[g])], -offset, offset + int(self.rows[g]), None),)
+
+  def where(self, g: int, i: int) -> str:
+    """'FILE, row R' of row i of row group g (what an error message names)."""
+    return where(self.origins(g), i)
+
+  def fingerprint(self) -> list[Any]:
+    """What identifies the log's rows (files, row groups and their sizes): a cache made for another log is not
+    reused."""
+    return [list(self.paths), self.rows.tolist(), [os.path.getsize(p) for p in self.paths]]
+
+
+def parquet_log(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[str, str], directory: str,
+                row_group_size: int = 1 << 20) -> list[str]:
+  """The log's files as Parquet: CSV files are converted once, block by block, into `directory` (reused while the
+  CSV file keeps its size and modification time)."""
+  out = []
+  for k, path in enumerate(paths):
+    if readers.file_format(path, fmt) == 'parquet':
+      out.append(path)
+      continue
+    st = os.stat(path)
+    target = os.path.join(directory, f'{k:04d}-{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}.parquet')
+    if not os.path.exists(target):
+      readers.csv_to_parquet(path, target, delimiter, columns, 'interaction log', row_group_size)
+    out.append(target)
+  return out
 
 
 class IdIndex:
@@ -269,8 +300,7 @@ class LocalBatches(grain.DatasetIterator):
     return self.shards[0].batch
 
   def get_state(self) -> dict[str, Any]:
-    return {'epoch': self.epoch, 'batch': self.batch, 'num_shards': self.shards[0].plan.num_shards,
-            'shards': [it.shard for it in self.shards]}
+    return position_state(self.shards[0].plan, [it.shard for it in self.shards], self.epoch, self.batch)
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state['num_shards'] != self.shards[0].plan.num_shards or state['shards'] != [it.shard for it in self.shards]:
@@ -279,6 +309,12 @@ class LocalBatches(grain.DatasetIterator):
                        'resume with the same data.stream.num_shards and process count')
     for it in self.shards:
       it.set_state({'epoch': state['epoch'], 'shard': it.shard, 'batch': state['batch']})
+
+
+def position_state(plan: Plan, shards: list[int], epoch: int, batch: int) -> dict[str, Any]:
+  """The state of the LocalBatches over `shards` that gives batch `batch` of `epoch` next (what the checkpoint
+  saves)."""
+  return {'epoch': int(epoch), 'batch': int(batch), 'num_shards': plan.num_shards, 'shards': list(shards)}
 
 
 def _concat_batches(parts: list[Any]) -> Any:
@@ -313,38 +349,80 @@ class Snapshot(grain.DatasetIterator):
     self.state = dict(state)
 
 
-def statistics(groups: RowGroups, id_columns: Sequence[str], labels: Sequence[str], path: str) -> dict[str, Any]:
-  """One streaming pass over the log, in bounded memory: for each of `id_columns` its distinct values, sorted, and
-  their counts ('<column>_values', '<column>_counts'), and each label's [sum, count] ('<label>_sum_count'); written
-  to `path` (.npz) and read from there when it exists (a resumed or repeated run does not read the log again)."""
-  if os.path.exists(path):
-    with np.load(path) as z:
-      return {k: z[k] for k in z.files}
+def _cached(path: str, key: str) -> dict[str, np.ndarray] | None:
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    if 'key' in z.files and str(z['key']) == key:
+      return {k: z[k] for k in z.files if k != 'key'}
+  return None
+
+
+def _save(path: str, key: str, out: dict[str, np.ndarray]) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}.npz'
+  np.savez(tmp, key=np.asarray(key), **out)
+  os.replace(tmp, path)
+
+
+Codes = Callable[[dict[str, np.ndarray], int], np.ndarray]  # (row group's columns, g) -> int8 split code per row
+
+
+def survey(groups: RowGroups, columns: Sequence[str], codes: Codes, id_columns: Sequence[str], path: str,
+           key: str) -> dict[str, np.ndarray]:
+  """One streaming pass over the log in bounded memory (pyarrow value counts merged every 8 row groups):
+  'group_counts' [G, 3]: each row group's rows per split code (0 train, 1 valid, 2 test), and for each id column c
+  its distinct values, sorted ('<c>_values'), with their rows per split code ('<c>_counts' [n, 3]).
+
+  Written to `path` (.npz) with `key` (what it was computed from) and read from there when the key matches: a
+  resumed or repeated run does not read the log again."""
+  cached = _cached(path, key)
+  if cached is not None:
+    return cached
+  group_counts = np.zeros((len(groups), 3), np.int64)
   counts: dict[str, list[pa.Table]] = {c: [] for c in id_columns}
-  sums = {label: np.zeros(2) for label in labels}
 
   def merge(tables: list[pa.Table]) -> list[pa.Table]:
-    t = pa.concat_tables(tables).group_by('values').aggregate([('counts', 'sum')])
-    return [t.rename_columns(['values', 'counts'])]
+    return [pa.concat_tables(tables).group_by(['values', 'code']).aggregate([('counts', 'sum')])
+            .rename_columns(['values', 'code', 'counts'])]
 
   for g in range(len(groups)):
-    cols = groups.read(g, [*id_columns, *labels])
+    cols = groups.read(g, columns)
+    code = codes(cols, g)
+    group_counts[g] = np.bincount(code, minlength=3)
     for name in counts:
-      vc = pc.value_counts(pa.array(cols[name]))
-      counts[name].append(pa.table({'values': vc.field('values'), 'counts': vc.field('counts')}))
-      if len(counts[name]) >= 8:  # bounded memory: merge every few row groups
+      for k in range(3):
+        vc = pc.value_counts(pa.array(cols[name][code == k]))
+        counts[name].append(pa.table({'values': vc.field('values'), 'code': pa.array(np.full(len(vc), k, np.int8)),
+                                      'counts': vc.field('counts')}))
+      if len(counts[name]) >= 24:  # bounded memory: merge every few row groups
         counts[name] = merge(counts[name])
-    for label in labels:
-      x = cols[label].astype(np.float64)
-      sums[label] += (x.sum(), x.size)
-  out: dict[str, Any] = {}
+  out: dict[str, np.ndarray] = {'group_counts': group_counts}
   for name, tables in counts.items():
-    t = merge(tables)[0].sort_by('values')
-    out[f'{name}_values'] = t.column('values').to_numpy()
-    out[f'{name}_counts'] = t.column('counts').to_numpy()
-  for label, s in sums.items():
-    out[f'{label}_sum_count'] = s
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path + '.tmp.npz', **out)
-  os.replace(path + '.tmp.npz', path)
+    t = merge(tables)[0]
+    values = t.column('values').to_numpy(zero_copy_only=False)
+    values = values.astype(np.str_) if values.dtype == object else values
+    distinct, inverse = np.unique(values, return_inverse=True)
+    table = np.zeros((distinct.size, 3), np.int64)
+    np.add.at(table, (inverse, t.column('code').to_numpy().astype(np.int64)), t.column('counts').to_numpy())
+    out[f'{name}_values'], out[f'{name}_counts'] = distinct, table
+  _save(path, key, out)
+  return out
+
+
+def collect(groups: RowGroups, columns: Sequence[str], select: Callable[[dict[str, np.ndarray], int], np.ndarray],
+            path: str, key: str) -> dict[str, np.ndarray]:
+  """The rows where `select(columns, g)` holds, their `columns` and '_row' (global row ids, ascending): one pass,
+  memory bounded by the rows selected. Cached in `path` with `key` like `survey` (unless a column holds lists)."""
+  cached = _cached(path, key)
+  if cached is not None:
+    return cached
+  parts = []
+  for g in range(len(groups)):
+    cols = groups.read(g, columns)
+    mask = select(cols, g)
+    parts.append({c: v[mask] for c, v in cols.items()})
+  out = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+  if all(v.dtype != object for v in out.values()):
+    _save(path, key, out)
   return out

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
 import jax
 from absl import app, flags
+
+T = TypeVar('T')
 
 _COORDINATOR = None
 _NUM_PROCESSES = None
@@ -46,3 +49,15 @@ def initialize() -> None:
 
 def is_lead() -> bool:
   return jax.process_index() == 0
+
+
+def lead_first(compute: Callable[[], T], name: str) -> T:
+  """compute() on the lead process first, then on the others once it has finished (a barrier between): what the
+  lead caches in a shared run directory, the others then read instead of computing it again (they compute it
+  themselves when the directory is not shared)."""
+  if jax.process_count() == 1:
+    return compute()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  out = compute() if is_lead() else None
+  multihost_utils.sync_global_devices(f'mtl_rec:{name}')
+  return out if is_lead() else compute()

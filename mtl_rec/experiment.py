@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from mtl_rec import config as config_lib
+from mtl_rec import distributed
 from mtl_rec import encoding
 from mtl_rec import features as features_lib
 from mtl_rec import tasks as tasks_lib
@@ -217,9 +218,10 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
 
   key = json.dumps([groups.fingerprint(), seed, {k: d[k] for k in ('split', 'test_fraction', 'valid_fraction',
                                                                    'split_cut', 'split_column', 'split_test_rows')}])
-  survey = stream_lib.survey(groups, [lc.user_column, lc.item_column, *split_columns],
-                             lambda cols, g: codes(checked(cols, g), g), [lc.user_column, lc.item_column],
-                             os.path.join(inputs, 'survey.npz'), key)
+  # the lead process reads the log first; the others then find its passes in a shared run directory
+  survey = distributed.lead_first(lambda: stream_lib.survey(
+      groups, [lc.user_column, lc.item_column, *split_columns], lambda cols, g: codes(checked(cols, g), g),
+      [lc.user_column, lc.item_column], os.path.join(inputs, 'survey.npz'), key), 'survey')
   totals = survey['group_counts'].sum(0)
   if not totals[splits_lib.TRAIN] or not totals[splits_lib.TEST]:
     raise DataError(f'the {d.split!r} split of the {groups.num_rows:,} log rows leaves {totals[0]} training and '
@@ -240,8 +242,9 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
     return (eval_users(cols[lc.user_column]) >= 0) | ((codes(cols, g) == splits_lib.TRAIN) & in_fit(cols['_row']))
 
   log_columns = list(dict.fromkeys([*need['log'], *split_columns]))
-  sample = stream_lib.collect(groups, log_columns, lambda cols, g: select(checked(cols, g), g),
-                              os.path.join(inputs, 'sample.npz'), json.dumps([key, take, fit_rate, log_columns]))
+  sample = distributed.lead_first(lambda: stream_lib.collect(
+      groups, log_columns, lambda cols, g: select(checked(cols, g), g), os.path.join(inputs, 'sample.npz'),
+      json.dumps([key, take, fit_rate, log_columns])), 'sample')
   code = codes(sample, 0)
   if lc.timestamp_column:
     sample[lc.timestamp_column] = readers.numeric(sample[lc.timestamp_column], lc.timestamp_column, (),

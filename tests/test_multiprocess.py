@@ -118,3 +118,7 @@ def test_two_processes_stream_disjoint_shards_and_match_one_process(tmp_path):
   assert [r['step'] for r in h_multi] == [r['step'] for r in h_single] and len(h_multi) >= 5
   losses = np.array([[r[k] for r in h] for h in (h_multi, h_single) for k in ('loss', 'loss_click', 'loss_rating')])
   np.testing.assert_array_equal(losses[:3], losses[3:])
+  # the survey and sample passes read the log once, on process 0; process 1 reads them from the run directory
+  first, second = (open(p).read() for p in logs[:2])
+  for name in ('survey', 'sample'):
+    assert f'{name} pass: reading' in first and f'{name} pass: reused' in second, name

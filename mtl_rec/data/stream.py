@@ -24,6 +24,7 @@ holding the next row from the per-row-group counts: nothing consumed before is r
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -36,6 +37,8 @@ import pyarrow.parquet as pq
 from mtl_rec.data import readers
 from mtl_rec.data.types import DataError, Origin, where
 from mtl_rec.tasks import LabelColumn
+
+log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class RowGroups:
@@ -378,7 +381,9 @@ def survey(groups: RowGroups, columns: Sequence[str], codes: Codes, id_columns: 
   resumed or repeated run does not read the log again."""
   cached = _cached(path, key)
   if cached is not None:
+    log.info('survey pass: reused %s', path)
     return cached
+  log.info('survey pass: reading %d row groups', len(groups))
   group_counts = np.zeros((len(groups), 3), np.int64)
   counts: dict[str, list[pa.Table]] = {c: [] for c in id_columns}
 
@@ -416,7 +421,9 @@ def collect(groups: RowGroups, columns: Sequence[str], select: Callable[[dict[st
   memory bounded by the rows selected. Cached in `path` with `key` like `survey` (unless a column holds lists)."""
   cached = _cached(path, key)
   if cached is not None:
+    log.info('sample pass: reused %s', path)
     return cached
+  log.info('sample pass: reading %d row groups', len(groups))
   parts = []
   for g in range(len(groups)):
     cols = groups.read(g, columns)

@@ -90,6 +90,7 @@ class Tables:
   seen_indices: np.ndarray
   features: tuple[FeatureSpec, ...]  # rules (FeatureSpec.encoding) of every model input
   vocabs: dict[str, Vocab]
+  seen_history: str = 'train + valid ratings'  # what the seen lists hold (the manifest says it)
 
 
 def tables_from_experiment(exp: Experiment) -> Tables:
@@ -102,7 +103,11 @@ def tables_from_experiment(exp: Experiment) -> Tables:
                 item_titles=np.asarray(ds.items[title]).astype(np.str_) if title else None,
                 context_specs=tuple(s for s in exp.encoder.specs if s.entity == 'context'),
                 seen_indptr=np.asarray(indptr, np.int64), seen_indices=np.asarray(indices, np.int32),
-                features=exp.encoder.specs, vocabs=dict(exp.encoder.vocabs))
+                features=exp.encoder.specs, vocabs=dict(exp.encoder.vocabs),
+                seen_history=('train + valid ratings' if 'sampled' not in exp.counts else
+                              f"train + valid ratings: all of them for the {exp.counts['sampled']['evaluation_users']} "
+                              'evaluation users, for the others only their rows in the fitting sample (a streamed '
+                              "log, data.reader='stream')"))
 
 
 def _output_kind(spec: tasks_lib.TaskSpec) -> dict[str, Any]:
@@ -382,7 +387,7 @@ def write_export(export_root: str, networks: Sequence[Network], tables: Tables, 
       'catalog': {'file': 'catalog.npz', 'count': num_items, 'ids': IDS_KEY,
                   'titles': TITLES_KEY if titles else None, 'columns': list(catalog)},
       'seen': {'file': 'seen.npz', 'format': 'csr: items of users.npz row r are indices[indptr[r]:indptr[r+1]] '
-                                             '(catalog.npz rows)', 'history': 'train + valid ratings'},
+                                             '(catalog.npz rows)', 'history': tables.seen_history},
       'metrics': files.jsonable(metrics or {}),
       'config': files.jsonable(config.to_dict()),
   }

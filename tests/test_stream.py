@@ -380,3 +380,24 @@ def test_a_bad_id_in_a_streamed_log_names_its_file_and_row(tiny_config, files_di
   c.data.log.paths = (str(tmp_path / 'log.parquet'),)
   with pytest.raises(DataError, match=r"log.parquet, row 1235: column 'user_id' holds a null id"):
     experiment_lib.build(c, workdir=str(tmp_path / 'run'))
+
+
+def test_a_streamed_runs_export_says_whose_seen_items_it_holds(tiny_config, files_dir, tmp_path):
+  from mtl_rec import export  # pylint: disable=g-import-not-at-top
+  c = _files_config(tiny_config, files_dir)
+  c.data.reader = 'memory'
+  memory = export.tables_from_experiment(experiment_lib.build(c))
+  assert memory.seen_history == 'train + valid ratings'
+  c.data.reader = 'stream'
+  c.data.stream.eval_rows, c.data.stream.fit_rows = 150, 300  # samples of the users and of the training rows
+  exp = experiment_lib.build(c, workdir=str(tmp_path))
+  tables = export.tables_from_experiment(exp)
+  n = exp.counts['sampled']['evaluation_users']
+  assert f'all of them for the {n} evaluation users, for the others only their rows in the fitting sample' in \
+      tables.seen_history
+  np.testing.assert_array_equal(tables.user_ids, memory.user_ids)
+  full, held = np.diff(memory.seen_indptr), np.diff(tables.seen_indptr)
+  evaluated = np.isin(tables.user_ids, exp.data.log['user_id'][np.concatenate([exp.split.valid, exp.split.test])])
+  assert 0 < evaluated.sum() < evaluated.size
+  np.testing.assert_array_equal(held[evaluated], full[evaluated])
+  assert (held[~evaluated] < full[~evaluated]).all()

@@ -29,7 +29,7 @@ POOLINGS = ('mean', 'sum')
 TRANSFORMS = ('standardize', 'bucketize')
 COLUMN_TYPES = ('', 'str', 'int', 'float')
 BACKBONES = ('shared_bottom', 'mmoe', 'ple')
-HEAD_KINDS = ('binary', 'multiclass', 'regression')
+HEAD_KINDS = ('binary', 'multiclass', 'regression', 'retrieval')
 TASK_ROWS = ('all', 'observed')
 OBSERVED = 'observed'  # the implicit label: 1 on every log row, 0 on sampled negatives
 LOSS_WEIGHTINGS = ('static', 'uncertainty')
@@ -39,7 +39,8 @@ SCHEDULES = ('constant', 'cosine')
 NEGATIVE_DISTRIBUTIONS = ('uniform', 'popularity')
 # What each head kind reports on validation/test, as '<task>_<suffix>'; the ones that are better when lower.
 METRIC_SUFFIXES = {'binary': ('auc', 'logloss', 'accuracy'), 'regression': ('rmse', 'mae'),
-                   'multiclass': ('class_accuracy', 'class_logloss', 'auc', 'logloss', 'accuracy')}
+                   'multiclass': ('class_accuracy', 'class_logloss', 'auc', 'logloss', 'accuracy'),
+                   'retrieval': ('auc',)}
 LOWER_IS_BETTER = ('_rmse', '_mae', '_logloss')
 
 
@@ -102,7 +103,10 @@ def task(kind: str, label: str, rows: str = '', **overrides: Any) -> ml_collecti
   """One declared head (an entry of config.tasks), every field present so overrides type-check."""
   t = ml_collections.ConfigDict()
   t.position = next(_declared)  # the head's place among the tasks: declaration order
-  t.kind = kind  # head kind: 'binary', 'multiclass' or 'regression'
+  # head kind: 'binary', 'multiclass', 'regression' or 'retrieval' (label 'observed': a user tower and an item tower
+  # on the shared embeddings, their cosine / temperature trained with an in-batch sampled softmax over the batch's
+  # observed rows, log q(item) subtracted for the sampling bias and the same item's other rows masked; Yi et al. 2019)
+  t.kind = kind
   t.label = label  # 'observed' (implicit: 1 on log rows, 0 on sampled negatives) or a column of the log
   t.rows = rows or ('all' if label == OBSERVED else 'observed')  # rows the task is defined on: 'all' or 'observed'
   t.threshold = config_dict.placeholder(float)  # binary from a numeric column: label = column >= threshold
@@ -110,6 +114,8 @@ def task(kind: str, label: str, rows: str = '', **overrides: Any) -> ml_collecti
   t.range = ()  # regression: (lowest, highest) valid label; () = the data's range. Out-of-range rows are an error
   t.weight = 1.0  # static loss weight (the initial scale under uncertainty weighting)
   t.fusion_weight = 0.0  # default weight in the fused ranking score
+  t.temperature = 0.05  # retrieval: the softmax temperature of the towers' cosine similarity
+  t.logq = True  # retrieval: subtract log q(item), the item's share of the training rows (sampling-bias correction)
   t.update(overrides)
   return t
 
@@ -559,9 +565,14 @@ def _validate_tasks(c: ml_collections.ConfigDict) -> None:
       raise _err(f'{where}.rows', t.rows, "use 'all' (log rows and sampled negatives) or 'observed' (log rows)")
     if not t.label:
       raise _err(f'{where}.label', t.label, "name a column of the log, or 'observed' for implicit feedback")
-    if t.label == OBSERVED and (t.kind != 'binary' or t.rows != 'all'):
-      raise _err(f'{where}.label', t.label, "the implicit label 'observed' needs kind='binary' and rows='all'")
-    if t.rows == 'all' and t.kind != 'binary':
+    if t.label == OBSERVED and (t.kind not in ('binary', 'retrieval') or t.rows != 'all'):
+      raise _err(f'{where}.label', t.label, "the implicit label 'observed' needs kind='binary' (or 'retrieval') "
+                 "and rows='all'")
+    if t.kind == 'retrieval' and t.label != OBSERVED:
+      raise _err(f'{where}.label', t.label, "a retrieval task learns from observed pairs: label='observed'")
+    if t.kind == 'retrieval' and not t.temperature > 0:
+      raise _err(f'{where}.temperature', t.temperature, 'must be > 0')
+    if t.rows == 'all' and t.kind not in ('binary', 'retrieval'):
       raise _err(f'{where}.rows', t.rows, "only binary tasks are defined on sampled negatives (label 0); use "
                  "rows='observed'")
     if t.threshold is not None and (t.kind != 'binary' and not (t.kind == 'multiclass' and t.classes)):
@@ -583,7 +594,7 @@ def _validate_tasks(c: ml_collections.ConfigDict) -> None:
 def esmm_pair(c: ml_collections.ConfigDict) -> tuple[str, str] | None:
   """ESMM's (implicit task, conditional task): the task with label 'observed' and the first binary task on
   observed rows; None where there is no such pair."""
-  implicit = next((n for n, t in ordered(c.tasks) if t.label == OBSERVED), None)
+  implicit = next((n for n, t in ordered(c.tasks) if t.label == OBSERVED and t.kind == 'binary'), None)
   conditional = next((n for n, t in ordered(c.tasks) if t.kind == 'binary' and t.rows == 'observed'), None)
   return (implicit, conditional) if implicit and conditional else None
 

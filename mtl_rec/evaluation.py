@@ -25,7 +25,7 @@ def headline_metrics(specs: Sequence[tasks_lib.TaskSpec], k: int) -> list[str]:
   for s in specs:
     suffixes = {'binary': ('auc', 'logloss') + (() if s.implicit else ('accuracy',)), 'regression': ('rmse', 'mae'),
                 'multiclass': ('class_accuracy',) + (('auc', 'logloss', 'accuracy') if s.threshold is not None else
-                                                     ('class_logloss',))}[s.kind]
+                                                     ('class_logloss',)), 'retrieval': ('auc',)}[s.kind]
     out += [f'{s.name}_{x}' for x in suffixes]
   return out + [m.format(k=k) for m in RANKING_METRICS]
 
@@ -165,7 +165,7 @@ def _binary_aucs(scorer: Scorer, exp: Experiment, eval_set: EvalSet) -> dict[str
   out = {}
   for spec in exp.specs:
     rows = defined[spec.name] > 0
-    if spec.kind == 'binary' and 0 < labels[spec.name][rows].sum() < rows.sum():
+    if spec.kind in ('binary', 'retrieval') and 0 < labels[spec.name][rows].sum() < rows.sum():
       out[f'{spec.name}_auc'] = metrics_lib.auc(labels[spec.name][rows], scores[rows])
   return out
 

@@ -21,6 +21,7 @@ import numpy as np
 from mtl_rec import config as config_lib
 from mtl_rec import distributed
 from mtl_rec import encoding
+from mtl_rec import input_pipeline
 from mtl_rec import features as features_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec.data import readers
@@ -123,7 +124,7 @@ def build(config: ml_collections.ConfigDict, data: Dataset | None = None, workdi
   train_sampler = NegativeSampler(uidx[split.train], iidx[split.train], train_items, num_items,
                                   config.sampling.distribution, config.sampling.popularity_power)
   eval_sampler = NegativeSampler(uidx, iidx, train_items, num_items, 'uniform')
-  labels = Labels(specs, columns)
+  labels = Labels(specs, columns, input_pipeline.item_logq(specs, np.bincount(iidx[split.train], minlength=num_items)))
   sampled = any(s.all_rows for s in specs)  # sampled negatives count only for tasks defined on all rows
   positives = lambda rows: _positives(uidx, iidx, rows)
   num_negatives = config.sampling.num_negatives if sampled else 0
@@ -144,7 +145,7 @@ def streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, tr
              keep: Callable[[dict[str, np.ndarray]], np.ndarray], users: stream_lib.IdIndex, items: stream_lib.IdIndex,
              encoder: features_lib.FeatureEncoder, specs: tuple[tasks_lib.TaskSpec, ...], sampler: NegativeSampler,
              num_negatives: int, dropout: dict[str, float] | None = None,
-             extra_columns: tuple[str, ...] = ()) -> StreamedTrain:
+             extra_columns: tuple[str, ...] = (), logq: np.ndarray | None = None) -> StreamedTrain:
   """The training stream over the log's row groups `groups`: rows where `keep(columns)` holds (train_rows[g] of row
   group g), ids looked up in `users` / `items`, labels by the tasks' rules, context features by their fitted rules."""
   from mtl_rec.data import stream as stream_lib  # pylint: disable=g-import-not-at-top,redefined-outer-name
@@ -180,7 +181,7 @@ def streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, tr
   return StreamedTrain(plan, decode, columns, encoder, specs, sampler, num_negatives, config.seed,
                        stream_lib.owned_shards(num_shards, jax.process_index(), jax.process_count()),
                        grain.ReadOptions(num_threads=d.stream.threads, prefetch_buffer_size=d.stream.prefetch),
-                       dropout)
+                       dropout, logq)
 
 
 def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
@@ -281,12 +282,14 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   num_negatives = config.sampling.num_negatives if sampled else 0
   stream = streamed(config, groups, survey['group_counts'][:, splits_lib.TRAIN],
                     lambda cols: codes(cols, 0) == splits_lib.TRAIN, user_pos, item_pos, encoder, specs,
-                    train_sampler, num_negatives, {n: f.dropout for n, f in config.features.items()}, split_columns)
+                    train_sampler, num_negatives, {n: f.dropout for n, f in config.features.items()}, split_columns,
+                    input_pipeline.item_logq(specs, item_train))
   positives = lambda r: _positives(uidx, iidx, r)
   click_negatives = config.eval.click_negatives if sampled else 0
   return Experiment(
       config=config, data=ds, split=split, encoder=encoder, user_index=uidx, item_index=iidx,
-      train_sampler=train_sampler, eval_sampler=eval_sampler, labels=Labels(specs, columns), specs=specs,
+      train_sampler=train_sampler, eval_sampler=eval_sampler,
+      labels=Labels(specs, columns, input_pipeline.item_logq(specs, item_train)), specs=specs,
       stream=stream, valid=EvalSet.build(positives(split.valid), eval_sampler, click_negatives, seed, 1),
       test=EvalSet.build(positives(split.test), eval_sampler, click_negatives, seed, 2),
       counts={'train': int(totals[0]), 'valid': int(totals[1]), 'test': int(totals[2]), 'log': groups.num_rows,

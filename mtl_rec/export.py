@@ -113,6 +113,9 @@ def tables_from_experiment(exp: Experiment) -> Tables:
 def _output_kind(spec: tasks_lib.TaskSpec) -> dict[str, Any]:
   if spec.kind == 'binary':
     return {'output': 'probability', 'range': [0.0, 1.0], 'fusion_term': 'p'}
+  if spec.kind == 'retrieval':
+    return {'output': 'score', 'description': "cosine of the user and item towers' vectors", 'range': [-1.0, 1.0],
+            'fusion_term': '(score + 1) / 2'}
   what = 'predicted value' if spec.kind == 'regression' else 'expected class value sum_c v_c * p_c'
   lo, hi = spec.value_range
   out = {'output': 'value', 'description': what, 'scale': [lo, hi], 'fusion_term': f'(value - {lo:g}) / {hi - lo:g}'}

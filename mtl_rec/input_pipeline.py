@@ -34,6 +34,9 @@ class Labels:
 
   specs: tuple[TaskSpec, ...]
   columns: dict[str, LabelColumn]
+  # retrieval tasks: log q(item) of every item position (its share of the training rows); batches then carry each
+  # row's 'item_key' (item position) and 'logq' for the in-batch softmax
+  item_logq: np.ndarray | None = None
 
   def __call__(self, ex: 'Examples') -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     obs = ex.observed > 0
@@ -84,7 +87,18 @@ def to_batch(ex: Examples, encoder: FeatureEncoder, labels: Labels, valid: np.nd
   batch['labels'], batch['defined'] = labels(ex)
   batch['observed'] = ex.observed.astype(np.float32)
   batch['valid'] = np.ones(len(ex), np.float32) if valid is None else valid.astype(np.float32)
+  if labels.item_logq is not None:
+    batch['item_key'] = ex.item.astype(np.int32)
+    batch['logq'] = labels.item_logq[ex.item].astype(np.float32)
   return batch
+
+
+def item_logq(specs: tuple[TaskSpec, ...], train_counts: np.ndarray) -> np.ndarray | None:
+  """log q(item) per item position from its training rows (at least 1), for retrieval tasks; None without one."""
+  if not any(s.kind == 'retrieval' for s in specs):
+    return None
+  counts = np.maximum(np.asarray(train_counts, np.float64), 1.0)
+  return np.log(counts / counts.sum()).astype(np.float32)
 
 
 class TrainStream:
@@ -137,11 +151,13 @@ class StreamedTrain:
 
   def __init__(self, plan: stream_lib.Plan, decode: stream_lib.Decode, columns: list[str], encoder: FeatureEncoder,
                specs: tuple[TaskSpec, ...], sampler: NegativeSampler, num_negatives: int, seed: int,
-               shards: list[int], read_options: Any, dropout: dict[str, float] | None = None):
+               shards: list[int], read_options: Any, dropout: dict[str, float] | None = None,
+               logq: np.ndarray | None = None):
     self.plan, self.decode, self.columns, self.encoder = plan, decode, columns, encoder
     self.specs, self.sampler, self.num_negatives, self.seed = specs, sampler, num_negatives, seed
     self.shards, self.read_options = shards, read_options
     self.dropout = {n: p for n, p in (dropout or {}).items() if p > 0}
+    self.logq = logq
     self.batch_size = plan.positives_per_shard * plan.num_shards * (1 + num_negatives)  # global rows
     self.steps_per_epoch = plan.steps_per_epoch
     if self.steps_per_epoch == 0:
@@ -167,7 +183,7 @@ class StreamedTrain:
     local_rows = np.arange(n)
     pos = Examples(chunk.user, chunk.item, local_rows, np.ones(n, np.float32))
     ex = with_negatives(pos, self.sampler, k, np.random.default_rng([self.seed, 23, epoch, shard, step]))
-    batch = to_batch(ex, self.encoder, Labels(self.specs, chunk.columns))
+    batch = to_batch(ex, self.encoder, Labels(self.specs, chunk.columns, self.logq))
     for name, values in chunk.context.items():  # a negative carries its positive's context
       batch['context'][name] = values[ex.row]
     if self.dropout:

@@ -181,6 +181,25 @@ class Head(nnx.Module):
     return self.out(self.tower(h, rng))
 
 
+class Towers(nnx.Module):
+  """A retrieval task's user tower (user and context vectors) and item tower (item vectors): MLPs to the embedding
+  width, L2-normalized, so a pair's score is the cosine of the two (tasks.in_batch_softmax trains them)."""
+
+  def __init__(self, user_din: int, item_din: int, tower: Sequence[int], dim: int, dropout: float, rngs: nnx.Rngs):
+    self.user = MLP(user_din, tower, dropout, rngs)
+    self.user_out = _dense(self.user.out_dim, dim, rngs)
+    self.item = MLP(item_din, tower, dropout, rngs)
+    self.item_out = _dense(self.item.out_dim, dim, rngs)
+
+  def __call__(self, user: jax.Array, item: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """[B, 2, dim]: the user and the item vector of each row."""
+    fold = lambda i: None if rng is None else jax.random.fold_in(rng, i)
+    u = self.user_out(self.user(user, fold(0)))
+    v = self.item_out(self.item(item, fold(1)))
+    unit = lambda x: x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+    return jnp.stack([unit(u), unit(v)], axis=-2)
+
+
 class MultiTaskModel(nnx.Module):
   """Shared embeddings -> backbone -> per-task heads.
 
@@ -199,12 +218,17 @@ class MultiTaskModel(nnx.Module):
     self.interaction = bool(mc.interaction)
     num_feats = len(specs)
     din = embed_dim * (num_feats + (1 if self.interaction else 0))
+    retrieval = [t for t in tasks if t.kind == 'retrieval']  # two towers on the embeddings, not a backbone head
+    all_tasks, tasks = tasks, [t for t in tasks if t.kind != 'retrieval']
     self.backbone = BACKBONES[mc.backbone](
         din, tuple(mc.hidden_dims), tuple(t.name for t in tasks), mc.dropout, rngs, num_experts=mc.num_experts,
         num_shared_experts=mc.num_shared_experts, num_task_experts=mc.num_task_experts)
     self.heads = nnx.data({t.name: Head(self.backbone.out_dim, tuple(mc.tower_dims), t.units, mc.dropout, rngs,
                                         bias_init=t.bias_init)
                            for t in tasks})
+    num_item = sum(s.entity == 'item' for s in specs)
+    self.towers = nnx.data({t.name: Towers(embed_dim * (num_feats - num_item), embed_dim * num_item,
+                                           tuple(mc.hidden_dims), embed_dim, mc.dropout, rngs) for t in retrieval})
     self.kinds = {t.name: t.kind for t in tasks}
     # Wide part: a per-task scalar bias for every user and item id (the b_u + b_i of biased MF), added to binary
     # logits and regression values; the deep part then only has to model the interaction.
@@ -218,7 +242,7 @@ class MultiTaskModel(nnx.Module):
         t.name: {s.name: nnx.Param(jnp.zeros((s.vocab_size,), jnp.float32), axes=('vocab',)) for s in large}
         for t in tasks if mc.id_biases and t.kind != 'multiclass'})
     if mc.loss_weighting == 'uncertainty':  # log sigma^2 per task (Kendall et al. 2018)
-      self.log_vars = nnx.Param(jnp.zeros((len(tasks),), jnp.float32), axes=('task',))
+      self.log_vars = nnx.Param(jnp.zeros((len(all_tasks),), jnp.float32), axes=('task',))
     else:
       self.log_vars = None
 
@@ -263,6 +287,9 @@ class MultiTaskModel(nnx.Module):
       for feature, table in self.id_biases.get(name, {}).items():
         y = y + jnp.take(table[...], features[self.entities[feature]][feature], axis=0)
       out[name] = y
+    for j, (name, towers) in enumerate(self.towers.items()):
+      out[name] = towers(jnp.concatenate(user_vecs, axis=-1), jnp.concatenate(item_vecs, axis=-1),
+                         None if rng is None else jax.random.fold_in(rng, 100 + j))
     return out, {'embedding_sq_norm': sq}
 
 

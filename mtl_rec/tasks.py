@@ -26,7 +26,7 @@ from mtl_rec.data.types import Dataset, DataError
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   name: str
-  kind: str  # 'binary' | 'multiclass' | 'regression'
+  kind: str  # 'binary' | 'multiclass' | 'regression' | 'retrieval'
   label: str  # a log column, or 'observed'
   weight: float  # static loss weight
   fusion_weight: float  # default weight in the fused ranking score
@@ -35,6 +35,8 @@ class TaskSpec:
   values: tuple[Any, ...] = ()  # multiclass: the label values in class order
   value_range: tuple[float, float] | None = None  # regression and multiclass: the scale of the task's value
   bias_init: float = 0.0  # the head's initial output bias (regression: the training mean)
+  temperature: float = 0.05  # retrieval: softmax temperature of the towers' cosine similarity
+  logq: bool = True  # retrieval: subtract log q(item) in the in-batch softmax
 
   @property
   def all_rows(self) -> bool:
@@ -127,7 +129,8 @@ def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn]
   out = []
   for name, t in config_lib.ordered(config.tasks):
     spec = TaskSpec(name, t.kind, t.label, float(t.weight), float(t.fusion_weight), rows=t.rows,
-                    threshold=None if t.threshold is None else float(t.threshold), values=tuple(t.classes))
+                    threshold=None if t.threshold is None else float(t.threshold), values=tuple(t.classes),
+                    temperature=float(t.temperature), logq=bool(t.logq))
     col = labels[name]
     if t.kind == 'regression':
       train = col.values[train_rows][col.present[train_rows]]
@@ -143,15 +146,16 @@ def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn]
 
 def esmm_pair(specs: tuple[TaskSpec, ...]) -> tuple[str, str]:
   """ESMM's (implicit task, the first binary task on observed rows)."""
-  implicit = next(s.name for s in specs if s.implicit)
+  implicit = next(s.name for s in specs if s.implicit and s.kind == 'binary')
   conditional = next(s.name for s in specs if s.kind == 'binary' and not s.all_rows)
   return implicit, conditional
 
 
 def loss_masks(batch: dict[str, Any], specs: tuple[TaskSpec, ...], esmm: bool = False) -> dict[str, jax.Array]:
-  """{task: [B] 0/1 mask of the rows its loss is defined on} (an ESMM conditional head: every valid row)."""
+  """{task: [B] 0/1 mask of the rows its loss is defined on} (an ESMM conditional head: every valid row; a retrieval
+  head: the observed rows)."""
   valid, defined = batch['valid'], batch['defined']
-  masks = {s.name: valid * defined[s.name] for s in specs}
+  masks = {s.name: valid * (batch['labels'][s.name] if s.kind == 'retrieval' else defined[s.name]) for s in specs}
   if esmm:
     masks[esmm_pair(specs)[1]] = valid
   return masks
@@ -174,6 +178,9 @@ def loss_terms(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tupl
     out = outputs[s.name]
     if s.kind == 'binary':
       terms[s.name] = optax.sigmoid_binary_cross_entropy(out, labels[s.name])
+    elif s.kind == 'retrieval':
+      terms[s.name] = in_batch_softmax(out, labels[s.name] * batch['valid'], batch['item_key'],
+                                       batch['logq'] if s.logq else jnp.zeros_like(batch['logq']), s.temperature)
     elif s.kind == 'regression':
       terms[s.name] = jnp.square(out - labels[s.name])
     else:
@@ -186,6 +193,24 @@ def loss_terms(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tupl
     target = labels[implicit] * labels[conditional]
     terms[conditional] = -(target * jnp.log(p + 1e-7) + (1 - target) * jnp.log(1 - p + 1e-7))
   return terms
+
+
+def in_batch_softmax(towers: jax.Array, positive: jax.Array, item: jax.Array, logq: jax.Array,
+                     temperature: float) -> jax.Array:
+  """[B] the retrieval loss of each positive row (0 elsewhere): softmax cross-entropy of its own item against the
+  items of the batch's other positive rows (Yi et al. 2019).
+
+  towers: [B, 2, d] each row's user and item tower outputs (unit vectors); positive: [B] 1 on observed, valid rows;
+  item: [B] the rows' item keys; logq: [B] log of each row's item's sampling probability. Logit (i, j) =
+  u_i . v_j / temperature - logq_j (frequent items, often in a batch, would otherwise be pushed down for it); a column
+  j != i holding row i's own item (an accidental hit) and columns of non-positive rows are left out.
+  """
+  u, v = towers[:, 0], towers[:, 1]
+  logits = (u @ v.T) / temperature - logq[None, :]
+  keep = (positive[None, :] > 0) & ((item[:, None] != item[None, :]) | jnp.eye(item.shape[0], dtype=bool))
+  logits = jnp.where(keep, logits, -1e9)
+  loss = jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits)
+  return jnp.where(positive > 0, loss, 0.0)
 
 
 def masked_sums(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tuple[TaskSpec, ...],
@@ -218,6 +243,9 @@ def predictions(outputs: dict[str, jax.Array], specs: tuple[TaskSpec, ...]) -> d
   preds = {}
   for s in specs:
     out = outputs[s.name]
+    if s.kind == 'retrieval':  # the towers' cosine similarity
+      preds[s.name] = jnp.sum(out[..., 0, :] * out[..., 1, :], axis=-1)
+      continue
     preds[s.name] = (jax.nn.sigmoid(out) if s.kind == 'binary' else jax.nn.softmax(out, -1)
                      if s.kind == 'multiclass' else out)
   return preds
@@ -235,6 +263,8 @@ def fusion_term(value: jax.Array, spec: TaskSpec) -> jax.Array:
   """s_t: a task value (`task_value`) on the [0, 1] scale of the fused score: p, or (v - lo) / (hi - lo)."""
   if spec.kind == 'binary':
     return value
+  if spec.kind == 'retrieval':  # cosine in [-1, 1]
+    return (value + 1.0) / 2.0
   lo, hi = spec.value_range
   return (value - lo) / (hi - lo)
 
@@ -249,6 +279,8 @@ def task_metrics(spec: TaskSpec, pred: np.ndarray, labels: np.ndarray, defined: 
     if not spec.implicit:
       out[f'{n}_accuracy'] = metrics_lib.accuracy(y, p)
     return out
+  if spec.kind == 'retrieval':  # its score against sampled negatives
+    return {f'{n}_auc': metrics_lib.auc(labels[rows], pred[rows])}
   if spec.kind == 'regression':
     y, p = labels[rows], np.clip(pred[rows], *spec.value_range)
     return {f'{n}_rmse': metrics_lib.rmse(y, p), f'{n}_mae': metrics_lib.mae(y, p)}

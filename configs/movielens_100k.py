@@ -21,4 +21,11 @@ def get_config():
   # u1 validation split weight 5 was better on every task than 1 (rating RMSE 0.8846 vs 0.8871, click AUC 0.917 vs
   # 0.896, Recall@10 0.199 vs 0.148), and 10 traded rating RMSE for click.
   c.tasks.click.weight = 5.0
+  # The retrieval task (two towers on the shared embeddings, logQ-corrected in-batch softmax; see README "Model")
+  # gives the catalog ranking its own objective, and the catalog is ranked by it. On u1 seed 0 it improved every
+  # validation column (and every test column) over the click head alone; temperature 0.1 beat 0.05 on every
+  # validation column.
+  with c.unlocked():
+    c.tasks.retrieval = config_lib.task('retrieval', config_lib.OBSERVED, temperature=0.1)
+  c.eval.ranking_task = 'retrieval'
   return c

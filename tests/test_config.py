@@ -93,8 +93,8 @@ def test_declaration_order_survives_copies_and_json():
   want = ['user_id', 'gender', 'age', 'occupation', 'zip', 'item_id', 'genres', 'year', 'title']
   for copy_of in (c, copy.deepcopy(c), config_lib.from_json(config_lib.to_json(c))):
     assert [n for n, _ in config_lib.ordered(copy_of.features)] == want
-    assert [n for n, _ in config_lib.ordered(copy_of.tasks)] == ['click', 'like', 'rating']
-  assert config_lib.ranking_task(c) == 'click' and config_lib.early_stopping_metric(c) == 'rating_rmse'
+    assert [n for n, _ in config_lib.ordered(copy_of.tasks)] == ['click', 'like', 'rating', 'retrieval']
+  assert config_lib.ranking_task(c) == 'retrieval' and config_lib.early_stopping_metric(c) == 'rating_rmse'
 
 
 def test_json_round_trip_keeps_every_field():

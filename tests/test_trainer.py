@@ -97,17 +97,18 @@ def test_combined_model_selection_weighs_every_task_and_the_ranking_alike():
   c.train.early_stopping_metric = 'combined'
   config_lib.validate(c)
   s = EarlyStopping.from_config(c)
-  assert s.components == ('click_auc', 'like_auc', 'rating_rmse', 'recall@10') and s.mode == 'max'
-  first = {'click_auc': 0.8, 'like_auc': 0.5, 'rating_rmse': 1.0, 'recall@10': 0.1, 'ndcg@10': 0.3}
+  assert s.components == ('click_auc', 'like_auc', 'rating_rmse', 'retrieval_auc', 'recall@10') and s.mode == 'max'
+  first = {'click_auc': 0.8, 'like_auc': 0.5, 'rating_rmse': 1.0, 'retrieval_auc': 0.7, 'recall@10': 0.1,
+           'ndcg@10': 0.3}
   assert s.value(first) == 0.0 and s.reference == {k: v for k, v in first.items() if k != 'ndcg@10'}
   s.update(0.0, step=1, epoch=0)
-  # rating gets 10% worse, recall 20% better, the AUCs stay: (0 + 0 - 0.1 + 0.2) / 4
+  # rating gets 10% worse, recall 20% better, the AUCs stay: (0 + 0 - 0.1 + 0 + 0.2) / 5
   later = dict(first, rating_rmse=1.1, **{'recall@10': 0.12})
-  assert s.value(later) == pytest.approx(0.025)
+  assert s.value(later) == pytest.approx(0.02)
   assert s.update(s.value(later), step=2, epoch=1)
   resumed = EarlyStopping.from_config(c)
   resumed.restore(s.state())
-  assert resumed == s and resumed.value(later) == pytest.approx(0.025)
+  assert resumed == s and resumed.value(later) == pytest.approx(0.02)
   # one task's best epoch alone no longer decides: rating recovers a little, ranking falls back further
   assert not s.update(s.value(dict(first, rating_rmse=1.05, **{'recall@10': 0.1})), step=3, epoch=2)
   assert s.best_step == 2

@@ -58,6 +58,17 @@ def catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_r
   ones, with eval.gain_column's value as gain for `ndcg@K_graded`. `candidates` (bool [num_items]) restricts the
   ranking to some items (e.g. the cold ones).
   """
+  return fused_catalog_ranking_metrics(exp, heldout_rows, history_rows, lambda u, r: score_users(u, r)[..., None],
+                                       {'': np.ones(1, np.float32)}, candidates)['']
+
+
+def fused_catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_rows: np.ndarray,
+                                  terms_users: Callable[[np.ndarray, np.ndarray], Any],
+                                  weights: dict[str, np.ndarray],
+                                  candidates: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+  """{name: catalog_ranking_metrics of the score terms . weights[name]} for every weight vector at once:
+  `terms_users(users, rows) -> [U, num_items, T]` is called once per batch of users, whatever the number of weight
+  vectors (what choosing the served fusion among many candidates costs: one catalog pass, not one each)."""
   ec, k = exp.config.eval, exp.config.eval.k
   num_items = exp.num_items
   h_users, h_items = exp.user_index[heldout_rows], exp.item_index[heldout_rows]
@@ -67,7 +78,7 @@ def catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_r
   relevant = metrics_lib.csr_from_pairs(row_of[h_users], h_items, eval_users.size, gains=exp.gains(heldout_rows))
   seen = metrics_lib.csr_from_pairs(exp.user_index[history_rows], exp.item_index[history_rows], exp.num_users)
   users_per_batch = max(1, min(eval_users.size, ec.ranking_rows_per_batch // num_items))
-  topk = np.zeros((eval_users.size, k), np.int64)
+  topk = {name: np.zeros((eval_users.size, k), np.int64) for name in weights}
   # Items are ranked in a seeded random column order, so that exact ties fall at random: top-k would otherwise
   # prefer the lowest item index, and index order can carry information (MovieLens numbers its popular old movies
   # first) — e.g. among cold items, which a model without content scores all alike. Distinct scores keep their order.
@@ -78,15 +89,16 @@ def catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_r
     pad = users_per_batch - users.size
     users_p = np.concatenate([users, np.repeat(users[-1:], pad)])
     rows_p = np.concatenate([rows, np.repeat(rows[-1:], pad)])
-    scores = score_users(users_p, rows_p)
+    terms = jnp.asarray(terms_users(users_p, rows_p))[:, perm]
     exclude = np.zeros((users_p.size, num_items), bool)
     if candidates is not None:
       exclude[:, ~candidates] = True
     for r, u in enumerate(users_p):
       exclude[r, seen[1][seen[0][u]:seen[0][u + 1]]] = True
-    _, idx = metrics_lib.masked_topk(jnp.asarray(scores)[:, perm], exclude[:, perm], k)
-    topk[start:start + users.size] = perm[np.asarray(idx)[:users.size]]
-  return metrics_lib.topk_ranking_metrics(topk, relevant, k)
+    for name, w in weights.items():
+      _, idx = metrics_lib.masked_topk(terms @ jnp.asarray(w, jnp.float32), exclude[:, perm], k)
+      topk[name][start:start + users.size] = perm[np.asarray(idx)[:users.size]]
+  return {name: metrics_lib.topk_ranking_metrics(t, relevant, k) for name, t in topk.items()}
 
 
 def sampled_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray,

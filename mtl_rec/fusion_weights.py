@@ -176,30 +176,11 @@ def fit_fusion(lists: FusionLists, fixed: np.ndarray, max_gain: float) -> dict[s
 # Evaluating fused rankings.
 
 
-class _CachedCatalogScores:
-  """Task scores per catalog batch, computed once and fused with any number of weight vectors."""
-
-  def __init__(self, scorer: NetworkScorer):
-    self.scorer = scorer
-    self._cache: dict[bytes, jax.Array] = {}
-
-  def score_users(self, weights: np.ndarray) -> Callable[[np.ndarray, np.ndarray], jax.Array]:
-    w = jnp.asarray(weights, jnp.float32)
-
-    def score(users: np.ndarray, rows: np.ndarray) -> jax.Array:
-      key = users.tobytes() + rows.tobytes()
-      if key not in self._cache:
-        self._cache[key] = self.scorer.terms_catalog(users, rows)
-      return self._cache[key] @ w
-    return score
-
-
 def fused_ranking_metrics(scorer: NetworkScorer, exp: Experiment, weights: dict[str, np.ndarray],
                           heldout_rows: np.ndarray, history_rows: np.ndarray) -> dict[str, dict[str, float]]:
-  """{method: full-catalog ranking metrics of the fused score}, evaluation's protocol (graded NDCG included)."""
-  cache = _CachedCatalogScores(scorer)
-  return {m: evaluation.catalog_ranking_metrics(exp, heldout_rows, history_rows, cache.score_users(w))
-          for m, w in weights.items()}
+  """{method: full-catalog ranking metrics of the fused score}, evaluation's protocol (graded NDCG included); the
+  catalog's task scores are computed once per batch of users for all methods."""
+  return evaluation.fused_catalog_ranking_metrics(exp, heldout_rows, history_rows, scorer.terms_catalog, weights)
 
 
 def fixed_weights(config: ml_collections.ConfigDict, task_names: Sequence[str]) -> np.ndarray:
@@ -247,10 +228,10 @@ def select_default(scorer: NetworkScorer, exp: Experiment, config: ml_collection
     candidates.update({m: w for m, w in fit['weights'].items() if m != 'fixed'})
     candidates.update({f'head:{t}': np.eye(len(names), dtype=np.float32)[j] for j, t in enumerate(names)})
   metric = f'recall@{k}'
-  # one catalog pass per candidate, batch by batch (eval.ranking_rows_per_batch): nothing kept across candidates
-  valid = {m: evaluation.catalog_ranking_metrics(exp, split.valid, exp.history_rows('valid'),
-                                                 lambda u, r, w=w: scorer.score_catalog(u, w, r))[metric]
-              if split.valid.size else 0.0 for m, w in candidates.items()}
+  # one catalog pass for every candidate, batch by batch (eval.ranking_rows_per_batch): nothing kept across batches
+  valid = {m: r[metric] for m, r in fused_ranking_metrics(scorer, exp, candidates, split.valid,
+                                                          exp.history_rows('valid')).items()} \
+      if split.valid.size else {m: 0.0 for m in candidates}
   best = max(candidates, key=lambda m: valid[m])  # max keeps the first of equals
   return {'rule': f'best validation {metric} of fixed, learned, stacking and each head alone',
           'method': best, 'weights': dict(zip(names, map(float, candidates[best]))), 'valid': valid,

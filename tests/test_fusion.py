@@ -158,6 +158,28 @@ def test_fused_ranking_uses_the_evaluation_protocol(untrained):
     assert fused[k] == pytest.approx(direct[k], abs=1e-6), k
 
 
+def test_many_weight_vectors_rank_in_one_catalog_pass_as_each_alone(untrained):
+  _, exp, _, unified, _ = untrained
+  history = exp.history_rows('valid')
+  weights = {'click': np.array([1.0, 0.0, 0.0], np.float32), 'mix': np.array([0.5, 0.2, 0.3], np.float32),
+             'rating': np.array([0.0, 0.0, 1.0], np.float32)}
+  calls = []
+
+  def terms(users, rows):
+    calls.append(users.size)
+    return unified.terms_catalog(users, rows)
+  together = evaluation.fused_catalog_ranking_metrics(exp, exp.split.valid, history, terms, weights)
+  batches = len(calls)
+  assert batches >= 1 and set(together) == set(weights)
+  for name, w in weights.items():
+    alone = evaluation.catalog_ranking_metrics(exp, exp.split.valid, history,
+                                               lambda u, r, w=w: unified.score_catalog(u, w, r))
+    assert together[name] == alone, name
+  calls.clear()
+  evaluation.fused_catalog_ranking_metrics(exp, exp.split.valid, history, terms, {'click': weights['click']})
+  assert len(calls) == batches  # three weight vectors cost the catalog passes of one
+
+
 def test_evaluate_fusion_reports_every_method(untrained):
   c, exp, _, _, split = untrained
   f = fusion_weights.evaluate_fusion(split, exp, c, num_negatives=30)

@@ -207,7 +207,12 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   groups = stream_lib.RowGroups.of(paths)
   split_columns = tuple(c for c in (lc.timestamp_column if d.split == 'timestamp' else '',
                                     d.split_column if d.split == 'column' else '') if c)
-  hash_valid = d.split != 'column' or not _any_equal(groups, d.split_column, 'valid')  # as splits.make_split
+  key = json.dumps([groups.fingerprint(), seed, {k: d[k] for k in ('split', 'test_fraction', 'valid_fraction',
+                                                                   'split_cut', 'split_column', 'split_test_rows')}])
+  # validation by hash unless the split column names 'valid' rows (as splits.make_split); read once, then cached
+  hash_valid = d.split != 'column' or not bool(distributed.lead_first(lambda: stream_lib.cached(
+      os.path.join(inputs, 'split.npz'), key,
+      lambda: {'names_valid': np.asarray(_any_equal(groups, d.split_column, 'valid'))}), 'split')['names_valid'])
 
   def codes(cols: dict[str, np.ndarray], g: int) -> np.ndarray:
     return splits_lib.assign(cols['_row'], cols, d, seed, hash_valid, lambda i: groups.where(g, i))
@@ -217,8 +222,6 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
       cols[c] = readers.check_ids(cols[c], c, groups.origins(g), 'interaction log')
     return cols
 
-  key = json.dumps([groups.fingerprint(), seed, {k: d[k] for k in ('split', 'test_fraction', 'valid_fraction',
-                                                                   'split_cut', 'split_column', 'split_test_rows')}])
   # the lead process reads the log first; the others then find its passes in a shared run directory
   survey = distributed.lead_first(lambda: stream_lib.survey(
       groups, [lc.user_column, lc.item_column, *split_columns], lambda cols, g: codes(checked(cols, g), g),

@@ -352,6 +352,15 @@ class Snapshot(grain.DatasetIterator):
     self.state = dict(state)
 
 
+def cached(path: str, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """compute(), saved to `path` (.npz) with `key`; read from there instead while the key matches."""
+  out = _cached(path, key)
+  if out is None:
+    out = compute()
+    _save(path, key, out)
+  return out
+
+
 def _cached(path: str, key: str) -> dict[str, np.ndarray] | None:
   if not os.path.exists(path):
     return None

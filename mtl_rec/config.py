@@ -22,6 +22,7 @@ DATA_SOURCES = ('files', 'movielens_100k', 'movielens_1m', 'tfds', 'synthetic')
 FILE_FORMATS = ('', 'parquet', 'csv')
 SYNTHETIC_GENERATORS = ('movielens', 'shop')
 SPLITS = ('random', 'leave_last_out', 'timestamp', 'column', 'head')
+ROW_SPLITS = ('random', 'timestamp', 'column', 'head')  # decided row by row (splits.assign): data.reader='stream'
 ENTITIES = ('user', 'item', 'context')
 FEATURE_KINDS = ('categorical', 'multi_categorical', 'numeric', 'text', 'vector', 'history')
 VOCABULARIES = ('fit', 'hash')
@@ -366,9 +367,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if d.source != 'files':
       raise _err('data.reader', d.reader, "streams logs of source='files' (Parquet or CSV); write built-in data as "
                  "files (python -m mtl_rec.data.write --format=parquet) or use data.reader='memory'")
-    if d.split not in ('random', 'timestamp', 'column', 'head'):
-      raise _err('data.split', d.split, "is not decided row by row: data.reader='stream' takes 'random', 'timestamp', "
-                 "'column' or 'head' (or use data.reader='memory')")
+    if d.split not in ROW_SPLITS:
+      raise _err('data.split', d.split, f"is not decided row by row: data.reader='stream' takes "
+                 f"{', '.join(map(repr, ROW_SPLITS))} (or use data.reader='memory')")
     if d.cold_items or d.cold_users:
       raise _err('data.cold_items' if d.cold_items else 'data.cold_users', d.cold_items or d.cold_users,
                  "cold-start splits need the whole log in memory: use data.reader='memory'")

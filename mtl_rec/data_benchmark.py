@@ -127,6 +127,9 @@ def main(argv):
                _INTERLEAVE, _PREFETCH):
     if flag.value <= 0:
       raise app.UsageError(f'--{flag.name}={flag.value}: must be > 0')
+  if not 0 < _HELD_OUT.value < 0.5:
+    raise app.UsageError(f'--held_out={_HELD_OUT.value}: must be in (0, 0.5): the share held out for test, and again '
+                         'for validation')
   t_start = time.time()
   seed = _CONFIG.value.seed
   log_dir = os.path.join(_cache_root(), f'rows{_ROWS.value}_u{_NUM_USERS.value}_i{_NUM_ITEMS.value}_'

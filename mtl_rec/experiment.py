@@ -141,7 +141,7 @@ def build(config: ml_collections.ConfigDict, data: Dataset | None = None, workdi
       counts={'train': int(split.train.size), 'valid': int(split.valid.size), 'test': int(split.test.size)})
 
 
-def streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, train_rows: np.ndarray,
+def _streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, train_rows: np.ndarray,
              keep: Callable[[dict[str, np.ndarray]], np.ndarray], users: stream_lib.IdIndex, items: stream_lib.IdIndex,
              encoder: features_lib.FeatureEncoder, specs: tuple[tasks_lib.TaskSpec, ...], sampler: NegativeSampler,
              num_negatives: int, dropout: dict[str, float] | None = None,
@@ -212,7 +212,8 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   # validation by hash unless the split column names 'valid' rows (as splits.make_split); read once, then cached
   hash_valid = d.split != 'column' or not bool(distributed.lead_first(lambda: stream_lib.cached(
       os.path.join(inputs, 'split.npz'), key,
-      lambda: {'names_valid': np.asarray(_any_equal(groups, d.split_column, 'valid'))}), 'split')['names_valid'])
+      lambda: {'names_valid': np.asarray(_any_equal(groups, d.split_column, 'valid'))}, 'split column'),
+      'split')['names_valid'])
 
   def codes(cols: dict[str, np.ndarray], g: int) -> np.ndarray:
     return splits_lib.assign(cols['_row'], cols, d, seed, hash_valid, lambda i: groups.where(g, i))
@@ -283,16 +284,17 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   eval_sampler = NegativeSampler(uidx, iidx, train_items, num_items, 'uniform')
   sampled = any(s.all_rows for s in specs)
   num_negatives = config.sampling.num_negatives if sampled else 0
-  stream = streamed(config, groups, survey['group_counts'][:, splits_lib.TRAIN],
+  logq = input_pipeline.item_logq(specs, item_train)
+  stream = _streamed(config, groups, survey['group_counts'][:, splits_lib.TRAIN],
                     lambda cols: codes(cols, 0) == splits_lib.TRAIN, user_pos, item_pos, encoder, specs,
                     train_sampler, num_negatives, {n: f.dropout for n, f in config.features.items()}, split_columns,
-                    input_pipeline.item_logq(specs, item_train))
+                    logq)
   positives = lambda r: _positives(uidx, iidx, r)
   click_negatives = config.eval.click_negatives if sampled else 0
   return Experiment(
       config=config, data=ds, split=split, encoder=encoder, user_index=uidx, item_index=iidx,
       train_sampler=train_sampler, eval_sampler=eval_sampler,
-      labels=Labels(specs, columns, input_pipeline.item_logq(specs, item_train)), specs=specs,
+      labels=Labels(specs, columns, logq), specs=specs,
       stream=stream, valid=EvalSet.build(positives(split.valid), eval_sampler, click_negatives, seed, 1),
       test=EvalSet.build(positives(split.test), eval_sampler, click_negatives, seed, 2),
       counts={'train': int(totals[0]), 'valid': int(totals[1]), 'test': int(totals[2]), 'log': groups.num_rows,

@@ -58,22 +58,29 @@ def _csv_header(path: str, delimiter: str) -> list[str]:
   return next(csv.reader(io.StringIO(first), delimiter=delimiter))
 
 
-def _read_file(path: str, fmt: str, delimiter: str, columns: dict[str, str], what: str) -> tuple[pa.Table, int | None]:
-  """One file's `columns` ({name: '' | 'str' | 'int' | 'float'}) as an arrow table, and its first data line."""
+def _check_file(path: str, fmt: str, delimiter: str, columns: Sequence[str], what: str) -> None:
+  """A non-empty, readable file of format `fmt` that has every one of `columns`; else a DataError saying which."""
   if os.path.getsize(path) == 0:
     raise DataError(f'{what}: {path} is empty (0 bytes); write the data again or drop it from the paths')
   try:
-    if fmt == 'parquet':
-      available = pq.read_schema(path).names
-    else:
-      available = _csv_header(path, delimiter)
+    available = pq.read_schema(path).names if fmt == 'parquet' else _csv_header(path, delimiter)
   except (pa.ArrowException, OSError) as e:
     raise DataError(f'{what}: {path} is not a readable {fmt} file ({e}); it may be truncated or corrupt: write it '
                     'again') from e
+  require_columns(path, available, columns, what)
+
+
+def require_columns(path: str, available: Sequence[str], columns: Sequence[str], what: str) -> None:
+  """A DataError naming the first of `columns` that file `path` (with columns `available`) lacks, and the fix."""
   missing = [c for c in columns if c not in available]
   if missing:
     raise DataError(f'{what}: {path} has no column {missing[0]!r} (its columns: {", ".join(available)}); rename the '
                     'column in the file or point the config at the right one')
+
+
+def _read_file(path: str, fmt: str, delimiter: str, columns: dict[str, str], what: str) -> tuple[pa.Table, int | None]:
+  """One file's `columns` ({name: '' | 'str' | 'int' | 'float'}) as an arrow table, and its first data line."""
+  _check_file(path, fmt, delimiter, columns, what)
   try:
     if fmt == 'parquet':
       table = pq.read_table(path, columns=list(columns))
@@ -193,7 +200,7 @@ def csv_to_parquet(path: str, out: str, delimiter: str, columns: dict[str, str],
                    row_group_size: int = 1 << 20) -> None:
   """Converts the CSV file `path` (its `columns`, types as in read_tables) into the Parquet file `out`, block by
   block in bounded memory: the streaming reader (data.reader='stream') reads Parquet row groups."""
-  _read_file_header_check(path, delimiter, columns, what)
+  _check_file(path, 'csv', delimiter, columns, what)
   types = {c: ARROW_TYPES[t] for c, t in columns.items() if t}
   tmp = out + '.tmp'
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -219,13 +226,3 @@ def csv_to_parquet(path: str, out: str, delimiter: str, columns: dict[str, str],
   if not rows:
     raise DataError(f'{what}: {path} has no rows; write the data again or drop it from the paths')
   os.replace(tmp, out)
-
-
-def _read_file_header_check(path: str, delimiter: str, columns: dict[str, str], what: str) -> None:
-  if os.path.getsize(path) == 0:
-    raise DataError(f'{what}: {path} is empty (0 bytes); write the data again or drop it from the paths')
-  available = _csv_header(path, delimiter)
-  missing = [c for c in columns if c not in available]
-  if missing:
-    raise DataError(f'{what}: {path} has no column {missing[0]!r} (its columns: {", ".join(available)}); rename the '
-                    'column in the file or point the config at the right one')

@@ -11,6 +11,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from mtl_rec import config as config_lib
 from mtl_rec import files
 from mtl_rec.data.types import Dataset, DataError
 
@@ -24,7 +25,6 @@ class Split:
 
 
 TRAIN, VALID, TEST = 0, 1, 2  # split codes of `assign`
-STREAMABLE = ('random', 'timestamp', 'column', 'head')  # the splits decided row by row (data.reader='stream')
 
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), 0x9E3779B97F4A7C15
 
@@ -45,7 +45,7 @@ def row_uniform(rows: np.ndarray, seed: int, salt: int) -> np.ndarray:
 def assign(rows: np.ndarray, log: dict[str, np.ndarray], data_config: ml_collections.ConfigDict, seed: int,
            hash_valid: bool = True, where: Callable[[int], str] = lambda i: f'row {i}') -> np.ndarray:
   """int8 split codes (TRAIN, VALID, TEST) of log rows with global ids `rows` and columns `log`, row by row, for
-  the splits in STREAMABLE (see make_split). `hash_valid`: validation is the seeded valid_fraction of the other
+  the splits in config.ROW_SPLITS (see make_split). `hash_valid`: validation is the seeded valid_fraction of the other
   rows (for 'column': only when the column names no 'valid' row anywhere). `where(i)` names row i in an error."""
   dc = data_config
   rows = np.asarray(rows, np.int64)
@@ -66,7 +66,7 @@ def assign(rows: np.ndarray, log: dict[str, np.ndarray], data_config: ml_collect
     test = names == 'test'
   else:
     raise DataError(f"data.split={dc.split!r} is not decided row by row; data.reader='stream' takes one of "
-                    f"{', '.join(STREAMABLE)}")
+                    f"{', '.join(config_lib.ROW_SPLITS)}")
   if hash_valid:
     code[row_uniform(rows, seed, 1) < dc.valid_fraction] = VALID
   code[test] = TEST

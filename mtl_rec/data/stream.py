@@ -78,11 +78,7 @@ class RowGroups:
     """Row group g's `columns` as numpy columns (readers.to_numpy), and '_row': the rows' global ids."""
     path = self.paths[int(self.file[g])]
     parquet = pq.ParquetFile(path)
-    missing = [c for c in columns if c not in parquet.schema_arrow.names]
-    if missing:
-      raise DataError(f'interaction log: {path} has no column {missing[0]!r} (its columns: '
-                      f'{", ".join(parquet.schema_arrow.names)}); rename the column in the file or point the config '
-                      'at the right one')
+    readers.require_columns(path, parquet.schema_arrow.names, columns, 'interaction log')
     table = parquet.read_row_group(int(self.group[g]), columns=list(columns))
     out = {name: readers.to_numpy(table.column(name), name, 'interaction log') for name in columns}
     out['_row'] = np.arange(self.start[g], self.start[g] + self.rows[g], dtype=np.int64)
@@ -352,29 +348,22 @@ class Snapshot(grain.DatasetIterator):
     self.state = dict(state)
 
 
-def cached(path: str, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """compute(), saved to `path` (.npz) with `key`; read from there instead while the key matches."""
-  out = _cached(path, key)
-  if out is None:
-    out = compute()
-    _save(path, key, out)
+def cached(path: str, key: str, compute: Callable[[], dict[str, np.ndarray]],
+           what: str = '') -> dict[str, np.ndarray]:
+  """compute(), saved to `path` (.npz) with `key`; read from there instead while the key matches. Arrays of Python
+  objects (list columns) are not saved: npz holds them only pickled."""
+  if os.path.exists(path):
+    with np.load(path) as z:
+      if 'key' in z.files and str(z['key']) == key:
+        log.info('%s: reused %s', what or 'cache', path)
+        return {k: z[k] for k in z.files if k != 'key'}
+  out = compute()
+  if all(v.dtype != object for v in out.values()):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}.npz'
+    np.savez(tmp, key=np.asarray(key), **out)
+    os.replace(tmp, path)
   return out
-
-
-def _cached(path: str, key: str) -> dict[str, np.ndarray] | None:
-  if not os.path.exists(path):
-    return None
-  with np.load(path) as z:
-    if 'key' in z.files and str(z['key']) == key:
-      return {k: z[k] for k in z.files if k != 'key'}
-  return None
-
-
-def _save(path: str, key: str, out: dict[str, np.ndarray]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}.npz'
-  np.savez(tmp, key=np.asarray(key), **out)
-  os.replace(tmp, path)
 
 
 Codes = Callable[[dict[str, np.ndarray], int], np.ndarray]  # (row group's columns, g) -> int8 split code per row
@@ -388,10 +377,11 @@ def survey(groups: RowGroups, columns: Sequence[str], codes: Codes, id_columns: 
 
   Written to `path` (.npz) with `key` (what it was computed from) and read from there when the key matches: a
   resumed or repeated run does not read the log again."""
-  cached = _cached(path, key)
-  if cached is not None:
-    log.info('survey pass: reused %s', path)
-    return cached
+  return cached(path, key, lambda: _survey(groups, columns, codes, id_columns), 'survey pass')
+
+
+def _survey(groups: RowGroups, columns: Sequence[str], codes: Codes,
+            id_columns: Sequence[str]) -> dict[str, np.ndarray]:
   log.info('survey pass: reading %d row groups', len(groups))
   group_counts = np.zeros((len(groups), 3), np.int64)
   counts: dict[str, list[pa.Table]] = {c: [] for c in id_columns}
@@ -420,7 +410,6 @@ def survey(groups: RowGroups, columns: Sequence[str], codes: Codes, id_columns: 
     table = np.zeros((distinct.size, 3), np.int64)
     np.add.at(table, (inverse, t.column('code').to_numpy().astype(np.int64)), t.column('counts').to_numpy())
     out[f'{name}_values'], out[f'{name}_counts'] = distinct, table
-  _save(path, key, out)
   return out
 
 
@@ -428,17 +417,12 @@ def collect(groups: RowGroups, columns: Sequence[str], select: Callable[[dict[st
             path: str, key: str) -> dict[str, np.ndarray]:
   """The rows where `select(columns, g)` holds, their `columns` and '_row' (global row ids, ascending): one pass,
   memory bounded by the rows selected. Cached in `path` with `key` like `survey` (unless a column holds lists)."""
-  cached = _cached(path, key)
-  if cached is not None:
-    log.info('sample pass: reused %s', path)
-    return cached
-  log.info('sample pass: reading %d row groups', len(groups))
-  parts = []
-  for g in range(len(groups)):
-    cols = groups.read(g, columns)
-    mask = select(cols, g)
-    parts.append({c: v[mask] for c, v in cols.items()})
-  out = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-  if all(v.dtype != object for v in out.values()):
-    _save(path, key, out)
-  return out
+  def compute() -> dict[str, np.ndarray]:
+    log.info('sample pass: reading %d row groups', len(groups))
+    parts = []
+    for g in range(len(groups)):
+      cols = groups.read(g, columns)
+      mask = select(cols, g)
+      parts.append({c: v[mask] for c, v in cols.items()})
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+  return cached(path, key, compute, 'sample pass')

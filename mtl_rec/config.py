@@ -266,6 +266,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.export.max_k = 100  # largest k the exported `recommend` returns (capped at the catalog size)
   c.export.chunk_items = 4096  # `recommend` scores the catalog in blocks of this many items (memory: users x block)
   c.export.platforms = ('cpu',)  # jax.export lowering platforms, e.g. ('cpu', 'cuda') for one artifact on both
+  # Retrieve-then-rerank: with a retrieval task, `recommend` takes the top retrieve_n items of one matrix product of
+  # the user's query vector with the precomputed item vectors (item_vectors.npz) and re-ranks only those with the
+  # fused heads; 0 = the fused heads score the whole catalog. The retrieval task is eval.ranking_task when that is
+  # one, else the first declared. At least export.max_k.
+  c.export.retrieve_n = 1000
   # The served default fusion weights (what /v1/score and /v1/recommend fuse with when a request gives none):
   # 'validation' = the best on validation Recall@K of the config's, learned, stacking and each head alone
   # (mtl_rec.fusion_weights.select_default, recorded in metrics.json 'default_fusion'); 'config' = tasks' fusion_weight
@@ -280,6 +285,16 @@ def _err(field: str, value: Any, fix: str) -> ValueError:
 def ranking_task(c: ml_collections.ConfigDict) -> str:
   """The task whose score ranks the catalog: eval.ranking_task, or the first task."""
   return c.eval.ranking_task or ordered(c.tasks)[0][0]
+
+
+def retrieval_stage(c: ml_collections.ConfigDict) -> tuple[str, int] | None:
+  """(retrieval task, candidates N) of served retrieve-then-rerank (export.retrieve_n), or None: the fused heads
+  score the whole catalog (retrieve_n = 0, or no retrieval task)."""
+  names = [n for n, t in ordered(c.tasks) if t.kind == 'retrieval']
+  if not names or not c.export.retrieve_n:
+    return None
+  ranking = ranking_task(c)
+  return (ranking if ranking in names else names[0]), int(c.export.retrieve_n)
 
 
 COMBINED = 'combined'  # train.early_stopping_metric: every task's headline metric and Recall@K together
@@ -462,6 +477,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   for field in ('max_k', 'chunk_items'):
     positive(f'export.{field}', c.export[field])
+  if c.export.retrieve_n < 0 or 0 < c.export.retrieve_n < c.export.max_k:
+    raise _err('export.retrieve_n', c.export.retrieve_n, f'use 0 (no retrieval stage) or at least export.max_k '
+               f'({c.export.max_k}): the re-ranked candidates must hold the longest list `recommend` returns')
   if c.export.default_fusion not in ('validation', 'config'):
     raise _err('export.default_fusion', c.export.default_fusion, "use 'validation' or 'config'")
   if not c.export.platforms or any(p not in ('cpu', 'cuda', 'rocm', 'tpu') for p in c.export.platforms):

@@ -65,10 +65,14 @@ def catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_r
 def fused_catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, history_rows: np.ndarray,
                                   terms_users: Callable[[np.ndarray, np.ndarray], Any],
                                   weights: dict[str, np.ndarray],
-                                  candidates: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+                                  candidates: np.ndarray | None = None,
+                                  retrieve: tuple[int, int] | None = None) -> dict[str, dict[str, float]]:
   """{name: catalog_ranking_metrics of the score terms . weights[name]} for every weight vector at once:
   `terms_users(users, rows) -> [U, num_items, T]` is called once per batch of users, whatever the number of weight
-  vectors (what choosing the served fusion among many candidates costs: one catalog pass, not one each)."""
+  vectors (what choosing the served fusion among many candidates costs: one catalog pass, not one each).
+
+  `retrieve` = (term column j, N): retrieve-then-rerank as the export serves it (config.export.retrieve_n): each
+  user's list ranks only the N items of largest term j (a retrieval task's), the others excluded."""
   ec, k = exp.config.eval, exp.config.eval.k
   num_items = exp.num_items
   h_users, h_items = exp.user_index[heldout_rows], exp.item_index[heldout_rows]
@@ -95,8 +99,12 @@ def fused_catalog_ranking_metrics(exp: Experiment, heldout_rows: np.ndarray, his
       exclude[:, ~candidates] = True
     for r, u in enumerate(users_p):
       exclude[r, seen[1][seen[0][u]:seen[0][u + 1]]] = True
+    exclude = jnp.asarray(exclude[:, perm])
+    if retrieve is not None and retrieve[1] < num_items:
+      _, retrieved = metrics_lib.masked_topk(terms[..., retrieve[0]], exclude, retrieve[1])
+      exclude = exclude | ~jnp.zeros_like(exclude).at[jnp.arange(users_p.size)[:, None], retrieved].set(True)
     for name, w in weights.items():
-      _, idx = metrics_lib.masked_topk(terms @ jnp.asarray(w, jnp.float32), exclude[:, perm], k)
+      _, idx = metrics_lib.masked_topk(terms @ jnp.asarray(w, jnp.float32), exclude, k)
       topk[name][start:start + users.size] = perm[np.asarray(idx)[:users.size]]
   return {name: metrics_lib.topk_ranking_metrics(t, relevant, k) for name, t in topk.items()}
 

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mtl_rec import config as config_lib
 from mtl_rec import evaluation
 from mtl_rec import metrics as metrics_lib
 from mtl_rec.data.sampling import NegativeSampler
@@ -178,9 +179,13 @@ def fit_fusion(lists: FusionLists, fixed: np.ndarray, max_gain: float) -> dict[s
 
 def fused_ranking_metrics(scorer: NetworkScorer, exp: Experiment, weights: dict[str, np.ndarray],
                           heldout_rows: np.ndarray, history_rows: np.ndarray) -> dict[str, dict[str, float]]:
-  """{method: full-catalog ranking metrics of the fused score}, evaluation's protocol (graded NDCG included); the
-  catalog's task scores are computed once per batch of users for all methods."""
-  return evaluation.fused_catalog_ranking_metrics(exp, heldout_rows, history_rows, scorer.terms_catalog, weights)
+  """{method: full-catalog ranking metrics of the fused score as the export serves it}, evaluation's protocol
+  (graded NDCG included): with a retrieval stage (config.export.retrieve_n) the fused score re-ranks the retrieval
+  task's top N. The catalog's task scores are computed once per batch of users for all methods."""
+  stage = config_lib.retrieval_stage(exp.config)
+  retrieve = (scorer.task_names.index(stage[0]), stage[1]) if stage and stage[0] in scorer.task_names else None
+  return evaluation.fused_catalog_ranking_metrics(exp, heldout_rows, history_rows, scorer.terms_catalog, weights,
+                                                  retrieve=retrieve)
 
 
 def fixed_weights(config: ml_collections.ConfigDict, task_names: Sequence[str]) -> np.ndarray:
@@ -233,7 +238,10 @@ def select_default(scorer: NetworkScorer, exp: Experiment, config: ml_collection
                                                           exp.history_rows('valid')).items()} \
       if split.valid.size else {m: 0.0 for m in candidates}
   best = max(candidates, key=lambda m: valid[m])  # max keeps the first of equals
-  return {'rule': f'best validation {metric} of fixed, learned, stacking and each head alone',
+  stage = config_lib.retrieval_stage(config)
+  served = (f'; lists as served: the fused score re-ranks the {stage[0]} task\'s top {stage[1]} '
+            '(export.retrieve_n)') if stage and stage[0] in names else ''
+  return {'rule': f'best validation {metric} of fixed, learned, stacking and each head alone{served}',
           'method': best, 'weights': dict(zip(names, map(float, candidates[best]))), 'valid': valid,
-          'test': evaluation.catalog_ranking_metrics(exp, split.test, exp.history_rows('test'),
-                                                     lambda u, r: scorer.score_catalog(u, candidates[best], r))}
+          'test': fused_ranking_metrics(scorer, exp, {best: candidates[best]}, split.test,
+                                        exp.history_rows('test'))[best]}

@@ -87,10 +87,11 @@ class Embeddings(nnx.Module):
 
   def embed(self, spec: FeatureSpec, x: jax.Array, exclude: jax.Array | None = None) -> jax.Array:
     """The feature's vector [B, dim]; for a history, `exclude` is the example's own id of the table it pools ([B]),
-    left out of the pool."""
+    left out of the pool (None: nothing left out)."""
     if spec.kind == 'history':  # ids [B, L] of another feature's rows, -1 padding: their mean (or sum)
       table = self.tables[spec.encoding['of']][...]
-      valid = ((x >= 0) & (x != exclude[..., None])).astype(table.dtype)
+      valid = x >= 0 if exclude is None else (x >= 0) & (x != exclude[..., None])
+      valid = valid.astype(table.dtype)
       pooled = jnp.sum(jnp.take(table, jnp.maximum(x, 0), axis=0) * valid[..., None], axis=-2)
       if spec.pooling == 'sum':
         return pooled
@@ -191,13 +192,22 @@ class Towers(nnx.Module):
     self.item = MLP(item_din, tower, dropout, rngs)
     self.item_out = _dense(self.item.out_dim, dim, rngs)
 
+  def query(self, user: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """[B, dim] unit vectors of the user tower (input: the user and context vectors, concatenated)."""
+    return _unit(self.user_out(self.user(user, rng)))
+
+  def candidate(self, item: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """[B, dim] unit vectors of the item tower (input: the item vectors, concatenated)."""
+    return _unit(self.item_out(self.item(item, rng)))
+
   def __call__(self, user: jax.Array, item: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """[B, 2, dim]: the user and the item vector of each row."""
     fold = lambda i: None if rng is None else jax.random.fold_in(rng, i)
-    u = self.user_out(self.user(user, fold(0)))
-    v = self.item_out(self.item(item, fold(1)))
-    unit = lambda x: x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
-    return jnp.stack([unit(u), unit(v)], axis=-2)
+    return jnp.stack([self.query(user, fold(0)), self.candidate(item, fold(1))], axis=-2)
+
+
+def _unit(x: jax.Array) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 class MultiTaskModel(nnx.Module):
@@ -257,15 +267,33 @@ class MultiTaskModel(nnx.Module):
       out.update({('id_biases', task, feature): ((self.entities[feature], feature),) for feature in tables})
     return out
 
-  def __call__(self, features: dict[str, dict[str, jax.Array]],
-               rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    feats, user_vecs, item_vecs, sq = [], [], [], 0.0
+  def _vectors(self, features: dict[str, dict[str, jax.Array]]) -> list[tuple[FeatureSpec, jax.Array]]:
+    """(spec, vector [B, dim]) of every feature of the entities `features` holds, in declaration order. A history
+    leaves out the example's own id of the table it pools when `features` holds it (training and pair scoring), and
+    nothing when it does not (one side alone: a retrieval tower's vectors)."""
+    out = []
     for spec in self.embeddings.specs:
+      if spec.entity not in features:
+        continue
       exclude = None
       if spec.kind == 'history':
         of = spec.encoding['of']
-        exclude = features[self.entities[of]][of]
-      e = self.embeddings.embed(spec, features[spec.entity][spec.name], exclude)
+        exclude = features.get(self.entities[of], {}).get(of)
+      out.append((spec, self.embeddings.embed(spec, features[spec.entity][spec.name], exclude)))
+    return out
+
+  def retrieval_vectors(self, task: str, features: dict[str, dict[str, jax.Array]]) -> jax.Array:
+    """[B, dim]: the retrieval task's unit query vectors when `features` holds {'user', 'context'} features, its
+    item vectors when it holds {'item'} (one side only: what retrieve-then-rerank precomputes and matches)."""
+    vecs = [e for _, e in self._vectors(features)]
+    towers = self.towers[task]
+    return towers.candidate(jnp.concatenate(vecs, -1)) if 'item' in features else towers.query(
+        jnp.concatenate(vecs, -1))
+
+  def __call__(self, features: dict[str, dict[str, jax.Array]],
+               rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    feats, user_vecs, item_vecs, sq = [], [], [], 0.0
+    for spec, e in self._vectors(features):
       feats.append(e)
       (item_vecs if spec.entity == 'item' else user_vecs).append(e)
       if spec.large:

@@ -6,6 +6,8 @@ optimizer, and the capacity plan past this machine.
   python -m mtl_rec.scale_benchmark --out=s.json --optimizers=rowwise_adagrad --num_users=10000000 \
       --num_items=10000000 --steps=100                         # 5 GB of tables on this 24 GB machine
   python -m mtl_rec.scale_benchmark --out=plan.json --plan --calibration=s.json   # 1B x 100M x 64 on 256 devices
+  python -m mtl_rec.scale_benchmark --out=s.json --config=configs/synthetic.py:retrieval --optimizers=rowwise_adagrad \
+      --num_items=1000000 --export_dir=/tmp/big/export   # and export the trained model (serving a 1M-item catalog)
 
 With several optimizers each runs in its own process (its own peak RSS, its memory returned after), and the same
 optimizers run again at --calibration_rows users and items: the capacity plan (capacity.py) takes its constants
@@ -47,8 +49,11 @@ from ml_collections import config_flags
 
 from mtl_rec import capacity
 from mtl_rec import config as config_lib
+from mtl_rec import export as export_lib
 from mtl_rec import features as features_lib
 from mtl_rec import input_pipeline
+from mtl_rec import metrics as metrics_lib
+from mtl_rec import scoring
 from mtl_rec import sharding as sharding_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec import trainer as trainer_lib
@@ -71,6 +76,9 @@ _OPTIMIZERS = flags.DEFINE_list('optimizers', ['dense_adam'], 'Optimizers of the
 _CALIBRATION_ROWS = flags.DEFINE_integer('calibration_rows', 1_000_000, 'With several optimizers (rowwise_adagrad '
                                          'among them): users and items of the runs that calibrate '
                                          'the capacity plan, checked against the main size; 0 = none.')
+_EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'With one optimizer: export the trained model to this export '
+                                  'root (mtl_rec.export; every synthetic user and item, seen = their ratings), e.g. '
+                                  'for `python -m mtl_rec.serving.benchmark --recommend` on a large catalog.')
 _PLAN_ONLY = flags.DEFINE_bool('plan', False, 'Also print and write the capacity plan for the --plan_* size.')
 _CALIBRATION = flags.DEFINE_string('calibration', None, "With --plan: a previous run's JSON whose calibration "
                                    'to use (no runs then).')
@@ -102,6 +110,17 @@ def build_encoder(ds: Any, config: Any, user_index: np.ndarray, item_index: np.n
                              item_table=tables['item'])
 
 
+def export_tables(ds: Any, encoder: Any, user_index: np.ndarray, item_index: np.ndarray) -> Any:
+  """The export's tables: every user and item, each user's ratings as seen items, the encoder's rules."""
+  indptr, indices = metrics_lib.csr_from_pairs(user_index, item_index, len(ds.users[ds.user_column]))[:2]
+  return export_lib.Tables(
+      user_ids=np.asarray(ds.users[ds.user_column]), user_features=dict(encoder.user_table),
+      item_ids=np.asarray(ds.items[ds.item_column]), item_features=dict(encoder.item_table), item_titles=None,
+      context_specs=tuple(s for s in encoder.specs if s.entity == 'context'),
+      seen_indptr=np.asarray(indptr, np.int64), seen_indices=np.asarray(indices, np.int32), features=encoder.specs,
+      vocabs=dict(encoder.vocabs), seen_history='every synthetic rating')
+
+
 def scale_config(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size: int,
                  mesh_shape: tuple[int, ...], interactions_per_user: int) -> Any:
   """The benchmark's config: `config` (a synthetic-source config with its declared features and tasks, e.g.
@@ -129,6 +148,8 @@ def make_batches(ds: Any, encoder: Any, labels: Any, user_index: np.ndarray, ite
   n_pos = bs // (1 + k)
   num_items = len(ds.items[ds.item_column])
   out = []
+  labels = dataclasses.replace(labels, item_logq=input_pipeline.item_logq(labels.specs, np.bincount(
+      item_index, minlength=num_items)))  # a retrieval task's log q(item): the items' shares of the ratings
   for _ in range(count):
     rows = rng.integers(0, ds.num_rows, n_pos)
     pos = input_pipeline.Examples(user_index[rows], item_index[rows], rows, np.ones(n_pos, np.float32))
@@ -140,9 +161,11 @@ def make_batches(ds: Any, encoder: Any, labels: Any, user_index: np.ndarray, ite
 
 
 def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size: int, steps: int,
-        mesh_shape: tuple[int, ...], interactions_per_user: int = 2, optimizer: str = 'dense_adam') -> dict[str, Any]:
+        mesh_shape: tuple[int, ...], interactions_per_user: int = 2, optimizer: str = 'dense_adam',
+        export_root: str | None = None) -> dict[str, Any]:
   """Builds the data, the sharded model and optimizer (`optimizer`: a key of capacity.OPTIMIZERS, for the id
-  tables; the rest is on config.optimizer), runs `steps` timed steps; returns the report."""
+  tables; the rest is on config.optimizer), runs `steps` timed steps; returns the report. With `export_root`, the
+  trained model is exported there too."""
 
   t_start = time.time()
   config = scale_config(config, num_users, num_items, embed_dim, batch_size, mesh_shape, interactions_per_user)
@@ -164,6 +187,7 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
   data_sec = time.time() - t
   print(f'{optimizer}: data: {ds.num_rows:,} synthetic log rows, {num_users:,} users, {num_items:,} items '
         f'({data_sec:.1f}s)', flush=True)
+  served = export_tables(ds, encoder, user_index, item_index) if export_root else None
   del ds, user_index, item_index
 
   t = time.time()
@@ -202,6 +226,14 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
     losses.append(float(m['loss']))
     times.append(time.time() - t)
   total_time = sum(times)
+  exported = None
+  if export_root:
+    t = time.time()
+    network = scoring.Network(trainer.graphdef, state['params'], tuple(specs))
+    exported = {'version_dir': export_lib.write_export(export_root, [network], served, config,
+                                                       source={'system': 'scale_benchmark', 'steps': steps + 1}),
+                'export_sec': time.time() - t}
+    print(f'{optimizer}: exported to {exported["version_dir"]} ({exported["export_sec"]:.1f}s)', flush=True)
   memory = {k[len('step_'):]: v for k, v in report.items() if k.startswith('step_')}
   plan_model = capacity.abstract_model(config, encoder.specs, specs)
   planned = capacity.memory(plan_model, model, optimizer)
@@ -238,6 +270,8 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
       'data_sec': data_sec, 'init_sec': init_sec, 'compile_sec': compile_sec, 'wall_sec': time.time() - t_start,
       'data_note': 'batches built directly from synthetic ratings + uniform negatives (not experiment.build)',
   }
+  if exported:
+    result['export'] = exported
   if not np.all(np.isfinite(losses)):
     raise RuntimeError(f'non-finite losses at scale: {losses}')
   return result
@@ -327,14 +361,17 @@ def main(argv):
   if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
     jax.config.update('jax_num_cpu_devices', _DEVICES.value)  # before any backend exists; only CPU honours it
   mesh = tuple(int(s) for s in _MESH.value)
+  if _EXPORT_DIR.value and (len(optimizers) > 1 or _PLAN_ONLY.value):
+    raise app.UsageError('--export_dir exports the one run of a single --optimizers entry, without --plan')
   result: dict[str, Any] = {'runs': {}}
   if _PLAN_ONLY.value and _CALIBRATION.value:
     with open(_CALIBRATION.value) as f:
       cal = capacity.Calibration(**json.load(f)['calibration'])
   else:
-    if len(optimizers) == 1 and not _CALIBRATION_ROWS.value:
+    if len(optimizers) == 1 and (not _CALIBRATION_ROWS.value or _EXPORT_DIR.value):
       result['runs'][optimizers[0]] = run(_CONFIG.value, _NUM_USERS.value, _NUM_ITEMS.value, _EMBED_DIM.value,
-                                          _BATCH_SIZE.value, _STEPS.value, mesh, _INTERACTIONS.value, optimizers[0])
+                                          _BATCH_SIZE.value, _STEPS.value, mesh, _INTERACTIONS.value, optimizers[0],
+                                          _EXPORT_DIR.value)
     else:
       with tempfile.TemporaryDirectory() as tmp:
         for name in optimizers:

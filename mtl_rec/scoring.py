@@ -59,6 +59,16 @@ def predictions(networks: Sequence[Network], params: Sequence[Any],
   return out
 
 
+def retrieval_vectors(networks: Sequence[Network], params: Sequence[Any], task: str,
+                      features: Mapping[str, Mapping[str, jax.Array]]) -> jax.Array:
+  """[B, dim]: the retrieval task's query vectors of {'user', 'context'} features or item vectors of {'item'}
+  features (model.MultiTaskModel.retrieval_vectors), from the network that answers `task`. Traceable."""
+  for n, p in zip(networks, params):
+    if any(s.name == task and s.kind == 'retrieval' for s in n.specs):
+      return nnx.merge(n.graphdef, p).retrieval_vectors(task, features)
+  raise ValueError(f"no network answers a retrieval task '{task}'")
+
+
 def task_values(preds: Mapping[str, jax.Array], specs: Sequence[tasks_lib.TaskSpec]) -> dict[str, jax.Array]:
   """{task: one float32 number per row} (tasks.task_value)."""
   return {s.name: tasks_lib.task_value(preds[s.name], s).astype(jnp.float32) for s in specs}

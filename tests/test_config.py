@@ -20,6 +20,12 @@ def test_tiny_variant_validates_and_unknown_variants_are_named():
   assert tiny.data.synthetic.num_users < synthetic.get_config().data.synthetic.num_users
   with pytest.raises(ValueError, match='tiny'):
     synthetic.get_config('huge')
+  both = synthetic.get_config('tiny,retrieval')
+  config_lib.validate(both)
+  assert both.data.synthetic.num_users == tiny.data.synthetic.num_users
+  assert config_lib.retrieval_stage(both) == ('retrieval', 1000) and config_lib.retrieval_stage(tiny) is None
+  both.export.retrieve_n = 0  # the fused heads rank the whole catalog
+  assert config_lib.retrieval_stage(both) is None
 
 
 @pytest.mark.parametrize('field, value, message', [
@@ -33,6 +39,8 @@ def test_tiny_variant_validates_and_unknown_variants_are_named():
     ('mesh.shape', (2, 2, 2), 'mesh.shape'),
     ('data.split', 'u2', 'data.split'),
     ('model.embed_dim', 0, 'model.embed_dim'),
+    ('export.retrieve_n', 50, r'at least export.max_k \(100\)'),
+    ('export.retrieve_n', -1, 'export.retrieve_n'),
 ])
 def test_bad_values_name_the_field(field, value, message):
   c = movielens_100k.get_config()

@@ -52,24 +52,36 @@ def test_a_retrieval_task_must_learn_from_observed_pairs(tiny_config):
     config_lib.validate(c)
 
 
-@pytest.mark.slow
-def test_a_retrieval_task_trains_ranks_and_exports(tiny_config, tmp_path):
-  from conftest import train_and_export  # pylint: disable=g-import-not-at-top
-  c = tiny_config(train__epochs=3)
+@pytest.fixture(scope='module')
+def retrieval_run(tmp_path_factory):
+  """(TrainResult, export version dir) of a tiny run with a retrieval task that ranks the catalog; `recommend`
+  retrieves 40 of the 150 items in blocks of 32 (the running top-k path) and re-ranks them."""
+  from conftest import make_tiny_config, train_and_export  # pylint: disable=g-import-not-at-top
+  c = make_tiny_config(train__epochs=3)
   with c.unlocked():
     c.tasks.retrieval = config_lib.task('retrieval', 'observed', weight=1.0)
   c.eval.ranking_task = 'retrieval'  # the catalog ranked by the towers' cosine
-  result, version = train_and_export(c, str(tmp_path))
+  c.export.max_k, c.export.retrieve_n, c.export.chunk_items = 20, 40, 32
+  workdir = str(tmp_path_factory.mktemp('retrieval_run'))
+  return train_and_export(c, workdir)
+
+
+@pytest.mark.slow
+def test_a_retrieval_task_trains_ranks_and_exports(retrieval_run):
+  result, version = retrieval_run
   m = result.metrics
   assert m['test']['retrieval_auc'] > 0.6  # the towers tell held-out pairs from sampled ones
   assert m['baselines']['popularity']['retrieval_auc'] > 0.5
   assert 0 < m['test']['recall@10'] <= 1
-  history = [json.loads(line) for line in open(os.path.join(str(tmp_path), 'history.jsonl'))]
+  history = [json.loads(line) for line in open(os.path.join(os.path.dirname(os.path.dirname(version)), 'history.jsonl'))]
   losses = [h['loss_retrieval'] for h in history]
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
   manifest = json.load(open(os.path.join(version, 'manifest.json')))
   kinds = {t['name']: t for t in manifest['tasks']}
   assert kinds['retrieval']['output'] == 'score' and kinds['retrieval']['fusion_term'] == '(score + 1) / 2'
+  stage = manifest['functions']['recommend']['retrieval']
+  assert stage['task'] == 'retrieval' and stage['candidates'] == 40
+  assert stage['item_vectors']['shape'] == [150, result.run.config.model.embed_dim]
 
   # served: the retrieval column is the in-process towers' cosine, and ranking by it alone is recommend's order
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -83,11 +95,71 @@ def test_a_retrieval_task_trains_ranks_and_exports(tiny_config, tmp_path):
   out = model.score_rows({k: model.user_table[k][users] for k in model.user_inputs}, items, np.tile(only, (20, 1)))
   np.testing.assert_allclose(out['retrieval'], cosine, atol=1e-5)
   np.testing.assert_allclose(out['score'], (cosine + 1) / 2, atol=1e-5)
+  # the precomputed item vectors are the item tower's, so the retrieval stage's dot product is that cosine too
+  u_vec = np.asarray(outputs['retrieval'])[:, 0]
+  np.testing.assert_allclose(np.sum(u_vec * np.asarray(model.item_vectors)[items], -1), cosine, atol=1e-5)
   feats = {k: model.user_table[k][users[:2]] for k in model.user_inputs}
   top, _ = model.recommend(feats, np.zeros((2, model.num_items), bool), np.tile(only, (2, 1)))
   u0 = {k: np.full(model.num_items, v[0]) for k, v in feats.items()}
   brute = model.score_rows(u0, np.arange(model.num_items), np.tile(only, (model.num_items, 1)))['score']
   np.testing.assert_array_equal(top[0], np.argsort(-brute, kind='stable')[:top.shape[1]])
+
+
+def _export_copy(result, root, **export):
+  """The run's network exported again with `config.export` fields changed: (ExportedModel, manifest)."""
+  from mtl_rec import export as export_lib  # pylint: disable=g-import-not-at-top
+  from mtl_rec.serving.loader import ExportedModel  # pylint: disable=g-import-not-at-top
+  config = result.run.config.copy_and_resolve_references()
+  config.export.update(export)
+  version = export_lib.write_export(root, [result.run.network], export_lib.tables_from_experiment(result.run.exp),
+                                    config, fusion_weights=export_lib.default_fusion_weights(result.metrics))
+  return ExportedModel(version, max_batch_rows=256, max_recommend_users=4), json.load(
+      open(os.path.join(version, 'manifest.json')))
+
+
+@pytest.mark.slow
+def test_retrieve_then_rerank_is_the_fused_ranking_of_the_retrieved_items(retrieval_run, tmp_path):
+  """N = the whole catalog: the same lists as the fused heads scoring every item (retrieval changes nothing);
+  N < catalog: the fused order of exactly the N items of largest retrieval score, excluded items never returned."""
+  result, version = retrieval_run
+  from mtl_rec.serving.loader import ExportedModel  # pylint: disable=g-import-not-at-top
+  served = ExportedModel(version, max_batch_rows=256, max_recommend_users=4)  # N = 40
+  full, m_full = _export_copy(result, str(tmp_path), retrieve_n=150)  # N = the catalog, still two stages
+  brute, m_brute = _export_copy(result, str(tmp_path), retrieve_n=0)
+  assert m_full['functions']['recommend']['retrieval']['candidates'] == 150
+  assert 'retrieval' not in m_brute['functions']['recommend'] and brute.item_vectors is None
+  users = np.arange(4) * 7
+  feats = {k: served.user_table[k][users] for k in served.user_inputs}
+  exclude = np.zeros((4, served.num_items), bool)
+  for j, u in enumerate(users):
+    exclude[j, served.seen_items(u)] = True
+  exclude[3, :140] = True  # a user with 10 items left: fewer than k
+  fusion = np.asarray([0.4, 0.3, 0.2, 0.1], np.float32)[:len(served.task_names)]  # every head counts
+  assert len(served.task_names) == 4
+  weights = np.tile(fusion, (4, 1))
+  items_full, scores_full = full.recommend(feats, exclude, weights)
+  items_brute, scores_brute = brute.recommend(feats, exclude, weights)
+  np.testing.assert_allclose(scores_full, scores_brute, rtol=1e-6)
+  finite = np.isfinite(scores_brute)
+  assert finite.sum(1).tolist() == [20, 20, 20, 10]
+  np.testing.assert_array_equal(items_full[finite], items_brute[finite])
+
+  items, scores = served.recommend(feats, exclude, weights)
+  only = np.asarray([1.0 if n == 'retrieval' else 0.0 for n in served.task_names], np.float32)
+  for j in range(4):
+    allowed = np.flatnonzero(~exclude[j])
+    per_item = {k: np.full(allowed.size, v[j]) for k, v in feats.items()}
+    cosine = served.score_rows(per_item, allowed, np.tile(only, (allowed.size, 1)))['score']
+    candidates = allowed[np.argsort(-cosine, kind='stable')[:40]]
+    fused = served.score_rows({k: v[:candidates.size] for k, v in per_item.items()}, candidates,
+                              np.tile(fusion, (candidates.size, 1)))['score']
+    expect = candidates[np.argsort(-fused, kind='stable')[:20]]
+    n = min(20, candidates.size)
+    np.testing.assert_array_equal(items[j, :n], expect[:n])
+    np.testing.assert_allclose(scores[j, :n], np.sort(fused)[::-1][:n], rtol=1e-5)
+    assert not exclude[j, items[j, :n]].any() and np.isneginf(scores[j, n:]).all()
+  # with N < catalog some users' lists differ from the brute-force ones (else the test would not tell them apart)
+  assert (items[finite] != items_brute[finite]).any()
 
 
 def test_both_readers_give_batches_their_items_log_frequency(tiny_config, tmp_path):

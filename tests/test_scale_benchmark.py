@@ -83,3 +83,28 @@ def test_plan_arithmetic():
   assert fast.bandwidth('dense_adam') == pytest.approx(3e12) and fast.bandwidth('rowwise_adagrad') == float('inf')
   with pytest.raises(ValueError, match='lazy_adam'):
     capacity.plan(cal, b, 'lazy_adam', 8192, 8)
+
+
+@pytest.mark.slow  # a scale run, an export, and serve.py under load
+def test_a_scale_run_exports_and_the_serving_benchmark_measures_recommend(tmp_path):
+  """`scale_benchmark --export_dir` exports the trained sharded model (retrieve-then-rerank with the retrieval
+  variant), and the serving benchmark measures `recommend` on it, directly and over HTTP, against its budget."""
+  import json  # pylint: disable=g-import-not-at-top
+  from mtl_rec.serving import benchmark  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / 'export')
+  r = scale_benchmark.run(synthetic.get_config('retrieval'), 4000, 3000, 16, 512, 2, (2, 4), 2, 'rowwise_adagrad',
+                          export_root=root)
+  manifest = json.load(open(f'{r["export"]["version_dir"]}/manifest.json'))
+  stage = manifest['functions']['recommend']['retrieval']
+  assert manifest['catalog']['count'] == 3000 and manifest['users']['count'] == 4000
+  assert stage['task'] == 'retrieval' and stage['candidates'] == 1000 and stage['item_vectors']['shape'] == [3000, 16]
+  report = benchmark.main([f'--export_dir={root}', f'--out={tmp_path / "serving.json"}', '--duration=0.5',
+                           '--batch_sizes=1', '--concurrency=1', '--rate=', '--recommend_users=1,2',
+                           '--recommend_concurrency=1', '--recommend_budget_ms=1000'])
+  assert [x['users'] for x in report['recommend_function']] == [1, 2]
+  assert all(x['calls'] > 0 and x['rows_per_s'] > 0 for x in report['recommend_function'])
+  (served,) = report['http']['recommend']
+  assert served['calls'] > 0 and not served['errors']
+  budget = report['recommend_budget']
+  assert budget['p99_ms'] == served['p99_ms'] and budget['budget_ms'] == 1000 and 'retrieve 1000' in budget['ranking']
+  assert json.load(open(tmp_path / 'serving.json'))['catalog_items'] == 3000

@@ -1,11 +1,17 @@
-"""Serving benchmark: the exported function at batch 1/100/1000, and the HTTP server at concurrency 1/8/64.
+"""Serving benchmark: the exported functions and the HTTP server, scoring and recommending.
 
   python -m mtl_rec.serving.benchmark --export_dir=W/export [--out=serving_benchmark.json] [--duration=10]
 
-Requests are one user x 100 candidates (POST /v1/score, a random known user and 100 random catalog items, from a
-pool of pre-built bodies). The server runs as a subprocess (`serve.py`); the load generator is an aiohttp client
-with keep-alive connections, one coroutine per concurrent client, in this process. Every loop is bounded in time
-(--duration) and in count (--max_requests). Prints a table and writes JSON.
+Scoring: the exported `score` at batch 1/100/1000, and POST /v1/score at concurrency 1/8/64 and an open-loop rate;
+requests are one user x 100 candidates (a random known user and 100 random catalog items, from a pool of pre-built
+bodies). Recommending: the exported `recommend` for 1 and 8 users at once (their seen items excluded), and POST
+/v1/recommend (a random known user, k=10, exclude_seen) at concurrency 1 and 8, against a latency budget: p99 at
+concurrency 1 within --recommend_budget_ms (100 ms: an interactive page's share for its recommendations); the
+JSON's `recommend_budget` says whether it held. On a large catalog (`python -m mtl_rec.scale_benchmark
+--config=configs/synthetic.py:retrieval --num_items=1000000 --export_dir=D`) that measures retrieve-then-rerank.
+The server runs as a subprocess (`serve.py`); the load generator is an aiohttp client with keep-alive connections,
+one coroutine per concurrent client, in this process. Every loop is bounded in time (--duration) and in count
+(--max_requests). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -68,6 +74,43 @@ def bench_function(version_dir: str, batch_sizes: Sequence[int], duration_s: flo
   return out
 
 
+def bench_recommend_function(version_dir: str, user_counts: Sequence[int], duration_s: float, max_calls: int,
+                             seed: int = 0) -> list[dict[str, Any]]:
+  """Latency of the exported `recommend` called directly for `u` random known users at once (their seen items
+  excluded, default fusion weights), as the server calls it; rows_per_s counts catalog items ranked."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mtl_rec.serving.loader import ExportedModel  # pylint: disable=g-import-not-at-top
+  model = ExportedModel(version_dir, max_batch_rows=16, max_recommend_users=max(user_counts))
+  rng = np.random.default_rng(seed)
+  out = []
+  for u in user_counts:
+    users = rng.integers(0, model.num_users, u)
+    feats = {k: model.user_table[k][users] for k in model.user_inputs}
+    exclude = np.zeros((u, model.num_items), bool)
+    for j, p in enumerate(users):
+      exclude[j, model.seen_items(int(p))] = True
+    weights = np.tile(model.default_weights.astype(np.float32), (u, 1))
+    model.recommend(feats, exclude, weights)  # compile this bucket
+    lat, t_start = [], time.perf_counter()
+    while len(lat) < max_calls and time.perf_counter() - t_start < duration_s:
+      t0 = time.perf_counter()
+      model.recommend(feats, exclude, weights)
+      lat.append(time.perf_counter() - t0)
+    out.append({'users': u, **_summary(lat, time.perf_counter() - t_start, u * model.num_items)})
+  jax.clear_caches()
+  return out
+
+
+def _recommend_bodies(version_dir: str, n: int, k: int, seed: int = 0) -> list[bytes]:
+  with open(os.path.join(version_dir, 'manifest.json')) as f:
+    m = json.load(f)
+  with np.load(os.path.join(version_dir, m['users']['file']), allow_pickle=False) as u:
+    user_ids = u[m['users']['ids']]
+  rng = np.random.default_rng(seed)
+  return [json.dumps({'user_id': str(user_ids[rng.integers(len(user_ids))]), 'k': k, 'exclude_seen': True}).encode()
+          for _ in range(n)]
+
+
 def _request_bodies(version_dir: str, n: int, items_per_request: int, seed: int = 0) -> list[bytes]:
   with open(os.path.join(version_dir, 'manifest.json')) as f:
     m = json.load(f)
@@ -85,7 +128,7 @@ def _request_bodies(version_dir: str, n: int, items_per_request: int, seed: int 
 
 
 async def _load(url: str, bodies: list[bytes], concurrency: int, duration_s: float, max_requests: int,
-                warmup_s: float) -> dict[str, Any]:
+                warmup_s: float, rows_per_request: int = 100) -> dict[str, Any]:
   import aiohttp  # pylint: disable=g-import-not-at-top
   latencies: list[float] = []
   errors: dict[str, int] = {}
@@ -124,7 +167,7 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, duration_s: flo
     wall = min(time.perf_counter(), t_end) - t_measure
   if not latencies:
     return {'concurrency': concurrency, 'calls': 0, 'errors': errors}
-  return {'concurrency': concurrency, **_summary(latencies, max(wall, 1e-9), 100), 'errors': errors}
+  return {'concurrency': concurrency, **_summary(latencies, max(wall, 1e-9), rows_per_request), 'errors': errors}
 
 
 async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: float, max_requests: int,
@@ -181,9 +224,11 @@ def _cpu_seconds(pid: int) -> float:
 
 def bench_http(export_dir: str, version_dir: str, concurrencies: Sequence[int], duration_s: float,
                max_requests: int, items_per_request: int, server_flags: Sequence[str] = (),
-               rates: Sequence[float] = ()) -> dict[str, Any]:
-  """Starts serve.py on a free port, loads it at each concurrency (closed loop) and each rate (open loop); returns
-  the results with the CPU time server and load generator spent per request, and /metrics batch stats."""
+               rates: Sequence[float] = (), recommend_concurrencies: Sequence[int] = (),
+               recommend_k: int = 10) -> dict[str, Any]:
+  """Starts serve.py on a free port, loads /v1/score at each concurrency (closed loop) and each rate (open loop),
+  then /v1/recommend at each of `recommend_concurrencies`; returns the results with the CPU time server and load
+  generator spent per request, and /metrics batch stats."""
   cmd = [sys.executable, os.path.join(REPO_ROOT, 'serve.py'), f'--export_dir={export_dir}', '--port=0',
          *server_flags]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -201,23 +246,28 @@ def bench_http(export_dir: str, version_dir: str, concurrencies: Sequence[int], 
     if url is None:
       raise RuntimeError('serve.py was not ready after 300 s')
     bodies = _request_bodies(version_dir, 512, items_per_request)
-    results = []
-    runs = [('concurrency', c) for c in concurrencies] + [('rate', r) for r in rates]
+    recommend_bodies = _recommend_bodies(version_dir, 512, recommend_k)
+    results, recommend = [], []
+    runs = ([('concurrency', c) for c in concurrencies] + [('rate', r) for r in rates] +
+            [('recommend', c) for c in recommend_concurrencies])
     for kind, value in runs:
       server_cpu, client_cpu = _cpu_seconds(proc.pid), time.process_time()
       if kind == 'concurrency':
         r = asyncio.run(_load(url + '/v1/score', bodies, int(value), duration_s, max_requests, warmup_s=1.0))
+      elif kind == 'recommend':
+        r = asyncio.run(_load(url + '/v1/recommend', recommend_bodies, int(value), duration_s, max_requests,
+                              warmup_s=1.0, rows_per_request=recommend_k))
       else:
         r = asyncio.run(_open_loop(url + '/v1/score', bodies, value, duration_s, max_requests, warmup_s=1.0))
       # Per request over warmup + measurement (both send requests at the measured pace).
       n = max(r['calls'] + sum(r['errors'].values()), 1) * (duration_s + 1.0) / duration_s
       r['server_cpu_ms_per_request'] = 1000 * (_cpu_seconds(proc.pid) - server_cpu) / n
       r['client_cpu_ms_per_request'] = 1000 * (time.process_time() - client_cpu) / n
-      results.append(r)
+      (recommend if kind == 'recommend' else results).append(r)
     import urllib.request  # pylint: disable=g-import-not-at-top
     with urllib.request.urlopen(url + '/metrics', timeout=10) as r:
       metrics_text = r.read().decode()
-    return {'url': url, 'results': results, 'batching': _batch_stats(metrics_text)}
+    return {'url': url, 'results': results, 'recommend': recommend, 'batching': _batch_stats(metrics_text)}
   finally:
     proc.terminate()
     try:
@@ -254,6 +304,22 @@ def format_table(report: dict[str, Any]) -> str:
     err = f'  errors {r["errors"]}' if r['errors'] else ''
     lines.append(f'{label:<30}{r["p50_ms"]:>9.3f}{r["p99_ms"]:>9.3f}{r["calls_per_s"]:>10,.0f}'
                  f'{r["rows_per_s"]:>12,.0f}{r["server_cpu_ms_per_request"]:>19.3f}{err}')
+  for r in report.get('recommend_function', []):
+    lines.append(f'{"recommend function, " + str(r["users"]) + " user(s)":<30}{r["p50_ms"]:>9.3f}{r["p99_ms"]:>9.3f}'
+                 f'{r["calls_per_s"]:>10,.0f}{r["rows_per_s"]:>12,.0f}')
+  for r in report.get('http', {}).get('recommend', []):
+    label = f'http recommend, concurrency {r["concurrency"]}'
+    if not r.get('calls'):
+      lines.append(f'{label:<30} no successful requests: {r.get("errors")}')
+      continue
+    err = f'  errors {r["errors"]}' if r['errors'] else ''
+    lines.append(f'{label:<30}{r["p50_ms"]:>9.3f}{r["p99_ms"]:>9.3f}{r["calls_per_s"]:>10,.0f}'
+                 f'{r["rows_per_s"]:>12,.0f}{r["server_cpu_ms_per_request"]:>19.3f}{err}')
+  budget = report.get('recommend_budget')
+  if budget:
+    lines.append(f'recommend over {report["catalog_items"]:,} items ({budget["ranking"]}): p99 {budget["p99_ms"]:.1f} ms '
+                 f'at concurrency 1, budget {budget["budget_ms"]:g} ms: '
+                 f'{"within" if budget["within"] else "OVER"} budget')
   fn = {r['batch']: r for r in report['function']}
   http_rows = [r for r in report.get('http', {}).get('results', []) if r.get('calls')]
   if 1000 in fn and http_rows:
@@ -284,6 +350,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument('--concurrency', default='1,8,64', help='closed loop: clients each sending back to back')
   parser.add_argument('--rate', default='1000', help='open loop: requests per second on a fixed schedule ("" none)')
   parser.add_argument('--items_per_request', type=int, default=100)
+  parser.add_argument('--recommend_users', default='1,8', help='users per direct `recommend` call ("" none)')
+  parser.add_argument('--recommend_concurrency', default='1,8', help='closed loop on /v1/recommend ("" none)')
+  parser.add_argument('--recommend_k', type=int, default=10, help='k of each /v1/recommend request')
+  parser.add_argument('--recommend_budget_ms', type=float, default=100.0,
+                      help='p99 latency budget of /v1/recommend at concurrency 1')
   parser.add_argument('--skip_http', action='store_true')
   parser.add_argument('--server_flag', action='append', default=[], help='extra serve.py flag, repeatable')
   args = parser.parse_args(argv)
@@ -299,12 +370,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'request': f'one user x {args.items_per_request} candidates, POST /v1/score',
       'load_generator': 'aiohttp client, keep-alive, one coroutine per concurrent client, same machine',
   }
-  report['function'] = bench_function(version_dir, [int(b) for b in args.batch_sizes.split(',')], args.duration,
-                                      args.max_requests)
+  ints = lambda text: [int(x) for x in text.split(',') if x]
+  retrieval = manifest['functions']['recommend'].get('retrieval')
+  report['catalog_items'] = manifest['catalog']['count']
+  report['recommend_ranking'] = (f"retrieve {retrieval['candidates']} by the {retrieval['task']} task's vectors, "
+                                 're-rank them with the fused heads') if retrieval else \
+      'the fused heads score the whole catalog'
+  report['function'] = bench_function(version_dir, ints(args.batch_sizes), args.duration, args.max_requests)
+  if ints(args.recommend_users):
+    report['recommend_function'] = bench_recommend_function(version_dir, ints(args.recommend_users), args.duration,
+                                                            args.max_requests)
   if not args.skip_http:
-    report['http'] = bench_http(args.export_dir, version_dir, [int(c) for c in args.concurrency.split(',')],
-                                args.duration, args.max_requests, args.items_per_request, args.server_flag,
-                                [float(r) for r in args.rate.split(',') if r])
+    report['http'] = bench_http(args.export_dir, version_dir, ints(args.concurrency), args.duration,
+                                args.max_requests, args.items_per_request, args.server_flag,
+                                [float(r) for r in args.rate.split(',') if r], ints(args.recommend_concurrency),
+                                args.recommend_k)
+    one = next((r for r in report['http']['recommend'] if r['concurrency'] == 1 and r.get('calls')), None)
+    if one is not None:
+      report['recommend_budget'] = {'budget_ms': args.recommend_budget_ms, 'p99_ms': one['p99_ms'],
+                                    'within': one['p99_ms'] <= args.recommend_budget_ms,
+                                    'ranking': report['recommend_ranking'], 'k': args.recommend_k}
   report['machine']['load_average_at_end'] = list(os.getloadavg())
   print(format_table(report))
   with open(args.out, 'w') as f:

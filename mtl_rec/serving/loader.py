@@ -15,7 +15,7 @@ from mtl_rec import encoding
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FORMATS = ('mtl_rec.export/1',)
+SUPPORTED_FORMATS = ('mtl_rec.export/1', 'mtl_rec.export/2')
 MAX_ID_CHARS = 256  # longer ids cannot be in any vocabulary we export; bounds the work a request can cause
 
 
@@ -164,6 +164,13 @@ class ExportedModel:
       catalog = {n: c[n] for n in self.item_inputs}
     self.num_users, self.num_items = self.users.size, self.items.size
     self.catalog = {n: jax.device_put(v) for n, v in catalog.items()}
+    # Retrieve-then-rerank: `recommend` takes the item vectors after the catalog (manifest says which file)
+    self.retrieval = m['functions']['recommend'].get('retrieval')
+    self.item_vectors = None
+    if self.retrieval:
+      ref = self.retrieval['item_vectors']
+      with np.load(os.path.join(version_dir, ref['file']), allow_pickle=False) as v:
+        self.item_vectors = jax.device_put(v[ref['key']])
     # Row `num_items` is the row of an item missing from the catalog.
     self.item_table = {n: np.concatenate([v, unknown_row(n).astype(v.dtype)]) for n, v in catalog.items()}
     # The context of a request that gives none: every context input unknown.
@@ -310,7 +317,8 @@ class ExportedModel:
     excl[:u] = exclude
     w = np.zeros((b, len(self.task_names)), np.float32)
     w[:u] = weights
-    out = self._recommend_fn(self.params, self.catalog, users, contexts, excl, w)
+    catalog = (self.catalog,) if self.item_vectors is None else (self.catalog, self.item_vectors)
+    out = self._recommend_fn(self.params, *catalog, users, contexts, excl, w)
     return np.asarray(out['items'])[:u], np.asarray(out['scores'])[:u]
 
   def warmup(self) -> None:
@@ -332,4 +340,5 @@ class ExportedModel:
     return {'name': self.name, 'version': self.version, 'tasks': list(self.task_names),
             'default_weights': dict(zip(self.task_names, self.default_weights.tolist())),
             'users': self.num_users, 'items': self.num_items, 'max_k': self.max_k,
+            'retrieval': self.retrieval and {k: v for k, v in self.retrieval.items() if k != 'item_vectors'},
             'platforms': m['platforms'], 'jax_version': m['jax_version'], 'metrics': m.get('metrics', {})}

@@ -57,13 +57,18 @@ class FeatureEncoder:
              rows: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Model inputs for pairs given as positions in the side tables, with the context of log rows `rows` (-1 or
     None: unknown context)."""
-    out = {'user': {k: v[user_index] for k, v in self.user_table.items()},
-           'item': {k: v[item_index] for k, v in self.item_table.items()}, 'context': {}}
+    out = {**self.query(user_index, rows), 'item': {k: v[item_index] for k, v in self.item_table.items()}}
+    return self.exclude_targets(out)
+
+  def query(self, user_index: np.ndarray, rows: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """The user and context inputs alone ({'user', 'context'}) of users in the context of log rows `rows`: a query
+    against many items, so no history leaves anything out here (the model leaves out each pair's target)."""
+    out = {'user': {k: v[user_index] for k, v in self.user_table.items()}, 'context': {}}
     if self.context_table:
       unknown = next(iter(self.context_table.values())).shape[0] - 1
       r = np.full(np.shape(user_index), unknown) if rows is None else np.where(rows >= 0, rows, unknown)
       out['context'] = {k: v[r] for k, v in self.context_table.items()}
-    return self.exclude_targets(out)
+    return out
 
   def exclude_targets(self, features: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
     """Each history without the example's own id (a training example's item is in its user's history): the

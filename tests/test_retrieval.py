@@ -189,3 +189,29 @@ def test_both_readers_give_batches_their_items_log_frequency(tiny_config, tmp_pa
     batch = next(iter(exp.stream.epoch(0)))
     np.testing.assert_array_equal(batch['logq'], want[batch['item_key']].astype(np.float32))
     assert batch['item_key'].shape == batch['valid'].shape
+
+
+@pytest.mark.slow
+def test_ranking_by_the_retrieval_head_alone_uses_its_vectors_and_equals_the_network(retrieval_run):
+  """One-hot retrieval weights score pairs and the catalog from the towers' vectors (what evaluation ranks by);
+  the result equals the whole network's retrieval column, pair by pair and over the catalog."""
+  from mtl_rec import scoring  # pylint: disable=g-import-not-at-top
+  result, _ = retrieval_run
+  run = result.run
+  scorer = scoring.NetworkScorer([run.network], run.exp.encoder, 64)
+  only = scorer.weights('retrieval')
+  rng = np.random.default_rng(0)
+  users, items = rng.integers(0, run.exp.num_users, 300), rng.integers(0, run.exp.num_items, 300)
+  rows = rng.choice(run.exp.split.test, 300)
+  fast = scorer.score_pairs(users, items, only, rows)
+  slow = scoring.Scorer.score_pairs(scorer, users, items, only, rows)  # the network, pair by pair
+  np.testing.assert_allclose(fast, slow, atol=2e-6)
+  assert fast.std() > 0.01  # scores that differ, so equality says something
+  fast = np.asarray(scorer.score_catalog(users[:5], only, rows[:5]))
+  slow = np.asarray(scoring.Scorer.score_catalog(scorer, users[:5], only, rows[:5]))
+  assert fast.shape == (5, run.exp.num_items)
+  np.testing.assert_allclose(fast, slow, atol=2e-6)
+  # other weights still go through the network
+  mixed = np.full(len(scorer.task_names), 0.25, np.float32)
+  np.testing.assert_allclose(scorer.score_pairs(users, items, mixed, rows),
+                             scoring.Scorer.score_pairs(scorer, users, items, mixed, rows), atol=1e-6)

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from mtl_rec import benchmark_report as report_lib
+from mtl_rec import capacity
 from mtl_rec import config as config_lib
 from mtl_rec import export as export_lib
 from mtl_rec import files
@@ -67,10 +67,7 @@ def train_child(config_path: str, workdir: str) -> None:
   with open(config_path) as f:
     config = config_lib.from_json(f.read())
   loop.train_and_evaluate(config, workdir)
-  # ru_maxrss is in KiB on Linux (bytes on macOS).
-  scale = 1 if sys.platform == 'darwin' else 1024
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-  files.write_json(os.path.join(workdir, 'resources.json'), {'peak_rss_bytes': int(peak)})
+  files.write_json(os.path.join(workdir, 'resources.json'), {'peak_rss_bytes': capacity.peak_rss_bytes()})
 
 
 def _isolated_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import resource
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -164,3 +166,20 @@ def relative_errors(planned: dict[str, Any], measured: dict[str, Any]) -> dict[s
            'optimizer_state_bytes_per_device': 'optimizer_state_bytes_per_device',
            'step_temp_bytes_per_device': 'step_temp_bytes', 'step_seconds': 'step_seconds_min'}
   return {k: (planned[k] - measured[m]) / measured[m] for k, m in pairs.items() if measured.get(m)}
+
+
+def peak_rss_bytes() -> int:
+  """This process's own peak resident memory (what the benchmarks report beside the planned bytes).
+
+  Linux: VmHWM of /proc/self/status, the high-water mark of this program's memory. Not getrusage's ru_maxrss, which
+  Linux keeps across exec: a benchmark's child process reported its parent's peak (every run of the 3-seed
+  benchmark's seed 1 "used" the 6.3 GB the parent had reached, its own runs ~1-3 GB). Elsewhere ru_maxrss (bytes on
+  macOS)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)

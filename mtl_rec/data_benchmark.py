@@ -26,7 +26,6 @@ row-wise Adagrad (--table_optimizer: what README recommends for tables of millio
 from __future__ import annotations
 
 import os
-import resource
 import time
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtl_rec import capacity
 from mtl_rec import config as config_lib
 from mtl_rec import experiment as experiment_lib
 from mtl_rec import files
@@ -102,10 +102,6 @@ def benchmark_config(config: Any, paths: list[str]) -> Any:
     config.optimizer.tables.learning_rate = _TABLE_LR.value
   config_lib.validate(config)
   return config
-
-
-def _rss() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def grain_rowwise_rate(path: str, seconds: float = 5.0) -> float:
@@ -189,13 +185,13 @@ def main(argv):
         last_print = time.time()
         rate = step * stream.batch_size / (last_print - t0)
         print(f'train: step {step:,} / {steps:,}  {rate:,.0f} examples/s  loss {losses[-1]:.4f}  input wait '
-              f'{wait / (last_print - t0):.1%}  peak RSS {_rss() / 2**30:.2f} GiB', flush=True)
+              f'{wait / (last_print - t0):.1%}  peak RSS {capacity.peak_rss_bytes() / 2**30:.2f} GiB', flush=True)
   jax.block_until_ready(state)
   train_sec = time.time() - t0
   train_rate = (steps - 1) * stream.batch_size / train_sec
   result = {
       'rows': groups.num_rows, 'train_rows': exp.counts['train'], 'held_in_memory': exp.counts['sampled'],
-      'peak_rss_bytes': _rss(),
+      'peak_rss_bytes': capacity.peak_rss_bytes(),
       'input_examples_per_sec': input_rate,
       'train_examples_per_sec': train_rate,
       'input_wait_fraction': wait / train_sec,

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -266,7 +265,7 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
                         'max': max(times), 'p25': float(np.percentile(times, 25)),
                         'p75': float(np.percentile(times, 75))},
       'losses': losses,
-      'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+      'peak_rss_bytes': capacity.peak_rss_bytes(),
       'data_sec': data_sec, 'init_sec': init_sec, 'compile_sec': compile_sec, 'wall_sec': time.time() - t_start,
       'data_note': 'batches built directly from synthetic ratings + uniform negatives (not experiment.build)',
   }

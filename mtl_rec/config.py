@@ -100,6 +100,9 @@ def feature(entity: str, column: str = '', kind: str = 'categorical', **override
   return f
 
 
+RETRIEVAL_NEGATIVES = ('in_batch', 'mixed')  # a retrieval task's softmax candidates (task(..., negatives=...))
+
+
 def task(kind: str, label: str, rows: str = '', **overrides: Any) -> ml_collections.ConfigDict:
   """One declared head (an entry of config.tasks), every field present so overrides type-check."""
   t = ml_collections.ConfigDict()
@@ -117,6 +120,10 @@ def task(kind: str, label: str, rows: str = '', **overrides: Any) -> ml_collecti
   t.fusion_weight = 0.0  # default weight in the fused ranking score
   t.temperature = 0.05  # retrieval: the softmax temperature of the towers' cosine similarity
   t.logq = True  # retrieval: subtract log q(item), the item's share of the training rows (sampling-bias correction)
+  # retrieval: the softmax's candidates. 'in_batch': the items of the gradient group's observed rows; 'mixed' (mixed
+  # negative sampling, Yang et al. 2020): those and the items of its sampled-negative rows (sampling.num_negatives
+  # per observed row, drawn by sampling.distribution), log q then the mixture's: log(q(item) + k q_neg(item))
+  t.negatives = 'in_batch'
   t.update(overrides)
   return t
 
@@ -591,6 +598,12 @@ def _validate_tasks(c: ml_collections.ConfigDict) -> None:
       raise _err(f'{where}.label', t.label, "a retrieval task learns from observed pairs: label='observed'")
     if t.kind == 'retrieval' and not t.temperature > 0:
       raise _err(f'{where}.temperature', t.temperature, 'must be > 0')
+    if t.kind == 'retrieval' and t.negatives not in RETRIEVAL_NEGATIVES:
+      raise _err(f'{where}.negatives', t.negatives, f'use one of {", ".join(RETRIEVAL_NEGATIVES)}')
+    first = next(u for _, u in ordered(c.tasks) if u.kind == 'retrieval') if t.kind == 'retrieval' else t
+    if t.kind == 'retrieval' and t.negatives != first.negatives:
+      raise _err(f'{where}.negatives', t.negatives, f"every retrieval task takes the same candidates (batches carry "
+                 f"one log q per row): use {first.negatives!r} like the first one")
     if t.rows == 'all' and t.kind not in ('binary', 'retrieval'):
       raise _err(f'{where}.rows', t.rows, "only binary tasks are defined on sampled negatives (label 0); use "
                  "rows='observed'")

@@ -124,10 +124,11 @@ def build(config: ml_collections.ConfigDict, data: Dataset | None = None, workdi
   train_sampler = NegativeSampler(uidx[split.train], iidx[split.train], train_items, num_items,
                                   config.sampling.distribution, config.sampling.popularity_power)
   eval_sampler = NegativeSampler(uidx, iidx, train_items, num_items, 'uniform')
-  labels = Labels(specs, columns, input_pipeline.item_logq(specs, np.bincount(iidx[split.train], minlength=num_items)))
   sampled = any(s.all_rows for s in specs)  # sampled negatives count only for tasks defined on all rows
   positives = lambda rows: _positives(uidx, iidx, rows)
   num_negatives = config.sampling.num_negatives if sampled else 0
+  labels = Labels(specs, columns, input_pipeline.item_logq(specs, np.bincount(iidx[split.train], minlength=num_items),
+                                                           train_sampler.item_probabilities(), num_negatives))
   dropout = {n: f.dropout for n, f in config.features.items()}
   stream = TrainStream(positives(split.train), encoder, train_sampler, num_negatives, config.train.batch_size,
                        labels, config.seed, dropout)
@@ -284,7 +285,7 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   eval_sampler = NegativeSampler(uidx, iidx, train_items, num_items, 'uniform')
   sampled = any(s.all_rows for s in specs)
   num_negatives = config.sampling.num_negatives if sampled else 0
-  logq = input_pipeline.item_logq(specs, item_train)
+  logq = input_pipeline.item_logq(specs, item_train, train_sampler.item_probabilities(), num_negatives)
   stream = _streamed(config, groups, survey['group_counts'][:, splits_lib.TRAIN],
                     lambda cols: codes(cols, 0) == splits_lib.TRAIN, user_pos, item_pos, encoder, specs,
                     train_sampler, num_negatives, {n: f.dropout for n, f in config.features.items()}, split_columns,

@@ -93,12 +93,22 @@ def to_batch(ex: Examples, encoder: FeatureEncoder, labels: Labels, valid: np.nd
   return batch
 
 
-def item_logq(specs: tuple[TaskSpec, ...], train_counts: np.ndarray) -> np.ndarray | None:
-  """log q(item) per item position from its training rows (at least 1), for retrieval tasks; None without one."""
-  if not any(s.kind == 'retrieval' for s in specs):
+def item_logq(specs: tuple[TaskSpec, ...], train_counts: np.ndarray, negatives: np.ndarray | None = None,
+              num_negatives: int = 0) -> np.ndarray | None:
+  """log q(item) per item position, for retrieval tasks (None without one): q is the item's share of the training
+  rows (at least 1 row), the in-batch candidates' distribution. With `negatives='mixed'` tasks the candidates are a
+  mixture, one observed row to `num_negatives` sampled rows drawn from `negatives` (the sampler's item
+  probabilities), and log q is the mixture's: log((q + num_negatives * q_neg) / (1 + num_negatives))."""
+  retrieval = [s for s in specs if s.kind == 'retrieval']
+  if not retrieval:
     return None
   counts = np.maximum(np.asarray(train_counts, np.float64), 1.0)
-  return np.log(counts / counts.sum()).astype(np.float32)
+  q = counts / counts.sum()
+  if any(s.negatives == 'mixed' for s in retrieval):
+    if negatives is None:
+      raise ValueError("a retrieval task with negatives='mixed' needs the negative sampler's item probabilities")
+    q = (q + num_negatives * negatives) / (1 + num_negatives)
+  return np.log(q).astype(np.float32)
 
 
 class TrainStream:

@@ -147,8 +147,8 @@ def make_batches(ds: Any, encoder: Any, labels: Any, user_index: np.ndarray, ite
   n_pos = bs // (1 + k)
   num_items = len(ds.items[ds.item_column])
   out = []
-  labels = dataclasses.replace(labels, item_logq=input_pipeline.item_logq(labels.specs, np.bincount(
-      item_index, minlength=num_items)))  # a retrieval task's log q(item): the items' shares of the ratings
+  labels = dataclasses.replace(labels, item_logq=input_pipeline.item_logq(  # a retrieval task's log q(item)
+      labels.specs, np.bincount(item_index, minlength=num_items), np.full(num_items, 1.0 / num_items), k))
   for _ in range(count):
     rows = rng.integers(0, ds.num_rows, n_pos)
     pos = input_pipeline.Examples(user_index[rows], item_index[rows], rows, np.ones(n_pos, np.float32))

@@ -37,6 +37,7 @@ class TaskSpec:
   bias_init: float = 0.0  # the head's initial output bias (regression: the training mean)
   temperature: float = 0.05  # retrieval: softmax temperature of the towers' cosine similarity
   logq: bool = True  # retrieval: subtract log q(item) in the in-batch softmax
+  negatives: str = 'in_batch'  # retrieval: 'in_batch' (observed rows' items) or 'mixed' (and the sampled negatives')
 
   @property
   def all_rows(self) -> bool:
@@ -130,7 +131,8 @@ def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn]
   for name, t in config_lib.ordered(config.tasks):
     spec = TaskSpec(name, t.kind, t.label, float(t.weight), float(t.fusion_weight), rows=t.rows,
                     threshold=None if t.threshold is None else float(t.threshold), values=tuple(t.classes),
-                    temperature=float(t.temperature), logq=bool(t.logq))
+                    temperature=float(t.temperature), logq=bool(t.logq),
+                    negatives=str(t.negatives))
     col = labels[name]
     if t.kind == 'regression':
       train = col.values[train_rows][col.present[train_rows]]
@@ -180,7 +182,8 @@ def loss_terms(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tupl
       terms[s.name] = optax.sigmoid_binary_cross_entropy(out, labels[s.name])
     elif s.kind == 'retrieval':
       terms[s.name] = in_batch_softmax(out, labels[s.name] * batch['valid'], batch['item_key'],
-                                       batch['logq'] if s.logq else jnp.zeros_like(batch['logq']), s.temperature)
+                                       batch['logq'] if s.logq else jnp.zeros_like(batch['logq']), s.temperature,
+                                       batch['valid'] if s.negatives == 'mixed' else None)
     elif s.kind == 'regression':
       terms[s.name] = jnp.square(out - labels[s.name])
     else:
@@ -196,18 +199,21 @@ def loss_terms(outputs: dict[str, jax.Array], batch: dict[str, Any], specs: tupl
 
 
 def in_batch_softmax(towers: jax.Array, positive: jax.Array, item: jax.Array, logq: jax.Array,
-                     temperature: float) -> jax.Array:
+                     temperature: float, candidates: jax.Array | None = None) -> jax.Array:
   """[B] the retrieval loss of each positive row (0 elsewhere): softmax cross-entropy of its own item against the
-  items of the batch's other positive rows (Yi et al. 2019).
+  items of the batch's other positive rows (Yi et al. 2019), or of its other `candidates` rows.
 
   towers: [B, 2, d] each row's user and item tower outputs (unit vectors); positive: [B] 1 on observed, valid rows;
-  item: [B] the rows' item keys; logq: [B] log of each row's item's sampling probability. Logit (i, j) =
-  u_i . v_j / temperature - logq_j (frequent items, often in a batch, would otherwise be pushed down for it); a column
-  j != i holding row i's own item (an accidental hit) and columns of non-positive rows are left out.
+  item: [B] the rows' item keys; logq: [B] log of each row's item's sampling probability; candidates: [B] 1 on the
+  rows whose items are columns of the softmax (default `positive`; mixed negative sampling adds the sampled-negative
+  rows, Yang et al. 2020). Logit (i, j) = u_i . v_j / temperature - logq_j (frequent items, often in a batch, would
+  otherwise be pushed down for it); a column j != i holding row i's own item (an accidental hit) and columns of
+  rows that are not candidates are left out.
   """
   u, v = towers[:, 0], towers[:, 1]
   logits = (u @ v.T) / temperature - logq[None, :]
-  keep = (positive[None, :] > 0) & ((item[:, None] != item[None, :]) | jnp.eye(item.shape[0], dtype=bool))
+  candidates = positive if candidates is None else jnp.maximum(candidates, positive)
+  keep = (candidates[None, :] > 0) & ((item[:, None] != item[None, :]) | jnp.eye(item.shape[0], dtype=bool))
   logits = jnp.where(keep, logits, -1e9)
   loss = jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits)
   return jnp.where(positive > 0, loss, 0.0)

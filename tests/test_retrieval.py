@@ -41,6 +41,43 @@ def test_in_batch_softmax_against_a_hand_computed_example():
   assert plain[1] == pytest.approx(math.log(sum(math.exp(x) for x in logit.values())) - logit[1], rel=1e-5)
 
 
+def test_mixed_negatives_add_the_sampled_rows_items_as_candidates():
+  """negatives='mixed' (Yang et al. 2020): the sampled-negative row's item is a column of every positive row's
+  softmax too (an accidental hit still left out), with the log q the batch gives."""
+  rng = np.random.default_rng(1)
+  u, v = _unit(rng.normal(size=(5, 3))), _unit(rng.normal(size=(5, 3)))
+  positive = np.array([1, 1, 0, 1, 0], np.float32)  # rows 2 and 4 are sampled negatives
+  valid = np.ones(5, np.float32)
+  item = np.array([5, 7, 9, 2, 7])  # row 4's sampled item is row 1's positive: an accidental hit for row 1
+  logq = np.log(np.array([0.3, 0.1, 0.05, 0.2, 0.1]))
+  got = np.asarray(tasks_lib.in_batch_softmax(jnp.asarray(np.stack([u, v], 1), jnp.float32), jnp.asarray(positive),
+                                              jnp.asarray(item), jnp.asarray(logq, jnp.float32), T,
+                                              jnp.asarray(valid)))
+  candidates = {0: [0, 1, 2, 3, 4], 1: [0, 1, 2, 3], 3: [0, 1, 2, 3, 4]}
+  for i, cols in candidates.items():
+    logit = {j: float(u[i] @ v[j]) / T - logq[j] for j in cols}
+    want = math.log(sum(math.exp(x) for x in logit.values())) - logit[i]
+    assert got[i] == pytest.approx(want, rel=1e-5), i
+  assert got[2] == got[4] == 0.0  # negatives have no loss of their own
+
+
+def test_mixed_log_q_is_the_mixture_of_both_candidate_distributions(tiny_config):
+  """With negatives='mixed' each item's log q is that of the candidates' mixture: one observed row (the data's
+  item shares) to sampling.num_negatives sampled rows (the negative sampler's distribution)."""
+  from mtl_rec import experiment  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.sampling.distribution = 'popularity'
+  with c.unlocked():
+    c.tasks.retrieval = config_lib.task('retrieval', 'observed', negatives='mixed')
+  exp = experiment.build(c)
+  counts = np.bincount(exp.item_index[exp.split.train], minlength=exp.num_items).astype(np.float64)
+  q = np.maximum(counts, 1) / np.maximum(counts, 1).sum()
+  q_neg = counts ** c.sampling.popularity_power / (counts ** c.sampling.popularity_power).sum()
+  k = c.sampling.num_negatives
+  np.testing.assert_allclose(exp.labels.item_logq, np.log((q + k * q_neg) / (1 + k)), rtol=1e-5)
+  np.testing.assert_allclose(np.exp(exp.labels.item_logq).sum(), 1.0, rtol=1e-5)  # a distribution
+
+
 def test_a_retrieval_task_must_learn_from_observed_pairs(tiny_config):
   c = tiny_config()
   with c.unlocked():
@@ -49,6 +86,13 @@ def test_a_retrieval_task_must_learn_from_observed_pairs(tiny_config):
     config_lib.validate(c)
   c.tasks.retrieval = config_lib.task('retrieval', 'observed', temperature=0.0)
   with pytest.raises(ValueError, match='temperature'):
+    config_lib.validate(c)
+  c.tasks.retrieval = config_lib.task('retrieval', 'observed', negatives='uniform')
+  with pytest.raises(ValueError, match="tasks.retrieval.negatives='uniform'.*in_batch, mixed"):
+    config_lib.validate(c)
+  c.tasks.retrieval = config_lib.task('retrieval', 'observed', negatives='mixed')
+  c.tasks.second = config_lib.task('retrieval', 'observed')
+  with pytest.raises(ValueError, match="tasks.second.negatives.*'mixed' like the first"):
     config_lib.validate(c)
 
 
@@ -189,6 +233,14 @@ def test_both_readers_give_batches_their_items_log_frequency(tiny_config, tmp_pa
     batch = next(iter(exp.stream.epoch(0)))
     np.testing.assert_array_equal(batch['logq'], want[batch['item_key']].astype(np.float32))
     assert batch['item_key'].shape == batch['valid'].shape
+  # mixed negatives: the same mixture from both readers (the streamed sampler draws from the surveyed counts)
+  c.tasks.retrieval.negatives = 'mixed'
+  c.sampling.distribution = 'popularity'
+  c.data.reader = 'memory'
+  mixed = experiment.build(c).labels.item_logq
+  assert not np.allclose(mixed, want)
+  c.data.reader = 'stream'
+  np.testing.assert_allclose(experiment.build(c, workdir=str(tmp_path / 'run2')).labels.item_logq, mixed, rtol=1e-6)
 
 
 @pytest.mark.slow

@@ -35,6 +35,12 @@ class NegativeSampler:
                            weights=np.isin(key_items, self.candidates).astype(np.float64))
     self._full_users = np.nonzero(per_user >= self.candidates.size)[0]
 
+  def item_probabilities(self) -> np.ndarray:
+    """float64 [num_items]: the probability that a draw is each item (before a user's positives are rejected)."""
+    p = np.zeros(self.num_items)
+    p[self.candidates] = 1.0 / self.candidates.size if self._p is None else self._p
+    return p
+
   def is_positive(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     keys = np.asarray(users, np.int64) * self.num_items + np.asarray(items, np.int64)
     if self._keys.size == 0:

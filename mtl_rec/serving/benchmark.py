@@ -295,26 +295,21 @@ def format_table(report: dict[str, Any]) -> str:
   for r in report['function']:
     lines.append(f'{"function, batch " + str(r["batch"]):<30}{r["p50_ms"]:>9.3f}{r["p99_ms"]:>9.3f}'
                  f'{r["calls_per_s"]:>10,.0f}{r["rows_per_s"]:>12,.0f}')
-  for r in report.get('http', {}).get('results', []):
-    label = (f'http, concurrency {r["concurrency"]}' if 'concurrency' in r else
-             f'http, open loop {r["rate"]:,.0f}/s')
+  def http_row(label: str, r: dict[str, Any]) -> str:
     if not r.get('calls'):
-      lines.append(f'{label:<30} no successful requests: {r.get("errors")}')
-      continue
+      return f'{label:<30} no successful requests: {r.get("errors")}'
     err = f'  errors {r["errors"]}' if r['errors'] else ''
-    lines.append(f'{label:<30}{r["p50_ms"]:>9.3f}{r["p99_ms"]:>9.3f}{r["calls_per_s"]:>10,.0f}'
-                 f'{r["rows_per_s"]:>12,.0f}{r["server_cpu_ms_per_request"]:>19.3f}{err}')
+    return (f'{label:<30}{r["p50_ms"]:>9.3f}{r["p99_ms"]:>9.3f}{r["calls_per_s"]:>10,.0f}'
+            f'{r["rows_per_s"]:>12,.0f}{r["server_cpu_ms_per_request"]:>19.3f}{err}')
+
+  for r in report.get('http', {}).get('results', []):
+    lines.append(http_row(f'http, concurrency {r["concurrency"]}' if 'concurrency' in r else
+                          f'http, open loop {r["rate"]:,.0f}/s', r))
   for r in report.get('recommend_function', []):
     lines.append(f'{"recommend function, " + str(r["users"]) + " user(s)":<30}{r["p50_ms"]:>9.3f}{r["p99_ms"]:>9.3f}'
                  f'{r["calls_per_s"]:>10,.0f}{r["rows_per_s"]:>12,.0f}')
   for r in report.get('http', {}).get('recommend', []):
-    label = f'http recommend, concurrency {r["concurrency"]}'
-    if not r.get('calls'):
-      lines.append(f'{label:<30} no successful requests: {r.get("errors")}')
-      continue
-    err = f'  errors {r["errors"]}' if r['errors'] else ''
-    lines.append(f'{label:<30}{r["p50_ms"]:>9.3f}{r["p99_ms"]:>9.3f}{r["calls_per_s"]:>10,.0f}'
-                 f'{r["rows_per_s"]:>12,.0f}{r["server_cpu_ms_per_request"]:>19.3f}{err}')
+    lines.append(http_row(f'http recommend, concurrency {r["concurrency"]}', r))
   budget = report.get('recommend_budget')
   if budget:
     lines.append(f'recommend over {report["catalog_items"]:,} items ({budget["ranking"]}): p99 {budget["p99_ms"]:.1f} ms '

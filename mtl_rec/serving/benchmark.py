@@ -365,7 +365,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'request': f'one user x {args.items_per_request} candidates, POST /v1/score',
       'load_generator': 'aiohttp client, keep-alive, one coroutine per concurrent client, same machine',
   }
-  ints = lambda text: [int(x) for x in text.split(',') if x]
+  def ints(text: str) -> list[int]:  # '1,8' -> [1, 8]; '' -> none
+    try:
+      values = [int(x) for x in text.split(',') if x]
+    except ValueError:
+      values = [0]
+    if any(v <= 0 for v in values):
+      parser.error(f'{text!r} is not a comma-separated list of positive integers (e.g. 1,8, or "" for none)')
+    return values
   retrieval = manifest['functions']['recommend'].get('retrieval')
   report['catalog_items'] = manifest['catalog']['count']
   report['recommend_ranking'] = (f"retrieve {retrieval['candidates']} by the {retrieval['task']} task's vectors, "

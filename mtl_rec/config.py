@@ -294,14 +294,18 @@ def ranking_task(c: ml_collections.ConfigDict) -> str:
   return c.eval.ranking_task or ordered(c.tasks)[0][0]
 
 
-def retrieval_stage(c: ml_collections.ConfigDict) -> tuple[str, int] | None:
+def retrieval_stage(c: ml_collections.ConfigDict, answered: Any = None) -> tuple[str, int] | None:
   """(retrieval task, candidates N) of served retrieve-then-rerank (export.retrieve_n), or None: the fused heads
-  score the whole catalog (retrieve_n = 0, or no retrieval task)."""
+  score the whole catalog (retrieve_n = 0, no retrieval task, or one that the tasks `answered` by the scored
+  networks do not include, e.g. an ensemble without a retrieval member)."""
   names = [n for n, t in ordered(c.tasks) if t.kind == 'retrieval']
   if not names or not c.export.retrieve_n:
     return None
   ranking = ranking_task(c)
-  return (ranking if ranking in names else names[0]), int(c.export.retrieve_n)
+  task = ranking if ranking in names else names[0]
+  if answered is not None and task not in answered:
+    return None
+  return task, int(c.export.retrieve_n)
 
 
 COMBINED = 'combined'  # train.early_stopping_metric: every task's headline metric and Recall@K together
@@ -594,16 +598,17 @@ def _validate_tasks(c: ml_collections.ConfigDict) -> None:
     if t.label == OBSERVED and (t.kind not in ('binary', 'retrieval') or t.rows != 'all'):
       raise _err(f'{where}.label', t.label, "the implicit label 'observed' needs kind='binary' (or 'retrieval') "
                  "and rows='all'")
-    if t.kind == 'retrieval' and t.label != OBSERVED:
-      raise _err(f'{where}.label', t.label, "a retrieval task learns from observed pairs: label='observed'")
-    if t.kind == 'retrieval' and not t.temperature > 0:
-      raise _err(f'{where}.temperature', t.temperature, 'must be > 0')
-    if t.kind == 'retrieval' and t.negatives not in RETRIEVAL_NEGATIVES:
-      raise _err(f'{where}.negatives', t.negatives, f'use one of {", ".join(RETRIEVAL_NEGATIVES)}')
-    first = next(u for _, u in ordered(c.tasks) if u.kind == 'retrieval') if t.kind == 'retrieval' else t
-    if t.kind == 'retrieval' and t.negatives != first.negatives:
-      raise _err(f'{where}.negatives', t.negatives, f"every retrieval task takes the same candidates (batches carry "
-                 f"one log q per row): use {first.negatives!r} like the first one")
+    if t.kind == 'retrieval':
+      if t.label != OBSERVED:
+        raise _err(f'{where}.label', t.label, "a retrieval task learns from observed pairs: label='observed'")
+      if not t.temperature > 0:
+        raise _err(f'{where}.temperature', t.temperature, 'must be > 0')
+      if t.negatives not in RETRIEVAL_NEGATIVES:
+        raise _err(f'{where}.negatives', t.negatives, f'use one of {", ".join(RETRIEVAL_NEGATIVES)}')
+      first = next(u for _, u in ordered(c.tasks) if u.kind == 'retrieval')
+      if t.negatives != first.negatives:
+        raise _err(f'{where}.negatives', t.negatives, f"every retrieval task takes the same candidates (batches "
+                   f"carry one log q per row): use {first.negatives!r} like the first one")
     if t.rows == 'all' and t.kind not in ('binary', 'retrieval'):
       raise _err(f'{where}.rows', t.rows, "only binary tasks are defined on sampled negatives (label 0); use "
                  "rows='observed'")

@@ -379,9 +379,7 @@ def write_export(export_root: str, networks: Sequence[Network], tables: Tables, 
   users = {n: np.asarray(v) for n, v in tables.user_features.items()}
   catalog = {n: np.asarray(v) for n, v in tables.item_features.items()}
   host = [dataclasses.replace(n, params=host_params(n.params)) for n in networks]
-  retrieval = config_lib.retrieval_stage(config)
-  if retrieval is not None and retrieval[0] not in [s.name for s in scoring.check_tasks(host)]:
-    retrieval = None  # e.g. an ensemble without a retrieval member: the fused heads rank the whole catalog
+  retrieval = config_lib.retrieval_stage(config, [s.name for s in scoring.check_tasks(host)])
   score, rec, flat = export_functions(host, users, catalog, _context_example(tables.context_specs), int(ec.max_k),
                                       int(ec.chunk_items), tuple(ec.platforms), retrieval)
   if fusion_weights is None:

@@ -182,8 +182,8 @@ def fused_ranking_metrics(scorer: NetworkScorer, exp: Experiment, weights: dict[
   """{method: full-catalog ranking metrics of the fused score as the export serves it}, evaluation's protocol
   (graded NDCG included): with a retrieval stage (config.export.retrieve_n) the fused score re-ranks the retrieval
   task's top N. The catalog's task scores are computed once per batch of users for all methods."""
-  stage = config_lib.retrieval_stage(exp.config)
-  retrieve = (scorer.task_names.index(stage[0]), stage[1]) if stage and stage[0] in scorer.task_names else None
+  stage = config_lib.retrieval_stage(exp.config, scorer.task_names)
+  retrieve = None if stage is None else (scorer.task_names.index(stage[0]), stage[1])
   return evaluation.fused_catalog_ranking_metrics(exp, heldout_rows, history_rows, scorer.terms_catalog, weights,
                                                   retrieve=retrieve)
 
@@ -238,9 +238,9 @@ def select_default(scorer: NetworkScorer, exp: Experiment, config: ml_collection
                                                           exp.history_rows('valid')).items()} \
       if split.valid.size else {m: 0.0 for m in candidates}
   best = max(candidates, key=lambda m: valid[m])  # max keeps the first of equals
-  stage = config_lib.retrieval_stage(config)
-  served = (f'; lists as served: the fused score re-ranks the {stage[0]} task\'s top {stage[1]} '
-            '(export.retrieve_n)') if stage and stage[0] in names else ''
+  stage = config_lib.retrieval_stage(config, names)
+  served = '' if stage is None else (f'; lists as served: the fused score re-ranks the {stage[0]} task\'s top '
+                                     f'{stage[1]} (export.retrieve_n)')
   return {'rule': f'best validation {metric} of fixed, learned, stacking and each head alone{served}',
           'method': best, 'weights': dict(zip(names, map(float, candidates[best]))), 'valid': valid,
           'test': fused_ranking_metrics(scorer, exp, {best: candidates[best]}, split.test,

@@ -24,6 +24,7 @@ def test_tiny_variant_validates_and_unknown_variants_are_named():
   config_lib.validate(both)
   assert both.data.synthetic.num_users == tiny.data.synthetic.num_users
   assert config_lib.retrieval_stage(both) == ('retrieval', 1000) and config_lib.retrieval_stage(tiny) is None
+  assert config_lib.retrieval_stage(both, ('click', 'like', 'rating')) is None  # no network answers it
   both.export.retrieve_n = 0  # the fused heads rank the whole catalog
   assert config_lib.retrieval_stage(both) is None
 

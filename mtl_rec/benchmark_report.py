@@ -110,7 +110,8 @@ def notes(report: dict[str, Any], config: ml_collections.ConfigDict, isolate: bo
                'mtl_rec.serving.loader.ExportedModel.score_rows with 1 user x 100 candidates (padded to the '
                'serving batch bucket), no HTTP. Exports are under OUT/exports/.')
   notes.append('Peak memory: ' + ('the peak resident memory (VmHWM) of each training subprocess (JAX runtime '
-                                  'and data included, so it mostly measures the process, not the model); ' if isolate else
+                                  'and data included, so it mostly measures the process, not the model); '
+                                  if isolate else
                                   'training ran in-process (--isolate=false), so peak RSS was not measured; ') +
                'the XLA row is the compiled train step\'s arguments + temporaries, summed over the ensemble\'s '
                'members.')

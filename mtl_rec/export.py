@@ -261,6 +261,16 @@ def _sds(shape: tuple[Any, ...], dtype: Any) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
+def recommend_sizes(num_items: int, max_k: int, chunk_items: int,
+                    retrieval: tuple[str, int] | None) -> tuple[int, int, int | None]:
+  """(k, chunk, n) of `recommend` on a catalog of `num_items`: the list length (max_k, at most the catalog), the
+  brute-force block size (at least k), and the retrieval stage's candidates (None without one; between k and the
+  catalog)."""
+  k = min(max_k, num_items)
+  n = None if retrieval is None else min(max(retrieval[1], k), num_items)
+  return k, max(min(chunk_items, num_items), k), n
+
+
 def export_functions(networks: Sequence[Network], user_table: dict[str, np.ndarray],
                      catalog: dict[str, np.ndarray], context: dict[str, np.ndarray], max_k: int, chunk_items: int,
                      platforms: Sequence[str] = ('cpu',), retrieval: tuple[str, int] | None = None,
@@ -284,8 +294,7 @@ def export_functions(networks: Sequence[Network], user_table: dict[str, np.ndarr
       leaves, user, item, ctx, _sds((b, num_tasks), jnp.float32))
 
   num_items = int(next(iter(catalog.values())).shape[0])
-  k = min(max_k, num_items)
-  chunk = max(min(chunk_items, num_items), k)
+  k, chunk, num_candidates = recommend_sizes(num_items, max_k, chunk_items, retrieval)
   (u,) = jax.export.symbolic_shape('u')
   users = {n: _sds((u,) + v.shape[1:], v.dtype) for n, v in user_table.items()}
   cat = {n: _sds(v.shape, v.dtype) for n, v in catalog.items()}
@@ -296,11 +305,12 @@ def export_functions(networks: Sequence[Network], user_table: dict[str, np.ndarr
       return flat.recommend(leaves, catalog, user, context, exclude, weights, k=k, chunk=chunk)
     rec = jax.export.export(jax.jit(recommend), platforms=tuple(platforms))(leaves, cat, *rest)
   else:
-    task, n = retrieval[0], min(max(retrieval[1], k), num_items)
+    task = retrieval[0]
     dim = jax.eval_shape(lambda p, c: flat.item_vectors(p, c, task), leaves, cat).shape[-1]
 
     def recommend(leaves, catalog, vectors, user, context, exclude, weights):
-      return flat.retrieve_rerank(leaves, catalog, vectors, user, context, exclude, weights, task=task, n=n, k=k)
+      return flat.retrieve_rerank(leaves, catalog, vectors, user, context, exclude, weights, task=task,
+                                  n=num_candidates, k=k)
     rec = jax.export.export(jax.jit(recommend), platforms=tuple(platforms))(
         leaves, cat, _sds((num_items, dim), jnp.float32), *rest)
   return score, rec, flat
@@ -411,8 +421,7 @@ def write_export(export_root: str, networks: Sequence[Network], tables: Tables, 
   np.savez(os.path.join(tmp, 'catalog.npz'), **{IDS_KEY: tables.item_ids}, **titles, **catalog)
   np.savez(os.path.join(tmp, 'seen.npz'), indptr=tables.seen_indptr, indices=tables.seen_indices)
   num_items = int(tables.item_ids.shape[0])
-  k = min(int(ec.max_k), num_items)
-  chunk = max(min(int(ec.chunk_items), num_items), k)
+  k, chunk, num_candidates = recommend_sizes(num_items, int(ec.max_k), int(ec.chunk_items), retrieval)
   recommend_args = ['params (tuple, weights.order)', 'catalog item features {name: [I, ...]}',
                     'user features {name: [u]}', 'context features {name: [u, ...]}', 'exclude bool [u, I]',
                     'fusion weights float32 [u, T] (fusion.order)']
@@ -421,13 +430,12 @@ def write_export(export_root: str, networks: Sequence[Network], tables: Tables, 
     vectors = item_vectors(flat, catalog, retrieval[0], chunk)
     np.savez(os.path.join(tmp, ITEM_VECTORS), **{VECTORS_KEY: vectors})
     recommend_args.insert(2, f'item vectors float32 [I, {vectors.shape[1]}] ({ITEM_VECTORS})')
-    n = min(max(retrieval[1], k), num_items)
     stage = {'retrieval': {
-        'task': retrieval[0], 'candidates': n,
+        'task': retrieval[0], 'candidates': num_candidates,
         'item_vectors': {'file': ITEM_VECTORS, 'key': VECTORS_KEY, 'shape': list(vectors.shape), 'dtype': 'float32'},
-        'rule': f"the {n} catalog items (excluded ones never) whose item vector has the largest dot product with the "
-                f"user's query vector (the '{retrieval[0]}' task's towers, unit vectors) are re-ranked by the fused "
-                'score; the top max_k of them are returned'}}
+        'rule': f"the {num_candidates} catalog items (excluded ones never) whose item vector has the largest dot "
+                f"product with the user's query vector (the '{retrieval[0]}' task's towers, unit vectors) are "
+                're-ranked by the fused score; the top max_k of them are returned'}}
   big_vocabs: dict[str, np.ndarray] = {}
   vocabularies = {n: _vocab_entry(n, v, big_vocabs) for n, v in tables.vocabs.items()}
   if big_vocabs:

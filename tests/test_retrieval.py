@@ -117,7 +117,8 @@ def test_a_retrieval_task_trains_ranks_and_exports(retrieval_run):
   assert m['test']['retrieval_auc'] > 0.6  # the towers tell held-out pairs from sampled ones
   assert m['baselines']['popularity']['retrieval_auc'] > 0.5
   assert 0 < m['test']['recall@10'] <= 1
-  history = [json.loads(line) for line in open(os.path.join(os.path.dirname(os.path.dirname(version)), 'history.jsonl'))]
+  workdir = os.path.dirname(os.path.dirname(version))  # W/export/<version>
+  history = [json.loads(line) for line in open(os.path.join(workdir, 'history.jsonl'))]
   losses = [h['loss_retrieval'] for h in history]
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
   manifest = json.load(open(os.path.join(version, 'manifest.json')))

@@ -312,8 +312,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(http_row(f'http recommend, concurrency {r["concurrency"]}', r))
   budget = report.get('recommend_budget')
   if budget:
-    lines.append(f'recommend over {report["catalog_items"]:,} items ({budget["ranking"]}): p99 {budget["p99_ms"]:.1f} ms '
-                 f'at concurrency 1, budget {budget["budget_ms"]:g} ms: '
+    lines.append(f'recommend over {report["catalog_items"]:,} items ({budget["ranking"]}): '
+                 f'p99 {budget["p99_ms"]:.1f} ms at concurrency 1, budget {budget["budget_ms"]:g} ms: '
                  f'{"within" if budget["within"] else "OVER"} budget')
   fn = {r['batch']: r for r in report['function']}
   http_rows = [r for r in report.get('http', {}).get('results', []) if r.get('calls')]

@@ -101,23 +101,23 @@ def bench_recommend_function(version_dir: str, user_counts: Sequence[int], durat
   return out
 
 
-def _recommend_bodies(version_dir: str, n: int, k: int, seed: int = 0) -> list[bytes]:
+def _raw_ids(version_dir: str, table: str) -> np.ndarray:
+  """The raw ids of an export's 'users' or 'catalog' table, as the manifest names them."""
   with open(os.path.join(version_dir, 'manifest.json')) as f:
     m = json.load(f)
-  with np.load(os.path.join(version_dir, m['users']['file']), allow_pickle=False) as u:
-    user_ids = u[m['users']['ids']]
+  with np.load(os.path.join(version_dir, m[table]['file']), allow_pickle=False) as t:
+    return t[m[table]['ids']]
+
+
+def _recommend_bodies(version_dir: str, n: int, k: int, seed: int = 0) -> list[bytes]:
+  user_ids = _raw_ids(version_dir, 'users')
   rng = np.random.default_rng(seed)
   return [json.dumps({'user_id': str(user_ids[rng.integers(len(user_ids))]), 'k': k, 'exclude_seen': True}).encode()
           for _ in range(n)]
 
 
 def _request_bodies(version_dir: str, n: int, items_per_request: int, seed: int = 0) -> list[bytes]:
-  with open(os.path.join(version_dir, 'manifest.json')) as f:
-    m = json.load(f)
-  with np.load(os.path.join(version_dir, m['users']['file']), allow_pickle=False) as u:
-    user_ids = u[m['users']['ids']]
-  with np.load(os.path.join(version_dir, m['catalog']['file']), allow_pickle=False) as c:
-    item_ids = c[m['catalog']['ids']]
+  user_ids, item_ids = _raw_ids(version_dir, 'users'), _raw_ids(version_dir, 'catalog')
   rng = np.random.default_rng(seed)
   bodies = []
   for _ in range(n):

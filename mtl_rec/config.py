@@ -399,11 +399,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if d.cold_items or d.cold_users:
       raise _err('data.cold_items' if d.cold_items else 'data.cold_users', d.cold_items or d.cold_users,
                  "cold-start splits need the whole log in memory: use data.reader='memory'")
-    for name, f in c.features.items():
-      if f.kind == 'history':
-        raise _err(f'features.{name}.kind', f.kind, "histories are built from the whole log in memory: use "
-                   "data.reader='memory' or drop the feature")
-      if f.entity in ('user', 'item') and not (d.user_table.paths if f.entity == 'user' else d.item_table.paths) \
+    for name, f in c.features.items():  # (histories come from the log's id columns)
+      if f.kind != 'history' and f.entity in ('user', 'item') and not (d.user_table.paths if f.entity == 'user' else d.item_table.paths) \
           and (f.column or name) != (d.log.user_column if f.entity == 'user' else d.log.item_column):
         raise _err(f'features.{name}', f.entity, f"is a {f.entity} feature but no {f.entity}s table is declared: with "
                    f"data.reader='stream' {f.entity} features come from data.{f.entity}_table.paths (one row per "

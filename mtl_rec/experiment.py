@@ -10,6 +10,7 @@ loaded (`build_streamed`): `data.log` is then a sample of it, the training strea
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import TYPE_CHECKING, Any, Callable
@@ -196,6 +197,8 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
      training rows are what they have seen), as many users as hold at most data.stream.eval_rows held-out rows;
      and a seeded uniform sample of about data.stream.fit_rows training rows, on which context features and the
      tasks' label statistics are fitted. On a log smaller than both, that is the whole log.
+  3. with history features, a pass over the id (and timestamp) columns: each user's (item's) most recent training
+     interactions (features.RecentMembers, memory bounded by users x max_values).
   Then `data.log` is that sample, `split` indexes it, and the training stream reads the training rows of the files.
   """
   from mtl_rec.data import loader  # pylint: disable=g-import-not-at-top
@@ -275,7 +278,26 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   weights['user'][user_pos(user_values)] = user_counts[:, splits_lib.TRAIN]
   columns = tasks_lib.label_columns(config, ds)
   specs = tasks_lib.task_specs(config, columns, fit_rows)
-  encoder = features_lib.fit(ds, split.train, config, uidx, iidx, weights)
+  def history_tables(requests: list[features_lib.HistoryRequest]) -> dict[str, np.ndarray]:
+    """The history features from every training row of the log: a pass over its id (and timestamp) columns, row
+    group by row group, cached like the others."""
+    ts = lc.timestamp_column
+    def chunks():
+      for g in range(len(groups)):
+        cols = checked(groups.read(g, list(dict.fromkeys([lc.user_column, lc.item_column, *split_columns,
+                                                          *([ts] if ts else [])]))), g)
+        train = codes(cols, g) == splits_lib.TRAIN
+        recency = (readers.numeric(cols[ts][train], ts, groups.origins(g), 'interaction log', 'the timestamp column')
+                   if ts else np.zeros(int(train.sum())))
+        yield (user_pos(cols[lc.user_column][train]), item_pos(cols[lc.item_column][train]), recency,
+               cols['_row'][train])
+    what = [[r.name, r.entity, r.length, hashlib.sha1(np.ascontiguousarray(r.member_rows)).hexdigest()]
+            for r in requests]
+    return distributed.lead_first(lambda: stream_lib.cached(
+        os.path.join(inputs, 'histories.npz'), json.dumps([key, what]),
+        lambda: features_lib.build_histories(requests, chunks()), 'history pass'), 'histories')
+
+  encoder = features_lib.fit(ds, split.train, config, uidx, iidx, weights, history_tables)
   train_items = np.flatnonzero(item_train > 0)
   # negatives from the streamed item frequencies; a user's training positives are excluded where the sample holds
   # them (all of them for the evaluation users, and on a log as small as the samples)

@@ -10,7 +10,7 @@ still get an embedding. Training encodes with `encoding.encode`, and so does the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
 import numpy as np
@@ -188,13 +188,16 @@ def _rule(name: str, f: ml_collections.ConfigDict, raw: Any, weights: np.ndarray
 
 
 def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, user_index: np.ndarray,
-        item_index: np.ndarray, weights: dict[str, np.ndarray] | None = None) -> FeatureEncoder:
+        item_index: np.ndarray, weights: dict[str, np.ndarray] | None = None,
+        history_tables: Callable[[list[HistoryRequest]], dict[str, np.ndarray]] | None = None) -> FeatureEncoder:
   """Fits every declared feature's rule on the training rows and encodes every user, item and log row.
 
   `user_index` / `item_index`: each log row's position in ds.users / ds.items. Sharded tables get their rows padded
   to a multiple of config.model.row_multiple (padding rows are never looked up). `weights`: what each user, item and
   log row counts for ({'user' | 'item' | 'context': [rows]}); by default its training interactions (a log held
-  only in part, data.reader='stream', passes the counts of the whole log's training rows).
+  only in part, data.reader='stream', passes the counts of the whole log's training rows). `history_tables`: builds
+  the history features' tables (build_histories over every training interaction); by default from `train_rows` of
+  ds.log (data.reader='stream' reads the whole log's training rows row group by row group).
   """
   num_users, num_items = len(ds.users[ds.user_column]), len(ds.items[ds.item_column])
   weights = weights or {'user': np.bincount(user_index[train_rows], minlength=num_users).astype(np.float64),
@@ -227,34 +230,101 @@ def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, 
       kind = 'categorical'
     specs[name] = FeatureSpec(name, f.entity, kind, rows, bool(f.sharded), rule, f.pooling)
   # Histories, from the training rows and the encoded ids of the feature each pools
-  index = {'user': user_index, 'item': item_index}
-  recency = (np.asarray(ds.log[ds.timestamp_column], np.float64) if ds.timestamp_column in ds.log
-             else np.zeros(ds.num_rows))
+  requests = []
   for name, f in [(n, f) for n, f in declared if f.kind == 'history']:
     other = 'item' if f.entity == 'user' else 'user'
     rule = {'kind': 'history', 'raw': name, 'raw_type': 'list[str]', 'of': f.of, 'vocab': specs[f.of].encoding['vocab'],
             'delimiter': f.delimiter, 'max_values': int(f.max_values)}
-    rows = np.asarray(train_rows, np.int64)
-    encoded[f.entity][name] = histories(index[f.entity][rows], encoded[other][f.of][index[other][rows]],
-                                        recency[rows], rows, len(tables[f.entity][ids[f.entity]]), f.max_values)
+    requests.append(HistoryRequest(name, f.entity, encoded[other][f.of], len(tables[f.entity][ids[f.entity]]),
+                                   int(f.max_values)))
     specs[name] = FeatureSpec(name, f.entity, 'history', 0, False, rule, f.pooling)
+  if requests:
+    if history_tables is None:
+      rows = np.asarray(train_rows, np.int64)
+      recency = (np.asarray(ds.log[ds.timestamp_column], np.float64)[rows] if ds.timestamp_column in ds.log
+                 else np.zeros(rows.size))
+      history_tables = lambda requests: build_histories(
+          requests, [(user_index[rows], item_index[rows], recency, rows)])
+    tables = history_tables(requests)
+    for r in requests:
+      encoded[r.entity][r.name] = tables[r.name]
   return FeatureEncoder(specs=tuple(specs[n] for n, _ in declared), vocabs=vocabs, user_table=encoded['user'],
                         item_table=encoded['item'], context_table=encoded['context'])
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryRequest:
+  """A history feature to build: `entity`'s (an owner's) members, as rows of the pooled feature's table."""
+
+  name: str
+  entity: str  # the owner: 'user' (its items) or 'item' (its users)
+  member_rows: np.ndarray  # [members] the pooled feature's table row of each member position (0: OOV, left out)
+  num_owners: int
+  length: int
+
+
+def build_histories(requests: list[HistoryRequest],
+                    training_rows: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+                    ) -> dict[str, np.ndarray]:
+  """Every requested history table from one pass over the training interactions, given in chunks of (user
+  positions, item positions, recency, global row ids): one chunk in memory, a row group at a time when streamed."""
+  recent = {r.name: RecentMembers(r.num_owners, r.length) for r in requests}
+  for user, item, recency, rows in training_rows:
+    for r in requests:
+      owner, member = (user, item) if r.entity == 'user' else (item, user)
+      recent[r.name].add(owner, r.member_rows[member], recency, rows)
+  return {name: acc.table() for name, acc in recent.items()}
+
+
+class RecentMembers:
+  """Each owner's distinct members, most recent first, the first `length`: fed interactions chunk by chunk in bounded
+  memory (about num_owners x length kept entries plus `compact_every` pending rows), the same table as one chunk.
+
+  Merging is exact: a member among an owner's `length` most recent distinct members of all rows is among them in
+  the part of the rows that holds its most recent interaction, so keeping each part's first `length` loses none."""
+
+  def __init__(self, num_owners: int, length: int, compact_every: int = 1 << 22):
+    self.num_owners, self.length, self.compact_every = num_owners, length, compact_every
+    self.parts: list[tuple[np.ndarray, ...]] = []
+    self.pending = 0
+
+  def add(self, owner: np.ndarray, member: np.ndarray, recency: np.ndarray, rows: np.ndarray) -> None:
+    """Interactions (owner positions, member table rows, recency, global row ids); OOV members (row 0) are left
+    out."""
+    keep = member > OOV_ROW
+    self.parts.append((np.asarray(owner, np.int64)[keep], np.asarray(member, np.int64)[keep],
+                       np.asarray(recency, np.float64)[keep], np.asarray(rows, np.int64)[keep]))
+    self.pending += int(keep.sum())
+    if self.pending >= self.compact_every:
+      self._compact()
+
+  def _compact(self) -> None:
+    owner, member, recency, rows = (np.concatenate(c) for c in zip(*self.parts)) if self.parts else (
+        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
+    order = np.lexsort((-rows, -recency, owner))  # by owner, most recent first (then the later row)
+    owner, member, recency, rows = owner[order], member[order], recency[order], rows[order]
+    _, first = np.unique(owner * (int(member.max(initial=0)) + 1) + member, return_index=True)
+    first = np.sort(first)  # each (owner, member) once, at its most recent row
+    owner, member, recency, rows = owner[first], member[first], recency[first], rows[first]
+    rank = np.arange(owner.shape[0]) - np.searchsorted(owner, owner, side='left')
+    keep = rank < self.length
+    self.parts = [(owner[keep], member[keep], recency[keep], rows[keep])]
+    self.pending = 0
+
+  def table(self) -> np.ndarray:
+    """int32 [num_owners, length]: each owner's members most recent first, padded with -1."""
+    self._compact()
+    owner, member = self.parts[0][:2]
+    rank = np.arange(owner.shape[0]) - np.searchsorted(owner, owner, side='left')
+    out = np.full((self.num_owners, self.length), encoding.PAD, np.int32)
+    out[owner, rank] = member
+    return out
 
 
 def histories(owner: np.ndarray, member: np.ndarray, recency: np.ndarray, rows: np.ndarray, num_owners: int,
               length: int) -> np.ndarray:
   """int32 [num_owners, length]: each owner's distinct members (table rows > 0; the OOV row 0 is left out), most
   recent first (by `recency`, then by log row), the first `length`, padded with -1."""
-  keep = member > OOV_ROW
-  owner, member, recency, rows = owner[keep], member[keep].astype(np.int64), recency[keep], rows[keep]
-  order = np.lexsort((-rows, -recency, owner))  # by owner, most recent first
-  owner, member = owner[order], member[order]
-  _, first = np.unique(owner * (int(member.max(initial=0)) + 1) + member, return_index=True)
-  first = np.sort(first)  # each (owner, member) once, at its most recent row
-  owner, member = owner[first], member[first]
-  rank = np.arange(owner.shape[0]) - np.searchsorted(owner, owner, side='left')
-  out = np.full((num_owners, length), encoding.PAD, np.int32)
-  sel = rank < length
-  out[owner[sel], rank[sel]] = member[sel]
-  return out
+  recent = RecentMembers(num_owners, length)
+  recent.add(owner, member, recency, rows)
+  return recent.table()

@@ -43,6 +43,23 @@ def test_histories_are_distinct_most_recent_first_and_capped():
   assert out.dtype == np.int32
 
 
+def test_histories_fed_in_chunks_equal_one_pass():
+  """RecentMembers, fed chunk by chunk and compacted every few rows (how a streamed log is read), gives the table
+  of one pass over all rows: repeated members, equal times and caps included."""
+  rng = np.random.default_rng(0)
+  n = 2_000
+  owner, member = rng.integers(0, 30, n), rng.integers(0, 40, n)  # member 0: OOV, left out
+  recency, rows = rng.integers(0, 50, n).astype(np.float64), rng.permutation(n)  # many equal times
+  for length in (1, 5, 200):
+    whole = features_lib.histories(owner, member, recency, rows, num_owners=32, length=length)
+    recent = features_lib.RecentMembers(32, length, compact_every=37)
+    cuts = np.sort(rng.choice(n, 25, replace=False))
+    for part in np.split(np.arange(n), cuts):
+      recent.add(owner[part], member[part], recency[part], rows[part])
+    np.testing.assert_array_equal(recent.table(), whole, err_msg=str(length))
+  assert (whole[:30] >= 0).sum(1).min() > 5 and not (whole == 0).any()  # some owners were capped at 5; no OOV
+
+
 def test_a_history_rule_encodes_raw_ids_through_the_id_vocabulary():
   vocabs = {'item_id': encoding.Vocab(np.array([10, 20, 30]))}
   rule = {'kind': 'history', 'raw': 'h', 'raw_type': 'list[str]', 'of': 'item_id', 'vocab': 'item_id',

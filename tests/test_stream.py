@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mtl_rec import config as config_lib
 from mtl_rec import experiment as experiment_lib
 from mtl_rec.checkpoint import Checkpointer
 from mtl_rec.data import readers
@@ -319,6 +320,27 @@ def test_streamed_experiment_never_loads_the_log_and_equals_the_in_memory_one(ti
     assert (capped.data.log['user_id'] == u).sum() == (log_users == u).sum()  # all of an evaluation user's rows
   assert 400 < capped.fit_rows.size < 800
   assert capped.data.num_rows < memory.data.num_rows / 2
+
+
+def test_histories_stream_as_in_memory(tiny_config, files_dir, tmp_path):
+  """History features of a streamed log come from every training row (a pass over its row groups), not from the
+  sample it holds: the tables equal the in-memory run's, capped samples and all, and no batch holds its target."""
+  c = _files_config(tiny_config, files_dir)
+  with c.unlocked():
+    c.features.user_history = config_lib.feature('user', kind='history', of='item_id', max_values=8)
+    c.features.item_audience = config_lib.feature('item', kind='history', of='user_id', max_values=8)
+  c.data.reader = 'memory'
+  memory = experiment_lib.build(c)
+  assert (memory.encoder.user_table['user_history'] >= 0).all(1).mean() > 0.5  # most users capped: order matters
+  c.data.reader = 'stream'
+  c.data.stream.eval_rows, c.data.stream.fit_rows = 150, 600
+  streamed = experiment_lib.build(c, workdir=str(tmp_path))
+  _same_experiment(streamed, memory, sampled=True)  # every user and item table, the histories among them
+  assert streamed.data.num_rows < memory.data.num_rows / 2 and (tmp_path / 'input' / 'histories.npz').exists()
+  batch = next(iter(streamed.stream.epoch(0)))
+  assert not (batch['user']['user_history'] == batch['item']['item_id'][:, None]).any()
+  assert not (batch['item']['item_audience'] == batch['user']['user_id'][:, None]).any()
+  assert (batch['user']['user_history'] >= 0).sum() > 0
 
 
 def _refuse_log(read_tables):

@@ -28,4 +28,9 @@ def get_config():
   with c.unlocked():
     c.tasks.retrieval = config_lib.task('retrieval', config_lib.OBSERVED, temperature=0.1)
   c.eval.ranking_task = 'retrieval'
+  # Each user's 32 most recent training items (SVD++'s implicit feedback), pooled through the shared item table, the
+  # example's own item left out (no label leak). Over seeds 0-2 better on every test column (rating RMSE 0.9034 vs
+  # 0.9067, like AUC 0.8120 vs 0.8101, Recall@10 0.1771 vs 0.1717, HR@10 sampled 0.7222 vs 0.7201); 64 items cost
+  # twice the training time for no consistent gain (README, "Model").
+  c.features.user_history = config_lib.feature('user', kind='history', of='item_id', max_values=32)
   return c

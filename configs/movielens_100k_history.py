@@ -1,24 +1,27 @@
-"""ML-100K with interaction-history features (SVD++-style implicit feedback), opt-in.
+"""ML-100K with more or fewer interaction-history features than the default (SVD++-style implicit feedback).
 
-`user_history`: the items a user interacted with in training, pooled through the shared item-id table; `item_audience`:
-the users who interacted with an item, pooled through the shared user-id table. Each example's own id is left out of
-the pool (no label leak). Variants: `:both` (default), `:user`, `:item`.
-
-On u1 (seed 0) both features improve every test column over the default config (README, "History features"), at
-about 3x the training time on 2 CPU cores, which is why they are not on by default.
+`user_history` (in the default, configs/movielens_100k.py): the 32 items a user interacted with last in training,
+pooled through the shared item-id table; `item_audience`: the 32 users who interacted with an item last, pooled
+through the shared user-id table. Each example's own id is left out of the pool (no label leak). Variants: `:both`
+(default: adds `item_audience`), `:user` (the default's), `:item` (the audience instead of the user history),
+`:none` (neither). README, "Model", has what each gives.
 """
 
 from configs import movielens_100k
 from mtl_rec import config as config_lib
 
+VARIANTS = ('both', 'user', 'item', 'none')
+
 
 def get_config(variant: str = 'both'):
-  if variant not in ('both', 'user', 'item'):
-    raise ValueError(f"unknown variant {variant!r} of movielens_100k_history; use ':both', ':user' or ':item'")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of movielens_100k_history; use one of "
+                     f"{', '.join(':' + v for v in VARIANTS)}")
   c = movielens_100k.get_config()
   with c.unlocked():
-    if variant in ('both', 'user'):
-      c.features.user_history = config_lib.feature('user', kind='history', of='item_id', max_values=64)
+    if variant in ('item', 'none'):
+      del c.features['user_history']
     if variant in ('both', 'item'):
-      c.features.item_audience = config_lib.feature('item', kind='history', of='user_id', max_values=64)
+      c.features.item_audience = config_lib.feature('item', kind='history', of='user_id',
+                                                    max_values=32)
   return c

@@ -99,7 +99,7 @@ def test_declaration_order_survives_copies_and_json():
   """The model's inputs and heads follow the order a config declares them in, whatever ConfigDict does to keys."""
   import copy  # pylint: disable=g-import-not-at-top
   c = movielens_100k.get_config()
-  want = ['user_id', 'gender', 'age', 'occupation', 'zip', 'item_id', 'genres', 'year', 'title']
+  want = ['user_id', 'gender', 'age', 'occupation', 'zip', 'item_id', 'genres', 'year', 'title', 'user_history']
   for copy_of in (c, copy.deepcopy(c), config_lib.from_json(config_lib.to_json(c))):
     assert [n for n, _ in config_lib.ordered(copy_of.features)] == want
     assert [n for n, _ in config_lib.ordered(copy_of.tasks)] == ['click', 'like', 'rating', 'retrieval']

@@ -22,6 +22,5 @@ def get_config(variant: str = 'both'):
     if variant in ('item', 'none'):
       del c.features['user_history']
     if variant in ('both', 'item'):
-      c.features.item_audience = config_lib.feature('item', kind='history', of='user_id',
-                                                    max_values=32)
+      c.features.item_audience = config_lib.feature('item', kind='history', of='user_id', max_values=32)
   return c

@@ -399,9 +399,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if d.cold_items or d.cold_users:
       raise _err('data.cold_items' if d.cold_items else 'data.cold_users', d.cold_items or d.cold_users,
                  "cold-start splits need the whole log in memory: use data.reader='memory'")
-    for name, f in c.features.items():  # (histories come from the log's id columns)
-      if f.kind != 'history' and f.entity in ('user', 'item') and not (d.user_table.paths if f.entity == 'user' else d.item_table.paths) \
-          and (f.column or name) != (d.log.user_column if f.entity == 'user' else d.log.item_column):
+    for name, f in c.features.items():
+      side_table = d.user_table.paths if f.entity == 'user' else d.item_table.paths
+      id_column = d.log.user_column if f.entity == 'user' else d.log.item_column
+      # (histories come from the log's id columns, not from a side table)
+      if f.kind != 'history' and f.entity in ('user', 'item') and not side_table and (f.column or name) != id_column:
         raise _err(f'features.{name}', f.entity, f"is a {f.entity} feature but no {f.entity}s table is declared: with "
                    f"data.reader='stream' {f.entity} features come from data.{f.entity}_table.paths (one row per "
                    f'{f.entity}), not from the log')

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mtl_rec import config as config_lib
-from configs import movielens_100k, movielens_1m, movielens_tfds, synthetic
+from configs import movielens_100k, movielens_100k_history, movielens_1m, movielens_tfds, synthetic
 
 
 @pytest.mark.parametrize('module', [movielens_100k, movielens_1m, movielens_tfds, synthetic])
@@ -27,6 +27,18 @@ def test_tiny_variant_validates_and_unknown_variants_are_named():
   assert config_lib.retrieval_stage(both, ('click', 'like', 'rating')) is None  # no network answers it
   both.export.retrieve_n = 0  # the fused heads rank the whole catalog
   assert config_lib.retrieval_stage(both) is None
+
+
+def test_history_variants_add_and_drop_histories_of_the_default():
+  histories = lambda c: sorted(n for n, f in c.features.items() if f.kind == 'history')
+  assert histories(movielens_100k.get_config()) == ['user_history']
+  for variant, want in (('both', ['item_audience', 'user_history']), ('user', ['user_history']),
+                        ('item', ['item_audience']), ('none', [])):
+    c = movielens_100k_history.get_config(variant)
+    config_lib.validate(c)
+    assert histories(c) == want, variant
+  with pytest.raises(ValueError, match=':both'):
+    movielens_100k_history.get_config('users')
 
 
 @pytest.mark.parametrize('field, value, message', [

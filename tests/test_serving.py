@@ -379,3 +379,16 @@ def test_requests_beyond_the_queue_limit_get_a_503_and_the_server_recovers(expor
     assert re.search(rb'mtl_rec_request_errors_total\{endpoint="/v1/score",code="503"\} [1-9]', text), text[-3000:]
   finally:
     stop_server(proc, log_path)
+
+
+@pytest.mark.parametrize('flag, value', [('concurrency', '1,x'), ('recommend_users', '0'), ('rate', 'fast'),
+                                         ('rate', '-5'), ('recommend_budget_ms', '0'), ('duration', '-1'),
+                                         ('recommend_k', '0')])
+def test_serving_benchmark_flags_are_usage_errors_naming_the_flag(flag, value, capsys):
+  """A bad flag stops the benchmark before it loads anything (no export is needed to see it), with argparse's usage
+  error naming the flag, not a traceback."""
+  from mtl_rec.serving import benchmark  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    benchmark.main(['--export_dir=/nonexistent/export', f'--{flag}={value}'])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and f'--{flag}=' in err and 'Traceback' not in err

@@ -353,6 +353,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument('--skip_http', action='store_true')
   parser.add_argument('--server_flag', action='append', default=[], help='extra serve.py flag, repeatable')
   args = parser.parse_args(argv)
+  # every flag checked before anything is loaded: a bad value is a usage error naming it, not a traceback
+  def ints(flag: str, text: str) -> list[int]:  # '1,8' -> [1, 8]; '' -> none
+    try:
+      values = [int(x) for x in text.split(',') if x]
+    except ValueError:
+      values = [0]
+    if any(v <= 0 for v in values):
+      parser.error(f'--{flag}={text!r} is not a comma-separated list of positive integers (e.g. 1,8, or "" for none)')
+    return values
+  lists = {flag: ints(flag, getattr(args, flag)) for flag in ('batch_sizes', 'concurrency', 'recommend_users',
+                                                               'recommend_concurrency')}
+  try:
+    rates = [float(r) for r in args.rate.split(',') if r]
+  except ValueError:
+    rates = [0.0]
+  if any(not r > 0 for r in rates):
+    parser.error(f'--rate={args.rate!r} is not a comma-separated list of positive request rates (e.g. 1000, or "" '
+                 'for none)')
+  for flag in ('duration', 'max_requests', 'items_per_request', 'recommend_k', 'recommend_budget_ms'):
+    if not getattr(args, flag) > 0:
+      parser.error(f'--{flag}={getattr(args, flag)} must be positive')
 
   from mtl_rec.serving.loader import resolve_version_dir  # pylint: disable=g-import-not-at-top
   version_dir = resolve_version_dir(args.export_dir)
@@ -365,28 +386,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'request': f'one user x {args.items_per_request} candidates, POST /v1/score',
       'load_generator': 'aiohttp client, keep-alive, one coroutine per concurrent client, same machine',
   }
-  def ints(text: str) -> list[int]:  # '1,8' -> [1, 8]; '' -> none
-    try:
-      values = [int(x) for x in text.split(',') if x]
-    except ValueError:
-      values = [0]
-    if any(v <= 0 for v in values):
-      parser.error(f'{text!r} is not a comma-separated list of positive integers (e.g. 1,8, or "" for none)')
-    return values
   retrieval = manifest['functions']['recommend'].get('retrieval')
   report['catalog_items'] = manifest['catalog']['count']
   report['recommend_ranking'] = (f"retrieve {retrieval['candidates']} by the {retrieval['task']} task's vectors, "
                                  're-rank them with the fused heads') if retrieval else \
       'the fused heads score the whole catalog'
-  report['function'] = bench_function(version_dir, ints(args.batch_sizes), args.duration, args.max_requests)
-  if ints(args.recommend_users):
-    report['recommend_function'] = bench_recommend_function(version_dir, ints(args.recommend_users), args.duration,
+  report['function'] = bench_function(version_dir, lists['batch_sizes'], args.duration, args.max_requests)
+  if lists['recommend_users']:
+    report['recommend_function'] = bench_recommend_function(version_dir, lists['recommend_users'], args.duration,
                                                             args.max_requests)
   if not args.skip_http:
-    report['http'] = bench_http(args.export_dir, version_dir, ints(args.concurrency), args.duration,
-                                args.max_requests, args.items_per_request, args.server_flag,
-                                [float(r) for r in args.rate.split(',') if r], ints(args.recommend_concurrency),
-                                args.recommend_k)
+    report['http'] = bench_http(args.export_dir, version_dir, lists['concurrency'], args.duration,
+                                args.max_requests, args.items_per_request, args.server_flag, rates,
+                                lists['recommend_concurrency'], args.recommend_k)
     one = next((r for r in report['http']['recommend'] if r['concurrency'] == 1 and r.get('calls')), None)
     if one is not None:
       report['recommend_budget'] = {'budget_ms': args.recommend_budget_ms, 'p99_ms': one['p99_ms'],

@@ -322,11 +322,8 @@ def item_vectors(flat: _Flat, catalog: dict[str, np.ndarray], task: str, chunk: 
   chunk = min(chunk, num_items)
   fn = jax.jit(lambda leaves, items: flat.item_vectors(leaves, items, task))
   leaves = tuple(jnp.asarray(x) for x in flat.leaves)
-  out = []
-  for start in range(0, num_items, chunk):
-    idx = np.minimum(np.arange(start, start + chunk), num_items - 1)
-    out.append(np.asarray(fn(leaves, {n: v[idx] for n, v in catalog.items()}))[:num_items - start])
-  return np.concatenate(out).astype(np.float32)
+  return scoring.in_padded_batches(lambda idx: fn(leaves, {n: v[idx] for n, v in catalog.items()}), num_items,
+                                   chunk).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------

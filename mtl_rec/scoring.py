@@ -195,13 +195,10 @@ class NetworkScorer(Scorer):
                                                                                 jax.sharding.PartitionSpec())
       self._vector_fns[task] = jax.jit(lambda params, batch: retrieval_vectors(nets, params, task, batch),
                                        out_shardings=out)
-    bs, parts = self.batch_size, []
-    for start in range(0, n, bs):
-      batch = features(np.minimum(np.arange(start, start + bs), n - 1))
-      if self.batch_sharding is not None:
-        batch = sharding_lib.global_batch(batch, self.batch_sharding)
-      parts.append(np.asarray(self._vector_fns[task](self.params, batch))[:n - start])
-    return np.concatenate(parts)
+    place = (lambda b: b) if self.batch_sharding is None else (
+        lambda b: sharding_lib.global_batch(b, self.batch_sharding))
+    return in_padded_batches(lambda idx: self._vector_fns[task](self.params, place(features(idx))), n,
+                             self.batch_size)
 
   def _item_vectors(self, task: str) -> np.ndarray:
     if task not in self._item_vector_cache:
@@ -270,6 +267,15 @@ class ItemItemScorer(Scorer):
 
   def terms_catalog(self, users: np.ndarray, rows: np.ndarray | None = None) -> jax.Array:
     return (jnp.asarray(self.profiles[users]) @ jnp.asarray(self.weights))[..., None]
+
+
+def in_padded_batches(fn: Callable[[np.ndarray], Any], n: int, batch_size: int) -> np.ndarray:
+  """fn(positions) over positions 0..n-1, `batch_size` at a time, the last batch padded by repeating position n-1
+  (one shape: one compilation), its padding rows dropped; the results concatenated."""
+  parts = []
+  for start in range(0, n, batch_size):
+    parts.append(np.asarray(fn(np.minimum(np.arange(start, start + batch_size), n - 1)))[:n - start])
+  return np.concatenate(parts)
 
 
 def count_params(params: Any) -> int:

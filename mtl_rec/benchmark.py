@@ -198,7 +198,7 @@ def time_serving(systems: dict[str, tuple[NetworkScorer, np.ndarray, str]], exp:
 
     def export_call(u, items, model=model, model_w=model_w):
       n = items.shape[0]
-      user = {k: np.repeat(model.user_table[k][u:u + 1], n) for k in model.user_inputs}
+      user = {k: np.repeat(model.user_table[k][u:u + 1], n, axis=0) for k in model.user_inputs}  # [n, ...]
       return model.score_rows(user, items, np.tile(model_w, (n, 1)))['score']
     calls[(name, 'export')] = export_call
   keys = list(calls)

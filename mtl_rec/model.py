@@ -292,8 +292,36 @@ class MultiTaskModel(nnx.Module):
 
   def __call__(self, features: dict[str, dict[str, jax.Array]],
                rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    return self._forward(self._vectors(features), features, rng)
+
+  def cross(self, query: dict[str, dict[str, jax.Array]],
+            items: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Outputs [U * I] of every (user, item) pair of `query` ({'user', 'context'} features [U]) x `items` (item
+    features [I]), row u * I + i: each side's feature vectors computed once (U + I rows, not U x I: a history of L
+    ids costs U x L lookups, not U x I x L), then paired. Histories are pooled whole, no pair's own id left out:
+    that changes only the pairs a history holds, i.e. the items a user interacted with in training, which a
+    catalog ranking excludes. Evaluation mode (no dropout)."""
+    nu, ni = jax.tree.leaves(query['user'])[0].shape[0], jax.tree.leaves(items)[0].shape[0]
+    pair = lambda x, side: jnp.repeat(x, ni, axis=0) if side != 'item' else jnp.tile(x, (nu,) + (1,) * (x.ndim - 1))
+    vecs = {spec.name: (spec, pair(e, spec.entity)) for spec, e in [*self._vectors(query),
+                                                                  *self._vectors({'item': items})]}
+    sides = {**query, 'item': items}
+    ids = {entity: {name: pair(sides[entity][name], entity) for name in names}  # what the id biases read per row
+           for entity, names in self._id_bias_inputs().items()}
+    outputs, _ = self._forward([vecs[s.name] for s in self.embeddings.specs if s.name in vecs], ids, None)
+    return outputs
+
+  def _id_bias_inputs(self) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for feature in sorted({f for tables in self.id_biases.values() for f in tables}):
+      out.setdefault(self.entities[feature], []).append(feature)
+    return out
+
+  def _forward(self, vectors: list[tuple[FeatureSpec, jax.Array]], features: dict[str, dict[str, jax.Array]],
+               rng: jax.Array | None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Outputs from the feature vectors (`_vectors`, declaration order); `features` gives the id biases' ids."""
     feats, user_vecs, item_vecs, sq = [], [], [], 0.0
-    for spec, e in self._vectors(features):
+    for spec, e in vectors:
       feats.append(e)
       (item_vecs if spec.entity == 'item' else user_vecs).append(e)
       if spec.large:

@@ -132,7 +132,7 @@ class NetworkScorer(Scorer):
     self._catalog = jax.jit(self._catalog_terms)
     self._vector_fns: dict[str, Callable] = {}
     self._item_vector_cache: dict[str, np.ndarray] = {}
-    self.catalog_features = dict(encoder.item_table)  # whole histories: the model leaves out each pair's target
+    self.catalog_features = dict(encoder.item_table)  # the item table as is (histories whole: see _catalog_terms)
 
   @property
   def num_params(self) -> int:
@@ -156,13 +156,15 @@ class NetworkScorer(Scorer):
 
   def _catalog_terms(self, params: Sequence[Any], query: Mapping[str, Mapping[str, jax.Array]],
                      items: Mapping[str, jax.Array]) -> jax.Array:
-    """query: {'user': [U] features, 'context': [U] features}; items: [I] features."""
+    """query: {'user': [U] features, 'context': [U] features}; items: [I] features. Each network's `cross`: every
+    user's and item's feature vectors once, then the U x I pairs (histories whole: only the items a user's history
+    holds, which rankings exclude, score otherwise than pair by pair)."""
     nu = jax.tree.leaves(query['user'])[0].shape[0]
     ni = jax.tree.leaves(items)[0].shape[0]
-    q = jax.tree.map(lambda x: jnp.repeat(x, ni, axis=0), query)
-    i = jax.tree.map(lambda x: jnp.tile(x, (nu,) + (1,) * (x.ndim - 1)), items)
-    features = {'user': q['user'], 'item': i, 'context': q['context']}
-    terms = fusion_terms(task_values(predictions(self.networks, params, features), self.specs), self.specs)
+    preds = {}
+    for n, p in zip(self.networks, params):
+      preds.update(tasks_lib.predictions(nnx.merge(n.graphdef, p).cross(query, items), n.specs))
+    terms = fusion_terms(task_values(preds, self.specs), self.specs)
     return terms.reshape((nu, ni, terms.shape[-1]))
 
   def catalog_fn(self) -> Callable:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mtl_rec import benchmark, benchmark_report, fusion, fusion_weights
+from mtl_rec import config as config_lib
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +18,11 @@ SECTIONS = ('## Per-task test metrics', '## Fused ranking quality', '## Cost', '
 @pytest.fixture(scope='module')
 def report(tmp_path_factory, tiny_config):
   out = str(tmp_path_factory.mktemp('bench'))
+  c = tiny_config()
+  with c.unlocked():  # a [users, L] user input, as the default's user history: every path must take one
+    c.features.user_history = config_lib.feature('user', kind='history', of='item_id', max_values=8)
   # One backbone and one seed keep this under a minute; isolate=True exercises the subprocess + peak-RSS path.
-  r = benchmark.run_benchmark(tiny_config(), out, seeds=1, backbones=('shared_bottom',), isolate=True,
+  r = benchmark.run_benchmark(c, out, seeds=1, backbones=('shared_bottom',), isolate=True,
                               fusion_negatives=30, serving_requests=20)
   return out, r
 

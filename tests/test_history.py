@@ -13,6 +13,7 @@ from mtl_rec import deterministic
 from mtl_rec import encoding
 from mtl_rec import experiment as experiment_lib
 from mtl_rec import features as features_lib
+from mtl_rec import scoring
 from mtl_rec import sharding as sharding_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec import trainer as trainer_lib
@@ -132,6 +133,24 @@ def test_the_model_leaves_the_target_out_of_the_pool(exp):
   h[np.arange(h.shape[0]), first] = -1  # drop another item
   out_shorter, _ = model(shorter)
   assert not np.allclose(out_shorter['rating'], out_excluded['rating'])
+
+
+def test_catalog_scores_pool_each_side_once_and_equal_the_pairs_a_ranking_keeps(exp):
+  """Ranking the catalog, the model pools each user's and item's history once (model.cross), whole: every pair
+  scores as pair by pair except those a history holds (a user's training items), which rankings exclude. Id biases
+  included (the fixture's model has them)."""
+  trainer = trainer_lib.make_trainer(exp.config, exp.encoder.specs, exp.specs, 10)
+  scorer = scoring.NetworkScorer([scoring.Network(trainer.graphdef, trainer.init_state['params'], exp.specs)],
+                                 exp.encoder, 256)
+  users, num_items, enc = np.arange(6), exp.num_items, exp.encoder
+  catalog = np.asarray(scorer.terms_catalog(users))
+  pairs = scorer.terms_pairs(np.repeat(users, num_items), np.tile(np.arange(num_items), users.size))
+  pairs = pairs.reshape(catalog.shape)
+  held = (enc.item_table['item_id'][None, :, None] == enc.user_table['user_history'][users][:, None, :]).any(-1)
+  held |= (enc.item_table['item_audience'][None] == enc.user_table['user_id'][users][:, None, None]).any(-1)
+  assert held.any() and not held.all()
+  np.testing.assert_allclose(catalog[~held], pairs[~held], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(catalog[held], pairs[held])  # the whole histories: the only difference
 
 
 @pytest.mark.slow  # compiles on two meshes

@@ -48,13 +48,15 @@ def check_tasks(networks: Sequence[Network]) -> tuple[tasks_lib.TaskSpec, ...]:
   return specs
 
 
-def predictions(networks: Sequence[Network], params: Sequence[Any],
-                features: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+def predictions(networks: Sequence[Network], params: Sequence[Any], features: Mapping[str, Mapping[str, jax.Array]],
+                items: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
   """{task: prediction (tasks.predictions)} of every network's tasks for rows of features {'user', 'item',
-  'context'}. Traceable."""
+  'context'}; with `items` ([I] item features), for every pair of the query rows of `features` ({'user',
+  'context'}, [U]) x items, row u * I + i (model.cross). Traceable."""
   out = {}
   for n, p in zip(networks, params):
-    outputs, _ = nnx.merge(n.graphdef, p)(features)
+    model = nnx.merge(n.graphdef, p)
+    outputs = model(features)[0] if items is None else model.cross(features, items)
     out.update(tasks_lib.predictions(outputs, n.specs))
   return out
 
@@ -161,10 +163,7 @@ class NetworkScorer(Scorer):
     holds, which rankings exclude, score otherwise than pair by pair)."""
     nu = jax.tree.leaves(query['user'])[0].shape[0]
     ni = jax.tree.leaves(items)[0].shape[0]
-    preds = {}
-    for n, p in zip(self.networks, params):
-      preds.update(tasks_lib.predictions(nnx.merge(n.graphdef, p).cross(query, items), n.specs))
-    terms = fusion_terms(task_values(preds, self.specs), self.specs)
+    terms = fusion_terms(task_values(predictions(self.networks, params, query, items), self.specs), self.specs)
     return terms.reshape((nu, ni, terms.shape[-1]))
 
   def catalog_fn(self) -> Callable:

@@ -354,23 +354,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument('--server_flag', action='append', default=[], help='extra serve.py flag, repeatable')
   args = parser.parse_args(argv)
   # every flag checked before anything is loaded: a bad value is a usage error naming it, not a traceback
-  def ints(flag: str, text: str) -> list[int]:  # '1,8' -> [1, 8]; '' -> none
+  def positives(flag: str, cast: type, what: str, example: str) -> list[Any]:  # '1,8' -> [1, 8]; '' -> none
+    text = getattr(args, flag)
     try:
-      values = [int(x) for x in text.split(',') if x]
+      values = [cast(x) for x in text.split(',') if x]
     except ValueError:
       values = [0]
-    if any(v <= 0 for v in values):
-      parser.error(f'--{flag}={text!r} is not a comma-separated list of positive integers (e.g. 1,8, or "" for none)')
+    if any(not v > 0 for v in values):
+      parser.error(f'--{flag}={text!r} is not a comma-separated list of positive {what} (e.g. {example}, '
+                   'or "" for none)')
     return values
-  lists = {flag: ints(flag, getattr(args, flag)) for flag in ('batch_sizes', 'concurrency', 'recommend_users',
-                                                               'recommend_concurrency')}
-  try:
-    rates = [float(r) for r in args.rate.split(',') if r]
-  except ValueError:
-    rates = [0.0]
-  if any(not r > 0 for r in rates):
-    parser.error(f'--rate={args.rate!r} is not a comma-separated list of positive request rates (e.g. 1000, or "" '
-                 'for none)')
+  lists = {flag: positives(flag, int, 'integers', '1,8')
+           for flag in ('batch_sizes', 'concurrency', 'recommend_users', 'recommend_concurrency')}
+  rates = positives('rate', float, 'request rates', '1000')
   for flag in ('duration', 'max_requests', 'items_per_request', 'recommend_k', 'recommend_budget_ms'):
     if not getattr(args, flag) > 0:
       parser.error(f'--{flag}={getattr(args, flag)} must be positive')

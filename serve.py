@@ -11,6 +11,7 @@ import sys
 
 from absl import app, flags
 
+from mtl_rec import errors
 from mtl_rec.serving import app as serving_app
 
 _D = serving_app.ServerOptions()
@@ -36,10 +37,11 @@ def main(argv):
       host=_HOST.value, port=_PORT.value, max_batch_rows=_MAX_BATCH_ROWS.value, max_wait_ms=_MAX_WAIT_MS.value,
       max_recommend_users=_MAX_RECOMMEND_USERS.value, max_items=_MAX_ITEMS.value,
       max_body_bytes=_MAX_BODY_BYTES.value, max_queued_rows=_MAX_QUEUED_ROWS.value)
-  try:
-    serving_app.serve(_EXPORT_DIR.value, options)
-  except (ValueError, OSError) as e:  # a bad --export_dir or a busy --port: the message names it
-    sys.exit(f'error: {e}')
+  with errors.reported():  # a bad --export_dir: one line naming it
+    try:
+      serving_app.serve(_EXPORT_DIR.value, options)
+    except OSError as e:  # a busy --port
+      sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -10,12 +10,11 @@ of its best checkpoint in mtl_rec.export.
 """
 
 import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mtl_rec import distributed, evaluation, export, loop
+from mtl_rec import distributed, errors, evaluation, export, loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/movielens_100k.py', 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/ml100k', 'Run directory: checkpoints, metrics, logs.')
@@ -32,13 +31,11 @@ def main(argv):
   logging.getLogger('mtl_rec').setLevel(logging.INFO)
   distributed.initialize()
   config = _CONFIG.value
-  try:
+  with errors.reported():  # bad config values and data files: one line naming the problem and the fix
     result = loop.train_and_evaluate(config, _WORKDIR.value, _INIT_FROM.value)
     # Every process takes part (gathering sharded parameters is collective); process 0 writes W/export/<version>/.
     path = export.export_trained(result.run, _WORKDIR.value, result.metrics) if (
         result.run and config.export.enabled) else None
-  except ValueError as e:  # bad config values and data files: the message names the problem and the fix
-    sys.exit(f'error: {e}')
   m = result.metrics
   if 'test' in m and distributed.is_lead():
     if path:

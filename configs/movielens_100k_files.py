@@ -12,11 +12,13 @@ import os
 
 from configs import movielens_100k
 
+from mtl_rec import errors
+
 
 def get_config(directory: str | None = None):
   if not directory:
-    raise ValueError('name the directory of the tables: --config=configs/movielens_100k_files.py:DIR (write it with '
-                     'python -m mtl_rec.data.write --out=DIR)')
+    raise errors.ConfigError('name the directory of the tables: --config=configs/movielens_100k_files.py:DIR '
+                             '(write it with python -m mtl_rec.data.write --out=DIR)')
   c = movielens_100k.get_config()
   c.data.source = 'files'  # Parquet or CSV tables, columns as configs/movielens_schema.py declares them
   c.data.name = 'movielens-100k'

@@ -9,14 +9,15 @@ through the shared user-id table. Each example's own id is left out of the pool 
 
 from configs import movielens_100k
 from mtl_rec import config as config_lib
+from mtl_rec import errors
 
 VARIANTS = ('both', 'user', 'item', 'none')
 
 
 def get_config(variant: str = 'both'):
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r} of movielens_100k_history; use one of "
-                     f"{', '.join(':' + v for v in VARIANTS)}")
+    raise errors.ConfigError(f"unknown variant {variant!r} of movielens_100k_history; use one of "
+                             f"{', '.join(':' + v for v in VARIANTS)}")
   c = movielens_100k.get_config()
   with c.unlocked():
     if variant in ('item', 'none'):

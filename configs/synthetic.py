@@ -9,6 +9,7 @@ with it, so exports retrieve then re-rank (e.g. the scale benchmark's 1M-item ex
 
 from configs import movielens_schema
 from mtl_rec import config as config_lib
+from mtl_rec import errors
 
 VARIANTS = ('tiny', 'retrieval')
 
@@ -34,8 +35,8 @@ def get_config(variant: str | None = None):
   variants = [v for v in (variant or '').split(',') if v]
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
-    raise ValueError(f'configs/synthetic.py:{variant}: {unknown[0]!r} is not a variant; use some of '
-                     f'{", ".join(VARIANTS)} (comma-separated) or none')
+    raise errors.ConfigError(f'configs/synthetic.py:{variant}: {unknown[0]!r} is not a variant; use some of '
+                             f'{", ".join(VARIANTS)} (comma-separated) or none')
   if 'retrieval' in variants:
     with c.unlocked():
       c.tasks.retrieval = config_lib.task('retrieval', config_lib.OBSERVED, temperature=0.1)

@@ -37,6 +37,7 @@ import numpy as np
 from mtl_rec import benchmark_report as report_lib
 from mtl_rec import capacity
 from mtl_rec import config as config_lib
+from mtl_rec import errors
 from mtl_rec import export as export_lib
 from mtl_rec import files
 from mtl_rec import fusion
@@ -252,10 +253,10 @@ def run_benchmark(config: ml_collections.ConfigDict, out: str, seeds: int = 3, b
   load_start = os.getloadavg()[0]
   config_lib.validate(config)
   if seeds < 1:
-    raise ValueError(f'--seeds={seeds}: use at least 1 (3 gives error bars)')
+    raise errors.ConfigError(f'--seeds={seeds}: use at least 1 (3 gives error bars)')
   unknown = [b for b in backbones if b not in BACKBONES]
   if unknown or not backbones:
-    raise ValueError(f'backbones {list(backbones)}: choose from {", ".join(BACKBONES)}')
+    raise errors.ConfigError(f'backbones {list(backbones)}: choose from {", ".join(BACKBONES)}')
   os.makedirs(out, exist_ok=True)
   names = [unified_name(b) for b in backbones] + [report_lib.ENSEMBLE]
   per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
@@ -332,13 +333,11 @@ def main(argv: Sequence[str], f: Any) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; flags look like --out=DIR')
   logging.getLogger().setLevel(logging.WARNING)
-  try:
+  with errors.reported():  # bad flags or config values: one line naming the problem and the fix
     report = run_benchmark(f.config.value, f.out.value, seeds=f.seeds.value, backbones=tuple(f.backbones.value),
                            ensemble_backbone=f.ensemble_backbone.value, max_epochs=f.max_epochs.value,
                            isolate=f.isolate.value, fusion_negatives=f.fusion_negatives.value,
                            serving_requests=f.serving_requests.value, plots=f.plots.value)
-  except ValueError as e:  # bad flags or config values: the message names the problem and the fix
-    sys.exit(f'error: {e}')
   print(f'\nwrote {os.path.join(f.out.value, "report.md")} ({report["meta"]["elapsed_sec"] / 60:.1f} min)\n')
   with open(os.path.join(f.out.value, 'report.md')) as fh:
     print(fh.read())

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from mtl_rec import deterministic
+from mtl_rec import errors
 from mtl_rec import model as model_lib
 from mtl_rec import sharding as sharding_lib
 from mtl_rec import trees
@@ -117,7 +118,7 @@ def calibrate(runs: dict[str, dict[str, Any]]) -> Calibration:
   times are each run's fastest step, what the machine does undisturbed: this shared machine's step times scatter by
   10-25% from run to run, and the median with them."""
   if 'rowwise_adagrad' not in runs:
-    raise ValueError('calibration needs a rowwise_adagrad run (and dense_adam to plan dense Adam)')
+    raise errors.ConfigError('calibration needs a rowwise_adagrad run (and dense_adam to plan dense Adam)')
   rw = runs['rowwise_adagrad']
   per_example = lambda r: r['step_seconds_min'] * r['devices'] / r['batch_size']
   s_ex, s_byte, t_ex, t_byte = {}, {}, {}, {}
@@ -137,7 +138,7 @@ def plan(cal: Calibration, b: Bytes, optimizer: str, batch_size: int, devices: i
   """The plan of one configuration: bytes per device (tables, optimizer state, step temporaries, total) and the
   expected step time and examples/s."""
   if optimizer not in cal.seconds_per_example:
-    raise ValueError(f'the calibration has no {optimizer} run; calibrate with it among the optimizers')
+    raise errors.ConfigError(f'the calibration has no {optimizer} run; calibrate with it among the optimizers')
   temp = cal.temp_bytes_per_example[optimizer] * batch_size + cal.temp_bytes_per_table_byte[optimizer] * b.id_tables
   t = (cal.seconds_per_example[optimizer] * batch_size / devices
        + cal.seconds_per_table_byte[optimizer] * b.id_tables)

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from mtl_rec import errors
+
 
 def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
   if read_only:  # another run's checkpoints: list and read, never create, clean up or delete anything there
@@ -92,7 +94,7 @@ class Checkpointer:
     mngr = self.latest if step in self.latest.all_steps() else self.best
     out = self._restore(mngr, target, step)
     if out is None:
-      raise ValueError(f'no checkpoint at step {step}; available: {sorted(set(self.all_steps()))}')
+      raise errors.Error(f'no checkpoint at step {step}; available: {sorted(set(self.all_steps()))}')
     return out
 
   def all_steps(self) -> list[int]:
@@ -119,8 +121,8 @@ def find_checkpoint(path: str) -> tuple[str, str]:
     steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []  # finished saves only
     if steps:
       return path, os.path.join(directory, str(max(steps)))
-  raise ValueError(f'{path} holds no checkpoint: pass the --workdir of a train.py run, or one of its '
-                   'checkpoints/latest/<step> directories')
+  raise errors.Error(f'{path} holds no checkpoint: pass the --workdir of a train.py run, or one of its '
+                     'checkpoints/latest/<step> directories')
 
 
 def step_directory(workdir: str, step: int | None = None) -> str:
@@ -134,7 +136,7 @@ def step_directory(workdir: str, step: int | None = None) -> str:
     for s in (ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []):
       steps.setdefault(int(s), os.path.join(directory, str(s)))
   if step not in steps:
-    raise ValueError(f'no checkpoint at step {step} under {workdir}; available: {sorted(steps)}')
+    raise errors.Error(f'no checkpoint at step {step} under {workdir}; available: {sorted(steps)}')
   return steps[step]
 
 

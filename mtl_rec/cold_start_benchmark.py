@@ -21,7 +21,6 @@ import copy
 import logging
 import os
 import re
-import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -30,6 +29,7 @@ from mtl_rec import config as config_lib
 from mtl_rec import files
 from mtl_rec.benchmark import train_or_load
 from mtl_rec.benchmark_report import fmt_summary, markdown_table, summary
+from mtl_rec import errors
 
 def variants(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
   """{variant name: the item features it drops}: ids only; for each text or vector kind among several item
@@ -39,8 +39,8 @@ def variants(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
   # an item's audience (kind 'history') is not content: a cold item has none
   content = [n for n, f in item if config_lib.feature_column(n, f) not in ids and f.kind != 'history']
   if not content:
-    raise ValueError('the config declares no item feature besides the id: nothing to compare. Declare the items\' '
-                     "content (config.feature('item', 'title', kind='text', ...))")
+    raise errors.ConfigError('the config declares no item feature besides the id: nothing to compare. Declare the '
+                             "items' content (config.feature('item', 'title', kind='text', ...))")
   name = lambda kept: 'ids + ' + ', '.join(kept)
   out = {'ids only': content}
   for kind in ('text', 'vector'):
@@ -94,9 +94,9 @@ def render_markdown(report: dict[str, Any], config: ml_collections.ConfigDict) -
 
 def run(config: ml_collections.ConfigDict, out: str, seeds: int, cold_items: float) -> dict[str, Any]:
   if seeds < 1:
-    raise ValueError(f'--seeds={seeds}: train at least one seed per variant')
+    raise errors.ConfigError(f'--seeds={seeds}: train at least one seed per variant')
   if not 0 < cold_items < 1:
-    raise ValueError(f'--cold_items={cold_items}: the share of items held out must be in (0, 1), e.g. 0.1')
+    raise errors.ConfigError(f'--cold_items={cold_items}: the share of items held out must be in (0, 1), e.g. 0.1')
   per_run = {}
   for name, drop in variants(config).items():
     print(f'{name}: ' + (f'without {", ".join(drop)}' if drop else 'every declared feature'), flush=True)
@@ -117,10 +117,8 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; flags look like --out=DIR')
   logging.getLogger().setLevel(logging.WARNING)
-  try:
+  with errors.reported():  # bad flags or config values: one line naming the problem and the fix
     run(_FLAGS['config'].value, _FLAGS['out'].value, _FLAGS['seeds'].value, _FLAGS['cold_items'].value)
-  except ValueError as e:  # bad flags or config values: the message names the problem and the fix
-    sys.exit(f'error: {e}')
   with open(os.path.join(_FLAGS['out'].value, 'report.md')) as f:
     print('\n' + f.read())
 

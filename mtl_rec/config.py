@@ -4,7 +4,8 @@ Configs are `ml_collections.ConfigDict`s built by `configs/*.py:get_config()` on
 experiment has every field and command-line overrides (`--config.train.epochs=3`) are type-checked by ml_collections.
 The data are declared, not coded: `config.data` says where the interaction log and the side tables are and which
 columns play which role, `config.features` declares the model's inputs (`feature()`), `config.tasks` the heads
-(`task()`). `validate()` checks values and cross-field rules and raises `ValueError` — never `assert`.
+(`task()`). `validate()` checks values and cross-field rules and raises `errors.ConfigError` (a ValueError) — never
+`assert`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
+
+from mtl_rec import errors
 
 DATA_SOURCES = ('files', 'movielens_100k', 'movielens_1m', 'tfds', 'synthetic')
 FILE_FORMATS = ('', 'parquet', 'csv')
@@ -285,8 +288,8 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _err(field: str, value: Any, fix: str) -> ValueError:
-  return ValueError(f'config.{field}={value!r} is invalid: {fix}')
+def _err(field: str, value: Any, fix: str) -> errors.ConfigError:
+  return errors.ConfigError(f'config.{field}={value!r} is invalid: {fix}')
 
 
 def ranking_task(c: ml_collections.ConfigDict) -> str:
@@ -340,7 +343,7 @@ def feature_column(name: str, f: ml_collections.ConfigDict) -> str:
 
 def table_optimizers(c: ml_collections.ConfigDict) -> tuple[str, dict[str, str]]:
   """(config.optimizer.tables.name, {feature: optimizer} of its by_feature 'user_id=lazy_adam,...'); raises
-  ValueError naming the fix."""
+  errors.ConfigError naming the fix."""
   name = c.optimizer.tables.name
   if name not in TABLE_OPTIMIZERS:
     raise _err('optimizer.tables.name', name, f'use one of {", ".join(TABLE_OPTIMIZERS)}')
@@ -355,7 +358,7 @@ def table_optimizers(c: ml_collections.ConfigDict) -> tuple[str, dict[str, str]]
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad field and how to fix it."""
+  """Raises errors.ConfigError naming the first bad field and how to fix it."""
   def one_of(field: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
       raise _err(field, value, f'use one of {", ".join(repr(a) for a in allowed)}')

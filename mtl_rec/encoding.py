@@ -40,6 +40,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mtl_rec import errors
+
 OOV_ROW = 0
 PAD = -1
 KINDS = ('vocab', 'hash', 'bucket', 'numeric', 'multi', 'text', 'vector', 'history')
@@ -240,13 +242,13 @@ def vectors(rule: Mapping[str, Any], values: Any) -> np.ndarray:
     if len(v) == 0:
       continue
     if len(v) != dim:
-      raise ValueError(f'row {r + 1} has {len(v)} numbers, the feature declares dim={dim}')
+      raise errors.DataError(f'row {r + 1} has {len(v)} numbers, the feature declares dim={dim}')
     try:
       x = np.asarray(v, np.float64)
     except (TypeError, ValueError):
-      raise ValueError(f'row {r + 1} holds a value that is not a number') from None
+      raise errors.DataError(f'row {r + 1} holds a value that is not a number') from None
     if not np.all(np.isfinite(x)):
-      raise ValueError(f'row {r + 1} holds a non-finite number (NaN or infinity)')
+      raise errors.DataError(f'row {r + 1} holds a non-finite number (NaN or infinity)')
     out[r] = x
   return out
 

@@ -29,7 +29,9 @@ from mtl_rec.data import readers
 from mtl_rec.data import splits as splits_lib
 from mtl_rec.data.loader import load_data
 from mtl_rec.data.sampling import NegativeSampler
-from mtl_rec.data.types import Dataset, DataError
+from mtl_rec.data.types import Dataset
+from mtl_rec import errors
+from mtl_rec.errors import DataError
 from mtl_rec.input_pipeline import EvalSet, Examples, Labels, StreamedTrain, TrainStream
 
 if TYPE_CHECKING:  # imported when used: Grain is needed by data.reader='stream' only
@@ -99,8 +101,8 @@ def _positions(ids: np.ndarray, table_ids: np.ndarray, what: str) -> np.ndarray:
   pos = np.minimum(pos, len(order) - 1)
   bad = table_ids[order][pos] != ids
   if bad.any():
-    raise ValueError(f'log rows reference {what} id {ids[bad][0]} missing from the {what} table; the data files '
-                     'are inconsistent: re-fetch them')
+    raise DataError(f'log rows reference {what} id {ids[bad][0]} missing from the {what} table; the data files '
+                    'are inconsistent: re-fetch them')
   return order[pos].astype(np.int64)
 
 
@@ -111,7 +113,7 @@ def build(config: ml_collections.ConfigDict, data: Dataset | None = None, workdi
   config_lib.validate(config)
   if config.data.reader == 'stream':
     if workdir is None:
-      raise ValueError("data.reader='stream' caches its passes over the log in the run directory: pass workdir")
+      raise errors.ConfigError("data.reader='stream' caches its passes over the log in the run directory: pass workdir")
     return build_streamed(config, workdir)
   ds = load_data(config) if data is None else data
   split = splits_lib.make_split(ds, config.data, config.seed)

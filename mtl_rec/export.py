@@ -52,7 +52,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -71,6 +70,7 @@ from mtl_rec import tasks as tasks_lib
 from mtl_rec import trees
 from mtl_rec import encoding
 from mtl_rec.encoding import Vocab, manifest_vocab
+from mtl_rec import errors
 from mtl_rec.experiment import Experiment
 from mtl_rec.features import FeatureSpec
 from mtl_rec.scoring import Network
@@ -155,7 +155,7 @@ class _Flat:
     self.specs = scoring.check_tasks(self.networks)
     self.task_names = tuple(s.name for s in self.specs)
     if 'score' in self.task_names:
-      raise ValueError("a task may not be named 'score': that is the fused output's name")
+      raise errors.ConfigError("a task may not be named 'score': that is the fused output's name")
     self.treedefs, self.counts, self.keys, self.leaves = [], [], [], []
     for i, n in enumerate(self.networks):
       flat, treedef = jax.tree_util.tree_flatten_with_path(n.params)
@@ -394,13 +394,14 @@ def write_export(export_root: str, networks: Sequence[Network], tables: Tables, 
                       for s in flat.specs}
   unknown = set(fusion_weights) - set(flat.task_names)
   if unknown:
-    raise ValueError(f'fusion weights name tasks {sorted(unknown)} that no network predicts ({flat.task_names})')
+    raise errors.ConfigError(f'fusion weights name tasks {sorted(unknown)} that no network predicts '
+                             f'({flat.task_names})')
   weights = {t: float(fusion_weights.get(t, 0.0)) for t in flat.task_names}
 
   version = next_version(export_root) if version is None else int(version)
   final = os.path.join(export_root, str(version))
   if os.path.exists(final):
-    raise ValueError(f'{final} exists; versions are immutable: pass another --version or none for the next one')
+    raise errors.Error(f'{final} exists; versions are immutable: pass another --version or none for the next one')
   os.makedirs(export_root, exist_ok=True)
   tmp = os.path.join(export_root, f'.tmp-{version}-{os.getpid()}')
   shutil.rmtree(tmp, ignore_errors=True)
@@ -507,7 +508,7 @@ def export_run(workdir: str, step: int | None = None, export_root: str | None = 
   """Exports a run's best checkpoint (or the one at `step`) to `export_root` (default `W/export`)."""
   export_root = export_root or os.path.join(workdir, 'export')
   if version is not None and os.path.exists(os.path.join(export_root, str(version))):
-    raise ValueError(f'{export_root}/{version} exists; versions are immutable: pass another --version or none')
+    raise errors.Error(f'{export_root}/{version} exists; versions are immutable: pass another --version or none')
   run = runs_lib.load(workdir, step, devices=jax.devices()[:1])
   metrics, weights = None, None
   path = os.path.join(workdir, 'metrics.json')
@@ -532,10 +533,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--version', type=int, default=None, help='version number (default: next free integer)')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
-  try:
+  with errors.reported():
     path = export_run(args.workdir, args.step, args.export_dir, args.version)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
   print(path)
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from mtl_rec import config as config_lib
 from mtl_rec import encoding
 from mtl_rec.data import readers
-from mtl_rec.data.types import Dataset, DataError, MultiHot
+from mtl_rec.data.types import Dataset, MultiHot
+from mtl_rec.errors import DataError
 from mtl_rec.encoding import OOV_ROW, Vocab
 
 __all__ = ['OOV_ROW', 'Vocab', 'FeatureSpec', 'FeatureEncoder', 'fit']
@@ -215,7 +216,7 @@ def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, 
     rule = _rule(name, f, raw, weights[f.entity], column == ids.get(f.entity), vocabs, where)
     try:
       values = encoding.encode(rule, raw, vocabs)
-    except ValueError as e:  # a vector of the wrong length or with a non-finite number
+    except DataError as e:  # a vector of the wrong length or with a non-finite number
       raise DataError(f"{where}: column {column!r} of feature '{name}': {e}; fix the row or the declaration "
                       f'(features.{name}.dim)') from None
     if f.entity == 'context':  # the last row: an unknown context (a request that gives none)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import ml_collections
 
 from mtl_rec import config as config_lib
+from mtl_rec import errors
 from mtl_rec import files
 from mtl_rec import fusion_weights
 from mtl_rec import loop
@@ -64,7 +65,7 @@ def member_config(config: ml_collections.ConfigDict, task: str) -> ml_collection
       spending compute on rows its loss masks out.
   """
   if task not in config.tasks:
-    raise ValueError(f"no task '{task}' in config.tasks ({', '.join(config.tasks)})")
+    raise errors.ConfigError(f"no task '{task}' in config.tasks ({', '.join(config.tasks)})")
   c = copy.deepcopy(config)
   t = copy.deepcopy(config.tasks[task])
   t.weight = 1.0
@@ -122,7 +123,7 @@ def load_members(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[
   for task, _ in config_lib.ordered(config.tasks):
     run = runs_lib.load(member_workdir(workdir, task), exp=exp)
     if exp is not None and run.exp is not exp:
-      raise ValueError(f'member {task} was trained on other data, features or another seed; retrain {workdir}')
+      raise errors.Error(f'member {task} was trained on other data, features or another seed; retrain {workdir}')
     members.append(dataclasses.replace(run.network, name=task))
     exp = run.exp
   return members, exp

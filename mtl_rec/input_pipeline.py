@@ -18,6 +18,7 @@ import numpy as np
 
 from mtl_rec import encoding
 from mtl_rec.data.sampling import NegativeSampler
+from mtl_rec import errors
 from mtl_rec.features import FeatureEncoder
 from mtl_rec.tasks import LabelColumn, TaskSpec
 
@@ -128,8 +129,8 @@ class TrainStream:
     self.rows_per_epoch = len(positives) * (1 + num_negatives)
     self.steps_per_epoch = self.rows_per_epoch // batch_size
     if self.steps_per_epoch == 0:
-      raise ValueError(f'train.batch_size={batch_size} is larger than an epoch ({self.rows_per_epoch} rows); '
-                       'lower --config.train.batch_size')
+      raise errors.ConfigError(f'train.batch_size={batch_size} is larger than an epoch ({self.rows_per_epoch} rows); '
+                               'lower --config.train.batch_size')
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
     """Batches `start_step`.. of `epoch` (0-based), identical whenever they are regenerated."""
@@ -171,8 +172,8 @@ class StreamedTrain:
     self.batch_size = plan.positives_per_shard * plan.num_shards * (1 + num_negatives)  # global rows
     self.steps_per_epoch = plan.steps_per_epoch
     if self.steps_per_epoch == 0:
-      raise ValueError(f'train.batch_size={self.batch_size} is larger than a shard\'s epoch; lower '
-                       '--config.train.batch_size or data.stream.num_shards')
+      raise errors.ConfigError(f'train.batch_size={self.batch_size} is larger than a shard\'s epoch; lower '
+                               '--config.train.batch_size or data.stream.num_shards')
 
   def epoch(self, epoch: int, start_step: int = 0) -> stream_lib.LocalBatches:
     """This process's rows of the global batches `start_step`.. of `epoch` (0-based)."""

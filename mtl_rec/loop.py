@@ -32,6 +32,7 @@ from mtl_rec import trainer as trainer_lib
 from mtl_rec import warm_start
 from mtl_rec.checkpoint import Checkpointer
 from mtl_rec.data import splits as splits_lib
+from mtl_rec import errors
 from mtl_rec.runs import Run
 from mtl_rec.scoring import Network, NetworkScorer
 
@@ -240,9 +241,9 @@ def _resumed_input(exp: experiment_lib.Experiment, ckpt: Checkpointer, step: int
     log.warning('the checkpoint at step %d has no reader state: the stream restarts from its step', step)
     return None
   if batches.epoch * spe + batches.batch != step:
-    raise ValueError(f'the checkpoint at step {step} holds the reader at epoch {batches.epoch}, batch '
-                     f'{batches.batch}, which is not that step ({spe} steps an epoch): the data changed since the '
-                     'checkpoint; resume with the same files and config, or start a new workdir')
+    raise errors.Error(f'the checkpoint at step {step} holds the reader at epoch {batches.epoch}, batch '
+                       f'{batches.batch}, which is not that step ({spe} steps an epoch): the data changed since the '
+                       'checkpoint; resume with the same files and config, or start a new workdir')
   log.info('reader resumed at epoch %d, batch %d', batches.epoch, batches.batch)
   return batches
 

@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mtl_rec import config as config_lib
 from mtl_rec import deterministic
+from mtl_rec import errors
 from mtl_rec import sharding as sharding_lib
 from mtl_rec import trees
 
@@ -70,14 +71,15 @@ def table_groups(config: ml_collections.ConfigDict,
     features = list(dict.fromkeys(i[-1] for i in inputs))
     rules = {by_feature[f] for f in features if f in by_feature}
     if len(rules) > 1:
-      raise ValueError(f'optimizer.tables.by_feature gives {", ".join(features)} different optimizers, but they index '
-                       'the same tables; give them one')
+      raise errors.ConfigError(f'optimizer.tables.by_feature gives {", ".join(features)} different optimizers, but '
+                               'they index the same tables; give them one')
     out.append(Group('+'.join(features), rules.pop() if rules else default, tuple(tables), tuple(inputs)))
   named = {i[-1] for g in out for i in g.inputs}
   stray = sorted(set(by_feature) - named)
   if stray:
-    raise ValueError(f'optimizer.tables.by_feature names {stray[0]!r}, which has no row-sharded table (small tables '
-                     f'are replicated and use the dense optimizer); row-sharded: {", ".join(sorted(named))}')
+    raise errors.ConfigError(f'optimizer.tables.by_feature names {stray[0]!r}, which has no row-sharded table (small '
+                             'tables are replicated and use the dense optimizer); row-sharded: '
+                             f'{", ".join(sorted(named))}')
   return out
 
 

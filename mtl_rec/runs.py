@@ -13,6 +13,7 @@ from flax import nnx
 
 from mtl_rec import checkpoint as checkpoint_lib
 from mtl_rec import config as config_lib
+from mtl_rec import errors
 from mtl_rec import experiment as experiment_lib
 from mtl_rec import model as model_lib
 from mtl_rec import sharding as sharding_lib
@@ -34,7 +35,7 @@ class Run:
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise ValueError(f'{workdir} is not a run directory (no config.json); pass the --workdir of a train.py run')
+    raise errors.Error(f'{workdir} is not a run directory (no config.json); pass the --workdir of a train.py run')
   with open(path) as f:
     return config_lib.from_json(f.read())
 
@@ -60,7 +61,7 @@ def load(workdir: str, step: int | None = None, devices: Any = None, exp: Experi
   try:
     sharding_lib.resolve_shape(config.mesh.shape, len(devices))
     shape = config.mesh.shape
-  except ValueError:
+  except errors.ConfigError:  # the run's mesh does not fit these devices: data-parallel
     shape = (-1, 1)
   mesh = sharding_lib.make_mesh(shape, config.mesh.axis_names, devices)
   specs = tasks_lib.task_specs(config, tasks_lib.label_columns(config, exp.data), exp.label_rows())  # this run's

@@ -57,6 +57,7 @@ from mtl_rec import sharding as sharding_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec import trainer as trainer_lib
 from mtl_rec.data import loader
+from mtl_rec import errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'A synthetic-source config: its declared '
                                           'features, tasks and network, on tables of the sizes below.')
@@ -126,8 +127,8 @@ def scale_config(config: Any, num_users: int, num_items: int, embed_dim: int, ba
   configs/synthetic.py) on tables of the given size."""
   config = config.copy_and_resolve_references()
   if config.data.source != 'synthetic':
-    raise ValueError(f"--config's data.source is {config.data.source!r}: the scale benchmark generates its data; "
-                     'pass a synthetic config such as configs/synthetic.py')
+    raise errors.ConfigError(f"--config's data.source is {config.data.source!r}: the scale benchmark generates its "
+                             'data; pass a synthetic config such as configs/synthetic.py')
   config.data.synthetic.num_users = num_users
   config.data.synthetic.num_items = num_items
   config.data.synthetic.interactions_per_user = interactions_per_user
@@ -169,7 +170,7 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
   t_start = time.time()
   config = scale_config(config, num_users, num_items, embed_dim, batch_size, mesh_shape, interactions_per_user)
   if optimizer not in capacity.OPTIMIZERS:
-    raise ValueError(f'--optimizers: {optimizer!r} is not one of {", ".join(capacity.OPTIMIZERS)}')
+    raise errors.ConfigError(f'--optimizers: {optimizer!r} is not one of {", ".join(capacity.OPTIMIZERS)}')
   with config.unlocked():
     config.optimizer.tables.name = capacity.OPTIMIZERS[optimizer]
     config.optimizer.tables.by_feature = ''

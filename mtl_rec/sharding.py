@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mtl_rec import errors
+
 RULES: dict[str, str | None] = {
     'batch': 'data',  # examples are split over the data axis
     'vocab': 'model',  # rows of large id tables are split over the model axis
@@ -29,14 +31,15 @@ def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f'config.mesh.shape={shape}: {num_devices} devices are not divisible by {known}; '
-                       f'choose sizes that divide {num_devices}')
+      raise errors.ConfigError(f'config.mesh.shape={shape}: {num_devices} devices are not divisible by {known}; '
+                               f'choose sizes that divide {num_devices}')
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if -1 not in shape and math.prod(shape) < num_devices:
     return shape  # a mesh smaller than the machine uses its first devices (make_mesh slices them)
   if math.prod(shape) != num_devices:
-    raise ValueError(f'config.mesh.shape={shape} needs {math.prod(shape)} devices but {num_devices} are available; '
-                     'set --config.mesh.shape to sizes whose product is the device count (or use -1)')
+    raise errors.ConfigError(f'config.mesh.shape={shape} needs {math.prod(shape)} devices but {num_devices} are '
+                             'available; set --config.mesh.shape to sizes whose product is the device count '
+                             '(or use -1)')
   return shape
 
 
@@ -87,17 +90,19 @@ def check_divisible(batch_size: int, mesh: Mesh, row_multiple: int, groups: int 
   `groups` gradient groups)."""
   data, model = mesh.shape['data'], mesh.shape['model']
   if batch_size % data:
-    raise ValueError(f'config.train.batch_size={batch_size} is not divisible by the data axis ({data}); '
-                     f'use a multiple of {data}')
+    raise errors.ConfigError(f'config.train.batch_size={batch_size} is not divisible by the data axis ({data}); '
+                             f'use a multiple of {data}')
   if groups and batch_size % groups:
-    raise ValueError(f'config.train.batch_size={batch_size} is not divisible by the {groups} gradient groups '
-                     f'(train.grad_groups on {mesh.size} devices); use a multiple of {groups}, or set '
-                     '--config.train.grad_groups=0 to let XLA sum the gradient (numbers then depend on the mesh)')
+    raise errors.ConfigError(f'config.train.batch_size={batch_size} is not divisible by the {groups} gradient groups '
+                             f'(train.grad_groups on {mesh.size} devices); use a multiple of {groups}, or set '
+                             '--config.train.grad_groups=0 to let XLA sum the gradient (numbers then depend on the '
+                             'mesh)')
   if batch_size % jax.process_count():
-    raise ValueError(f'config.train.batch_size={batch_size} must divide evenly over {jax.process_count()} processes')
+    raise errors.ConfigError(f'config.train.batch_size={batch_size} must divide evenly over {jax.process_count()} '
+                             'processes')
   if row_multiple % model:
-    raise ValueError(f'config.model.row_multiple={row_multiple} is not divisible by the model axis ({model}); '
-                     f'set it to a multiple of {model}')
+    raise errors.ConfigError(f'config.model.row_multiple={row_multiple} is not divisible by the model axis ({model}); '
+                             f'set it to a multiple of {model}')
 
 
 def process_rows(sharding: NamedSharding, num_rows: int) -> slice:

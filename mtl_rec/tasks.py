@@ -20,7 +20,8 @@ import optax
 from mtl_rec import config as config_lib
 from mtl_rec import metrics as metrics_lib
 from mtl_rec.data import readers
-from mtl_rec.data.types import Dataset, DataError
+from mtl_rec.data.types import Dataset
+from mtl_rec.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from mtl_rec import distributed
 from mtl_rec import files
 from mtl_rec import trees
 from mtl_rec.encoding import OOV_ROW, Vocab
+from mtl_rec import errors
 from mtl_rec.features import FeatureEncoder
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ def row_sources(old_run_dir: str, encoder: FeatureEncoder) -> dict[str, np.ndarr
   meaning; padding rows, values the old run never saw and features whose rule changed are -1."""
   rules_path, vocab_path = os.path.join(old_run_dir, RULES_FILE), os.path.join(old_run_dir, VOCAB_FILE)
   if not (os.path.exists(rules_path) and os.path.exists(vocab_path)):
-    raise ValueError(f'{old_run_dir} has no {RULES_FILE} and {VOCAB_FILE}: --init_from needs a run trained by this '
-                     'version of train.py')
+    raise errors.Error(f'{old_run_dir} has no {RULES_FILE} and {VOCAB_FILE}: --init_from needs a run trained by this '
+                       'version of train.py')
   old_rules = files.read_json(rules_path)
   with np.load(vocab_path) as f:
     old_vocabs = {k: Vocab.declared(f[k]) for k in f.files}  # saved in row order
@@ -110,12 +111,12 @@ def init_from_checkpoint(init_from: str, params: Any, param_shardings: Any, enco
     old = saved.get(trees.path_parts(path))
     name = trees.path_name(path)
     if old is None:
-      raise ValueError(f'parameter {name} is not in the --init_from checkpoint {step_dir}: warm start needs the same '
-                       'model config (backbone, tasks, features); only the data may change')
+      raise errors.Error(f'parameter {name} is not in the --init_from checkpoint {step_dir}: warm start needs the same '
+                         'model config (backbone, tasks, features); only the data may change')
     is_table = trees.path_parts(path)[-1] in sources and old.ndim == new.ndim
     if (old.shape[1:] != new.shape[1:]) if is_table else (old.shape != new.shape):
-      raise ValueError(f'parameter {name} has shape {old.shape} in the --init_from checkpoint and {new.shape} here: '
-                       'warm start needs the same model config (embed_dim, layer widths)')
+      raise errors.Error(f'parameter {name} has shape {old.shape} in the --init_from checkpoint and {new.shape} here: '
+                         'warm start needs the same model config (embed_dim, layer widths)')
     # Old tables are read row-sharded like the new ones where their row count allows, else replicated.
     ok = all(d is None or old.shape[i] % mesh.shape[d] == 0 for i, d in enumerate(sharding.spec))
     return jax.ShapeDtypeStruct(old.shape, old.dtype, sharding=sharding if ok else replicated)

@@ -3,9 +3,11 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mtl_rec import config as config_lib
+from mtl_rec import errors
 from configs import movielens_100k, movielens_100k_history, movielens_1m, movielens_tfds, synthetic
 
 
@@ -142,3 +144,21 @@ def test_cli_bad_value_is_a_clear_error_not_a_traceback():
   r = _run_train('--config=configs/synthetic.py', '--config.model.backbone=transformer')
   assert r.returncode != 0
   assert 'config.model.backbone' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_cli_reports_our_errors_in_one_line_and_keeps_a_bugs_traceback():
+  """Only our own errors (errors.Error: config, flags, data files, run directories) become a one-line `error:`;
+  any other exception escaping train.py, a numpy ValueError included, is a bug and keeps its traceback."""
+  with pytest.raises(SystemExit, match=r'^error: config.x=1 is invalid'):
+    with errors.reported():
+      raise config_lib._err('x', 1, 'use 2')  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='could not be broadcast'):  # not a SystemExit: it propagates
+    with errors.reported():
+      _ = np.zeros(3) + np.zeros(2)
+  assert issubclass(errors.DataError, ValueError) and issubclass(errors.ConfigError, ValueError)  # old callers
+  bug = ('import sys, numpy as np, train; from absl import app; from mtl_rec import loop; '
+         'loop.train_and_evaluate = lambda *a: np.zeros(3) + np.zeros(2); app.run(train.main, argv=sys.argv)')
+  r = subprocess.run([sys.executable, '-c', bug, '--workdir=/nonexistent/never-written'], capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode != 0
+  assert 'Traceback' in r.stderr and 'could not be broadcast' in r.stderr and 'error: operands' not in r.stderr

@@ -19,7 +19,7 @@ from mtl_rec import encoding
 from mtl_rec import features as features_lib
 from mtl_rec.config import feature
 from mtl_rec.data import splits, synthetic
-from mtl_rec.data.types import DataError
+from mtl_rec.errors import DataError
 
 # Strings a tokenizer gets wrong in many small ways: case, accents (composed and decomposed), full-width and
 # ligature forms (NFKC), ß (case folding), digits, punctuation-only, whitespace-only, empty, emoji, CJK, apostrophes.

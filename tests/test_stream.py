@@ -20,7 +20,8 @@ from mtl_rec.data import readers
 from mtl_rec.data import stream as stream_lib
 from mtl_rec.data import synthetic
 from mtl_rec.data import write as write_lib
-from mtl_rec.data.types import DataError, to_dataset
+from mtl_rec.data.types import to_dataset
+from mtl_rec.errors import DataError
 from mtl_rec.tasks import LabelColumn
 
 ROWS_PER_GROUP = 100

@@ -23,7 +23,7 @@ from typing import Any
 
 import tqdm
 
-from mtl_rec.data.types import DataError
+from mtl_rec.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from mtl_rec import config as config_lib
 from mtl_rec.data import readers
-from mtl_rec.data.types import Dataset, DataError, MultiHot, RatingsData, to_dataset
+from mtl_rec.data.types import Dataset, MultiHot, RatingsData, to_dataset
+from mtl_rec.errors import DataError
 
 log = logging.getLogger(__name__)
 

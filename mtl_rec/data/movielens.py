@@ -28,7 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from mtl_rec.data import fetch
-from mtl_rec.data.types import DataError, ItemTable, RatingsData, UserTable
+from mtl_rec.data.types import ItemTable, RatingsData, UserTable
+from mtl_rec.errors import DataError
 
 log = logging.getLogger(__name__)
 

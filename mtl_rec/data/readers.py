@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from mtl_rec.data.types import DataError, Origin, where
+from mtl_rec.data.types import Origin, where
+from mtl_rec.errors import DataError
 
 FORMATS = {'.parquet': 'parquet', '.pq': 'parquet', '.csv': 'csv', '.tsv': 'csv'}
 ARROW_TYPES = {'str': pa.string(), 'int': pa.int64(), 'float': pa.float64()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mtl_rec import errors
+
 
 class NegativeSampler:
   """Draws unobserved items for users: uniform or popularity**power over the training items.
@@ -18,7 +20,7 @@ class NegativeSampler:
     self.num_items = int(num_items)
     self.candidates = np.asarray(candidate_items, np.int64)
     if self.candidates.size == 0:
-      raise ValueError('no candidate items to sample negatives from: the training split is empty')
+      raise errors.DataError('no candidate items to sample negatives from: the training split is empty')
     self._keys = np.unique(np.asarray(exclude_users, np.int64) * self.num_items + np.asarray(exclude_items, np.int64))
     if distribution == 'uniform':
       self._p = None
@@ -28,7 +30,7 @@ class NegativeSampler:
       w = np.asarray(popularity_counts, np.float64)[self.candidates] ** popularity_power
       self._p = w / w.sum()
     else:
-      raise ValueError(f"unknown negative distribution {distribution!r}: use 'uniform' or 'popularity'")
+      raise errors.ConfigError(f"unknown negative distribution {distribution!r}: use 'uniform' or 'popularity'")
     # Users that saw every candidate would loop forever; find them up front.
     key_items = self._keys % self.num_items
     per_user = np.bincount(self._keys // self.num_items,
@@ -58,7 +60,7 @@ class NegativeSampler:
     users = np.asarray(users, np.int64)
     if self._full_users.size and np.isin(users, self._full_users).any():
       bad = users[np.isin(users, self._full_users)][0]
-      raise ValueError(f'user index {bad} interacted with every candidate item: no negatives can be sampled')
+      raise errors.DataError(f'user index {bad} interacted with every candidate item: no negatives can be sampled')
     out = self._draw(users.size * k, rng).reshape(users.size, k)
     flat_users = np.repeat(users, k).reshape(users.size, k)
     bad = self.is_positive(flat_users, out)

@@ -13,7 +13,8 @@ import numpy as np
 
 from mtl_rec import config as config_lib
 from mtl_rec import files
-from mtl_rec.data.types import Dataset, DataError
+from mtl_rec.data.types import Dataset
+from mtl_rec.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

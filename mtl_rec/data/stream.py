@@ -35,7 +35,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mtl_rec.data import readers
-from mtl_rec.data.types import DataError, Origin, where
+from mtl_rec.data.types import Origin, where
+from mtl_rec import errors
+from mtl_rec.errors import DataError
 from mtl_rec.tasks import LabelColumn
 
 log = logging.getLogger(__name__)
@@ -303,9 +305,9 @@ class LocalBatches(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state['num_shards'] != self.shards[0].plan.num_shards or state['shards'] != [it.shard for it in self.shards]:
-      raise ValueError(f"the checkpoint's input state {state} was written with another shard layout than this run's "
-                       f'(num_shards={self.shards[0].plan.num_shards}, shards {[it.shard for it in self.shards]}); '
-                       'resume with the same data.stream.num_shards and process count')
+      raise errors.Error(f"the checkpoint's input state {state} was written with another shard layout than this run's "
+                         f'(num_shards={self.shards[0].plan.num_shards}, shards {[it.shard for it in self.shards]}); '
+                         'resume with the same data.stream.num_shards and process count')
     for it in self.shards:
       it.set_state({'epoch': state['epoch'], 'shard': it.shard, 'batch': state['batch']})
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from mtl_rec import files
 from mtl_rec.data.movielens import GENRES
 from mtl_rec.data.types import Dataset, ItemTable, RatingsData, UserTable
+from mtl_rec import errors
 
 # ML-100K's occupations, so synthetic users look like MovieLens ones to the feature code.
 OCCUPATIONS: tuple[str, ...] = (
@@ -117,13 +118,13 @@ def generate_with_truth(
     (data, truth). Ratings rows are grouped by user (users in id order), each user's rows in time order.
   """
   if min(num_users, num_items, interactions_per_user, latent_dim, chunk_size) < 1:
-    raise ValueError('num_users, num_items, interactions_per_user, latent_dim and chunk_size must be >= 1.')
+    raise errors.ConfigError('num_users, num_items, interactions_per_user, latent_dim and chunk_size must be >= 1.')
   if interactions_per_user > num_items:
-    raise ValueError(f'interactions_per_user={interactions_per_user} > num_items={num_items}.')
+    raise errors.ConfigError(f'interactions_per_user={interactions_per_user} > num_items={num_items}.')
   k = interactions_per_user
   c = min(num_items, num_candidates or max(8 * k, 32))
   if c < k:
-    raise ValueError(f'num_candidates={c} < interactions_per_user={k}.')
+    raise errors.ConfigError(f'num_candidates={c} < interactions_per_user={k}.')
 
   seeds = np.random.SeedSequence(seed).spawn(4)
   params_rng, users_rng, items_rng = (np.random.default_rng(s) for s in seeds[:3])

@@ -27,7 +27,9 @@ import numpy as np
 import tqdm
 
 from mtl_rec.data.movielens import GENRES, ML_100K_COUNTS, ML_1M_COUNTS
-from mtl_rec.data.types import DataError, ItemTable, RatingsData, UserTable
+from mtl_rec.data.types import ItemTable, RatingsData, UserTable
+from mtl_rec import errors
+from mtl_rec.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ def load(name: str, data_dir: str | None = None, download: bool = True, expect_f
     DataError: the dataset is not available, or (with `expect_full`) does not have the full counts.
   """
   if name not in DATASETS:
-    raise ValueError(f'Unsupported TFDS dataset {name!r}; supported: {sorted(DATASETS)}.')
+    raise errors.ConfigError(f'Unsupported TFDS dataset {name!r}; supported: {sorted(DATASETS)}.')
   ratings_name, full_counts = DATASETS[name]
   data_dir = data_dir or None  # '' (the config default) means TFDS' default dir.
   ds = _open(name, data_dir, download)

@@ -71,10 +71,6 @@ class RatingsData:
     )
 
 
-class DataError(ValueError):
-  """Raised for a corrupt, partial or malformed data file; the message names the file and the fix."""
-
-
 @dataclasses.dataclass(frozen=True)
 class MultiHot:
   """A multi-valued column stored as a bool matrix [rows, len(names)]: row r holds names[j] where matrix[r, j]."""

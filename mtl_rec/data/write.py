@@ -10,7 +10,6 @@ built-in source. Multi-valued columns become lists in Parquet and '|'-joined str
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 
 from mtl_rec import files
 from mtl_rec.data.types import Dataset, MultiHot
+from mtl_rec import errors
 
 FORMATS = ('parquet', 'csv')
 
@@ -53,7 +53,7 @@ def write_table(columns: dict[str, Any], path: str, fmt: str, delimiter: str = '
 def write_dataset(ds: Dataset, out: str, fmt: str, row_group_size: int = 0) -> dict[str, str]:
   """{'log' | 'users' | 'items': path} of the tables written under `out`."""
   if fmt not in FORMATS:
-    raise ValueError(f'format {fmt!r}: use one of {", ".join(FORMATS)}')
+    raise errors.ConfigError(f'format {fmt!r}: use one of {", ".join(FORMATS)}')
   os.makedirs(out, exist_ok=True)
   paths = {}
   for name in ('log', 'users', 'items'):
@@ -66,14 +66,12 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from mtl_rec.data import loader  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  if len(argv) > 1:
-    raise ValueError(f'unexpected arguments {argv[1:]}; flags look like --out=DIR')
-  try:
+  with errors.reported():
+    if len(argv) > 1:
+      raise errors.ConfigError(f'unexpected arguments {argv[1:]}; flags look like --out=DIR')
     if f.row_group_size < 0:
-      raise ValueError(f'--row_group_size={f.row_group_size}: give a number of rows (0 = pyarrow\'s default)')
+      raise errors.ConfigError(f'--row_group_size={f.row_group_size}: give a number of rows (0 = pyarrow\'s default)')
     paths = write_dataset(loader.load_data(f.config), f.out, f.format, f.row_group_size)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
   for name, path in paths.items():
     print(f'{name}: {path}')
 

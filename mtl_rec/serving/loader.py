@@ -12,6 +12,7 @@ import numpy as np
 from jax import export as jax_export
 
 from mtl_rec import encoding
+from mtl_rec import errors
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +25,13 @@ def resolve_version_dir(export_dir: str) -> str:
   if os.path.exists(os.path.join(export_dir, 'manifest.json')):
     return export_dir
   if not os.path.isdir(export_dir):
-    raise ValueError(f'--export_dir={export_dir} does not exist; pass W/export or W/export/<version> of a train.py '
-                     'run (or run `python -m mtl_rec.export --workdir W` first)')
+    raise errors.Error(f'--export_dir={export_dir} does not exist; pass W/export or W/export/<version> of a train.py '
+                       'run (or run `python -m mtl_rec.export --workdir W` first)')
   versions = sorted((int(d) for d in os.listdir(export_dir)
                      if d.isdigit() and os.path.exists(os.path.join(export_dir, d, 'manifest.json'))), reverse=True)
   if not versions:
-    raise ValueError(f'--export_dir={export_dir} holds no manifest.json and no version directory with one; export '
-                     'a run with `python -m mtl_rec.export --workdir W`')
+    raise errors.Error(f'--export_dir={export_dir} holds no manifest.json and no version directory with one; export '
+                       'a run with `python -m mtl_rec.export --workdir W`')
   return os.path.join(export_dir, str(versions[0]))
 
 
@@ -117,10 +118,14 @@ class ExportedModel:
                min_bucket_rows: int = 16):
     self.dir = version_dir
     with open(os.path.join(version_dir, 'manifest.json')) as f:
-      self.manifest = m = json.load(f)
+      try:
+        self.manifest = m = json.load(f)
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise errors.Error(f'{version_dir}/manifest.json is not valid JSON ({e}): the export is damaged; re-export '
+                           'the run with `python -m mtl_rec.export --workdir W`') from None
     if m.get('format') not in SUPPORTED_FORMATS:
-      raise ValueError(f'{version_dir}: export format {m.get("format")!r} is not one of {SUPPORTED_FORMATS}; '
-                       're-export the run with this version of mtl_rec')
+      raise errors.Error(f'{version_dir}: export format {m.get("format")!r} is not one of {SUPPORTED_FORMATS}; '
+                         're-export the run with this version of mtl_rec')
     self.name: str = m['name']
     self.version: int = int(m['version'])
     self.task_names: tuple[str, ...] = tuple(m['fusion']['order'])
@@ -136,8 +141,8 @@ class ExportedModel:
     self._recommend_exported = artifact('recommend')
     platform = jax.devices()[0].platform
     if platform not in self._score_exported.platforms:
-      raise ValueError(f'{version_dir} was exported for {self._score_exported.platforms}, this machine runs '
-                       f'{platform}: re-export with --config.export.platforms including {platform!r}')
+      raise errors.Error(f'{version_dir} was exported for {self._score_exported.platforms}, this machine runs '
+                         f'{platform}: re-export with --config.export.platforms including {platform!r}')
     self._score_fn = jax.jit(self._score_exported.call)
     self._recommend_fn = jax.jit(self._recommend_exported.call)
 

@@ -19,8 +19,8 @@ from mtl_rec import config as config_lib
 from mtl_rec import encoding
 from mtl_rec.data import readers
 from mtl_rec.data.types import Dataset, MultiHot
-from mtl_rec.errors import DataError
 from mtl_rec.encoding import OOV_ROW, Vocab
+from mtl_rec.errors import DataError
 
 __all__ = ['OOV_ROW', 'Vocab', 'FeatureSpec', 'FeatureEncoder', 'fit']
 

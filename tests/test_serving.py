@@ -392,3 +392,10 @@ def test_serving_benchmark_flags_are_usage_errors_naming_the_flag(flag, value, c
     benchmark.main(['--export_dir=/nonexistent/export', f'--{flag}={value}'])
   err = capsys.readouterr().err
   assert e.value.code == 2 and f'--{flag}=' in err and 'Traceback' not in err
+
+
+def test_serving_benchmark_names_a_missing_export_dir(capsys):
+  from mtl_rec.serving import benchmark  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    benchmark.main(['--export_dir=/nonexistent/export'])
+  assert e.value.code == 2 and '--export_dir=/nonexistent/export does not exist' in capsys.readouterr().err

@@ -371,8 +371,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not getattr(args, flag) > 0:
       parser.error(f'--{flag}={getattr(args, flag)} must be positive')
 
+  from mtl_rec import errors  # pylint: disable=g-import-not-at-top
   from mtl_rec.serving.loader import resolve_version_dir  # pylint: disable=g-import-not-at-top
-  version_dir = resolve_version_dir(args.export_dir)
+  try:
+    version_dir = resolve_version_dir(args.export_dir)
+  except errors.Error as e:  # a bad --export_dir: a usage error naming it
+    parser.error(str(e))
   with open(os.path.join(version_dir, 'manifest.json')) as f:
     manifest = json.load(f)
   report: dict[str, Any] = {

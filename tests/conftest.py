@@ -80,6 +80,9 @@ def exported_run_config():
   c.train.log_every_steps = 20
   c.export.max_k = 20
   c.export.chunk_items = 48
+  from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
+  with c.unlocked():  # a [users, L] input, as the default config's user history: served from the table or a request
+    c.features.user_history = config_lib.feature('user', kind='history', of='item_id', max_values=8)
   return c
 
 

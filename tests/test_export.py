@@ -156,7 +156,7 @@ def test_recommend_is_the_exact_top_k_of_score(version_dir, manifest):
   assert top_items.shape == (users.size, k)
   for r, u in enumerate(users):  # brute force: every catalog item through `score`
     all_items = np.arange(model.num_items)
-    s = model.score_rows({n: np.full(model.num_items, feats[n][r]) for n in feats}, all_items,
+    s = model.score_rows({n: np.repeat(feats[n][r:r + 1], model.num_items, axis=0) for n in feats}, all_items,
                          np.tile(weights[r], (model.num_items, 1)))['score']
     s = np.where(exclude[r], -np.inf, s)
     order = np.argsort(-s, kind='stable')[:k]
@@ -282,7 +282,7 @@ def test_serving_encodes_raw_values_exactly_as_training(run, version_dir):
   model = ExportedModel(version_dir, max_batch_rows=16)
   users = run.exp.data.users
   raw = {'gender': users['gender'], 'age': users['age'], 'occupation': users['occupation'], 'zip': users['zip_code']}
-  assert set(model.user_fields) == set(raw)
+  assert set(model.user_fields) == set(raw) | {'user_history'}  # a history is a request field too
   for field, values in raw.items():
     name, rule = model.user_fields[field]
     served = encoding.encode(rule, list(values.tolist()), model.vocabs)
@@ -298,3 +298,9 @@ def test_serving_encodes_raw_values_exactly_as_training(run, version_dir):
   assert [unknown[n] for n in ('gender', 'age', 'zip', 'occupation')] == [0, 0, 0, 0]
   assert sorted(model.user_unknown_fields({'gender': 'not-a-gender', 'zip': 'zz999', 'age': 30})) == ['gender', 'zip']
   assert model.user_features(-1, {'age': 10**6})['age'] == len(model.rules['age']['boundaries']) + 1  # top bucket
+  # A history given as raw item ids (most recent first) encodes to the item rows training pooled for that user.
+  raw_of_row = dict(zip(model.item_table['item_id'].tolist(), model.items.ids.tolist()))
+  trained = run.exp.encoder.user_table['user_history'][pos]
+  given = [raw_of_row[r] for r in trained if r >= 0]
+  assert given
+  np.testing.assert_array_equal(model.user_features(-1, {'user_history': given})['user_history'], trained)

@@ -60,7 +60,7 @@ def test_score_over_plain_http_matches_the_export(server, model):
   assert [e['item_id'] for e in out['items']] == items
   assert [e['cold_start'] for e in out['items']] == [False] * 50 + [True]
   pos = model.users.position(user)
-  ref = model.score_rows({k: np.full(51, model.user_table[k][pos]) for k in model.user_inputs},
+  ref = model.score_rows({k: np.repeat(model.user_table[k][pos:pos + 1], 51, axis=0) for k in model.user_inputs},
                          model.items.lookup(items), np.tile(model.default_weights, (51, 1)))
   for t in ('click', 'like', 'rating', 'score'):
     np.testing.assert_allclose([e[t] for e in out['items']], ref[t], atol=1e-5)
@@ -78,6 +78,23 @@ def test_weights_override_and_integer_ids(server, model):
   np.testing.assert_allclose([e['score'] for e in out['items']], [e['click'] for e in out['items']], atol=1e-6)
 
 
+def test_recommend_for_a_history_the_request_gives_leaves_its_items_out(server, model):
+  """A user unknown to the export who brings a history (raw item ids, most recent first): it moves the ranking, and
+  exclude_seen leaves its items out as it does a known user's training items."""
+  url, _ = server
+  _, plain, _ = http(url, '/v1/recommend', {'user': {'user_id': 'new-user'}, 'k': 20})
+  liked = [str(e['item_id']) for e in plain['items'][:5]]  # what a user with nothing known gets first
+  status, out, _ = http(url, '/v1/recommend', {'user': {'user_id': 'new-user', 'user_history': liked}, 'k': 10})
+  assert status == 200, out
+  assert out['user']['features'] == 'request' and out['unknown_values'] == []
+  got = [str(e['item_id']) for e in out['items']]
+  assert len(got) == 10 and not set(got) & set(liked)
+  _, kept, _ = http(url, '/v1/recommend', {'user': {'user_id': 'new-user', 'user_history': liked}, 'k': 20,
+                                           'exclude_seen': False})
+  assert [e['score'] for e in kept['items']] != [e['score'] for e in plain['items']]  # the history counts
+  assert set(str(e['item_id']) for e in kept['items']) & set(liked)  # and only exclude_seen leaves them out
+
+
 def test_cold_start_user_uses_oov_rows_or_given_features(server, model):
   url, _ = server
   items = item_ids(model, 10)
@@ -88,8 +105,9 @@ def test_cold_start_user_uses_oov_rows_or_given_features(server, model):
   assert status == 200, rich
   assert rich['user']['features'] == 'request' and rich['user']['cold_start']
   assert [e['score'] for e in rich['items']] != [e['score'] for e in plain['items']]
-  ref = model.score_rows({k: np.zeros(10, np.int32) for k in model.user_inputs}, model.items.lookup(items),
-                         np.tile(model.default_weights, (10, 1)))
+  unknown = {k: np.repeat(model.user_table[k][-1:], 10, axis=0) for k in model.user_inputs}  # the table's last row
+  assert all(np.all(v == (-1 if v.ndim == 2 else 0)) for v in unknown.values())  # OOV rows, an empty history
+  ref = model.score_rows(unknown, model.items.lookup(items), np.tile(model.default_weights, (10, 1)))
   np.testing.assert_allclose([e['score'] for e in plain['items']], ref['score'], atol=1e-5)
 
 

@@ -3,7 +3,8 @@
   POST /v1/score                    {"user": {"user_id": "196", ...}, "items": ["242", ...], "weights": {...},
                                      "context": {...}}
   POST /v1/recommend                {"user_id": "196", "k": 10, "exclude_seen": true, "weights": {...},
-                                     "context": {...}}
+                                     "context": {...}}  (exclude_seen: the user's training items and the items of
+                                     a history the request gives)
   GET  /v2, /v2/health/live, /v2/health/ready
   GET  /v2/models/{name}[/versions/{v}], .../ready, .../config
   POST /v2/models/{name}[/versions/{v}]/infer
@@ -111,8 +112,9 @@ class Server:
     user = {k: np.stack([np.asarray(r.user.features[k], m.user_table[k].dtype) for r in reqs]) for k in m.user_inputs}
     exclude = np.zeros((len(reqs), m.num_items), bool)
     for j, r in enumerate(reqs):
-      if r.exclude_seen:
+      if r.exclude_seen:  # the user's training items, and the items of a history the request gave
         exclude[j, m.seen_items(r.user.position)] = True
+        exclude[j, m.history_items(r.user.features)] = True
     context = {k: np.stack([np.asarray(r.context[k], m.no_context[k].dtype) for r in reqs]) for k in m.context_inputs}
     items, scores = m.recommend(user, exclude, np.stack([r.weights for r in reqs]), context)
     return [(items[j, :r.k], scores[j, :r.k]) for j, r in enumerate(reqs)]

@@ -184,6 +184,14 @@ class ExportedModel:
                                    self.rules[n]['kind'] == 'vocab'), None)
     self.item_id_rows = self.item_table[id_input(self.item_inputs)] if id_input(self.item_inputs) else None
     self.user_id_rows = self.user_table[id_input(self.user_inputs)] if id_input(self.user_inputs) else None
+    # A user history input holds rows of the item id table: `history_items` maps them back to catalog positions.
+    self.history_inputs = [n for n in self.user_inputs if self.rules[n]['kind'] == 'history'
+                           and self.rules[n]['of'] == id_input(self.item_inputs)]
+    self._position_of_row = None
+    if self.history_inputs:
+      rows = self.item_id_rows[:self.num_items]
+      self._position_of_row = np.full(int(rows.max(initial=0)) + 1, -1, np.int64)
+      self._position_of_row[rows[rows > 0]] = np.flatnonzero(rows > 0)  # the OOV row 0 is no item's
     with np.load(os.path.join(version_dir, m['seen']['file']), allow_pickle=False) as s:
       self.seen_indptr, self.seen_indices = s['indptr'], s['indices']
     # Fields a request may give: {raw field: (input name, rule)}; a user's side features (not its id), the context.
@@ -255,6 +263,15 @@ class ExportedModel:
     if self.item_id_rows is None:
       return positions < 0
     return self.item_id_rows[rows] == 0
+
+  def history_items(self, features: dict[str, Any]) -> np.ndarray:
+    """Catalog positions of the items in a user's history inputs (encoded features, e.g. a history the request
+    gave): what exclude_seen leaves out besides `seen_items`."""
+    if self._position_of_row is None:
+      return np.zeros(0, np.int64)
+    rows = np.concatenate([np.asarray(features[n]).reshape(-1) for n in self.history_inputs])
+    pos = self._position_of_row[rows[(rows > 0) & (rows < self._position_of_row.size)]]
+    return pos[pos >= 0]
 
   def seen_items(self, user_position: int) -> np.ndarray:
     if user_position < 0:

@@ -26,10 +26,10 @@ from typing import Any, Sequence
 import ml_collections
 
 from mtl_rec import config as config_lib
+from mtl_rec import errors
 from mtl_rec import files
 from mtl_rec.benchmark import train_or_load
 from mtl_rec.benchmark_report import fmt_summary, markdown_table, summary
-from mtl_rec import errors
 
 def variants(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
   """{variant name: the item features it drops}: ids only; for each text or vector kind among several item

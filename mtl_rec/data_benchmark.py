@@ -36,6 +36,7 @@ from ml_collections import config_flags
 
 from mtl_rec import capacity
 from mtl_rec import config as config_lib
+from mtl_rec import errors
 from mtl_rec import experiment as experiment_lib
 from mtl_rec import files
 from mtl_rec import sharding as sharding_lib
@@ -117,6 +118,11 @@ def grain_rowwise_rate(path: str, seconds: float = 5.0) -> float:
 
 
 def main(argv):
+  with errors.reported():  # a bad config value or data file: one line naming it and the fix
+    _main(argv)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   for flag in (_ROWS, _NUM_USERS, _NUM_ITEMS, _ROW_GROUP, _ROWS_PER_FILE, _BATCH, _INPUT_STEPS, _THREADS,

@@ -22,6 +22,7 @@ import numpy as np
 from mtl_rec import config as config_lib
 from mtl_rec import distributed
 from mtl_rec import encoding
+from mtl_rec import errors
 from mtl_rec import input_pipeline
 from mtl_rec import features as features_lib
 from mtl_rec import tasks as tasks_lib
@@ -30,7 +31,6 @@ from mtl_rec.data import splits as splits_lib
 from mtl_rec.data.loader import load_data
 from mtl_rec.data.sampling import NegativeSampler
 from mtl_rec.data.types import Dataset
-from mtl_rec import errors
 from mtl_rec.errors import DataError
 from mtl_rec.input_pipeline import EvalSet, Examples, Labels, StreamedTrain, TrainStream
 

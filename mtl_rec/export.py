@@ -61,6 +61,7 @@ import numpy as np
 
 from mtl_rec import config as config_lib
 from mtl_rec import distributed
+from mtl_rec import errors
 from mtl_rec import evaluation
 from mtl_rec import files
 from mtl_rec import metrics as metrics_lib
@@ -70,7 +71,6 @@ from mtl_rec import tasks as tasks_lib
 from mtl_rec import trees
 from mtl_rec import encoding
 from mtl_rec.encoding import Vocab, manifest_vocab
-from mtl_rec import errors
 from mtl_rec.experiment import Experiment
 from mtl_rec.features import FeatureSpec
 from mtl_rec.scoring import Network

@@ -23,6 +23,7 @@ import numpy as np
 
 from mtl_rec import config as config_lib
 from mtl_rec import distributed
+from mtl_rec import errors
 from mtl_rec import evaluation
 from mtl_rec import experiment as experiment_lib
 from mtl_rec import files
@@ -32,7 +33,6 @@ from mtl_rec import trainer as trainer_lib
 from mtl_rec import warm_start
 from mtl_rec.checkpoint import Checkpointer
 from mtl_rec.data import splits as splits_lib
-from mtl_rec import errors
 from mtl_rec.runs import Run
 from mtl_rec.scoring import Network, NetworkScorer
 

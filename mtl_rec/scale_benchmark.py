@@ -48,6 +48,7 @@ from ml_collections import config_flags
 
 from mtl_rec import capacity
 from mtl_rec import config as config_lib
+from mtl_rec import errors
 from mtl_rec import export as export_lib
 from mtl_rec import features as features_lib
 from mtl_rec import input_pipeline
@@ -57,7 +58,6 @@ from mtl_rec import sharding as sharding_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec import trainer as trainer_lib
 from mtl_rec.data import loader
-from mtl_rec import errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'A synthetic-source config: its declared '
                                           'features, tasks and network, on tables of the sizes below.')
@@ -351,6 +351,11 @@ def _print_plan(p: dict[str, Any]) -> None:
 
 
 def main(argv):
+  with errors.reported():  # a bad config value or data file: one line naming it and the fix
+    _main(argv)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   optimizers = list(dict.fromkeys(_OPTIMIZERS.value))

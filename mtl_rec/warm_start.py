@@ -16,10 +16,10 @@ import numpy as np
 
 from mtl_rec import checkpoint as checkpoint_lib
 from mtl_rec import distributed
+from mtl_rec import errors
 from mtl_rec import files
 from mtl_rec import trees
 from mtl_rec.encoding import OOV_ROW, Vocab
-from mtl_rec import errors
 from mtl_rec.features import FeatureEncoder
 
 log = logging.getLogger(__name__)

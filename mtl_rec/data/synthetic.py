@@ -34,10 +34,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mtl_rec import errors
 from mtl_rec import files
 from mtl_rec.data.movielens import GENRES
 from mtl_rec.data.types import Dataset, ItemTable, RatingsData, UserTable
-from mtl_rec import errors
 
 # ML-100K's occupations, so synthetic users look like MovieLens ones to the feature code.
 OCCUPATIONS: tuple[str, ...] = (

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from mtl_rec import errors
 from mtl_rec import files
 from mtl_rec.data.types import Dataset, MultiHot
-from mtl_rec import errors
 
 FORMATS = ('parquet', 'csv')
 

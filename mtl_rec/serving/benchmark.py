@@ -69,7 +69,6 @@ def bench_function(version_dir: str, batch_sizes: Sequence[int], duration_s: flo
       call()
       lat.append(time.perf_counter() - t0)
     out.append({'batch': b, **_summary(lat, time.perf_counter() - t_start, b)})
-    del fn
   jax.clear_caches()
   return out
 

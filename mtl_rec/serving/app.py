@@ -114,7 +114,7 @@ class Server:
     for j, r in enumerate(reqs):
       if r.exclude_seen:  # the user's training items, and the items of a history the request gave
         exclude[j, m.seen_items(r.user.position)] = True
-        exclude[j, m.history_items(r.user.features)] = True
+        exclude[j, r.user.history] = True
     context = {k: np.stack([np.asarray(r.context[k], m.no_context[k].dtype) for r in reqs]) for k in m.context_inputs}
     items, scores = m.recommend(user, exclude, np.stack([r.weights for r in reqs]), context)
     return [(items[j, :r.k], scores[j, :r.k]) for j, r in enumerate(reqs)]

@@ -371,13 +371,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       parser.error(f'--{flag}={getattr(args, flag)} must be positive')
 
   from mtl_rec import errors  # pylint: disable=g-import-not-at-top
-  from mtl_rec.serving.loader import resolve_version_dir  # pylint: disable=g-import-not-at-top
+  from mtl_rec.serving.loader import read_manifest, resolve_version_dir  # pylint: disable=g-import-not-at-top
   try:
     version_dir = resolve_version_dir(args.export_dir)
+    manifest = read_manifest(version_dir)
   except errors.Error as e:  # a bad --export_dir: a usage error naming it
     parser.error(str(e))
-  with open(os.path.join(version_dir, 'manifest.json')) as f:
-    manifest = json.load(f)
   report: dict[str, Any] = {
       'model': manifest['name'], 'version': manifest['version'], 'export_dir': version_dir,
       'machine': {'cpus': os.cpu_count(), 'platform': platform.platform(), 'python': platform.python_version(),

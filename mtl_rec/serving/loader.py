@@ -35,6 +35,16 @@ def resolve_version_dir(export_dir: str) -> str:
   return os.path.join(export_dir, str(versions[0]))
 
 
+def read_manifest(version_dir: str) -> dict[str, Any]:
+  """The version's manifest.json; raises errors.Error naming a damaged one."""
+  with open(os.path.join(version_dir, 'manifest.json')) as f:
+    try:
+      return json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      raise errors.Error(f'{version_dir}/manifest.json is not valid JSON ({e}): the export is damaged; re-export '
+                         'the run with `python -m mtl_rec.export --workdir W`') from None
+
+
 def buckets(max_size: int, smallest: int = 1) -> tuple[int, ...]:
   """The only batch sizes ever compiled: powers of two from `smallest`, with 1.5x steps between them from 128 on
   (padding wastes at most a third of a call, ~15% on average), up to the first size >= max_size."""
@@ -117,12 +127,7 @@ class ExportedModel:
   def __init__(self, version_dir: str, max_batch_rows: int = 4096, max_recommend_users: int = 32,
                min_bucket_rows: int = 16):
     self.dir = version_dir
-    with open(os.path.join(version_dir, 'manifest.json')) as f:
-      try:
-        self.manifest = m = json.load(f)
-      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise errors.Error(f'{version_dir}/manifest.json is not valid JSON ({e}): the export is damaged; re-export '
-                           'the run with `python -m mtl_rec.export --workdir W`') from None
+    self.manifest = m = read_manifest(version_dir)
     if m.get('format') not in SUPPORTED_FORMATS:
       raise errors.Error(f'{version_dir}: export format {m.get("format")!r} is not one of {SUPPORTED_FORMATS}; '
                          're-export the run with this version of mtl_rec')
@@ -184,20 +189,16 @@ class ExportedModel:
                                    self.rules[n]['kind'] == 'vocab'), None)
     self.item_id_rows = self.item_table[id_input(self.item_inputs)] if id_input(self.item_inputs) else None
     self.user_id_rows = self.user_table[id_input(self.user_inputs)] if id_input(self.user_inputs) else None
-    # A user history input holds rows of the item id table: `history_items` maps them back to catalog positions.
-    self.history_inputs = [n for n in self.user_inputs if self.rules[n]['kind'] == 'history'
-                           and self.rules[n]['of'] == id_input(self.item_inputs)]
-    self._position_of_row = None
-    if self.history_inputs:
-      rows = self.item_id_rows[:self.num_items]
-      self._position_of_row = np.full(int(rows.max(initial=0)) + 1, -1, np.int64)
-      self._position_of_row[rows[rows > 0]] = np.flatnonzero(rows > 0)  # the OOV row 0 is no item's
     with np.load(os.path.join(version_dir, m['seen']['file']), allow_pickle=False) as s:
       self.seen_indptr, self.seen_indices = s['indptr'], s['indices']
     # Fields a request may give: {raw field: (input name, rule)}; a user's side features (not its id), the context.
     self.user_fields = {self.rules[n]['raw']: (n, self.rules[n]) for n in self.user_inputs
                         if self.rules[n]['raw_type'] != 'id'}
     self.context_fields = {self.rules[n]['raw']: (n, self.rules[n]) for n in self.context_inputs}
+    # History fields whose ids are the catalog's items (kind 'history' of the item id input): see history_items.
+    item_id = next((n for n in self.item_inputs if self.rules[n]['raw_type'] == 'id'), None)
+    self.history_fields = [raw for raw, (_, rule) in self.user_fields.items()
+                           if rule['kind'] == 'history' and item_id is not None and rule['of'] == item_id]
     # An item's content features a request may give (an item the export does not know, scored from them).
     self.item_fields = {self.rules[n]['raw']: (n, self.rules[n]) for n in self.item_inputs
                         if self.rules[n]['raw_type'] != 'id'}
@@ -264,13 +265,12 @@ class ExportedModel:
       return positions < 0
     return self.item_id_rows[rows] == 0
 
-  def history_items(self, features: dict[str, Any]) -> np.ndarray:
-    """Catalog positions of the items in a user's history inputs (encoded features, e.g. a history the request
-    gave): what exclude_seen leaves out besides `seen_items`."""
-    if self._position_of_row is None:
-      return np.zeros(0, np.int64)
-    rows = np.concatenate([np.asarray(features[n]).reshape(-1) for n in self.history_inputs])
-    pos = self._position_of_row[rows[(rows > 0) & (rows < self._position_of_row.size)]]
+  def history_items(self, fields: dict[str, Any]) -> np.ndarray:
+    """Catalog positions of the items in the user history fields a request gave (raw, validated ids), e.g.
+    {"user_history": ["50", "172"]}: what exclude_seen leaves out besides `seen_items`. Every given id counts, also
+    one the model's input leaves out (no row of its own, beyond max_values)."""
+    ids = [x for name in self.history_fields if fields.get(name) for x in fields[name]]
+    pos = self.items.lookup(ids) if ids else np.zeros(0, np.int64)
     return pos[pos >= 0]
 
   def seen_items(self, user_position: int) -> np.ndarray:

@@ -178,6 +178,9 @@ class UserRef:
   cold_start: bool
   source: str  # 'table' | 'request' | 'table+request' | 'oov'
   unknown: list[str] = dataclasses.field(default_factory=list)  # given fields whose value the model does not know
+  # catalog positions of the items of a history the request gave (all of them: also those the model's input drops,
+  # such as ids without a row or beyond max_values): exclude_seen leaves them out with the training items
+  history: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
   def describe(self) -> dict[str, Any]:
     return {'user_id': self.raw_id, 'known': self.position >= 0, 'cold_start': self.cold_start,
@@ -195,7 +198,8 @@ def resolve_user(user: Any, model: ExportedModel, where: str = 'user') -> UserRe
   pos = model.users.position(raw)
   source = ('table' if pos >= 0 else 'oov') if not fields else ('table+request' if pos >= 0 else 'request')
   unknown = [f'user.{f}' for f in model.user_unknown_fields(fields)]
-  return UserRef(raw, pos, model.user_features(pos, fields), model.user_is_cold(pos), source, unknown)
+  return UserRef(raw, pos, model.user_features(pos, fields), model.user_is_cold(pos), source, unknown,
+                 model.history_items(fields))
 
 
 def parse_context(value: Any, model: ExportedModel) -> tuple[dict[str, Any], list[str]]:

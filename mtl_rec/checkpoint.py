@@ -79,8 +79,13 @@ class Checkpointer:
     step = mngr.latest_step() if step is None else step
     if step is None:
       return None
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target)),
-                                                     meta=ocp.args.JsonRestore()))
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target)),
+                                                       meta=ocp.args.JsonRestore()))
+    except ValueError as e:  # orbax: the saved tree does not fit the target (features, tasks or model changed)
+      raise errors.Error(f'the checkpoint at step {step} under {mngr.directory} does not fit this config\'s model '
+                         f'({str(e)[:300]}); the features, tasks or model changed since it was written: train in a '
+                         'new --workdir, or with the config that run was trained with') from e
     return out.state, out.meta
 
   def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:

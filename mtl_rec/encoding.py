@@ -26,7 +26,7 @@ type of value it reads (`raw_type`: 'id', 'str', 'int', 'float' or 'list[str]').
              implicit feedback), leaving out the example's own FEATURE row. Training builds it from the training
              log (features.fit); a request may give it raw for a user the export does not know.
   vector     {'dim': D, 'delimiter'}: a list of D numbers (or a delimited string of them) -> float32 [D]; missing
-             (null, empty) -> zeros; another length or a non-finite number is a ValueError.
+             (null, empty) -> zeros; another length or a non-finite number is an errors.DataError.
 
 Only numpy here: the serving binary imports this module and nothing of training or the model.
 """
@@ -224,7 +224,7 @@ def _text_rows(rule: Mapping[str, Any], values: Any, vocabs: Mapping[str, Vocab]
 
 
 def vectors(rule: Mapping[str, Any], values: Any) -> np.ndarray:
-  """float32 [N, dim] of a vector rule; raises ValueError naming the first row of another length or with a
+  """float32 [N, dim] of a vector rule; raises errors.DataError naming the first row of another length or with a
   non-finite number."""
   dim = int(rule['dim'])
   if isinstance(values, np.ndarray) and values.ndim == 2 and values.dtype.kind in 'fiu':

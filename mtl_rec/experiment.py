@@ -22,7 +22,6 @@ import numpy as np
 from mtl_rec import config as config_lib
 from mtl_rec import distributed
 from mtl_rec import encoding
-from mtl_rec import errors
 from mtl_rec import input_pipeline
 from mtl_rec import features as features_lib
 from mtl_rec import tasks as tasks_lib
@@ -113,7 +112,7 @@ def build(config: ml_collections.ConfigDict, data: Dataset | None = None, workdi
   config_lib.validate(config)
   if config.data.reader == 'stream':
     if workdir is None:
-      raise errors.ConfigError("data.reader='stream' caches its passes over the log in the run directory: pass workdir")
+      raise ValueError("data.reader='stream' caches its passes over the log in the run directory: pass workdir")
     return build_streamed(config, workdir)
   ds = load_data(config) if data is None else data
   split = splits_lib.make_split(ds, config.data, config.seed)

@@ -65,7 +65,7 @@ def member_config(config: ml_collections.ConfigDict, task: str) -> ml_collection
       spending compute on rows its loss masks out.
   """
   if task not in config.tasks:
-    raise errors.ConfigError(f"no task '{task}' in config.tasks ({', '.join(config.tasks)})")
+    raise ValueError(f"no task '{task}' in config.tasks ({', '.join(config.tasks)})")
   c = copy.deepcopy(config)
   t = copy.deepcopy(config.tasks[task])
   t.weight = 1.0

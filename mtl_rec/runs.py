@@ -37,7 +37,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise errors.Error(f'{workdir} is not a run directory (no config.json); pass the --workdir of a train.py run')
   with open(path) as f:
-    return config_lib.from_json(f.read())
+    text = f.read()
+  try:
+    return config_lib.from_json(text)
+  except ValueError as e:  # JSONDecodeError
+    raise errors.Error(f'{path} is not valid JSON ({e}): the run directory is damaged') from None
 
 
 def same_data(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtl_rec import errors
 from mtl_rec import sharding as sharding_lib
 from mtl_rec import tasks as tasks_lib
 from mtl_rec.features import FeatureEncoder
@@ -99,7 +98,7 @@ class Scorer(abc.ABC):
   def weights(self, task: str) -> np.ndarray:
     """The one-hot weights that rank by `task` alone."""
     if task not in self.task_names:
-      raise errors.ConfigError(f"no task '{task}' among this scorer's tasks {self.task_names}")
+      raise ValueError(f"no task '{task}' among this scorer's tasks {self.task_names}")
     return np.asarray([1.0 if t == task else 0.0 for t in self.task_names], np.float32)
 
   def score_pairs(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray,

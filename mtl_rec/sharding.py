@@ -135,9 +135,10 @@ def local_batch(batch: Any, sharding: NamedSharding) -> Any:
     global_rows = x.shape[0] * jax.process_count()
     rows = process_rows(sharding, global_rows)
     if (rows.start, rows.stop) != (jax.process_index() * x.shape[0], (jax.process_index() + 1) * x.shape[0]):
-      raise ValueError(f'process {jax.process_index()} holds rows {rows.start}..{rows.stop} of the global batch, '
-                       f'not block {jax.process_index()} of {x.shape[0]}: data.reader=stream needs the batch split '
-                       "over processes (a 'data' mesh axis that is a multiple of the process count)")
+      raise errors.ConfigError(f'process {jax.process_index()} holds rows {rows.start}..{rows.stop} of the global '
+                               f'batch, not block {jax.process_index()} of {x.shape[0]}: data.reader=stream needs '
+                               "the batch split over processes (a 'data' mesh axis that is a multiple of the process "
+                               'count)')
     return jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
   return jax.tree.map(put, batch)
 

@@ -146,6 +146,7 @@ def test_cli_bad_value_is_a_clear_error_not_a_traceback():
   assert 'config.model.backbone' in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow  # a train.py subprocess
 def test_cli_reports_our_errors_in_one_line_and_keeps_a_bugs_traceback():
   """Only our own errors (errors.Error: config, flags, data files, run directories) become a one-line `error:`;
   any other exception escaping train.py, a numpy ValueError included, is a bug and keeps its traceback."""

@@ -175,3 +175,22 @@ def test_sigkill_resume_with_the_streaming_reader_and_row_wise_optimizers(tmp_pa
   spe = steps // 3  # configs/synthetic.py trains 3 epochs; no early stopping
   assert f'reader resumed at epoch {resumed // spe}, batch {resumed % spe}' in out
   _assert_same_run(workdir, reference)
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_our_error(tmp_path):
+  """Re-running a --workdir after changing the model (a feature, a task, embed_dim): one line naming the checkpoint
+  and the fix (orbax's own ValueError would be a traceback now that only our errors print as one line)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mtl_rec import errors  # pylint: disable=g-import-not-at-top
+  from mtl_rec.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  ckpt = Checkpointer(str(tmp_path), keep=2)
+  ckpt.save(3, {'table': jnp.ones((4, 3))}, {'note': 'embed_dim 3'})
+  ckpt.wait()
+  ckpt.close()
+  ckpt = Checkpointer(str(tmp_path), keep=2)
+  for changed in ({'table': jnp.ones((4, 5))}, {'other': jnp.ones((4, 3))}):  # another shape, another tree
+    with pytest.raises(errors.Error, match=r'(?s)checkpoint at step 3 under .* does not fit .* new --workdir'):
+      ckpt.restore_latest(changed)
+  state, meta = ckpt.restore_latest({'table': jnp.zeros((4, 3))})
+  assert float(state['table'].sum()) == 12.0 and meta == {'note': 'embed_dim 3'}
+  ckpt.close()

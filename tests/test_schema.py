@@ -227,3 +227,15 @@ def test_the_worked_example_trains_exports_and_serves_its_own_tasks(tmp_path, im
       assert status == 400 and phrase in out['error'], (body, out)
   finally:
     stop_server(proc, log_path)
+
+
+def test_timestamps_with_sub_second_parts_read_as_whole_seconds():
+  """pandas and Spark write timestamp[ms|us|ns] columns; a value with a sub-second part is a timestamp, not an
+  error (casting to seconds must not refuse to lose the fraction), read as whole Unix seconds, nulls as NaN."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  from mtl_rec.data import readers  # pylint: disable=g-import-not-at-top
+  ms = pa.array([1_000_000_123, 1_000_001_999, 5], pa.timestamp('ms'))
+  np.testing.assert_array_equal(readers.to_numpy(ms, 'timestamp', 'log'), [1_000_000, 1_000_001, 0])
+  with_null = pa.chunked_array([pa.array([1_500, None], pa.timestamp('ms'))])
+  out = readers.to_numpy(with_null, 'timestamp', 'log')
+  assert out[0] == 1 and np.isnan(out[1])

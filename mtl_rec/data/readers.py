@@ -115,7 +115,8 @@ def to_numpy(col: pa.ChunkedArray | pa.Array, name: str, what: str) -> Any:
   if pa.types.is_boolean(t):
     return col.cast(pa.float64()).to_numpy() if col.null_count else col.to_numpy()
   if pa.types.is_timestamp(t) or pa.types.is_date(t):
-    return col.cast(pa.timestamp('s')).cast(pa.int64()).to_numpy().astype(np.float64 if col.null_count else np.int64)
+    seconds = pc.cast(col, pa.timestamp('s'), safe=False)  # whole seconds: sub-second parts are dropped, not an error
+    return seconds.cast(pa.int64()).to_numpy().astype(np.float64 if col.null_count else np.int64)
   if pa.types.is_list(t) or pa.types.is_large_list(t):
     out = np.empty(len(col), dtype=object)
     out[:] = [[str(v) for v in x if v is not None] if x is not None else [] for x in col.to_pylist()]

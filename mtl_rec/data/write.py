@@ -63,12 +63,12 @@ def write_dataset(ds: Dataset, out: str, fmt: str, row_group_size: int = 0) -> d
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
   from mtl_rec.data import loader  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}; flags look like --out=DIR')
   with errors.reported():
-    if len(argv) > 1:
-      raise errors.ConfigError(f'unexpected arguments {argv[1:]}; flags look like --out=DIR')
     if f.row_group_size < 0:
       raise errors.ConfigError(f'--row_group_size={f.row_group_size}: give a number of rows (0 = pyarrow\'s default)')
     paths = write_dataset(loader.load_data(f.config), f.out, f.format, f.row_group_size)

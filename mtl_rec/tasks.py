@@ -127,7 +127,8 @@ def label_columns(config: ml_collections.ConfigDict, ds: Dataset) -> dict[str, L
 def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn],
                train_rows: np.ndarray) -> tuple[TaskSpec, ...]:
   """The tasks of config.tasks; a regression head takes its scale (declared, else the data's range) and initial
-  bias (the training mean) from its label."""
+  bias (the training mean) from its label. Raises DataError for a binary label of one class in the training rows
+  (nothing to learn, no AUC to report: a threshold beyond the data's range, or a column of one value)."""
   out = []
   for name, t in config_lib.ordered(config.tasks):
     spec = TaskSpec(name, t.kind, t.label, float(t.weight), float(t.fusion_weight), rows=t.rows,
@@ -140,6 +141,13 @@ def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn]
       have = col.values[col.present]
       value_range = tuple(map(float, t.range)) if t.range else (float(have.min()), float(have.max()))
       spec = dataclasses.replace(spec, value_range=value_range, bias_init=float(train.mean()) if train.size else 0.0)
+    elif t.kind == 'binary' and t.label != config_lib.OBSERVED:
+      train = col.values[train_rows][col.present[train_rows]]
+      if train.size and train.min() == train.max():
+        how = (f'column {t.label!r} >= tasks.{name}.threshold={t.threshold}' if t.threshold is not None
+               else f'column {t.label!r}')
+        raise DataError(f"task '{name}': every one of the {train.size:,} training labels ({how}) is "
+                        f'{int(train[0])}; a binary task needs both classes: check the threshold or the column')
     elif t.kind == 'multiclass':
       cv = spec.class_values
       spec = dataclasses.replace(spec, value_range=(float(cv.min()), float(cv.max())))

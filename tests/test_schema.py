@@ -239,3 +239,16 @@ def test_timestamps_with_sub_second_parts_read_as_whole_seconds():
   with_null = pa.chunked_array([pa.array([1_500, None], pa.timestamp('ms'))])
   out = readers.to_numpy(with_null, 'timestamp', 'log')
   assert out[0] == 1 and np.isnan(out[1])
+
+
+def test_a_binary_task_of_one_class_is_a_data_error_before_training(tiny_config):
+  """like = rating >= 6 on 1-5 ratings: every label 0, nothing to learn and no AUC; said when the experiment is
+  built (it was a metrics ValueError at the first evaluation, after training had started)."""
+  from mtl_rec import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.tasks.like.threshold = 6.0
+  with pytest.raises(DataError, match=r"task 'like': every one of the [\d,]+ training labels .*threshold=6.0.* "
+                                      r'is 0; a binary task needs both classes'):
+    experiment_lib.build(c)
+  c.tasks.like.threshold = 4.0
+  assert {s.name for s in experiment_lib.build(c).specs} == {'click', 'like', 'rating'}

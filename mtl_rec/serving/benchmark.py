@@ -389,7 +389,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   report['recommend_ranking'] = (f"retrieve {retrieval['candidates']} by the {retrieval['task']} task's vectors, "
                                  're-rank them with the fused heads') if retrieval else \
       'the fused heads score the whole catalog'
-  report['function'] = bench_function(version_dir, lists['batch_sizes'], args.duration, args.max_requests)
+  try:  # the first load of the export: one built for another platform is an errors.Error naming the fix
+    report['function'] = bench_function(version_dir, lists['batch_sizes'], args.duration, args.max_requests)
+  except errors.Error as e:
+    parser.error(str(e))
   if lists['recommend_users']:
     report['recommend_function'] = bench_recommend_function(version_dir, lists['recommend_users'], args.duration,
                                                             args.max_requests)

@@ -28,8 +28,8 @@ import tqdm
 
 from mtl_rec.data.movielens import GENRES, ML_100K_COUNTS, ML_1M_COUNTS
 from mtl_rec.data.types import ItemTable, RatingsData, UserTable
-from mtl_rec.errors import DataError
 from mtl_rec import errors
+from mtl_rec.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -102,8 +102,8 @@ def bench_recommend_function(version_dir: str, user_counts: Sequence[int], durat
 
 def _raw_ids(version_dir: str, table: str) -> np.ndarray:
   """The raw ids of an export's 'users' or 'catalog' table, as the manifest names them."""
-  with open(os.path.join(version_dir, 'manifest.json')) as f:
-    m = json.load(f)
+  from mtl_rec.serving.loader import read_manifest  # pylint: disable=g-import-not-at-top
+  m = read_manifest(version_dir)
   with np.load(os.path.join(version_dir, m[table]['file']), allow_pickle=False) as t:
     return t[m[table]['ids']]
 

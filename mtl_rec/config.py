@@ -88,6 +88,10 @@ def feature(entity: str, column: str = '', kind: str = 'categorical', **override
   f.max_values = 16  # multi_categorical: values kept per row (the first ones); history: the most recent ones
   f.of = ''  # history: the other entity's categorical id feature whose table it pools (e.g. 'item_id' for a user)
   f.pooling = 'mean'  # multi_categorical, text and history: 'mean' or 'sum' of the values' (tokens', ids') rows
+  # history: only the training interactions whose numeric log column meets this condition, '<column> <op> <number>'
+  # with op one of >=, <=, >, <, ==, != (e.g. 'rating >= 4': the items a user liked, the explicit signal beside the
+  # implicit one); rows where the column is missing do not count. '' = every training interaction
+  f.where = ''
   # text (encoding.tokens: NFKC-normalized, case-folded words)
   f.bigrams = False  # text: also word bigrams
   f.char_ngrams = 0  # text: also character n-grams of each word (e.g. 3); 0 = off
@@ -554,6 +558,8 @@ def _validate_features(c: ml_collections.ConfigDict) -> None:
       _validate_history(c, name, f)
     elif f.of:
       raise _err(f'{where}.of', f.of, "only kind='history' pools another feature's table; remove it")
+    elif f.where:
+      raise _err(f'{where}.where', f.where, "only kind='history' keeps some interactions by a condition; remove it")
     if f.sharded and f.kind != 'categorical':
       raise _err(f'{where}.sharded', True, 'only categorical features have sharded tables')
     if f.kind == 'numeric':
@@ -581,6 +587,17 @@ def _validate_history(c: ml_collections.ConfigDict, name: str, f: ml_collections
   if f.column:
     raise _err(f'{where}.column', f.column, 'a history is built from the training log, not read from a column; '
                "leave column ''")
+  if f.where:
+    history_condition(f.where, f'{where}.where')
+
+
+def history_condition(text: str, field: str) -> tuple[str, str, float]:
+  """A history's `where` condition '<column> <op> <number>' as (column, op, number); `field` names it in errors."""
+  m = re.fullmatch(r'\s*([^\s<>=!]+)\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*', text)
+  if not m:
+    raise _err(field, text, "write '<column> <op> <number>' with op one of >=, <=, >, <, ==, != (e.g. "
+               "'rating >= 4'), or '' for every interaction")
+  return m.group(1), m.group(2), float(m.group(3))
 
 
 def _validate_tasks(c: ml_collections.ConfigDict) -> None:

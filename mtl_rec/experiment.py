@@ -283,17 +283,19 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
     """The history features from every training row of the log: a pass over its id (and timestamp) columns, row
     group by row group, cached like the others."""
     ts = lc.timestamp_column
+    conditions = features_lib.where_columns(requests)
     def chunks():
       for g in range(len(groups)):
         cols = checked(groups.read(g, list(dict.fromkeys([lc.user_column, lc.item_column, *split_columns,
-                                                          *([ts] if ts else [])]))), g)
+                                                          *([ts] if ts else []), *conditions]))), g)
         train = codes(cols, g) == splits_lib.TRAIN
         recency = (readers.numeric(cols[ts][train], ts, groups.origins(g), 'interaction log', 'the timestamp column')
                    if ts else np.zeros(int(train.sum())))
         yield (user_pos(cols[lc.user_column][train]), item_pos(cols[lc.item_column][train]), recency,
-               cols['_row'][train])
-    what = [[r.name, r.entity, r.length, hashlib.sha1(np.ascontiguousarray(r.member_rows)).hexdigest()]
-            for r in requests]
+               cols['_row'][train],
+               {c: features_lib.condition_column(cols, c, groups.origins(g))[train] for c in conditions})
+    what = [[r.name, r.entity, r.length, hashlib.sha1(np.ascontiguousarray(r.member_rows)).hexdigest(),
+             list(r.where or ())] for r in requests]
     return distributed.lead_first(lambda: stream_lib.cached(
         os.path.join(inputs, 'histories.npz'), json.dumps([key, what]),
         lambda: features_lib.build_histories(requests, chunks()), 'history pass'), 'histories')

@@ -236,16 +236,20 @@ def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, 
     other = 'item' if f.entity == 'user' else 'user'
     rule = {'kind': 'history', 'raw': name, 'raw_type': 'list[str]', 'of': f.of, 'vocab': specs[f.of].encoding['vocab'],
             'delimiter': f.delimiter, 'max_values': int(f.max_values)}
+    where = config_lib.history_condition(f.where, f'features.{name}.where') if f.where else None
+    if where:
+      rule['where'] = f.where  # what the table holds (a request gives the list as is)
     requests.append(HistoryRequest(name, f.entity, encoded[other][f.of], len(tables[f.entity][ids[f.entity]]),
-                                   int(f.max_values)))
+                                   int(f.max_values), where))
     specs[name] = FeatureSpec(name, f.entity, 'history', 0, False, rule, f.pooling)
   if requests:
     if history_tables is None:
       rows = np.asarray(train_rows, np.int64)
       recency = (np.asarray(ds.log[ds.timestamp_column], np.float64)[rows] if ds.timestamp_column in ds.log
                  else np.zeros(rows.size))
+      columns = {c: condition_column(ds.log, c)[rows] for c in where_columns(requests)}
       history_tables = lambda requests: build_histories(
-          requests, [(user_index[rows], item_index[rows], recency, rows)])
+          requests, [(user_index[rows], item_index[rows], recency, rows, columns)])
     tables = history_tables(requests)
     for r in requests:
       encoded[r.entity][r.name] = tables[r.name]
@@ -262,18 +266,45 @@ class HistoryRequest:
   member_rows: np.ndarray  # [members] the pooled feature's table row of each member position (0: OOV, left out)
   num_owners: int
   length: int
+  where: tuple[str, str, float] | None = None  # config_lib.history_condition: only the rows that meet it count
+
+
+CONDITIONS = {'>=': np.greater_equal, '<=': np.less_equal, '>': np.greater, '<': np.less, '==': np.equal,
+              '!=': np.not_equal}
+
+
+def where_columns(requests: Iterable[HistoryRequest]) -> list[str]:
+  """The log columns the requests' conditions read (each once, in order)."""
+  return list(dict.fromkeys(r.where[0] for r in requests if r.where))
+
+
+def condition_column(log: Mapping[str, Any], column: str, origins: Any = ()) -> np.ndarray:
+  """float64 [N]: a history condition's log column (NaN where missing); a DataError names a missing or non-numeric
+  column and the fix."""
+  if column not in log:
+    raise DataError(f"the interaction log has no column {column!r}, which a history feature's `where` reads; name "
+                    f'one of {sorted(k for k in log if not k.startswith("_"))} or add the column')
+  return readers.numeric(log[column], column, origins, 'interaction log', "a history feature's `where`")
 
 
 def build_histories(requests: list[HistoryRequest],
-                    training_rows: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-                    ) -> dict[str, np.ndarray]:
+                    training_rows: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                  Mapping[str, np.ndarray]]]) -> dict[str, np.ndarray]:
   """Every requested history table from one pass over the training interactions, given in chunks of (user
-  positions, item positions, recency, global row ids): one chunk in memory, a row group at a time when streamed."""
+  positions, item positions, recency, global row ids, {column: float values} of the `where_columns`): one chunk in
+  memory, a row group at a time when streamed."""
   recent = {r.name: RecentMembers(r.num_owners, r.length) for r in requests}
-  for user, item, recency, rows in training_rows:
+  for user, item, recency, rows, columns in training_rows:
     for r in requests:
       owner, member = (user, item) if r.entity == 'user' else (item, user)
-      recent[r.name].add(owner, r.member_rows[member], recency, rows)
+      if r.where:
+        column, op, number = r.where
+        with np.errstate(invalid='ignore'):  # NaN (missing) meets no condition
+          keep = CONDITIONS[op](columns[column], number) & ~np.isnan(columns[column])
+        owner, member, rec, rws = owner[keep], member[keep], recency[keep], rows[keep]
+      else:
+        rec, rws = recency, rows
+      recent[r.name].add(owner, r.member_rows[member], rec, rws)
   return {name: acc.table() for name, acc in recent.items()}
 
 

@@ -87,12 +87,22 @@ def test_bad_values_name_the_field(field, value, message):
     (lambda c: setattr(c.eval, 'ranking_task', 'watch'), 'eval.ranking_task'),
     (lambda c: setattr(c.data, 'split', 'column'), 'split_column'),
     (lambda c: c.update({'data': {'source': 'files'}}), 'data.log.paths'),
+    (lambda c: setattr(c.features.user_history, 'where', 'rating => 4'), r"features.user_history.where.*'rating >= 4'"),
+    (lambda c: setattr(c.features.user_history, 'where', 'rating >= four'), 'features.user_history.where'),
+    (lambda c: setattr(c.features.gender, 'where', 'rating >= 4'), "only kind='history'"),
 ])
 def test_bad_schema_declarations_name_the_field(change, message):
   c = movielens_100k.get_config()
   change(c)
   with pytest.raises(ValueError, match=message):
     config_lib.validate(c)
+
+
+@pytest.mark.parametrize('text, want', [('rating >= 4', ('rating', '>=', 4.0)), ('rating<=2.5', ('rating', '<=', 2.5)),
+                                        (' watch_fraction > .5 ', ('watch_fraction', '>', 0.5)),
+                                        ('x != -1e3', ('x', '!=', -1000.0)), ('x==0', ('x', '==', 0.0))])
+def test_history_conditions_parse(text, want):
+  assert config_lib.history_condition(text, 'f') == want
 
 
 def test_cross_field_rules():

@@ -11,6 +11,7 @@ from flax import nnx
 from mtl_rec import config as config_lib
 from mtl_rec import deterministic
 from mtl_rec import encoding
+from mtl_rec import errors
 from mtl_rec import experiment as experiment_lib
 from mtl_rec import features as features_lib
 from mtl_rec import scoring
@@ -25,6 +26,9 @@ def with_history(c, length=LENGTH):
   with c.unlocked():
     c.features.user_history = config_lib.feature('user', kind='history', of='item_id', max_values=length)
     c.features.item_audience = config_lib.feature('item', kind='history', of='user_id', max_values=length)
+    # the items a user liked: a history of the training rows that meet a condition on a log column
+    c.features.user_liked = config_lib.feature('user', kind='history', of='item_id', max_values=length,
+                                               where='rating >= 4')
   return c
 
 
@@ -109,6 +113,39 @@ def test_histories_hold_the_training_rows_and_no_batch_holds_its_target(exp):
                   ('valid', next(exp.valid.batches(enc, 10_000, exp.labels)))]:
     assert not (b['user']['user_history'] == b['item']['item_id'][:, None]).any(), name
     assert not (b['item']['item_audience'] == b['user']['user_id'][:, None]).any(), name
+
+
+def test_a_history_with_a_condition_holds_the_training_rows_that_meet_it(exp):
+  """`where='rating >= 4'`: each user's training items rated 4 or more, most recent first; the example's own item
+  left out of a batch's (its rating is the label), the others all kept."""
+  enc, split = exp.encoder, exp.split
+  item_rows = enc.item_table['item_id'][exp.item_index]
+  rating = np.asarray(exp.data.log['rating'], np.float64)
+  liked, history = enc.user_table['user_liked'], enc.user_table['user_history']
+  train_users = exp.user_index[split.train]
+  assert 0 < (liked >= 0).sum() < (history >= 0).sum()
+  for owner in np.unique(train_users):
+    rows = split.train[train_users == owner]
+    got = liked[owner][liked[owner] >= 0]
+    assert set(got.tolist()) == set(item_rows[rows[rating[rows] >= 4]].tolist()), owner
+    # in the order of the whole history (most recent first), which holds every training item uncut
+    order = {x: k for k, x in enumerate(history[owner].tolist())}
+    assert [order[x] for x in got] == sorted(order[x] for x in got), owner
+  assert enc.spec('user_liked').encoding['where'] == 'rating >= 4'
+  rows = split.train[:500]
+  u, i = exp.user_index[rows], exp.item_index[rows]
+  batch = enc.gather(u, i, rows)['user']['user_liked']
+  target_liked = (liked[u] == enc.item_table['item_id'][i][:, None]).any(1)
+  assert target_liked.any() and (rating[rows][target_liked] >= 4).all()
+  assert not (batch == enc.item_table['item_id'][i][:, None]).any()
+  np.testing.assert_array_equal((batch >= 0).sum(1), (liked[u] >= 0).sum(1) - target_liked)
+
+
+def test_a_condition_on_a_column_the_log_lacks_is_a_data_error(tiny_config):
+  c = with_history(tiny_config())
+  c.features.user_liked.where = 'stars >= 4'
+  with pytest.raises(errors.DataError, match="no column 'stars'.*rating"):
+    experiment_lib.build(c)
 
 
 def test_the_model_leaves_the_target_out_of_the_pool(exp):

@@ -330,9 +330,13 @@ def test_histories_stream_as_in_memory(tiny_config, files_dir, tmp_path):
   with c.unlocked():
     c.features.user_history = config_lib.feature('user', kind='history', of='item_id', max_values=8)
     c.features.item_audience = config_lib.feature('item', kind='history', of='user_id', max_values=8)
+    c.features.user_liked = config_lib.feature('user', kind='history', of='item_id', max_values=8,
+                                               where='rating >= 4')
   c.data.reader = 'memory'
   memory = experiment_lib.build(c)
   assert (memory.encoder.user_table['user_history'] >= 0).all(1).mean() > 0.5  # most users capped: order matters
+  liked = memory.encoder.user_table['user_liked']
+  assert (liked >= 0).any() and ((liked >= 0).sum(1) < (memory.encoder.user_table['user_history'] >= 0).sum(1)).any()
   c.data.reader = 'stream'
   c.data.stream.eval_rows, c.data.stream.fit_rows = 150, 600
   streamed = experiment_lib.build(c, workdir=str(tmp_path))

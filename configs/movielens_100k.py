@@ -33,4 +33,10 @@ def get_config():
   # 0.9067, like AUC 0.8120 vs 0.8101, Recall@10 0.1771 vs 0.1717, HR@10 sampled 0.7222 vs 0.7201); 64 items cost
   # twice the training time for no consistent gain (README, "Model").
   c.features.user_history = config_lib.feature('user', kind='history', of='item_id', max_values=32)
+  # The 32 most recent of them the user rated 4 or more: what the user liked, explicit feedback beside the implicit
+  # history, pooled through the same item table (the example's own item left out: its rating is the label). Over
+  # seeds 0-2, test rating RMSE 0.9005 vs 0.9034 and like AUC 0.8134 vs 0.8120 (validation 0.8917 vs 0.8975, 0.8092
+  # vs 0.8079), ranking within noise; about 30 s more training (README, "Model").
+  c.features.user_liked = config_lib.feature('user', kind='history', of='item_id', max_values=32,
+                                             where='rating >= 4')
   return c

@@ -1,17 +1,19 @@
 """ML-100K with more or fewer interaction-history features than the default (SVD++-style implicit feedback).
 
-`user_history` (in the default, configs/movielens_100k.py): the 32 items a user interacted with last in training,
-pooled through the shared item-id table; `item_audience`: the 32 users who interacted with an item last, pooled
-through the shared user-id table. Each example's own id is left out of the pool (no label leak). Variants: `:both`
-(default: adds `item_audience`), `:user` (the default's), `:item` (the audience instead of the user history),
-`:none` (neither). README, "Model", has what each gives.
+The default (configs/movielens_100k.py) has two user histories pooled through the shared item-id table:
+`user_history`, the 32 items a user interacted with last in training, and `user_liked`, the 32 of them rated 4 or
+more last (`where='rating >= 4'`). `item_audience`: the 32 users who interacted with an item last, pooled through
+the shared user-id table. Each example's own id is left out of every pool (no label leak). Variants: `:both`
+(default: adds `item_audience`), `:user` (the default's), `:implicit` (`user_history` alone: the default before
+`user_liked`), `:item` (the audience instead of the user histories), `:none` (no history). README, "Model", has
+what each gives.
 """
 
 from configs import movielens_100k
 from mtl_rec import config as config_lib
 from mtl_rec import errors
 
-VARIANTS = ('both', 'user', 'item', 'none')
+VARIANTS = ('both', 'user', 'implicit', 'item', 'none')
 
 
 def get_config(variant: str = 'both'):
@@ -22,6 +24,8 @@ def get_config(variant: str = 'both'):
   with c.unlocked():
     if variant in ('item', 'none'):
       del c.features['user_history']
+    if variant in ('implicit', 'item', 'none'):
+      del c.features['user_liked']
     if variant in ('both', 'item'):
       c.features.item_audience = config_lib.feature('item', kind='history', of='user_id', max_values=32)
   return c

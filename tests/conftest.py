@@ -83,6 +83,8 @@ def exported_run_config():
   from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
   with c.unlocked():  # a [users, L] input, as the default config's user history: served from the table or a request
     c.features.user_history = config_lib.feature('user', kind='history', of='item_id', max_values=8)
+    c.features.user_liked = config_lib.feature('user', kind='history', of='item_id', max_values=8,
+                                               where='rating >= 4')  # as the default's
   return c
 
 

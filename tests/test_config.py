@@ -33,8 +33,9 @@ def test_tiny_variant_validates_and_unknown_variants_are_named():
 
 def test_history_variants_add_and_drop_histories_of_the_default():
   histories = lambda c: sorted(n for n, f in c.features.items() if f.kind == 'history')
-  assert histories(movielens_100k.get_config()) == ['user_history']
-  for variant, want in (('both', ['item_audience', 'user_history']), ('user', ['user_history']),
+  assert histories(movielens_100k.get_config()) == ['user_history', 'user_liked']
+  for variant, want in (('both', ['item_audience', 'user_history', 'user_liked']),
+                        ('user', ['user_history', 'user_liked']), ('implicit', ['user_history']),
                         ('item', ['item_audience']), ('none', [])):
     c = movielens_100k_history.get_config(variant)
     config_lib.validate(c)
@@ -123,7 +124,8 @@ def test_declaration_order_survives_copies_and_json():
   """The model's inputs and heads follow the order a config declares them in, whatever ConfigDict does to keys."""
   import copy  # pylint: disable=g-import-not-at-top
   c = movielens_100k.get_config()
-  want = ['user_id', 'gender', 'age', 'occupation', 'zip', 'item_id', 'genres', 'year', 'title', 'user_history']
+  want = ['user_id', 'gender', 'age', 'occupation', 'zip', 'item_id', 'genres', 'year', 'title', 'user_history',
+          'user_liked']
   for copy_of in (c, copy.deepcopy(c), config_lib.from_json(config_lib.to_json(c))):
     assert [n for n, _ in config_lib.ordered(copy_of.features)] == want
     assert [n for n, _ in config_lib.ordered(copy_of.tasks)] == ['click', 'like', 'rating', 'retrieval']

@@ -282,7 +282,7 @@ def test_serving_encodes_raw_values_exactly_as_training(run, version_dir):
   model = ExportedModel(version_dir, max_batch_rows=16)
   users = run.exp.data.users
   raw = {'gender': users['gender'], 'age': users['age'], 'occupation': users['occupation'], 'zip': users['zip_code']}
-  assert set(model.user_fields) == set(raw) | {'user_history'}  # a history is a request field too
+  assert set(model.user_fields) == set(raw) | {'user_history', 'user_liked'}  # a history is a request field too
   for field, values in raw.items():
     name, rule = model.user_fields[field]
     served = encoding.encode(rule, list(values.tolist()), model.vocabs)
@@ -304,3 +304,7 @@ def test_serving_encodes_raw_values_exactly_as_training(run, version_dir):
   given = [raw_of_row[r] for r in trained if r >= 0]
   assert given
   np.testing.assert_array_equal(model.user_features(-1, {'user_history': given})['user_history'], trained)
+  liked = run.exp.encoder.user_table['user_liked'][pos]  # a history with a condition: the list as the client has it
+  assert 0 < (liked >= 0).sum() < (trained >= 0).sum()
+  np.testing.assert_array_equal(
+      model.user_features(-1, {'user_liked': [raw_of_row[r] for r in liked if r >= 0]})['user_liked'], liked)

@@ -191,7 +191,9 @@ def value_and_grad(loss_fn: Callable[..., tuple[jax.Array, Any]], *, groups: int
 
     # 1. Every table's rows for the whole batch, on every device: [B, K] + the table's row shape.
     def lookup(tables, ids):
-      return jax.lax.psum([_shard_take(t, i) for t, i in zip(tables, ids)], vocab_axis)
+      rows = [_shard_take(t, i) for t, i in zip(tables, ids)]
+      # one shard holds every row: no sum (XLA copies a psum over one device: [B, K, dim] per table, every step)
+      return rows if mesh.shape[vocab_axis] == 1 else jax.lax.psum(rows, vocab_axis)
     rows = jax.shard_map(lookup, mesh=mesh, in_specs=(table_specs, whole), out_specs=whole, check_vma=False)(
         [leaves[i] for i in table_ids], ids_of)
 

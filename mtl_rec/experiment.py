@@ -198,8 +198,8 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
      training rows are what they have seen), as many users as hold at most data.stream.eval_rows held-out rows;
      and a seeded uniform sample of about data.stream.fit_rows training rows, on which context features and the
      tasks' label statistics are fitted. On a log smaller than both, that is the whole log.
-  3. with history features, a pass over the id (and timestamp) columns: each user's (item's) most recent training
-     interactions (features.RecentMembers, memory bounded by users x max_values).
+  3. with history features, a pass over the id (and timestamp, and `where`) columns: each user's (item's) most recent
+     training interactions (features.RecentMembers, memory bounded by users x max_values).
   Then `data.log` is that sample, `split` indexes it, and the training stream reads the training rows of the files.
   """
   from mtl_rec.data import loader  # pylint: disable=g-import-not-at-top
@@ -280,8 +280,8 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   columns = tasks_lib.label_columns(config, ds)
   specs = tasks_lib.task_specs(config, columns, fit_rows)
   def history_tables(requests: list[features_lib.HistoryRequest]) -> dict[str, np.ndarray]:
-    """The history features from every training row of the log: a pass over its id (and timestamp) columns, row
-    group by row group, cached like the others."""
+    """The history features from every training row of the log: a pass over its id (and timestamp, and `where`)
+    columns, row group by row group, cached like the others."""
     ts = lc.timestamp_column
     conditions = features_lib.where_columns(requests)
     def chunks():

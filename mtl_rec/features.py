@@ -247,7 +247,7 @@ def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, 
       rows = np.asarray(train_rows, np.int64)
       recency = (np.asarray(ds.log[ds.timestamp_column], np.float64)[rows] if ds.timestamp_column in ds.log
                  else np.zeros(rows.size))
-      columns = {c: condition_column(ds.log, c)[rows] for c in where_columns(requests)}
+      columns = {c: condition_column(ds.log, c, ds.origins.get('log', ()))[rows] for c in where_columns(requests)}
       history_tables = lambda requests: build_histories(
           requests, [(user_index[rows], item_index[rows], recency, rows, columns)])
     tables = history_tables(requests)

@@ -52,6 +52,9 @@ def row_sources(old_run_dir: str, encoder: FeatureEncoder) -> dict[str, np.ndarr
   for spec in encoder.specs:
     rule, old = dict(spec.encoding), old_rules.get(spec.name)
     src = np.full(spec.vocab_size, -1, np.int64)
+    if spec.kind == 'history':  # no table of its own: it pools the id table of its `of` feature, mapped as that one
+      out[spec.name] = src
+      continue
     same_rule = old is not None and {k: v for k, v in old.items() if k != 'vocab'} == {
         k: v for k, v in rule.items() if k != 'vocab'}
     if same_rule and 'vocab' in rule:  # rows of the same values, wherever the vocabularies put them

@@ -225,3 +225,14 @@ def test_grouped_gradient_with_histories_is_the_batch_gradient(exp, tiny_config)
   for (path, r), g in zip(jax.tree_util.tree_flatten_with_path(ref_grads)[0], jax.tree.leaves(grads), strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * float(np.abs(r).max()) + 1e-12,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_warm_start_maps_rows_of_a_run_with_histories(exp, tmp_path):
+  """--init_from between two runs that declare histories: a history has no table of its own (nothing to map), the id
+  tables it pools keep their rows. It raised a broadcast ValueError before."""
+  from mtl_rec import warm_start  # pylint: disable=g-import-not-at-top
+  warm_start.save_features(exp.encoder, str(tmp_path))
+  sources = warm_start.row_sources(str(tmp_path), exp.encoder)
+  for name in ('user_history', 'item_audience', 'user_liked'):
+    assert sources[name].size == 0, name
+  np.testing.assert_array_equal(sources['item_id'][:exp.num_items + 1], np.arange(exp.num_items + 1))

@@ -437,3 +437,29 @@ def test_a_streamed_runs_export_says_whose_seen_items_it_holds(tiny_config, file
   assert 0 < evaluated.sum() < evaluated.size
   np.testing.assert_array_equal(held[evaluated], full[evaluated])
   assert (held[~evaluated] < full[~evaluated]).all()
+
+
+def test_a_history_condition_reads_its_column_on_every_reader(tiny_config, files_dir, tmp_path):
+  """A `where` column that no task or metric reads (here the rating, with the rating tasks gone) is read from the
+  files all the same: in memory, streamed from Parquet and streamed through a CSV's Parquet copy, the same table."""
+  c = _files_config(tiny_config, files_dir)
+  with c.unlocked():
+    del c.tasks['like'], c.tasks['rating']
+    c.features.user_liked = config_lib.feature('user', kind='history', of='item_id', max_values=8,
+                                               where='rating >= 4')
+  c.eval.gain_column = ''
+  c.train.early_stopping_metric = ''
+  c.data.reader = 'memory'
+  memory = experiment_lib.build(c)
+  liked = memory.encoder.user_table['user_liked']
+  assert (liked >= 0).any() and 'rating' in memory.data.log
+  c.data.reader = 'stream'
+  streamed = experiment_lib.build(c, workdir=str(tmp_path / 'parquet'))
+  np.testing.assert_array_equal(streamed.encoder.user_table['user_liked'], liked)
+  csv_dir = tmp_path / 'csv'
+  write_lib.write_dataset(memory.data, str(csv_dir), 'csv')
+  c.data.log.paths = (str(csv_dir / 'log.csv'),)
+  c.data.user_table.paths = (str(csv_dir / 'users.csv'),)
+  c.data.item_table.paths = (str(csv_dir / 'items.csv'),)
+  from_csv = experiment_lib.build(c, workdir=str(tmp_path / 'csv_run'))
+  np.testing.assert_array_equal(from_csv.encoder.user_table['user_liked'], liked)

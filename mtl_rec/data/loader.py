@@ -33,6 +33,9 @@ def columns_needed(config: ml_collections.ConfigDict) -> dict[str, dict[str, str
   for t in config.tasks.values():
     if t.label != config_lib.OBSERVED:
       need['log'][t.label] = ''
+  for name, f in config.features.items():  # a history's condition reads a log column
+    if f.kind == 'history' and f.where:
+      need['log'].setdefault(config_lib.history_condition(f.where, f'features.{name}.where')[0], '')
   builtin = d.source != 'files'  # built-in sources come with both side tables
   side = {'user': ('users', builtin or bool(d.user_table.paths), d.log.user_column),
           'item': ('items', builtin or bool(d.item_table.paths), d.log.item_column)}

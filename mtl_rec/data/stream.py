@@ -24,6 +24,8 @@ holding the next row from the per-row-group counts: nothing consumed before is r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -111,7 +113,10 @@ def parquet_log(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[st
       out.append(path)
       continue
     st = os.stat(path)
-    target = os.path.join(directory, f'{k:04d}-{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}.parquet')
+    # the columns are in the name too: a config that reads another column converts again
+    wanted = hashlib.sha1(json.dumps(sorted(columns.items())).encode()).hexdigest()[:8]
+    target = os.path.join(directory,
+                          f'{k:04d}-{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}-{wanted}.parquet')
     if not os.path.exists(target):
       readers.csv_to_parquet(path, target, delimiter, columns, 'interaction log', row_group_size)
     out.append(target)

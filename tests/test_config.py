@@ -40,6 +40,7 @@ def test_history_variants_add_and_drop_histories_of_the_default():
     c = movielens_100k_history.get_config(variant)
     config_lib.validate(c)
     assert histories(c) == want, variant
+  assert movielens_100k_history.get_config('implicit').features.user_history.max_values == 32  # the earlier default
   with pytest.raises(ValueError, match=':both'):
     movielens_100k_history.get_config('users')
 

@@ -65,6 +65,18 @@ def test_histories_fed_in_chunks_equal_one_pass():
   assert (whole[:30] >= 0).sum(1).min() > 5 and not (whole == 0).any()  # some owners were capped at 5; no OOV
 
 
+def test_a_condition_keeps_the_rows_that_meet_it_and_never_a_missing_value():
+  user, item = np.array([0, 0, 0, 0, 1]), np.array([1, 2, 3, 4, 1])
+  rating = np.array([5.0, np.nan, 2.0, 4.0, 3.0])
+  requests = [features_lib.HistoryRequest(n, 'user', np.arange(6), num_owners=2, length=4, where=w)
+              for n, w in [('all', None), ('liked', ('rating', '>=', 4.0)), ('not_two', ('rating', '!=', 2.0))]]
+  chunk = (user, item, np.arange(5.0), np.arange(5), {'rating': rating})
+  out = features_lib.build_histories(requests, [chunk])
+  np.testing.assert_array_equal(out['all'], [[4, 3, 2, 1], [1, -1, -1, -1]])  # most recent first
+  np.testing.assert_array_equal(out['liked'], [[4, 1, -1, -1], [-1, -1, -1, -1]])
+  np.testing.assert_array_equal(out['not_two'], [[4, 1, -1, -1], [1, -1, -1, -1]])  # NaN != 2, yet missing: out
+
+
 def test_a_history_rule_encodes_raw_ids_through_the_id_vocabulary():
   vocabs = {'item_id': encoding.Vocab(np.array([10, 20, 30]))}
   rule = {'kind': 'history', 'raw': 'h', 'raw_type': 'list[str]', 'of': 'item_id', 'vocab': 'item_id',

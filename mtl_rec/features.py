@@ -279,11 +279,8 @@ def where_columns(requests: Iterable[HistoryRequest]) -> list[str]:
 
 
 def condition_column(log: Mapping[str, Any], column: str, origins: Any = ()) -> np.ndarray:
-  """float64 [N]: a history condition's log column (NaN where missing); a DataError names a missing or non-numeric
-  column and the fix."""
-  if column not in log:
-    raise DataError(f"the interaction log has no column {column!r}, which a history feature's `where` reads; name "
-                    f'one of {sorted(k for k in log if not k.startswith("_"))} or add the column')
+  """float64 [N]: a history condition's log column (NaN where missing); a DataError names a non-numeric value. The
+  loader has checked that the column is there (data.loader.columns_needed lists it)."""
   return readers.numeric(log[column], column, origins, 'interaction log', "a history feature's `where`")
 
 

@@ -207,8 +207,9 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   d, lc, seed = config.data, config.data.log, config.seed
   need = loader.columns_needed(config)
   inputs = os.path.join(workdir, 'input')
-  paths = stream_lib.parquet_log(readers.expand(lc.paths, 'interaction log'), d.format, d.csv_delimiter,
-                                 need['log'], os.path.join(inputs, 'parquet'), d.stream.row_group_size)
+  paths = distributed.lead_first(lambda: stream_lib.parquet_log(
+      readers.expand(lc.paths, 'interaction log'), d.format, d.csv_delimiter, need['log'],
+      os.path.join(inputs, 'parquet'), d.stream.row_group_size), 'parquet copy')
   groups = stream_lib.RowGroups.of(paths)
   split_columns = tuple(c for c in (lc.timestamp_column if d.split == 'timestamp' else '',
                                     d.split_column if d.split == 'column' else '') if c)

@@ -95,18 +95,19 @@ def test_two_processes_match_one_device(tmp_path):
 
 
 def test_two_processes_stream_disjoint_shards_and_match_one_process(tmp_path):
-  """data.reader='stream' with 2 logical shards: each of 2 processes reads only its shard's row groups and builds its
-  rows of the global batch; one process reading both shards logs the same losses, bit for bit (item tables on lazy
-  Adam)."""
+  """data.reader='stream' with 2 logical shards, from a CSV log: each of 2 processes reads only its shard's row
+  groups (of the Parquet copy process 0 writes, once) and builds its rows of the global batch; one process reading
+  both shards logs the same losses, bit for bit (item tables on lazy Adam)."""
   from mtl_rec.data import synthetic, write  # pylint: disable=g-import-not-at-top
   from mtl_rec.data.types import to_dataset  # pylint: disable=g-import-not-at-top
   data = tmp_path / 'data'
+  # CSV: the streamed reader converts the log to Parquet row groups of 60 rows, once, on process 0
   write.write_dataset(to_dataset(synthetic.generate(num_users=120, num_items=80, interactions_per_user=10,
-                                                    latent_dim=4, seed=0)), str(data), 'parquet', row_group_size=60)
+                                                    latent_dim=4, seed=0)), str(data), 'csv')
   extra = ['--config.data.source=files', '--config.data.reader=stream', '--config.data.stream.num_shards=2',
-           '--config.optimizer.tables.by_feature=item_id=lazy_adam', '--config.train.batch_size=160', f"--config.data.log.paths=('{data}/log.parquet',)",
-           f"--config.data.user_table.paths=('{data}/users.parquet',)",
-           f"--config.data.item_table.paths=('{data}/items.parquet',)"]
+           '--config.data.stream.row_group_size=60', '--config.optimizer.tables.by_feature=item_id=lazy_adam',
+           '--config.train.batch_size=160', f"--config.data.log.paths=('{data}/log.csv',)",
+           f"--config.data.user_table.paths=('{data}/users.csv',)", f"--config.data.item_table.paths=('{data}/items.csv',)"]
   port = _free_port()
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   logs = [str(tmp_path / f'process_{i}.log') for i in range(2)] + [str(tmp_path / 'single.log')]
@@ -122,3 +123,4 @@ def test_two_processes_stream_disjoint_shards_and_match_one_process(tmp_path):
   first, second = (open(p).read() for p in logs[:2])
   for name in ('survey', 'sample'):
     assert f'{name} pass: reading' in first and f'{name} pass: reused' in second, name
+  assert 'converting' in first and 'converting' not in second  # the CSV's Parquet copy too

@@ -369,6 +369,13 @@ def test_csv_logs_stream_through_a_parquet_copy(tiny_config, files_dir, tmp_path
   _same_experiment(streamed, memory)
   copy, = (tmp_path / 'run' / 'input' / 'parquet').iterdir()
   assert pq.ParquetFile(copy).metadata.num_row_groups == -(-memory.data.num_rows // 700)
+  # The CSV file changes (its last row dropped): converted again, and the copy of the earlier version removed.
+  lines = (csv_dir / 'log.csv').read_text().splitlines(keepends=True)
+  (csv_dir / 'log.csv').write_text(''.join(lines[:-1]))
+  again = experiment_lib.build(c, workdir=str(tmp_path / 'run'))
+  assert again.data.num_rows == memory.data.num_rows - 1
+  newer, = (tmp_path / 'run' / 'input' / 'parquet').iterdir()
+  assert newer.name != copy.name
   (csv_dir / 'bad.csv').write_text('user_id,item_id,timestamp\n1,2,4\n')  # no rating column
   c.data.log.paths = (str(csv_dir / 'bad.csv'),)
   with pytest.raises(DataError, match="bad.csv has no column 'rating'"):

@@ -106,7 +106,9 @@ class RowGroups:
 def parquet_log(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[str, str], directory: str,
                 row_group_size: int = 1 << 20) -> list[str]:
   """The log's files as Parquet: CSV files are converted once, block by block, into `directory` (reused while the
-  CSV file keeps its size and modification time)."""
+  CSV file keeps its size and modification time and the config reads the same columns; an earlier copy of the same
+  file is removed when it is converted again). Multi-process jobs call it on the lead process first
+  (distributed.lead_first): two processes must not write one copy."""
   out = []
   for k, path in enumerate(paths):
     if readers.file_format(path, fmt) == 'parquet':
@@ -115,10 +117,14 @@ def parquet_log(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[st
     st = os.stat(path)
     # the columns are in the name too: a config that reads another column converts again
     wanted = hashlib.sha1(json.dumps(sorted(columns.items())).encode()).hexdigest()[:8]
-    target = os.path.join(directory,
-                          f'{k:04d}-{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}-{wanted}.parquet')
+    prefix = f'{k:04d}-{os.path.basename(path)}-'
+    target = os.path.join(directory, f'{prefix}{st.st_size}-{int(st.st_mtime)}-{wanted}.parquet')
     if not os.path.exists(target):
+      log.info('interaction log: converting %s to Parquet, once: %s', path, target)
       readers.csv_to_parquet(path, target, delimiter, columns, 'interaction log', row_group_size)
+      for old in os.listdir(directory):  # copies of an earlier version of the file, or of other columns
+        if old.startswith(prefix) and old.endswith('.parquet') and old != os.path.basename(target):
+          os.remove(os.path.join(directory, old))
     out.append(target)
   return out
 

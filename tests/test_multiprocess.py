@@ -107,7 +107,8 @@ def test_two_processes_stream_disjoint_shards_and_match_one_process(tmp_path):
   extra = ['--config.data.source=files', '--config.data.reader=stream', '--config.data.stream.num_shards=2',
            '--config.data.stream.row_group_size=60', '--config.optimizer.tables.by_feature=item_id=lazy_adam',
            '--config.train.batch_size=160', f"--config.data.log.paths=('{data}/log.csv',)",
-           f"--config.data.user_table.paths=('{data}/users.csv',)", f"--config.data.item_table.paths=('{data}/items.csv',)"]
+           f"--config.data.user_table.paths=('{data}/users.csv',)",
+           f"--config.data.item_table.paths=('{data}/items.csv',)"]
   port = _free_port()
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   logs = [str(tmp_path / f'process_{i}.log') for i in range(2)] + [str(tmp_path / 'single.log')]

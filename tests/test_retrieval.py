@@ -13,6 +13,7 @@ from mtl_rec import config as config_lib
 from mtl_rec import tasks as tasks_lib
 
 T = 0.5
+RETRIEVAL_DIM = 12  # the retrieval run's towers' output width (task(..., dim=)), unlike its embedding width
 
 
 def _unit(x):
@@ -90,6 +91,9 @@ def test_a_retrieval_task_must_learn_from_observed_pairs(tiny_config):
   c.tasks.retrieval = config_lib.task('retrieval', 'observed', negatives='uniform')
   with pytest.raises(ValueError, match="tasks.retrieval.negatives='uniform'.*in_batch, mixed"):
     config_lib.validate(c)
+  c.tasks.retrieval = config_lib.task('retrieval', 'observed', dim=-1)
+  with pytest.raises(ValueError, match=r'tasks.retrieval.dim=-1 is invalid: must be >= 0'):
+    config_lib.validate(c)
   c.tasks.retrieval = config_lib.task('retrieval', 'observed', negatives='mixed')
   c.tasks.second = config_lib.task('retrieval', 'observed')
   with pytest.raises(ValueError, match="tasks.second.negatives.*'mixed' like the first"):
@@ -99,11 +103,13 @@ def test_a_retrieval_task_must_learn_from_observed_pairs(tiny_config):
 @pytest.fixture(scope='module')
 def retrieval_run(tmp_path_factory):
   """(TrainResult, export version dir) of a tiny run with a retrieval task that ranks the catalog; `recommend`
-  retrieves 40 of the 150 items in blocks of 32 (the running top-k path) and re-ranks them."""
+  retrieves 40 of the 150 items in blocks of 32 (the running top-k path) and re-ranks them. Its towers end in
+  RETRIEVAL_DIM-wide vectors, not the embedding width."""
   from conftest import make_tiny_config, train_and_export  # pylint: disable=g-import-not-at-top
   c = make_tiny_config(train__epochs=3)
   with c.unlocked():
-    c.tasks.retrieval = config_lib.task('retrieval', 'observed', weight=1.0)
+    c.tasks.retrieval = config_lib.task('retrieval', 'observed', weight=1.0, dim=RETRIEVAL_DIM)
+  assert RETRIEVAL_DIM != c.model.embed_dim
   c.eval.ranking_task = 'retrieval'  # the catalog ranked by the towers' cosine
   c.export.max_k, c.export.retrieve_n, c.export.chunk_items = 20, 40, 32
   workdir = str(tmp_path_factory.mktemp('retrieval_run'))
@@ -126,7 +132,7 @@ def test_a_retrieval_task_trains_ranks_and_exports(retrieval_run):
   assert kinds['retrieval']['output'] == 'score' and kinds['retrieval']['fusion_term'] == '(score + 1) / 2'
   stage = manifest['functions']['recommend']['retrieval']
   assert stage['task'] == 'retrieval' and stage['candidates'] == 40
-  assert stage['item_vectors']['shape'] == [150, result.run.config.model.embed_dim]
+  assert stage['item_vectors']['shape'] == [150, RETRIEVAL_DIM]
 
   # served: the retrieval column is the in-process towers' cosine, and ranking by it alone is recommend's order
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -135,6 +141,7 @@ def test_a_retrieval_task_trains_ranks_and_exports(retrieval_run):
   model = ExportedModel(version, max_batch_rows=64, max_recommend_users=2)
   users, items = np.arange(20), np.arange(20)
   outputs, _ = nnx.merge(run.network.graphdef, run.network.params)(run.exp.encoder.gather(users, items))
+  assert outputs['retrieval'].shape == (20, 2, RETRIEVAL_DIM)  # each row's query and item vector
   cosine = np.sum(np.asarray(outputs['retrieval'])[:, 0] * np.asarray(outputs['retrieval'])[:, 1], -1)
   only = np.asarray([1.0 if n == 'retrieval' else 0.0 for n in manifest['fusion']['order']], np.float32)
   out = model.score_rows({k: model.user_table[k][users] for k in model.user_inputs}, items, np.tile(only, (20, 1)))

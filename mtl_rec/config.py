@@ -247,6 +247,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 1024  # global batch size (rows: log rows and sampled negatives)
   c.train.epochs = 6  # epochs; the cosine schedule decays to 0 over them (early stopping may end sooner)
+  # Epochs the learning-rate schedule spans; 0 = train.epochs. More than train.epochs stops training partway down the
+  # decay (MaxText's learning_rate_schedule_steps): the first train.epochs of a longer run, the same numbers, sooner.
+  c.train.schedule_epochs = 0
   c.train.log_every_steps = 50  # history.jsonl / TensorBoard / progress-bar interval
   c.train.checkpoint_every_steps = 500  # also saved at every epoch end
   c.train.keep_checkpoints = 3  # latest checkpoints kept (the best one is kept apart)
@@ -482,6 +485,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     positive(f'train.{field}', c.train[field])
   if not isinstance(c.train.grad_groups, int) or isinstance(c.train.grad_groups, bool) or c.train.grad_groups < 0:
     raise _err('train.grad_groups', c.train.grad_groups, 'must be an integer >= 0 (0 = let XLA sum the gradient)')
+  if c.train.schedule_epochs and c.train.schedule_epochs < c.train.epochs:
+    raise _err('train.schedule_epochs', c.train.schedule_epochs, f'use 0 (the {c.train.epochs} train.epochs) or at '
+               f'least train.epochs: a schedule that ends before training would train at learning rate 0')
   if c.train.patience < 0:
     raise _err('train.patience', c.train.patience, 'must be >= 0 (0 disables early stopping)')
   known = known_metrics(c)

@@ -276,7 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
 
   spe = exp.stream.steps_per_epoch
   total_steps = spe * config.train.epochs
-  trainer = trainer_lib.make_trainer(config, exp.encoder.specs, exp.specs, total_steps)
+  schedule_steps = spe * (config.train.schedule_epochs or config.train.epochs)
+  trainer = trainer_lib.make_trainer(config, exp.encoder.specs, exp.specs, schedule_steps)
   ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
   stopping = EarlyStopping.from_config(config)
   state = _start(trainer, exp, ckpt, stopping, init_from)

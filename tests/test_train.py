@@ -131,6 +131,22 @@ def test_rerun_resumes_instead_of_starting_over(tmp_path, tiny_config):
   assert steps == sorted(set(steps))  # no step logged twice
 
 
+def test_a_longer_schedule_stops_partway_down_it_and_extends_to_the_whole_run(tmp_path, tiny_config):
+  """train.schedule_epochs=3 with train.epochs=2 trains the first two epochs of the 3-epoch run, the same bits;
+  rerun with train.epochs=3 it resumes into exactly that run."""
+  read = lambda d: {h['step']: h['loss'] for h in map(json.loads, open(d / 'history.jsonl'))}
+  full = loop.train_and_evaluate(tiny_config(train__epochs=3), str(tmp_path / 'full')).metrics
+  part = loop.train_and_evaluate(tiny_config(train__epochs=2, train__schedule_epochs=3), str(tmp_path / 'part')).metrics
+  assert part['steps'] * 3 == full['steps'] * 2
+  full_losses, part_losses = read(tmp_path / 'full'), read(tmp_path / 'part')
+  assert len(part_losses) > 2 and part_losses == {s: v for s, v in full_losses.items() if s <= part['steps']}
+  rest = loop.train_and_evaluate(tiny_config(train__epochs=3, train__schedule_epochs=3), str(tmp_path / 'part'))
+  assert rest.metrics['steps'] == full['steps'] and rest.metrics['test'] == full['test']
+  assert read(tmp_path / 'part') == full_losses
+  with pytest.raises(ValueError, match='train.schedule_epochs=2 is invalid: use 0 .* or at least train.epochs'):
+    loop.train_and_evaluate(tiny_config(train__epochs=3, train__schedule_epochs=2), str(tmp_path / 'bad'))
+
+
 def test_train_py_prints_the_test_table_and_exports(tmp_path):
   r = subprocess.run(
       [sys.executable, 'train.py', '--config=configs/synthetic.py', f'--workdir={tmp_path}',

@@ -278,7 +278,7 @@ def where_columns(requests: Iterable[HistoryRequest]) -> list[str]:
   return list(dict.fromkeys(r.where[0] for r in requests if r.where))
 
 
-def condition_column(log: Mapping[str, Any], column: str, origins: Any = ()) -> np.ndarray:
+def condition_column(log: Mapping[str, Any], column: str, origins: Any) -> np.ndarray:
   """float64 [N]: a history condition's log column (NaN where missing); a DataError names a non-numeric value. The
   loader has checked that the column is there (data.loader.columns_needed lists it)."""
   return readers.numeric(log[column], column, origins, 'interaction log', "a history feature's `where`")

@@ -246,7 +246,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 1024  # global batch size (rows: log rows and sampled negatives)
-  c.train.epochs = 6  # epochs; the cosine schedule decays to 0 over them (early stopping may end sooner)
+  c.train.epochs = 6  # epochs trained; the cosine schedule decays to 0 over them (or over schedule_epochs, below)
   # Epochs the learning-rate schedule spans; 0 = train.epochs. More than train.epochs stops training partway down the
   # decay (MaxText's learning_rate_schedule_steps): the first train.epochs of a longer run, the same numbers, sooner.
   c.train.schedule_epochs = 0

@@ -134,7 +134,7 @@ def test_rerun_resumes_instead_of_starting_over(tmp_path, tiny_config):
 def test_a_longer_schedule_stops_partway_down_it_and_extends_to_the_whole_run(tmp_path, tiny_config):
   """train.schedule_epochs=3 with train.epochs=2 trains the first two epochs of the 3-epoch run, the same bits;
   rerun with train.epochs=3 it resumes into exactly that run."""
-  read = lambda d: {h['step']: h['loss'] for h in map(json.loads, open(d / 'history.jsonl'))}
+  read = lambda d: {h['step']: h['loss'] for h in map(json.loads, (d / 'history.jsonl').read_text().splitlines())}
   full = loop.train_and_evaluate(tiny_config(train__epochs=3), str(tmp_path / 'full')).metrics
   part = loop.train_and_evaluate(tiny_config(train__epochs=2, train__schedule_epochs=3), str(tmp_path / 'part')).metrics
   assert part['steps'] * 3 == full['steps'] * 2

@@ -23,7 +23,8 @@ _MAX_BATCH_ROWS = flags.DEFINE_integer('max_batch_rows', _D.max_batch_rows, 'Row
 _MAX_WAIT_MS = flags.DEFINE_float('max_wait_ms', _D.max_wait_ms, 'Longest wait for a batch to fill, in ms.')
 _MAX_RECOMMEND_USERS = flags.DEFINE_integer('max_recommend_users', _D.max_recommend_users,
                                             'Users merged into one recommend call.')
-_MAX_ITEMS = flags.DEFINE_integer('max_items', _D.max_items, 'Items per /v1/score request.')
+_MAX_ITEMS = flags.DEFINE_integer('max_items', _D.max_items, 'Items per /v1/score request, and new items per '
+                                  '/v1/recommend request (those at most 256).')
 _MAX_BODY_BYTES = flags.DEFINE_integer('max_body_bytes', _D.max_body_bytes, 'Larger request bodies get a 413.')
 _MAX_QUEUED_ROWS = flags.DEFINE_integer('max_queued_rows', _D.max_queued_rows,
                                         'Rows waiting for the model beyond which requests get a 503 (retry later).')

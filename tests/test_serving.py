@@ -9,6 +9,8 @@ import gzip
 import json
 import os
 import re
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -290,6 +292,28 @@ BAD_REQUESTS = [
      {'Inference-Header-Content-Length': '999999'}, 400, 'outside the body'),
     ('v2 binary size beyond body', 'POST', '/v2/models/{model}/infer', 'BINARY_OVERRUN', None, 400,
      'runs past the end'),
+    # an integer id beyond 64 bits: no table holds it, and the answer could not echo it as a JSON integer
+    ('user_id beyond 64 bits', 'POST', '/v1/score', {'user': {'user_id': 2**70}, 'items': ['1']}, None, 400,
+     'user.user_id is an integer beyond 64 bits'),
+    ('item id beyond 64 bits', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': ['1', 2**64]}, None, 400,
+     'items[1] is an integer beyond 64 bits'),
+    ('recommend user_id beyond 64 bits', 'POST', '/v1/recommend', {'user_id': -2**63 - 1}, None, 400,
+     'beyond 64 bits'),
+    ('recommend new item given twice', 'POST', '/v1/recommend',
+     {'user_id': '1', 'items': [{'item_id': 'new-1'}, {'item_id': 'new-2'}, {'item_id': 'new-1'}]}, None, 400,
+     "items[2].item_id 'new-1' is given twice (items[0] too)"),
+    ('recommend new items beyond --max_items', 'POST', '/v1/recommend',
+     {'user_id': '1', 'items': [{'item_id': f'new-{j}'} for j in range(MAX_ITEMS + 1)]}, None, 400,
+     f'at most {MAX_ITEMS} new items'),
+    ('string feature too long', 'POST', '/v1/score', {'user': {'user_id': '1', 'gender': 'x' * 300}, 'items': ['1']},
+     None, 400, 'got a string of 300 characters'),
+    ('v2 input name not a string', 'POST', '/v2/models/{model}/infer',
+     _infer([GOOD_USER, {**GOOD_ITEMS, 'name': ['item_id']}]), None, 400, 'each input needs a "name" string'),
+    ('v2 output not an object', 'POST', '/v2/models/{model}/infer', _infer([GOOD_USER, GOOD_ITEMS], outputs=['score']),
+     None, 400, 'each entry of outputs must be an object'),
+    ('v2 output unknown field', 'POST', '/v2/models/{model}/infer',
+     _infer([GOOD_USER, GOOD_ITEMS], outputs=[{'name': 'score', 'shape': [2]}]), None, 400,
+     "output 'score': unknown field 'shape'"),
     ('v2 unclaimed binary bytes', 'POST', '/v2/models/{model}/infer', 'BINARY_EXTRA', None, 400,
      'not claimed'),
 ]
@@ -322,6 +346,62 @@ def test_at_least_30_kinds_of_bad_input_get_a_4xx_and_the_server_keeps_serving(s
   status, out, _ = http(url, '/v1/score', {'user': {'user_id': known_user(model)}, 'items': item_ids(model, 3)})
   assert status == 200 and len(out['items']) == 3
   assert http(url, '/v2/health/live')[1] == {'live': True}
+
+
+def test_integer_ids_match_only_as_plain_decimal_strings(server, model):
+  """A string matches an integer id only as ASCII decimal digits: Python's int() would also read ' 10', '+10',
+  '1_0' and full-width digits as 10, ids that are not this user's or item's. Those are unknown: cold starts."""
+  url, _ = server
+  user, item = known_user(model, 12), item_ids(model, 1, 12)[0]
+  assert len(user) >= 2 and len(item) >= 2  # '1_0'-style variants need two digits
+  variants = lambda x: [f' {x}', f'{x}\n', f'+{x}', f'{x[0]}_{x[1:]}', ''.join(chr(ord(c) + 0xFEE0) for c in x)]
+  status, out, _ = http(url, '/v1/score', {'user': {'user_id': user}, 'items': [item, *variants(item)]})
+  assert status == 200, out
+  assert out['user']['known'] and [e['cold_start'] for e in out['items']] == [False] + [True] * 5
+  for v in variants(user):
+    status, out, _ = http(url, '/v1/score', {'user': {'user_id': v}, 'items': [item]})
+    assert status == 200 and out['user'] == {'user_id': v, 'known': False, 'cold_start': True, 'features': 'oov'}, out
+  status, out, _ = http(url, f'/v2/models/{model.name}/infer',
+                        _infer([_t('user_id', [user, f'+{user}']), _t('item_id', [item, f'{item[0]}_{item[1:]}'])]))
+  assert status == 200, out
+  cold = {o['name']: o['data'] for o in out['outputs']}
+  assert cold['user_cold_start'] == [False, True] and cold['item_cold_start'] == [False, True]
+
+
+def test_405_names_the_allowed_methods_and_v2_slash_is_server_metadata(server):
+  url, _ = server
+  status, out, hdrs = http(url, '/v1/score', method='DELETE')
+  assert status == 405 and hdrs.get('Allow') == 'POST' and 'use POST' in out['error']
+  status, out, hdrs = http(url, '/v2/health/live', b'{}', method='POST')
+  assert status == 405 and 'GET' in hdrs.get('Allow', '').split(', ')
+  assert http(url, '/v2/')[1] == http(url, '/v2')[1]
+
+
+def test_a_client_hanging_up_mid_body_is_a_client_error_not_a_server_one(server, model):
+  """A body cut short by the client closing the connection is counted as a 4xx, never a 500 (an alert-worthy
+  server bug), and the server serves on."""
+  url, proc = server
+  host, port = url.removeprefix('http://').rsplit(':', 1)
+  before = _metrics(url)
+  for _ in range(3):
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+      sock.sendall(b'POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                   b'Content-Length: 100\r\n\r\n{"user_id"')
+    time.sleep(0.2)
+  deadline = time.time() + 10
+  while time.time() < deadline:  # the server notices the hang-up asynchronously
+    after = _metrics(url)
+    if after.get('mtl_rec_request_errors_total{endpoint="/v1/recommend",code="400"}', 0) >= before.get(
+        'mtl_rec_request_errors_total{endpoint="/v1/recommend",code="400"}', 0) + 3:
+      break
+    time.sleep(0.2)
+  key500 = 'mtl_rec_request_errors_total{endpoint="/v1/recommend",code="500"}'
+  assert after.get(key500, 0) == before.get(key500, 0)
+  assert after.get('mtl_rec_request_errors_total{endpoint="/v1/recommend",code="400"}', 0) >= before.get(
+      'mtl_rec_request_errors_total{endpoint="/v1/recommend",code="400"}', 0) + 3
+  assert proc.poll() is None
+  status, out, _ = http(url, '/v1/recommend', {'user_id': known_user(model), 'k': 3})
+  assert status == 200 and len(out['items']) == 3
 
 
 def test_concurrent_requests_are_batched_and_never_recompile(server, model):

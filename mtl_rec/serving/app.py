@@ -52,7 +52,7 @@ class ServerOptions:
   max_batch_rows: int = 4096  # user x item rows merged into one call of `score` (rounded up to a power of 2)
   max_wait_ms: float = 1.0  # how long the oldest request waits for companions before its batch runs
   max_recommend_users: int = 32  # users merged into one call of `recommend` (rounded up to a power of 2)
-  max_items: int = 1000  # items per /v1/score request; v2 infer rows are bounded by max_batch_rows
+  max_items: int = 1000  # items per /v1/score request, new items per recommend (<= 256); v2 rows: max_batch_rows
   max_body_bytes: int = 1 << 20  # larger bodies get a 413
   max_queued_rows: int = 65536  # rows waiting for the model beyond which requests get a 503
   warmup: bool = True  # compile every batch bucket before accepting requests
@@ -128,6 +128,9 @@ class Server:
     except web.RequestPayloadError as e:  # e.g. 'Content-Encoding: gzip' on a body that is not gzip
       raise BadRequest(f'the request body could not be read ({_unreadable_reason(e)}); check that its '
                        'Content-Encoding header matches how the body is compressed, or send it uncompressed') from None
+    except ConnectionError:  # the client hung up mid-body: its mistake (nobody reads this answer), not a server bug
+      raise BadRequest('the client closed the connection before sending the whole body (Content-Length '
+                       f'{request.content_length})') from None
 
   def _check_model(self, request: web.Request) -> None:
     name = request.match_info.get('name')
@@ -164,7 +167,7 @@ class Server:
                   'items': items})
 
   async def recommend(self, request: web.Request) -> web.Response:
-    req = parse_recommend(parse_json(await self._body(request)), self.model)
+    req = parse_recommend(parse_json(await self._body(request)), self.model, self.max_items)
     positions, scores = await self.recommend_batcher.submit(req, 1)
     self._cold_metrics(int(req.user.cold_start), 0)
     keep = np.isfinite(scores)  # -inf: excluded items filling k when too few remain
@@ -246,11 +249,13 @@ class Server:
       response = _error(e.status, e.message)
     except Overloaded as e:
       response = _error(503, str(e))
+      response.headers['Retry-After'] = '1'  # seconds: the queue drains in milliseconds
     except web.HTTPRequestEntityTooLarge:
       response = _error(413, f'the body is larger than the limit of {self.options.max_body_bytes} bytes')
     except web.HTTPMethodNotAllowed as e:
       allowed = ', '.join(sorted(e.allowed_methods))
       response = _error(405, f'{request.method} is not allowed on {request.path}; use {allowed}')
+      response.headers['Allow'] = allowed  # RFC 9110: a 405 names the methods the resource takes
     except web.HTTPNotFound:
       response = _error(404, f'no endpoint {request.method} {request.path}; endpoints: POST /v1/score, POST '
                              f'/v1/recommend, /v2/..., GET /metrics')
@@ -275,6 +280,7 @@ class Server:
     r.add_post('/v1/score', self.score)
     r.add_post('/v1/recommend', self.recommend)
     r.add_get('/v2', self.server_metadata)
+    r.add_get('/v2/', self.server_metadata)  # the OpenAPI spec's path for server metadata
     r.add_get('/v2/health/live', self.live)
     r.add_get('/v2/health/ready', self.server_ready)
     for prefix in ('/v2/models/{name}', '/v2/models/{name}/versions/{version}'):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any, Sequence
 
 import jax
@@ -60,6 +61,23 @@ def buckets(max_size: int, smallest: int = 1) -> tuple[int, ...]:
     b *= 2
 
 
+_INT = re.compile(r'-?[0-9]+')  # what a request's string must be to match an integer id ([0-9]: ASCII only)
+_DECIMALS = re.compile(r'-?[0-9]+(?:\n-?[0-9]+)*')  # newline-joined decimal strings
+
+
+def _as_int(x: Any) -> int | None:
+  """A request id as an integer id: a JSON integer, or a string of ASCII decimal digits (an optional '-'), within
+  64 bits; None otherwise (no integer id matches it). Python's int() would also read ' 10', '+10', '1_0' and
+  non-ASCII digits as 10: ids a client did not mean."""
+  if type(x) is int:
+    v = x
+  elif isinstance(x, str) and _INT.fullmatch(x):
+    v = int(x)
+  else:
+    return None
+  return v if -(2**63) <= v < 2**63 else None
+
+
 class IdIndex:
   """Raw ids -> table positions with a sorted array (compact for millions of ids, vectorized lookups)."""
 
@@ -72,20 +90,24 @@ class IdIndex:
     self.size = int(ids.shape[0])
 
   def _canonical(self, raw: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(values, parseable): request ids (str or int) in the index's dtype."""
+    """(values, parseable): request ids (str or int) in the index's dtype. In an integer index a string matches
+    only as plain ASCII decimal digits (`_as_int`): '1_0', ' 10', '+10' or '１０' are other ids, not 10."""
     n = len(raw)
     if not self.is_int:
       return np.asarray([str(x) for x in raw], dtype=np.str_), np.ones(n, bool)
-    try:  # the common case, all decimal: one C-level pass
-      return np.fromiter(map(int, raw), np.int64, n), np.ones(n, bool)
-    except (ValueError, OverflowError):
-      pass
+    if all(type(x) is int for x in raw) or (all(type(x) is str for x in raw) and
+                                            _DECIMALS.fullmatch('\n'.join(raw))):
+      try:  # the common case, every id an integer or a decimal string: one C-level pass
+        return np.fromiter(map(int, raw), np.int64, n), np.ones(n, bool)
+      except (ValueError, OverflowError):  # beyond int64, or a newline inside an id: one at a time below
+        pass
     vals, ok = np.zeros(n, np.int64), np.ones(n, bool)
     for j, x in enumerate(raw):
-      try:
-        vals[j] = int(x)
-      except (ValueError, OverflowError):
+      v = _as_int(x)
+      if v is None:
         ok[j] = False  # not an integer (or beyond int64): cannot be in an integer id table
+      else:
+        vals[j] = v
     return vals, ok
 
   def lookup(self, raw: Sequence[Any]) -> np.ndarray:
@@ -102,11 +124,8 @@ class IdIndex:
     if not self.size:
       return -1
     if self.is_int:
-      try:
-        value = int(raw)
-      except (ValueError, OverflowError):
-        return -1
-      if not -(2**63) <= value < 2**63:
+      value = _as_int(raw)
+      if value is None:
         return -1
     else:
       value = str(raw)

@@ -116,6 +116,8 @@ def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int,
   if not isinstance(t, dict):
     raise BadRequest(f'each entry of inputs must be an object, got {type(t).__name__}')
   name = t.get('name')
+  if not isinstance(name, str):
+    raise BadRequest(f'each input needs a "name" string ({", ".join(raw_types)}), got {type(name).__name__}')
   where = f'input {name!r}'
   if name not in raw_types:
     raise BadRequest(f'unknown input {name!r}: this model takes {", ".join(raw_types)}')
@@ -256,7 +258,13 @@ def parse_infer(body: bytes, header_length: str | None, model: ExportedModel, ma
     if not isinstance(requested, list) or not requested:
       raise BadRequest('outputs must be a non-empty array of {"name": ...} (or absent for all outputs)')
     for o in requested:
-      if not isinstance(o, dict) or o.get('name') not in names:
+      if not isinstance(o, dict):
+        raise BadRequest(f'each entry of outputs must be an object {{"name": ...}}, got {o!r:.40}; outputs: '
+                         f'{", ".join(names)}')
+      unknown = sorted(set(o) - {'name', 'parameters'})
+      if unknown:
+        raise BadRequest(f'output {o.get("name")!r}: unknown field {unknown[0]!r}')
+      if o.get('name') not in names:
         raise BadRequest(f'unknown output {o.get("name") if isinstance(o, dict) else o!r}; outputs: '
                          f'{", ".join(names)}')
       if any(o['name'] == n for n, _ in outputs):

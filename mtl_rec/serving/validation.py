@@ -89,6 +89,18 @@ def _type_name(x: Any) -> str:
           type(None): 'null'}.get(type(x), type(x).__name__)
 
 
+def _describe(x: Any) -> str:
+  """What a request gave, for an error message: its JSON type, and its size where a limit is on the size."""
+  if isinstance(x, str):
+    return f'a string of {len(x)} characters'
+  if isinstance(x, list):
+    longest = max((len(v) for v in x if isinstance(v, str)), default=0)
+    kinds = sorted({_type_name(v) for v in x})
+    return (f'an array of {len(x)} values ({", ".join(kinds) or "empty"}'
+            + (f', the longest string {longest} characters' if longest else '') + ')')
+  return _type_name(x)
+
+
 def check_id(x: Any, where: str) -> Any:
   """A raw id: a string or an integer (ids are looked up as given; unknown ones are cold starts)."""
   if isinstance(x, str):
@@ -98,6 +110,8 @@ def check_id(x: Any, where: str) -> Any:
       raise BadRequest(f'{where} is {len(x)} characters long; ids have at most {MAX_ID_CHARS}')
     return x
   if _is_int(x):
+    if not -(2**63) <= x < 2**63:  # no id table holds it, and the response could not echo it as a JSON integer
+      raise BadRequest(f'{where} is an integer beyond 64 bits; send an id that large as a string')
     return x
   raise BadRequest(f'{where} must be a string or an integer, got {_type_name(x)}')
 
@@ -159,13 +173,13 @@ def parse_fields(values: dict[str, Any], fields: dict[str, tuple[str, Any]], whe
     elif raw_type == 'list[str]':
       if (not isinstance(value, list) or len(value) > MAX_LIST_VALUES or
           not all(isinstance(v, str) and len(v) <= MAX_ID_CHARS for v in value)):
-        raise BadRequest(f'{where}.{name} must be an array of at most {MAX_LIST_VALUES} strings, got '
-                         f'{_type_name(value)}')
+        raise BadRequest(f'{where}.{name} must be an array of at most {MAX_LIST_VALUES} strings of at most '
+                         f'{MAX_ID_CHARS} characters, got {_describe(value)}')
       out[name] = value
     else:
       limit = MAX_TEXT_CHARS if fields[name][1]['kind'] == 'text' else MAX_ID_CHARS
       if not isinstance(value, str) or len(value) > limit:
-        raise BadRequest(f'{where}.{name} must be a string of at most {limit} characters, got {_type_name(value)}')
+        raise BadRequest(f'{where}.{name} must be a string of at most {limit} characters, got {_describe(value)}')
       out[name] = value
   return out
 
@@ -299,9 +313,12 @@ class RecommendRequest:
   extra_ids: list[Any] = dataclasses.field(default_factory=list)
 
 
-def parse_recommend(body: Any, model: ExportedModel) -> RecommendRequest:
+MAX_NEW_ITEMS = 256  # items a recommend request may describe (also bounded by the server's --max_items)
+
+
+def parse_recommend(body: Any, model: ExportedModel, max_items: int = MAX_NEW_ITEMS) -> RecommendRequest:
   """POST /v1/recommend {"user_id": "196", "k": 10, "exclude_seen": true, "weights": {...}} (or "user": {...}
-  with side features instead of "user_id")."""
+  with side features instead of "user_id"); `max_items`: the server's limit on the new items it describes."""
   if not isinstance(body, dict):
     raise BadRequest(f'the body must be a JSON object, got {_type_name(body)}')
   _check_fields(body, {'user_id', 'user', 'k', 'exclude_seen', 'weights', 'context', 'items'}, 'the request')
@@ -327,10 +344,17 @@ def parse_recommend(body: Any, model: ExportedModel) -> RecommendRequest:
   if extra is not None:  # new items, described by their content: ranked beside the catalog
     if not isinstance(extra, list) or not extra or not all(isinstance(x, dict) for x in extra):
       raise BadRequest('items must be a non-empty array of item objects {"item_id": "new-1", <content fields>}')
-    if len(extra) > 256:
-      raise BadRequest(f'items has {len(extra)} entries; at most 256 new items per recommend request')
+    limit = min(MAX_NEW_ITEMS, max_items)
+    if len(extra) > limit:
+      raise BadRequest(f'items has {len(extra)} entries; at most {limit} new items per recommend request')
     scored = parse_score({'user': {'user_id': user.raw_id}, 'items': extra, 'weights': body.get('weights'),
                           'context': body.get('context')}, model, len(extra))
+    first: dict[str, int] = {}
+    for j, item_id in enumerate(scored.items):  # one entry each: a list holds an item once
+      i = first.setdefault(str(item_id), j)
+      if i != j:
+        raise BadRequest(f'items[{j}].item_id {item_id!r} is given twice (items[{i}] too); describe each new item '
+                         'once')
     known = np.flatnonzero(scored.work.item_positions >= 0)
     if known.size:  # the catalog's top k already ranks it: it would appear twice
       j = int(known[0])

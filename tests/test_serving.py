@@ -404,6 +404,24 @@ def test_a_client_hanging_up_mid_body_is_a_client_error_not_a_server_one(server,
   assert status == 200 and len(out['items']) == 3
 
 
+def test_requests_the_http_parser_rejects_get_a_400_naming_the_problem(server):
+  """Malformed HTTP (aiohttp's parser answers before any handler): a 400 that names the problem, and one log line,
+  not an ERROR with a traceback (the server fixture's teardown checks its log holds none)."""
+  url, proc = server
+  host, port = url.removeprefix('http://').rsplit(':', 1)
+  cases = [(b'FOO /v1/score HTTP/1.1\r\nHost: x\r\n\r\n', b'method'),
+           (b'POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n', b'Content-Length'),
+           (b'GET /' + b'a' * 9000 + b' HTTP/1.1\r\nHost: x\r\n\r\n', b'8190 bytes')]
+  for request, phrase in cases:
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+      sock.sendall(request)
+      answer = b''
+      while chunk := sock.recv(65536):
+        answer += chunk
+    assert answer.startswith(b'HTTP/1.') and b' 400 ' in answer.split(b'\r\n')[0] and phrase in answer, answer[:300]
+  assert proc.poll() is None and http(url, '/v2/health/live')[1] == {'live': True}
+
+
 def test_concurrent_requests_are_batched_and_never_recompile(server, model):
   url, _ = server
   before = _metrics(url)

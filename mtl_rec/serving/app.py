@@ -326,15 +326,24 @@ def _unreadable_reason(exc: BaseException) -> str:
 
 class _UnreadableBodyFilter(logging.Filter):
   """aiohttp's server logger: a body that cannot be decoded (answered with a 400 by `_body`) is read once more when
-  aiohttp drains the connection, and a compressed body found truncated at its end is answered with a 400 by aiohttp
-  itself; aiohttp logs both with a traceback. Each is the client's mistake, already answered: log one line instead."""
+  aiohttp drains the connection, a compressed body found truncated at its end is answered with a 400 by aiohttp
+  itself, and so is a request its HTTP parser rejects (an invalid method, a bad Content-Length, a line over 8190
+  bytes: a plain-text 400 naming the problem, before any handler runs); aiohttp logs each with a traceback at ERROR.
+  Each is the client's mistake, already answered: log one INFO line instead."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, (web.RequestPayloadError, http_exceptions.ContentEncodingError)):
       record.msg = 'closed a connection whose request body could not be read: %s'
-      record.args = (_unreadable_reason(exc),)
+    elif isinstance(exc, http_exceptions.BadHttpMessage):
+      record.msg = 'answered a malformed HTTP request with a 400: %s'
+      record.args = (' '.join(str(exc.message).replace('^', ' ').split())[:300],)
       record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, 'INFO'
+      return True
+    else:
+      return True
+    record.args = (_unreadable_reason(exc),)
+    record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, 'INFO'
     return True
 
 

@@ -10,13 +10,13 @@ of its best checkpoint in mtl_rec.export.
 """
 
 import logging
+import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from mtl_rec import distributed, errors, evaluation, export, loop
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/movielens_100k.py', 'Experiment config file.')
+_CONFIG = errors.define_config_file('config', 'configs/movielens_100k.py', 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/ml100k', 'Run directory: checkpoints, metrics, logs.')
 _INIT_FROM = flags.DEFINE_string(
     'init_from', None, 'Warm start: a finished run\'s workdir (or its checkpoints/latest/<step>) whose weights start '
@@ -32,6 +32,9 @@ def main(argv):
   distributed.initialize()
   config = _CONFIG.value
   with errors.reported():  # bad config values and data files: one line naming the problem and the fix
+    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+      raise errors.ConfigError(f'--workdir={_WORKDIR.value} is a file, not a directory; pass a new directory, or a '
+                               'run directory to resume')
     result = loop.train_and_evaluate(config, _WORKDIR.value, _INIT_FROM.value)
     # Every process takes part (gathering sharded parameters is collective); process 0 writes W/export/<version>/.
     path = export.export_trained(result.run, _WORKDIR.value, result.metrics) if (
@@ -46,4 +49,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -312,9 +312,8 @@ def run_benchmark(config: ml_collections.ConfigDict, out: str, seeds: int = 3, b
 def _define_flags() -> Any:
   """The command-line flags (defined only when run as a program, so importing this module defines none)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   return argparse.Namespace(
-      config=config_flags.DEFINE_config_file('config', 'configs/movielens_100k.py', 'Experiment config file.'),
+      config=errors.define_config_file('config', 'configs/movielens_100k.py', 'Experiment config file.'),
       out=flags.DEFINE_string('out', 'runs/benchmark', 'Output directory: runs, report.md, report.json, plots.'),
       seeds=flags.DEFINE_integer('seeds', 3, 'Seeds per system (config.seed = 0..N-1).'),
       backbones=flags.DEFINE_list('backbones', list(BACKBONES), 'Backbones of the unified model to benchmark.'),
@@ -346,4 +345,4 @@ def main(argv: Sequence[str], f: Any) -> None:
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   _FLAGS = _define_flags()
-  app.run(lambda argv: main(argv, _FLAGS))
+  app.run(lambda argv: main(argv, _FLAGS), flags_parser=errors.parse_flags)

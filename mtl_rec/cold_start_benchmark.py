@@ -125,11 +125,10 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _FLAGS = {
-      'config': config_flags.DEFINE_config_file('config', 'configs/movielens_100k.py', 'Experiment config file.'),
+      'config': errors.define_config_file('config', 'configs/movielens_100k.py', 'Experiment config file.'),
       'out': flags.DEFINE_string('out', 'runs/cold_start', 'Output directory: runs, report.json, report.md.'),
       'seeds': flags.DEFINE_integer('seeds', 3, 'Seeds per variant (config.seed = 0..N-1).'),
       'cold_items': flags.DEFINE_float('cold_items', 0.1, 'Share of the items held out entirely (data.cold_items).'),
   }
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

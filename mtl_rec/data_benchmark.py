@@ -32,7 +32,6 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from mtl_rec import capacity
 from mtl_rec import config as config_lib
@@ -45,7 +44,7 @@ from mtl_rec.data import fetch
 from mtl_rec.data import stream as stream_lib
 from mtl_rec.data import synthetic
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Network, tasks and optimizer.')
+_CONFIG = errors.define_config_file('config', 'configs/synthetic.py', 'Network, tasks and optimizer.')
 _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON report.', required=True)
 _ROWS = flags.DEFINE_integer('rows', 100_000_000, 'Interactions in the synthetic log.')
 _NUM_USERS = flags.DEFINE_integer('num_users', 1_000_000, 'Users.')
@@ -223,4 +222,4 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -44,7 +44,6 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from mtl_rec import capacity
 from mtl_rec import config as config_lib
@@ -59,7 +58,7 @@ from mtl_rec import tasks as tasks_lib
 from mtl_rec import trainer as trainer_lib
 from mtl_rec.data import loader
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'A synthetic-source config: its declared '
+_CONFIG = errors.define_config_file('config', 'configs/synthetic.py', 'A synthetic-source config: its declared '
                                           'features, tasks and network, on tables of the sizes below.')
 _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON report.', required=True)
 _NUM_USERS = flags.DEFINE_integer('num_users', 2_000_000, 'Users (rows of the user id table).')
@@ -438,4 +437,4 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -1,5 +1,6 @@
 """Config schema, validation errors and command-line overrides."""
 
+import os
 import subprocess
 import sys
 
@@ -146,11 +147,30 @@ def _run_train(*flags):
                         capture_output=True, text=True, timeout=120)
 
 
-def test_cli_rejects_unknown_key_and_bad_type():
-  r = _run_train('--config=configs/synthetic.py', '--config.train.epoch=3')
-  assert r.returncode != 0 and 'epoch' in r.stderr
-  r = _run_train('--config=configs/synthetic.py', '--config.train.epochs=three')
-  assert r.returncode != 0 and 'epochs' in r.stderr
+@pytest.mark.parametrize('flags, phrase', [
+    (['--config=configs/synthetic.py', '--config.train.epoch=3'],  # ml_collections raises at flag definition
+     'names no field of the config: \'epoch\'\nDid you mean "epochs"'),
+    (['--config=configs/synthetic.py', '--config.tasks.purchase.label=bought'],
+     "names no field of the config: 'purchase'"),
+    (['--config=configs/synthetic.py', '--config.train.epochs=three'], "--config.train.epochs=three: invalid literal"),
+    (['--config=configs/no_such_config.py'], 'Pass --config=<an existing config file>'),
+    (['--config=configs/synthetic.py:bogus'], "error: configs/synthetic.py:bogus: 'bogus' is not a variant"),  # its own
+    (['--config=configs/movielens_100k_files.py'], 'error: name the directory of the tables'),  # ConfigError
+])
+def test_cli_flag_and_config_file_mistakes_are_one_error_line_not_a_traceback(flags, phrase):
+  """Mistakes ml_collections finds while flags are parsed (before main runs) get train.py's `error:` line too."""
+  r = _run_train(*flags)
+  assert r.returncode == 1 and 'error: ' in r.stderr and phrase in r.stderr, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr and not os.path.exists('/nonexistent/never-written')
+
+
+def test_cli_workdir_that_is_a_file_is_an_error_and_the_file_is_kept(tmp_path):
+  path = tmp_path / 'log.csv'
+  path.write_text('user,item\n1,2\n')
+  r = subprocess.run([sys.executable, 'train.py', f'--workdir={path}', '--config=configs/synthetic.py'],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and f'error: --workdir={path} is a file, not a directory' in r.stderr, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr and path.read_text() == 'user,item\n1,2\n'
 
 
 def test_cli_bad_value_is_a_clear_error_not_a_traceback():

@@ -78,10 +78,9 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', 'configs/movielens_100k.py', 'Config whose data source to write.')
+  errors.define_config_file('config', 'configs/movielens_100k.py', 'Config whose data source to write.')
   flags.DEFINE_string('out', None, 'Output directory.', required=True)
   flags.DEFINE_enum('format', 'parquet', list(FORMATS), 'Table format.')
   flags.DEFINE_integer('row_group_size', 0, "Parquet: rows per row group of the log (the streaming reader's unit of "
                        "sharding and shuffling); 0 = pyarrow's default.")
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -263,6 +263,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
            ds.name, ds.source, n.get('log', ds.num_rows), exp.num_users, exp.num_items, config.data.split,
            n['train'], n['valid'], n['test'], f'; held in memory: {n["sampled"]}' if 'sampled' in n else '',
            time.time() - t0)
+  spe = exp.stream.steps_per_epoch
+  total_steps = spe * config.train.epochs
+  schedule_steps = spe * (config.train.schedule_epochs or config.train.epochs)
+  trainer = trainer_lib.make_trainer(config, exp.encoder.specs, exp.specs, schedule_steps)
+  ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
+  stopping = EarlyStopping.from_config(config)
+  state = _start(trainer, exp, ckpt, stopping, init_from)
+  start_step = int(state['step'])
+
+  # Only now, with the config checked against any checkpoint already in workdir (a resumed run's model must fit
+  # it), the run's description is (re)written: a rerun that fails those checks leaves a finished run as it was.
   os.makedirs(workdir, exist_ok=True)
   lead = distributed.is_lead()
   if lead:
@@ -273,15 +284,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
     if 'sampled' not in exp.counts:  # a streamed log is not written again
       splits_lib.write_csv(ds, exp.split, columns, os.path.join(workdir, 'splits'))
   warm_start.save_features(exp.encoder, workdir)
-
-  spe = exp.stream.steps_per_epoch
-  total_steps = spe * config.train.epochs
-  schedule_steps = spe * (config.train.schedule_epochs or config.train.epochs)
-  trainer = trainer_lib.make_trainer(config, exp.encoder.specs, exp.specs, schedule_steps)
-  ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
-  stopping = EarlyStopping.from_config(config)
-  state = _start(trainer, exp, ckpt, stopping, init_from)
-  start_step = int(state['step'])
 
   streaming = getattr(exp.stream, 'local', False)  # data.reader='stream': each process reads its own rows
   example = next(exp.stream.epoch(0))  # global shapes (a streamed batch holds this process's rows only)

@@ -131,6 +131,21 @@ def test_rerun_resumes_instead_of_starting_over(tmp_path, tiny_config):
   assert steps == sorted(set(steps))  # no step logged twice
 
 
+def test_a_rerun_that_does_not_fit_the_checkpoint_leaves_the_finished_run_as_it_was(tmp_path, tiny_config):
+  """A rerun in a finished run's workdir whose model does not fit its checkpoint is an error, and it is found
+  before the run's description (config.json, the feature rules and vocabularies, the splits) is rewritten: the
+  finished run, its export included, still matches its checkpoints."""
+  c = tiny_config()
+  loop.train_and_evaluate(c, str(tmp_path))
+  described = ['config.json', 'features.json', 'vocab.npz', 'splits/train.csv', 'splits/test.csv']
+  before = {name: (tmp_path / name).read_bytes() for name in described}
+  wider = tiny_config(model__embed_dim=2 * c.model.embed_dim)
+  with pytest.raises(ValueError, match='does not fit this config'):
+    loop.train_and_evaluate(wider, str(tmp_path))
+  assert {name: (tmp_path / name).read_bytes() for name in described} == before
+  assert runs.load(str(tmp_path)).config.model.embed_dim == c.model.embed_dim  # loads with its own config
+
+
 def test_a_longer_schedule_stops_partway_down_it_and_extends_to_the_whole_run(tmp_path, tiny_config):
   """train.schedule_epochs=3 with train.epochs=2 trains the first two epochs of the 3-epoch run, the same bits;
   rerun with train.epochs=3 it resumes into exactly that run."""

@@ -258,8 +258,8 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
       json.dumps([key, take, fit_rate, log_columns])), 'sample')
   code = codes(sample, 0)
   if lc.timestamp_column:
-    sample[lc.timestamp_column] = readers.numeric(sample[lc.timestamp_column], lc.timestamp_column, (),
-                                                  'interaction log', 'the timestamp column')
+    sample[lc.timestamp_column] = readers.timestamps(sample[lc.timestamp_column], lc.timestamp_column, (),
+                                                     'interaction log')
   users, items, origins = loader.entity_tables(config, user_values, item_values)
   for c, table in ((lc.user_column, users), (lc.item_column, items)):
     sample[c] = sample[c].astype(table[c].dtype) if sample[c].dtype.kind != table[c].dtype.kind else sample[c]
@@ -290,7 +290,7 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
         cols = checked(groups.read(g, list(dict.fromkeys([lc.user_column, lc.item_column, *split_columns,
                                                           *([ts] if ts else []), *conditions]))), g)
         train = codes(cols, g) == splits_lib.TRAIN
-        recency = (readers.numeric(cols[ts][train], ts, groups.origins(g), 'interaction log', 'the timestamp column')
+        recency = (readers.timestamps(cols[ts][train], ts, groups.origins(g), 'interaction log')
                    if ts else np.zeros(int(train.sum())))
         yield (user_pos(cols[lc.user_column][train]), item_pos(cols[lc.item_column][train]), recency,
                cols['_row'][train],

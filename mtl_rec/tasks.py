@@ -71,6 +71,16 @@ class LabelColumn:
   present: np.ndarray  # bool
 
 
+def _finite_or_missing(x: np.ndarray, column: str, ds: Dataset, what: str) -> np.ndarray:
+  """The label column as read (NaN: the row has no label); raises DataError at an infinite label, which no loss
+  or metric can use (it used to be taken for a missing one and dropped without a word)."""
+  bad = np.flatnonzero(np.isinf(x))
+  if bad.size:
+    raise DataError(f'interaction log: {ds.where("log", int(bad[0]))}: column {column!r} holds {x[bad[0]]}, '
+                    f'which {what} cannot learn from; labels are finite numbers (leave the cell empty for no label)')
+  return x
+
+
 def label_columns(config: ml_collections.ConfigDict, ds: Dataset) -> dict[str, LabelColumn]:
   """{task: its label on every log row}; raises DataError at the first row whose label is outside what the task
   declares (not 0/1, out of range, not one of the classes), naming the file, column and fix."""
@@ -86,8 +96,8 @@ def label_columns(config: ml_collections.ConfigDict, ds: Dataset) -> dict[str, L
       classes = {v: j for j, v in enumerate(t.classes)}
       numeric = all(isinstance(v, (int, float)) for v in t.classes)
       if numeric:
-        x = readers.numeric(raw, t.label, origins, 'interaction log', what)
-        present = np.isfinite(x)
+        x = _finite_or_missing(readers.numeric(raw, t.label, origins, 'interaction log', what), t.label, ds, what)
+        present = ~np.isnan(x)
         keys = np.asarray([float(v) for v in t.classes])
         idx = np.searchsorted(np.sort(keys), x)
         pos = np.argsort(keys)[np.minimum(idx, keys.size - 1)]
@@ -105,8 +115,8 @@ def label_columns(config: ml_collections.ConfigDict, ds: Dataset) -> dict[str, L
                         f'tasks.{name}.classes or fix the row')
       out[name] = LabelColumn(np.where(present, values, 0).astype(np.int32), present)
       continue
-    x = readers.numeric(raw, t.label, origins, 'interaction log', what)
-    present = np.isfinite(x)
+    x = _finite_or_missing(readers.numeric(raw, t.label, origins, 'interaction log', what), t.label, ds, what)
+    present = ~np.isnan(x)
     if t.kind == 'binary' and t.threshold is not None:
       out[name] = LabelColumn(np.where(present, x >= t.threshold, 0).astype(np.float32), present)
       continue

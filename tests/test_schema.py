@@ -89,6 +89,11 @@ BAD_DATA = [
     ('truncated row', lambda d: _rewrite(d / 'log.csv', lambda t: t.rstrip('\n').rsplit(',', 3)[0] + '\n'),
      ['log.csv', 'could not be read', 'truncated']),
     ('no such file', lambda d: os.remove(d / 'items.csv'), ['items.csv', 'matches no file']),
+    # a NaN time would sort as the user's latest (leave_last_out's test row); an infinite label was dropped silently
+    ('empty timestamp', lambda d: _set_cell(d / 'log.csv', 6, 'ts', ''), ['log.csv', 'row 7', 'line 8', "'ts'",
+                                                                          'no time', 'every row needs its timestamp']),
+    ('infinite label', lambda d: _set_cell(d / 'log.csv', 8, 'watch_fraction', 'inf'),
+     ['log.csv', 'row 9', "'watch_fraction'", 'holds inf', 'finite numbers']),
 ]
 
 

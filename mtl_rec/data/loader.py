@@ -159,9 +159,8 @@ def load_data(config: ml_collections.ConfigDict) -> Dataset:
   for column in (d.log.user_column, d.log.item_column):
     log_table[column] = readers.check_ids(log_table[column], column, origins['log'], 'interaction log')
   if d.log.timestamp_column:
-    log_table[d.log.timestamp_column] = readers.numeric(
-        log_table[d.log.timestamp_column], d.log.timestamp_column, origins['log'], 'interaction log',
-        'the timestamp column')
+    log_table[d.log.timestamp_column] = readers.timestamps(
+        log_table[d.log.timestamp_column], d.log.timestamp_column, origins['log'], 'interaction log')
   users = _entity_table(config, 'user', log_table, need['users'], origins)
   items = _entity_table(config, 'item', log_table, need['items'], origins)
   return Dataset(name=d.name or 'files', source=', '.join(d.log.paths), log=log_table, users=users, items=items,

@@ -190,6 +190,18 @@ def numeric(values: np.ndarray, column: str, origins: tuple[Origin, ...], what: 
   raise DataError(f'{what}: column {column!r} holds {type(sample).__name__} values; {why} needs numbers')
 
 
+def timestamps(values: np.ndarray, column: str, origins: tuple[Origin, ...], what: str) -> np.ndarray:
+  """The timestamp column as float64; raises DataError at the first row without one (empty, null or infinite):
+  splits by time and the histories' recency order need every row's time, and a NaN would sort as the latest."""
+  ts = numeric(values, column, origins, what, 'the timestamp column')
+  bad = np.flatnonzero(~np.isfinite(ts))
+  if bad.size:
+    raise DataError(f'{what}: {where(origins, int(bad[0]))}: column {column!r} holds no time '
+                    f'({"empty or null" if np.isnan(ts[bad[0]]) else ts[bad[0]]}); every row needs its timestamp: '
+                    'fix or drop the row')
+  return ts
+
+
 def _is_number(text: str) -> bool:
   try:
     float(text)

@@ -1,6 +1,7 @@
 """Your own data: Parquet/CSV tables read through the declared schema, every kind of bad data named with its fix, and
 MovieLens written as tables giving the built-in preset's experiment exactly."""
 
+import csv
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from configs import movielens_100k, movielens_100k_files, shop
 from conftest import REPO, http, start_server, stop_server
 from mtl_rec import experiment
-from mtl_rec.data import DataError, loader, synthetic, write
+from mtl_rec.data import DataError, loader, splits, synthetic, write
 
 
 def _shop_tables(directory, fmt='csv', **size):
@@ -105,6 +106,21 @@ def test_bad_data_is_named_before_training(tmp_path, what, breaks, phrases):
     experiment.build(c)
   for phrase in phrases:
     assert phrase in str(e.value), (what, str(e.value))
+
+
+def test_the_run_directory_splits_hold_the_log_values_exactly(tmp_path):
+  """W/splits/*.csv hold every log row's values as the log gave them: a timestamp keeps all its digits ('%g'
+  wrote 9.06379e+08), a fraction its shortest exact form, a missing label an empty cell."""
+  c = _shop_tables(tmp_path / 'data')
+  _set_cell(tmp_path / 'data' / 'log.csv', 3, 'watch_fraction', '')
+  exp = experiment.build(c)
+  columns = ['user', 'item', 'ts', 'watch_fraction']
+  splits.write_csv(exp.data, exp.split, columns, str(tmp_path / 'splits'))
+  read = lambda path: [tuple(r[k] for k in columns) for r in csv.DictReader(open(path, encoding='utf-8'))]
+  written = sorted(sum((read(tmp_path / 'splits' / f'{n}.csv') for n in ('train', 'valid', 'test')), []))
+  logged = sorted(read(tmp_path / 'data' / 'log.csv'))
+  assert written == logged  # the missing label too: an empty cell, as in the log
+  assert any(int(ts) > 10**8 for _, _, ts, _ in written) and ('', ) in {(w,) for _, _, _, w in written}
 
 
 def test_corrupt_parquet_and_glob_without_matches(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import os
 from typing import Callable
 
@@ -116,7 +117,7 @@ def make_split(ds: Dataset, data_config: ml_collections.ConfigDict, seed: int) -
       times = ds.log[ds.timestamp_column]
       if not (times >= dc.split_cut).any() or (times >= dc.split_cut).all():
         raise DataError(f'data.split_cut={dc.split_cut} puts {"no" if (times < dc.split_cut).all() else "every"} '
-                        f'row in the test set (timestamps run from {times.min():g} to {times.max():g}); choose a '
+                        f'row in the test set (timestamps run from {number(times.min())} to {number(times.max())}); choose a '
                         'time inside that range')
     hash_valid = dc.split != 'column' or not (np.asarray(ds.log[dc.split_column]).astype(np.str_) == 'valid').any()
     code = assign(rows, ds.log, dc, seed, hash_valid, lambda i: ds.where('log', i))
@@ -135,13 +136,22 @@ def make_split(ds: Dataset, data_config: ml_collections.ConfigDict, seed: int) -
   return Split(train=base, valid=valid, test=np.sort(test), cold=cold)
 
 
+def number(v: float) -> str:
+  """A float as the log gave it: whole numbers without a decimal point (a timestamp keeps every digit, which '%g'
+  rounded to six), others in their shortest round-tripping form, missing ones as an empty cell."""
+  v = float(v)
+  if not math.isfinite(v):
+    return ''
+  return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
+
+
 def write_csv(ds: Dataset, split: Split, columns: list[str], directory: str) -> None:
   """Writes {train,valid,test}.csv: the log's `columns` (ids as given) for each set."""
   os.makedirs(directory, exist_ok=True)
   for name in ('train', 'valid', 'test'):
     rows = getattr(split, name)
     cols = [np.asarray(ds.log[c])[rows] for c in columns]
-    cols = [[('%g' % v) for v in c] if c.dtype.kind == 'f' else c.tolist() for c in cols]
+    cols = [[number(v) for v in c] if c.dtype.kind == 'f' else c.tolist() for c in cols]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator='\n')
     writer.writerow(columns)

@@ -128,10 +128,12 @@ def _raw_type(values: Any, is_id: bool) -> str:
 
 
 def _rule(name: str, f: ml_collections.ConfigDict, raw: Any, weights: np.ndarray, is_id: bool,
-          vocabs: dict[str, Vocab], where: str) -> dict[str, Any]:
-  """The fitted rule of feature `name` (adds its vocabulary to `vocabs`)."""
+          vocabs: dict[str, Vocab], where: str, origins: Any = ()) -> dict[str, Any]:
+  """The fitted rule of feature `name` (adds its vocabulary to `vocabs`); `origins`: its table's files, which an
+  error names with the row and line."""
   if f.kind == 'numeric':
-    x = encoding.numbers({'log1p': f.log1p}, readers.numeric(raw, f.column or name, (), where, f"feature '{name}'"))
+    x = encoding.numbers({'log1p': f.log1p}, readers.numeric(raw, f.column or name, origins, where,
+                                                             f"feature '{name}'"))
     if f.transform == 'bucketize':
       edges = [float(b) for b in f.boundaries] or _weighted_quantiles(x, weights, f.num_buckets)
       return {'kind': 'bucket', 'raw': name, 'raw_type': 'float', 'boundaries': edges, 'log1p': bool(f.log1p)}
@@ -213,7 +215,8 @@ def fit(ds: Dataset, train_rows: np.ndarray, config: ml_collections.ConfigDict, 
     column = config_lib.feature_column(name, f)
     where = {'user': 'the users table', 'item': 'the items table', 'context': 'the interaction log'}[f.entity]
     raw = tables[f.entity][column]
-    rule = _rule(name, f, raw, weights[f.entity], column == ids.get(f.entity), vocabs, where)
+    rule = _rule(name, f, raw, weights[f.entity], column == ids.get(f.entity), vocabs, where,
+                 (ds.origins or {}).get({'user': 'users', 'item': 'items', 'context': 'log'}[f.entity], ()))
     try:
       values = encoding.encode(rule, raw, vocabs)
     except DataError as e:  # a vector of the wrong length or with a non-finite number

@@ -20,7 +20,7 @@ import optax
 from mtl_rec import config as config_lib
 from mtl_rec import metrics as metrics_lib
 from mtl_rec.data import readers
-from mtl_rec.data.types import Dataset
+from mtl_rec.data.types import Dataset, shown
 from mtl_rec.errors import DataError
 
 
@@ -111,7 +111,7 @@ def label_columns(config: ml_collections.ConfigDict, ds: Dataset) -> dict[str, L
       bad = np.flatnonzero(~ok)
       if bad.size:
         raise DataError(f'interaction log: {ds.where("log", int(bad[0]))}: column {t.label!r} holds '
-                        f'{raw[bad[0]]!r}, which is not one of the classes {tuple(t.classes)} of {what}; add it to '
+                        f'{shown(raw[bad[0]])}, which is not one of the classes {tuple(t.classes)} of {what}; add it to '
                         f'tasks.{name}.classes or fix the row')
       out[name] = LabelColumn(np.where(present, values, 0).astype(np.int32), present)
       continue

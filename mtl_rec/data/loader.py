@@ -17,7 +17,7 @@ import numpy as np
 
 from mtl_rec import config as config_lib
 from mtl_rec.data import readers
-from mtl_rec.data.types import Dataset, MultiHot, RatingsData, to_dataset
+from mtl_rec.data.types import Dataset, MultiHot, RatingsData, shown, to_dataset
 from mtl_rec.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ def _entity_table(config: ml_collections.ConfigDict, entity: str, log_table: dic
   table = {id_column: ids, **side}
   missing = np.setdiff1d(log_ids, ids)
   if missing.size:
-    log.warning('%d %ss of the log are not in the %s table (e.g. %r): their side features are unknown', missing.size,
-                entity, table_name, missing[0])
+    log.warning('%d %ss of the log are not in the %s table (e.g. %s): their side features are unknown', missing.size,
+                entity, table_name, shown(missing[0]))
     table = _append_rows(table, id_column, missing)
   return table
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from mtl_rec.data.types import Origin, where
+from mtl_rec.data.types import Origin, shown, where
 from mtl_rec.errors import DataError
 
 FORMATS = {'.parquet': 'parquet', '.pq': 'parquet', '.csv': 'csv', '.tsv': 'csv'}
@@ -169,7 +169,7 @@ def check_ids(ids: np.ndarray, column: str, origins: tuple[Origin, ...], what: s
     dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
     if dup.size:
       row = int(order[dup[0] + 1])
-      raise DataError(f'{what}: {where(origins, row)}: id {ids[row]!r} appears again (first at '
+      raise DataError(f'{what}: {where(origins, row)}: id {shown(ids[row])} appears again (first at '
                       f'{where(origins, int(order[dup[0]]))}); a side table has one row per id: drop the duplicates')
   return ids
 
@@ -185,7 +185,7 @@ def numeric(values: np.ndarray, column: str, origins: tuple[Origin, ...], what: 
     except ValueError:
       bad = next(j for j, v in enumerate(values) if v and not _is_number(v))
       sample = values[bad]
-      raise DataError(f'{what}: {where(origins, bad)}: column {column!r} holds {sample!r}; {why} needs numbers: fix '
+      raise DataError(f'{what}: {where(origins, bad)}: column {column!r} holds {shown(sample)}; {why} needs numbers: fix '
                       'the row or the column') from None
   raise DataError(f'{what}: column {column!r} holds {type(sample).__name__} values; {why} needs numbers')
 

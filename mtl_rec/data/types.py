@@ -14,6 +14,7 @@ lists of strings (or a `MultiHot`), booleans bool.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -98,6 +99,11 @@ class Origin:
   start: int
   rows: int
   first_line: int | None
+
+
+def shown(value: Any) -> str:
+  """A data value as an error message quotes it: repr of the Python value (numpy 2 reprs np.str_('x'))."""
+  return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def where(origins: tuple[Origin, ...], row: int) -> str:

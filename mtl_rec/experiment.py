@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -176,9 +177,13 @@ def _streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, t
   num_shards = d.stream.num_shards or jax.process_count()
   per_shard = config.train.batch_size // ((1 + num_negatives) * num_shards)
   if per_shard * (1 + num_negatives) * num_shards != config.train.batch_size:
+    # a suggestion that the trainer's checks accept too: also a multiple of the gradient groups and the devices
+    m = math.lcm((1 + num_negatives) * num_shards, config.train.grad_groups or 1, jax.device_count())
+    near = sorted({max(config.train.batch_size // m, 1) * m, (config.train.batch_size // m + 1) * m})
     raise DataError(f'train.batch_size={config.train.batch_size} must be a multiple of (1 + num_negatives) x '
                     f'shards = {(1 + num_negatives) * num_shards} with data.reader=stream: e.g. '
-                    f'{max(per_shard, 1) * (1 + num_negatives) * num_shards}')
+                    f'{" or ".join(map(str, near))} (multiples of {m}, which the {config.train.grad_groups} gradient '
+                    f'groups and {jax.device_count()} devices divide too)')
   plan = stream_lib.Plan(groups, train_rows, num_shards, d.stream.interleave, per_shard, config.seed)
   import grain  # pylint: disable=g-import-not-at-top
   return StreamedTrain(plan, decode, columns, encoder, specs, sampler, num_negatives, config.seed,

@@ -92,6 +92,10 @@ BAD_DATA = [
     ('truncated row', lambda d: _rewrite(d / 'log.csv', lambda t: t.rstrip('\n').rsplit(',', 3)[0] + '\n'),
      ['log.csv', 'could not be read', 'truncated']),
     ('no such file', lambda d: os.remove(d / 'items.csv'), ['items.csv', 'matches no file']),
+    ('semicolon-delimited', lambda d: _rewrite(d / 'log.csv', lambda t: t.replace(',', ';')),
+     ['log.csv', "delimited by ';'", "--config.data.csv_delimiter=';'"]),
+    ('byte-order mark', lambda d: _rewrite(d / 'items.csv', lambda t: '\ufeff' + t),
+     ['items.csv', 'byte-order mark', 'plain UTF-8']),
     # a NaN time would sort as the user's latest (leave_last_out's test row); an infinite label was dropped silently
     ('empty timestamp', lambda d: _set_cell(d / 'log.csv', 6, 'ts', ''), ['log.csv', 'row 7', 'line 8', "'ts'",
                                                                           'no time', 'every row needs its timestamp']),

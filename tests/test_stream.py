@@ -7,6 +7,7 @@ yield (every row once per epoch, disjoint shards), the model batches of one proc
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,7 @@ import pytest
 
 from mtl_rec import config as config_lib
 from mtl_rec import experiment as experiment_lib
+from mtl_rec import trainer as trainer_lib
 from mtl_rec.checkpoint import Checkpointer
 from mtl_rec.data import readers
 from mtl_rec.data import stream as stream_lib
@@ -232,9 +234,14 @@ def _two_shard_stream(exp):
 
 
 def test_stream_config_errors(tiny_config, files_dir, tmp_path):
-  c = _files_config(tiny_config, files_dir, train__batch_size=201)
-  with pytest.raises(DataError, match='multiple of'):
+  c = _files_config(tiny_config, files_dir, train__batch_size=257)  # 255 divides by 1 + 4 negatives, not by 8 groups
+  with pytest.raises(DataError, match='multiple of') as e:
     experiment_lib.build(c, workdir=str(tmp_path))
+  # the batch sizes it suggests pass this check and the trainer's (gradient groups, devices) alike
+  suggested = [int(x) for x in re.search(r'e\.g\. (\d+(?: or \d+)*)', str(e.value)).group(1).split(' or ')]
+  for batch in suggested:
+    assert batch % trainer_lib.batch_multiple(c) == 0, (batch, str(e.value))
+    experiment_lib.build(_files_config(tiny_config, files_dir, train__batch_size=batch), workdir=str(tmp_path))
   for field, value, match in (('data.source', 'synthetic', 'data.reader'), ('data.split', 'leave_last_out', 'row by row'),
                               ('data.cold_items', 0.1, 'cold-start'), ('data.stream.eval_rows', 0, 'eval_rows')):
     c = _files_config(tiny_config, files_dir)

@@ -75,8 +75,17 @@ def require_columns(path: str, available: Sequence[str], columns: Sequence[str],
   """A DataError naming the first of `columns` that file `path` (with columns `available`) lacks, and the fix."""
   missing = [c for c in columns if c not in available]
   if missing:
-    raise DataError(f'{what}: {path} has no column {missing[0]!r} (its columns: {", ".join(available)}); rename the '
-                    'column in the file or point the config at the right one')
+    fix = 'rename the column in the file or point the config at the right one'
+    if available and available[0].startswith('\ufeff'):
+      fix = ('the file starts with a UTF-8 byte-order mark (as Excel\'s "CSV UTF-8" writes it), read as part of the '
+             'first column\'s name: save it as plain UTF-8 (no BOM)')
+    elif len(available) == 1:  # the whole header read as one column: another delimiter
+      found = [d for d in (';', '\t', '|', ',') if d in available[0]]
+      if found:
+        flag = "$'\\t'" if found[0] == '\t' else repr(found[0])  # as a shell passes a tab
+        fix = (f'the header reads as one column: the file is delimited by {found[0]!r}; pass '
+               f'--config.data.csv_delimiter={flag}')
+    raise DataError(f'{what}: {path} has no column {missing[0]!r} (its columns: {", ".join(available)}); {fix}')
 
 
 def _read_file(path: str, fmt: str, delimiter: str, columns: dict[str, str], what: str) -> tuple[pa.Table, int | None]:

@@ -194,8 +194,8 @@ def numeric(values: np.ndarray, column: str, origins: tuple[Origin, ...], what: 
     except ValueError:
       bad = next(j for j, v in enumerate(values) if v and not _is_number(v))
       sample = values[bad]
-      raise DataError(f'{what}: {where(origins, bad)}: column {column!r} holds {shown(sample)}; {why} needs numbers: fix '
-                      'the row or the column') from None
+      raise DataError(f'{what}: {where(origins, bad)}: column {column!r} holds {shown(sample)}; {why} needs numbers: '
+                      'fix the row or the column') from None
   raise DataError(f'{what}: column {column!r} holds {type(sample).__name__} values; {why} needs numbers')
 
 

@@ -437,6 +437,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   _validate_features(c)
   _validate_tasks(c)
+  labels = {t.label: name for name, t in ordered(c.tasks) if t.label != OBSERVED}
+  for name, f in ordered(c.features):  # a row's own label among its inputs: the model reads the answer
+    if f.entity == 'context' and f.kind != 'history' and feature_column(name, f) in labels:
+      raise _err(f'features.{name}', feature_column(name, f),
+                 f"is the label column of task '{labels[feature_column(name, f)]}': a context feature on it gives "
+                 'each row its own label as an input; drop the feature (or label the task by another column)')
 
   if c.sampling.num_negatives < 0:
     raise _err('sampling.num_negatives', c.sampling.num_negatives, 'must be >= 0')

@@ -148,6 +148,10 @@ def test_wrong_id_type_and_side_table_without_the_log_ids(tmp_path, caplog):
   assert len(ds.users['user']) == 120  # log users missing from the table are added, with unknown side values
   assert 'not in the users table' in caplog.text
   assert (ds.users['country'][49:] == '').all() and np.isnan(ds.users['age'][49:]).all()
+  _rewrite(tmp_path / 'users.csv', lambda t: t.replace('\n"u', '\n"user-'))  # no id in common with the log
+  with pytest.raises(DataError, match=r"users table: none of the log's 120 user ids is in .*users.csv \(the log has "
+                                      r"e.g. 'u.*', the table 'user-.*'\)"):
+    loader.load_data(c)
   ds = synthetic.shop(num_users=20, num_items=10, interactions_per_user=3)
   ds.log['user'] = np.asarray([[u] for u in ds.log['user']] + [[]], dtype=object)[:-1]  # a list per row: not an id
   write.write_table(ds.log, str(tmp_path / 'lists.parquet'), 'parquet')

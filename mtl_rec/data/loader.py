@@ -103,6 +103,10 @@ def _entity_table(config: ml_collections.ConfigDict, entity: str, log_table: dic
   log_table[id_column] = _same_id_type(log_table[id_column], ids)[0]
   table = {id_column: ids, **side}
   missing = np.setdiff1d(log_ids, ids)
+  if missing.size and missing.size == log_ids.size:  # not one id in common: the tables do not describe this log
+    raise DataError(f'{what}: none of the log\'s {log_ids.size} {entity} ids is in {", ".join(side_config.paths)} '
+                    f'(the log has e.g. {shown(log_ids[0])}, the table {shown(ids[0])}); its '
+                    f'{side_config.id_column!r} column must hold the log\'s {id_column!r} ids, spelled alike')
   if missing.size:
     log.warning('%d %ss of the log are not in the %s table (e.g. %s): their side features are unknown', missing.size,
                 entity, table_name, shown(missing[0]))

@@ -162,6 +162,17 @@ def _streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, t
 
   def decode(cols: dict[str, np.ndarray]) -> stream_lib.Chunk:
     mask = keep(cols)
+    # The labels, and the numbers of numeric context features, are checked on the whole row group, whose rows the
+    # group's origins number as the file does: an error names the file, row (and a CSV's line).
+    origins = groups.origins(groups.of_row(int(cols['_row'][0]))) if cols['_row'].size else ()
+    group_log = Dataset(name='stream', source='stream', log=cols, users={}, items={},
+                        user_column=log_columns.user_column, item_column=log_columns.item_column,
+                        origins={'log': origins})
+    labels = {k: tasks_lib.LabelColumn(v.values[mask], v.present[mask])
+              for k, v in tasks_lib.label_columns(config, group_log).items()}
+    for s, column in context:
+      if s.encoding.get('raw_type') == 'float':
+        readers.numeric(cols[column], column, origins, 'interaction log', f"feature '{s.name}'")
     sub = {c: v[mask] for c, v in cols.items()}
     u, i = users(sub[log_columns.user_column]), items(sub[log_columns.item_column])
     for what, pos, column in (('user', u, log_columns.user_column), ('item', i, log_columns.item_column)):
@@ -169,10 +180,8 @@ def _streamed(config: ml_collections.ConfigDict, groups: stream_lib.RowGroups, t
         raise DataError(f'interaction log: row {int(sub["_row"][np.argmax(pos < 0)])} has {what} id '
                         f'{sub[column][np.argmax(pos < 0)]!r}, which the run did not see when it started; the files '
                         'changed under a running job: restart it in a new workdir')
-    chunk_log = Dataset(name='stream', source='stream', log=sub, users={}, items={},
-                        user_column=log_columns.user_column, item_column=log_columns.item_column)
     ctx = {s.name: encoding.encode(s.encoding, sub[column], encoder.vocabs) for s, column in context}
-    return stream_lib.Chunk(u, i, sub['_row'], tasks_lib.label_columns(config, chunk_log), ctx)
+    return stream_lib.Chunk(u, i, sub['_row'], labels, ctx)
 
   num_shards = d.stream.num_shards or jax.process_count()
   per_shard = config.train.batch_size // ((1 + num_negatives) * num_shards)
@@ -212,10 +221,11 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   d, lc, seed = config.data, config.data.log, config.seed
   need = loader.columns_needed(config)
   inputs = os.path.join(workdir, 'input')
+  given = readers.expand(lc.paths, 'interaction log')
   paths = distributed.lead_first(lambda: stream_lib.parquet_log(
-      readers.expand(lc.paths, 'interaction log'), d.format, d.csv_delimiter, need['log'],
-      os.path.join(inputs, 'parquet'), d.stream.row_group_size), 'parquet copy')
-  groups = stream_lib.RowGroups.of(paths)
+      given, d.format, d.csv_delimiter, need['log'], os.path.join(inputs, 'parquet'), d.stream.row_group_size),
+                                 'parquet copy')
+  groups = stream_lib.RowGroups.of(paths, given)  # errors name the user's files (a CSV's lines), not the copies
   split_columns = tuple(c for c in (lc.timestamp_column if d.split == 'timestamp' else '',
                                     d.split_column if d.split == 'column' else '') if c)
   key = json.dumps([groups.fingerprint(), seed, {k: d[k] for k in ('split', 'test_fraction', 'valid_fraction',

@@ -233,6 +233,28 @@ def _two_shard_stream(exp):
                       stream.num_negatives, stream.seed, [0, 1], stream.read_options)
 
 
+def test_a_bad_row_met_while_streaming_names_the_users_file_and_line(tiny_config, tmp_path):
+  """A label out of range far into a CSV log, outside the fitting sample: the streamed epoch meets it, and the
+  error names the CSV the user gave (not the Parquet copy) with that row's line, not its place among a row group's
+  training rows."""
+  ds = to_dataset(synthetic.generate(num_users=120, num_items=80, interactions_per_user=25, latent_dim=4, seed=0))
+  bad = len(ds.log['rating']) - 7
+  ds.log['rating'] = np.asarray(ds.log['rating'], np.float64)
+  ds.log['rating'][bad] = 9.0  # the rating task's range is (1, 5)
+  write_lib.write_dataset(ds, str(tmp_path / 'data'), 'csv')
+  c = _files_config(tiny_config, tmp_path / 'data')
+  c.data.stream.update(fit_rows=100, eval_rows=20, row_group_size=500)  # the bad row is in no sample
+  c.data.log.paths = (str(tmp_path / 'data' / 'log.csv'),)
+  c.data.user_table.paths = (str(tmp_path / 'data' / 'users.csv'),)
+  c.data.item_table.paths = (str(tmp_path / 'data' / 'items.csv'),)
+  with pytest.raises(DataError) as e:
+    exp = experiment_lib.build(c, workdir=str(tmp_path / 'run'))
+    for _ in exp.stream.epoch(0):
+      pass
+  assert f"log.csv, row {bad + 1}, line {bad + 2}: column 'rating' holds 9" in str(e.value), str(e.value)
+  assert 'parquet' not in str(e.value)
+
+
 def test_stream_config_errors(tiny_config, files_dir, tmp_path):
   c = _files_config(tiny_config, files_dir, train__batch_size=257)  # 255 divides by 1 + 4 negatives, not by 8 groups
   with pytest.raises(DataError, match='multiple of') as e:

@@ -53,9 +53,15 @@ class RowGroups:
   group: np.ndarray  # [G] row group within its file
   rows: np.ndarray  # [G] rows
   start: np.ndarray  # [G] global row id of its first row (rows are numbered in file order)
+  # per file, what errors name: the user's CSV file a Parquet copy was converted from and the line of its first
+  # row (2: after the header), or the Parquet file itself (no lines); () = the files themselves
+  sources: tuple[tuple[str, int | None], ...] = ()
 
   @classmethod
-  def of(cls, paths: Sequence[str]) -> 'RowGroups':
+  def of(cls, paths: Sequence[str], sources: Sequence[str] = ()) -> 'RowGroups':
+    """The row groups of Parquet files `paths`; `sources`: the file each one was converted from, if any (a CSV
+    file, which errors then name with its lines), else the path itself."""
+    shown = tuple((src, 2) if src != path else (path, None) for src, path in zip(sources, paths))
     file, group, rows = [], [], []
     for f, path in enumerate(paths):
       try:
@@ -69,7 +75,7 @@ class RowGroups:
         rows.append(meta.row_group(g).num_rows)
     rows = np.asarray(rows, np.int64)
     start = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if rows.size else rows
-    return cls(tuple(paths), np.asarray(file, np.int64), np.asarray(group, np.int64), rows, start)
+    return cls(tuple(paths), np.asarray(file, np.int64), np.asarray(group, np.int64), rows, start, shown)
 
   def __len__(self) -> int:
     return int(self.rows.size)
@@ -91,7 +97,12 @@ class RowGroups:
   def origins(self, g: int) -> tuple[Origin, ...]:
     """Where the rows of row group g come from (its file, and its offset in it), for error messages."""
     offset = int(self.start[g] - self.start[self.file == self.file[g]].min())
-    return (Origin(self.paths[int(self.file[g])], -offset, offset + int(self.rows[g]), None),)
+    path, first_line = self.sources[int(self.file[g])] if self.sources else (self.paths[int(self.file[g])], None)
+    return (Origin(path, -offset, offset + int(self.rows[g]), first_line),)
+
+  def of_row(self, row: int) -> int:
+    """The row group holding global row id `row`."""
+    return int(np.searchsorted(self.start, row, side='right') - 1)
 
   def where(self, g: int, i: int) -> str:
     """'FILE, row R' of row i of row group g (what an error message names)."""

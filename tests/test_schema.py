@@ -68,9 +68,9 @@ def _set_cell(path, row, column, value):
 BAD_DATA = [
     # (what, how to break the tables, phrases the error must contain)
     ('missing log column', lambda d: _rewrite(d / 'log.csv', lambda t: t.replace('"device"', '"platform"', 1)),
-     ['log.csv', "'device'", 'platform']),
+     ['log.csv', "'device'", 'platform', 'config.features.device names it']),
     ('missing side column', lambda d: _rewrite(d / 'items.csv', lambda t: t.replace('"price"', '"cost"', 1)),
-     ['items.csv', "'price'"]),
+     ['items.csv', "'price'", 'config.features.price names it']),
     ('null user id', lambda d: _set_cell(d / 'log.csv', 4, 'user', ''), ['log.csv', 'row 5', 'line 6', "'user'",
                                                                          'null or empty id']),
     ('text in a numeric label', lambda d: _set_cell(d / 'log.csv', 7, 'watch_fraction', '"lots"'),
@@ -127,6 +127,20 @@ def test_the_run_directory_splits_hold_the_log_values_exactly(tmp_path):
   logged = sorted(read(tmp_path / 'data' / 'log.csv'))
   assert written == logged  # the missing label too: an empty cell, as in the log
   assert any(int(ts) > 10**8 for _, _, ts, _ in written) and ('', ) in {(w,) for _, _, _, w in written}
+
+
+@pytest.mark.parametrize('change, phrase', [
+    (lambda c: setattr(c.tasks.watch_fraction, 'label', 'watch_frac'), 'config.tasks.watch_fraction.label names it'),
+    (lambda c: setattr(c.data.user_table, 'id_column', 'uid'), "users.csv has no column 'uid'"),
+    (lambda c: setattr(c.data.user_table, 'id_column', 'uid'), 'config.data.user_table.id_column names it'),
+    (lambda c: setattr(c.data.log, 'timestamp_column', 'time'), 'config.data.log.timestamp_column names it'),
+])
+def test_a_column_the_config_misspells_is_named_with_its_config_field(tmp_path, change, phrase):
+  c = _shop_tables(tmp_path / 'data')
+  change(c)
+  with pytest.raises(DataError) as e:
+    loader.load_data(c)
+  assert phrase in str(e.value), str(e.value)
 
 
 def test_corrupt_parquet_and_glob_without_matches(tmp_path):

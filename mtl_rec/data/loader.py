@@ -10,7 +10,7 @@ side values. The built-in sources (MovieLens-100K/1M, TFDS, synthetic) are conve
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
@@ -55,6 +55,46 @@ def columns_needed(config: ml_collections.ConfigDict) -> dict[str, dict[str, str
   return need
 
 
+def column_fields(config: ml_collections.ConfigDict, table: str) -> dict[str, str]:
+  """{column of `table` ('log', 'users', 'items'): the config field that names it}, for errors about a column a file
+  lacks (the first field wins)."""
+  d = config.data
+  if table != 'log':
+    side, entity = ('user_table', 'user') if table == 'users' else ('item_table', 'item')
+    out = {d[side].id_column: f'data.{side}.id_column'}
+    if table == 'items':
+      out.setdefault(d.item_table.title_column, 'data.item_table.title_column')
+    for name, f in config_lib.ordered(config.features):
+      if f.entity == entity and f.kind != 'history':
+        out.setdefault(config_lib.feature_column(name, f), f'features.{name}' + ('.column' if f.column else ''))
+    out.pop('', None)
+    return out
+  out = {d.log.user_column: 'data.log.user_column', d.log.item_column: 'data.log.item_column',
+         d.log.timestamp_column: 'data.log.timestamp_column', config.eval.gain_column: 'eval.gain_column'}
+  if d.split == 'column':
+    out.setdefault(d.split_column, 'data.split_column')
+  for name, t in config_lib.ordered(config.tasks):
+    out.setdefault(t.label, f'tasks.{name}.label')
+  for name, f in config_lib.ordered(config.features):
+    if f.kind == 'history' and f.where:
+      out.setdefault(config_lib.history_condition(f.where, f'features.{name}.where')[0], f'features.{name}.where')
+    elif f.kind != 'history':  # a context feature, or a user/item feature read from the log
+      out.setdefault(config_lib.feature_column(name, f), f'features.{name}' + ('.column' if f.column else ''))
+  out.pop('', None)
+  return out
+
+
+def _named_by(config: ml_collections.ConfigDict, table: str, read: Callable[[], Any]) -> Any:
+  """read(), a missing column of `table`'s files named with the config field that asks for it."""
+  try:
+    return read()
+  except readers.MissingColumn as e:
+    field = column_fields(config, table).get(e.column)
+    if field is None:
+      raise
+    raise DataError(f'{e}; config.{field} names it') from None
+
+
 def _missing_value(values: Any) -> Any:
   if isinstance(values, MultiHot) or values.dtype == object:
     return []
@@ -95,8 +135,8 @@ def _entity_table(config: ml_collections.ConfigDict, entity: str, log_table: dic
     ids, first = np.unique(log_table[id_column], return_index=True)
     return {id_column: ids, **{c: log_table[c][first] for c in columns}}
   what = f'{table_name} table'
-  side, origins[table_name] = readers.read_tables(side_config.paths, d.format, d.csv_delimiter,
-                                                  {side_config.id_column: '', **columns}, what)
+  side, origins[table_name] = _named_by(config, table_name, lambda: readers.read_tables(
+      side_config.paths, d.format, d.csv_delimiter, {side_config.id_column: '', **columns}, what))
   ids = readers.check_ids(side.pop(side_config.id_column), side_config.id_column, origins[table_name], what,
                           unique=True)
   ids, log_ids = _same_id_type(ids, log_ids)
@@ -158,8 +198,8 @@ def load_data(config: ml_collections.ConfigDict) -> Dataset:
     _check_columns(ds, need, f"source '{d.source}'")
     return Dataset(**{**ds.__dict__, 'name': d.name or ds.name})
   origins: dict[str, Any] = {}
-  log_table, origins['log'] = readers.read_tables(d.log.paths, d.format, d.csv_delimiter, need['log'],
-                                                  'interaction log')
+  log_table, origins['log'] = _named_by(config, 'log', lambda: readers.read_tables(
+      d.log.paths, d.format, d.csv_delimiter, need['log'], 'interaction log'))
   for column in (d.log.user_column, d.log.item_column):
     log_table[column] = readers.check_ids(log_table[column], column, origins['log'], 'interaction log')
   if d.log.timestamp_column:

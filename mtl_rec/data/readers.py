@@ -71,6 +71,14 @@ def _check_file(path: str, fmt: str, delimiter: str, columns: Sequence[str], wha
   require_columns(path, available, columns, what)
 
 
+class MissingColumn(DataError):
+  """A file lacks a column the config reads (`column`); the caller may add which config field names it."""
+
+  def __init__(self, message: str, column: str):
+    super().__init__(message)
+    self.column = column
+
+
 def require_columns(path: str, available: Sequence[str], columns: Sequence[str], what: str) -> None:
   """A DataError naming the first of `columns` that file `path` (with columns `available`) lacks, and the fix."""
   missing = [c for c in columns if c not in available]
@@ -85,7 +93,8 @@ def require_columns(path: str, available: Sequence[str], columns: Sequence[str],
         flag = "$'\\t'" if found[0] == '\t' else repr(found[0])  # as a shell passes a tab
         fix = (f'the header reads as one column: the file is delimited by {found[0]!r}; pass '
                f'--config.data.csv_delimiter={flag}')
-    raise DataError(f'{what}: {path} has no column {missing[0]!r} (its columns: {", ".join(available)}); {fix}')
+    raise MissingColumn(f'{what}: {path} has no column {missing[0]!r} (its columns: {", ".join(available)}); {fix}',
+                        missing[0])
 
 
 def _read_file(path: str, fmt: str, delimiter: str, columns: dict[str, str], what: str) -> tuple[pa.Table, int | None]:

@@ -595,8 +595,11 @@ def _validate_history(c: ml_collections.ConfigDict, name: str, f: ml_collections
   ids = {'user': c.data.log.user_column, 'item': c.data.log.item_column}[other]
   if (target is None or target.entity != other or target.kind != 'categorical' or target.vocabulary != 'fit'
       or target.categories or feature_column(f.of, target) != ids):
+    fits = [n for n, g in ordered(c.features) if g.entity == other and g.kind == 'categorical'
+            and g.vocabulary == 'fit' and not g.categories and feature_column(n, g) == ids]
+    example = f'this config has one: of={fits[0]!r}' if fits else f"declare one, e.g. of='{other}_id'"
     raise _err(f'{where}.of', f.of, f"name the {other}s' id feature (kind 'categorical' on the log's {other} id "
-               f"column {ids!r}, vocabulary 'fit'), e.g. of='{other}_id'")
+               f"column {ids!r}, vocabulary 'fit'); {example}")
   if f.column:
     raise _err(f'{where}.column', f.column, 'a history is built from the training log, not read from a column; '
                "leave column ''")

@@ -93,6 +93,8 @@ def test_bad_values_name_the_field(field, value, message):
     (lambda c: setattr(c.features.user_history, 'where', 'rating => 4'), r"features.user_history.where.*'rating >= 4'"),
     (lambda c: setattr(c.features.user_history, 'where', 'rating >= four'), 'features.user_history.where'),
     (lambda c: setattr(c.features.gender, 'where', 'rating >= 4'), "only kind='history'"),
+    (lambda c: setattr(c.features.user_history, 'of', 'itm'),
+     r"features.user_history.of='itm' is invalid: .*; this config has one: of='item_id'"),
     (lambda c: c.features.update({'stars': config_lib.feature('context', 'rating', kind='numeric')}),
      r"features.stars='rating' is invalid: is the label column of task '(like|rating)'"),  # the answer as an input
 ])

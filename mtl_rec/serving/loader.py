@@ -69,8 +69,8 @@ def _as_int(x: Any) -> int | None:
   """A request id as an integer id: a JSON integer, or a string of ASCII decimal digits (an optional '-'), within
   64 bits; None otherwise (no integer id matches it). Python's int() would also read ' 10', '+10', '1_0' and
   non-ASCII digits as 10: ids a client did not mean."""
-  if type(x) is int:
-    v = x
+  if type(x) is int or isinstance(x, np.integer):
+    v = int(x)
   elif isinstance(x, str) and _INT.fullmatch(x):
     v = int(x)
   else:
@@ -95,6 +95,8 @@ class IdIndex:
     n = len(raw)
     if not self.is_int:
       return np.asarray([str(x) for x in raw], dtype=np.str_), np.ones(n, bool)
+    if isinstance(raw, np.ndarray) and raw.dtype.kind == 'i':
+      return raw.astype(np.int64), np.ones(n, bool)
     if all(type(x) is int for x in raw) or (all(type(x) is str for x in raw) and
                                             _DECIMALS.fullmatch('\n'.join(raw))):
       try:  # the common case, every id an integer or a decimal string: one C-level pass

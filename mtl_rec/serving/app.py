@@ -334,15 +334,13 @@ class _UnreadableBodyFilter(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, (web.RequestPayloadError, http_exceptions.ContentEncodingError)):
-      record.msg = 'closed a connection whose request body could not be read: %s'
-    elif isinstance(exc, http_exceptions.BadHttpMessage):
-      record.msg = 'answered a malformed HTTP request with a 400: %s'
-      record.args = (' '.join(str(exc.message).replace('^', ' ').split())[:300],)
-      record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, 'INFO'
-      return True
+      msg, reason = 'closed a connection whose request body could not be read: %s', _unreadable_reason(exc)
+    elif isinstance(exc, http_exceptions.BadHttpMessage):  # the parser's message marks the spot with '^'
+      msg, reason = 'answered a malformed HTTP request with a 400: %s', ' '.join(
+          str(exc.message).replace('^', ' ').split())[:300]
     else:
       return True
-    record.args = (_unreadable_reason(exc),)
+    record.msg, record.args = msg, (reason,)
     record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, 'INFO'
     return True
 

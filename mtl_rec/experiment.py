@@ -244,10 +244,29 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
       cols[c] = readers.check_ids(cols[c], c, groups.origins(g), 'interaction log')
     return cols
 
+  # Every row's labels, timestamp and numeric context values, checked in the survey pass, before anything is
+  # trained: a bad row is the same error as in memory (file, row, line), not a stop in the middle of an epoch.
+  labels = list(dict.fromkeys(t.label for _, t in config_lib.ordered(config.tasks) if t.label != config_lib.OBSERVED))
+  numbers = {config_lib.feature_column(n, f): n for n, f in config_lib.ordered(config.features)
+             if f.entity == 'context' and f.kind == 'numeric'}
+  ts_column = [lc.timestamp_column] if lc.timestamp_column else []
+
+  def valid_rows(cols: dict[str, np.ndarray], g: int) -> dict[str, np.ndarray]:
+    origins = groups.origins(g)
+    tasks_lib.label_columns(config, Dataset(name='stream', source='stream', log=cols, users={}, items={},
+                                            user_column=lc.user_column, item_column=lc.item_column,
+                                            origins={'log': origins}))
+    for column, name in numbers.items():
+      readers.numeric(cols[column], column, origins, 'interaction log', f"feature '{name}'")
+    for column in ts_column:
+      readers.timestamps(cols[column], column, origins, 'interaction log')
+    return cols
+
   # the lead process reads the log first; the others then find its passes in a shared run directory
   survey = distributed.lead_first(lambda: stream_lib.survey(
-      groups, [lc.user_column, lc.item_column, *split_columns], lambda cols, g: codes(checked(cols, g), g),
-      [lc.user_column, lc.item_column], os.path.join(inputs, 'survey.npz'), key), 'survey')
+      groups, list(dict.fromkeys([lc.user_column, lc.item_column, *split_columns, *labels, *numbers, *ts_column])),
+      lambda cols, g: codes(valid_rows(checked(cols, g), g), g), [lc.user_column, lc.item_column],
+      os.path.join(inputs, 'survey.npz'), key), 'survey')
   totals = survey['group_counts'].sum(0)
   if not totals[splits_lib.TRAIN] or not totals[splits_lib.TEST]:
     raise DataError(f'the {d.split!r} split of the {groups.num_rows:,} log rows leaves {totals[0]} training and '

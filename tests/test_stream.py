@@ -233,10 +233,11 @@ def _two_shard_stream(exp):
                       stream.num_negatives, stream.seed, [0, 1], stream.read_options)
 
 
-def test_a_bad_row_met_while_streaming_names_the_users_file_and_line(tiny_config, tmp_path):
-  """A label out of range far into a CSV log, outside the fitting sample: the streamed epoch meets it, and the
-  error names the CSV the user gave (not the Parquet copy) with that row's line, not its place among a row group's
-  training rows."""
+def test_a_bad_row_outside_the_samples_is_found_before_training_naming_the_users_file_and_line(tiny_config,
+                                                                                              tmp_path):
+  """A label out of range far into a CSV log, in no sample: the survey pass (before anything is trained) finds
+  it, and the error names the CSV the user gave (not the Parquet copy) with that row's line. The training stream
+  checks its row groups the same way (the test's second half: a decoded row group with the bad row)."""
   ds = to_dataset(synthetic.generate(num_users=120, num_items=80, interactions_per_user=25, latent_dim=4, seed=0))
   bad = len(ds.log['rating']) - 7
   ds.log['rating'] = np.asarray(ds.log['rating'], np.float64)
@@ -248,11 +249,23 @@ def test_a_bad_row_met_while_streaming_names_the_users_file_and_line(tiny_config
   c.data.user_table.paths = (str(tmp_path / 'data' / 'users.csv'),)
   c.data.item_table.paths = (str(tmp_path / 'data' / 'items.csv'),)
   with pytest.raises(DataError) as e:
-    exp = experiment_lib.build(c, workdir=str(tmp_path / 'run'))
+    experiment_lib.build(c, workdir=str(tmp_path / 'run'))
+  assert f"log.csv, row {bad + 1}, line {bad + 2}: column 'rating' holds 9" in str(e.value), str(e.value)
+  assert 'parquet' not in str(e.value) and not os.path.exists(tmp_path / 'run' / 'input' / 'survey.npz')
+  # the stream's own check, on a copy whose survey passed (the bad value written after it)
+  ds.log['rating'][bad] = 4.0
+  write_lib.write_dataset(ds, str(tmp_path / 'data'), 'csv')
+  exp = experiment_lib.build(c, workdir=str(tmp_path / 'run2'))
+  copy = exp.stream.plan.groups.paths[0]
+  table = pq.read_table(copy)
+  ratings = table.column('rating').to_numpy().copy()
+  ratings[bad] = 9.0
+  pq.write_table(table.set_column(table.schema.get_field_index('rating'), 'rating', pa.array(ratings)), copy,
+                 row_group_size=500)
+  with pytest.raises(DataError) as e:
     for _ in exp.stream.epoch(0):
       pass
   assert f"log.csv, row {bad + 1}, line {bad + 2}: column 'rating' holds 9" in str(e.value), str(e.value)
-  assert 'parquet' not in str(e.value)
 
 
 def test_stream_config_errors(tiny_config, files_dir, tmp_path):

@@ -129,7 +129,8 @@ def parquet_log(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[st
     # the columns are in the name too: a config that reads another column converts again
     wanted = hashlib.sha1(json.dumps(sorted(columns.items())).encode()).hexdigest()[:8]
     prefix = f'{k:04d}-{os.path.basename(path)}-'
-    target = os.path.join(directory, f'{prefix}{st.st_size}-{int(st.st_mtime)}-{wanted}.parquet')
+    # size and modification time in ns: a same-size edit within the same second is a new file too
+    target = os.path.join(directory, f'{prefix}{st.st_size}-{st.st_mtime_ns}-{wanted}.parquet')
     if not os.path.exists(target):
       log.info('interaction log: converting %s to Parquet, once: %s', path, target)
       readers.csv_to_parquet(path, target, delimiter, columns, 'interaction log', row_group_size)

@@ -18,16 +18,21 @@ _D = serving_app.ServerOptions()
 _EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'W/export (newest version) or one W/export/<version>.',
                                   required=True)
 _HOST = flags.DEFINE_string('host', _D.host, 'Address to bind.')
-_PORT = flags.DEFINE_integer('port', _D.port, 'Port to bind; 0 picks a free one (printed on the ready line).')
-_MAX_BATCH_ROWS = flags.DEFINE_integer('max_batch_rows', _D.max_batch_rows, 'Rows merged into one model call.')
-_MAX_WAIT_MS = flags.DEFINE_float('max_wait_ms', _D.max_wait_ms, 'Longest wait for a batch to fill, in ms.')
+_PORT = flags.DEFINE_integer('port', _D.port, 'Port to bind; 0 picks a free one (printed on the ready line).',
+                             lower_bound=0, upper_bound=65535)
+_MAX_BATCH_ROWS = flags.DEFINE_integer('max_batch_rows', _D.max_batch_rows, 'Rows merged into one model call.',
+                                       lower_bound=1)
+_MAX_WAIT_MS = flags.DEFINE_float('max_wait_ms', _D.max_wait_ms, 'Longest wait for a batch to fill, in ms.',
+                                  lower_bound=0.0)
 _MAX_RECOMMEND_USERS = flags.DEFINE_integer('max_recommend_users', _D.max_recommend_users,
-                                            'Users merged into one recommend call.')
+                                            'Users merged into one recommend call.', lower_bound=1)
 _MAX_ITEMS = flags.DEFINE_integer('max_items', _D.max_items, 'Items per /v1/score request, and new items per '
-                                  '/v1/recommend request (those at most 256).')
-_MAX_BODY_BYTES = flags.DEFINE_integer('max_body_bytes', _D.max_body_bytes, 'Larger request bodies get a 413.')
+                                  '/v1/recommend request (those at most 256).', lower_bound=1)
+_MAX_BODY_BYTES = flags.DEFINE_integer('max_body_bytes', _D.max_body_bytes, 'Larger request bodies get a 413.',
+                                       lower_bound=1)
 _MAX_QUEUED_ROWS = flags.DEFINE_integer('max_queued_rows', _D.max_queued_rows,
-                                        'Rows waiting for the model beyond which requests get a 503 (retry later).')
+                                        'Rows waiting for the model beyond which requests get a 503 (retry later).',
+                                        lower_bound=1)
 
 
 def main(argv):
@@ -41,8 +46,9 @@ def main(argv):
   with errors.reported():  # a bad --export_dir: one line naming it
     try:
       serving_app.serve(_EXPORT_DIR.value, options)
-    except OSError as e:  # a busy --port
-      sys.exit(f'error: {e}')
+    except OSError as e:  # a busy --port, an unknown --host
+      sys.exit(f'error: cannot listen on --host={options.host} --port={options.port}: {e}; pick another (--port=0: '
+               'any free one)')
 
 
 if __name__ == '__main__':

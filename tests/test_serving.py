@@ -10,12 +10,14 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import http, start_server, stop_server
+from conftest import REPO, http, start_server, stop_server
 from mtl_rec.serving.loader import ExportedModel
 
 pytestmark = pytest.mark.slow
@@ -497,6 +499,21 @@ def test_requests_beyond_the_queue_limit_get_a_503_and_the_server_recovers(expor
     assert re.search(rb'mtl_rec_request_errors_total\{endpoint="/v1/score",code="503"\} [1-9]', text), text[-3000:]
   finally:
     stop_server(proc, log_path)
+
+
+@pytest.mark.parametrize('flag, phrase', [('--port=-1', 'not an integer in the range [0, 65535]'),
+                                          ('--port=70000', 'not an integer in the range [0, 65535]'),
+                                          ('--max_batch_rows=0', 'not a positive integer'),
+                                          ('--max_wait_ms=-1', 'not a non-negative number'),
+                                          ('--max_items=0', 'not a positive integer'),
+                                          ('--host=no-such-host.invalid', 'cannot listen on --host=no-such-host')])
+def test_serve_py_flag_mistakes_are_one_error_line(flag, phrase):
+  """A bad serving flag (a port out of range used to be an OverflowError traceback from bind) stops serve.py with
+  one `error:` line, before it loads anything."""
+  r = subprocess.run([sys.executable, 'serve.py', '--export_dir=/nonexistent/export', flag], capture_output=True,
+                     text=True, timeout=120, cwd=REPO)
+  assert r.returncode == 1 and 'error: ' in r.stderr and phrase in r.stderr, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr
 
 
 @pytest.mark.parametrize('flag, value', [('concurrency', '1,x'), ('recommend_users', '0'), ('rate', 'fast'),

@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from mtl_rec import distributed, errors, evaluation, export, loop
+from mtl_rec import checkpoint, distributed, errors, evaluation, export, loop
 
 _CONFIG = errors.define_config_file('config', 'configs/movielens_100k.py', 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/ml100k', 'Run directory: checkpoints, metrics, logs.')
@@ -35,6 +35,8 @@ def main(argv):
     if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
       raise errors.ConfigError(f'--workdir={_WORKDIR.value} is a file, not a directory; pass a new directory, or a '
                                'run directory to resume')
+    if _INIT_FROM.value:  # checked even when a resumed run ignores it: a typo is named, not silently passed over
+      checkpoint.find_checkpoint(_INIT_FROM.value)
     result = loop.train_and_evaluate(config, _WORKDIR.value, _INIT_FROM.value)
     # Every process takes part (gathering sharded parameters is collective); process 0 writes W/export/<version>/.
     path = export.export_trained(result.run, _WORKDIR.value, result.metrics) if (

@@ -257,7 +257,7 @@ def run_benchmark(config: ml_collections.ConfigDict, out: str, seeds: int = 3, b
   unknown = [b for b in backbones if b not in BACKBONES]
   if unknown or not backbones:
     raise errors.ConfigError(f'backbones {list(backbones)}: choose from {", ".join(BACKBONES)}')
-  os.makedirs(out, exist_ok=True)
+  files.output_directory(out, '--out')
   names = [unified_name(b) for b in backbones] + [report_lib.ENSEMBLE]
   per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
   baselines: list[dict[str, Any]] = []

@@ -119,7 +119,8 @@ def find_checkpoint(path: str) -> tuple[str, str]:
   directory `W/checkpoints/{latest,best}/<step>`. Raises ValueError naming what to pass instead."""
   path = os.path.abspath(path)
   parent = os.path.dirname(path)
-  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(parent)) == 'checkpoints':
+  if (os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(parent)) == 'checkpoints'
+      and os.path.isdir(path)):
     return os.path.dirname(os.path.dirname(parent)), path
   for kind in ('best', 'latest'):
     directory = os.path.join(path, 'checkpoints', kind)

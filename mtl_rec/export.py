@@ -533,7 +533,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--version', type=int, default=None, help='version number (default: next free integer)')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
+  if args.version is not None and args.version < 0:
+    parser.error(f'--version={args.version}: versions are non-negative integers (serving picks the largest)')
   with errors.reported():
+    if args.export_dir:
+      files.output_directory(args.export_dir, '--export_dir')  # before the checkpoint is loaded
     path = export_run(args.workdir, args.step, args.export_dir, args.version)
   print(path)
 

@@ -63,3 +63,28 @@ def savez(path: str, **arrays: np.ndarray) -> None:
 def read_json(path: str) -> Any:
   with open(path) as f:
     return json.load(f)
+
+
+def output_directory(path: str, flag: str) -> str:
+  """`path` as an output directory a command creates (or writes into); raises errors.ConfigError naming `flag` when
+  it is an existing file or cannot be created. Called before any work, so a mistake costs nothing."""
+  from mtl_rec import errors  # pylint: disable=g-import-not-at-top
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.ConfigError(f'{flag}={path} is a file, not a directory; pass a directory (created if missing)')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise errors.ConfigError(f'{flag}={path} cannot be created ({e}); pass a directory you can write') from None
+  return path
+
+
+def output_file(path: str, flag: str) -> str:
+  """`path` as a file a command writes at its end, checked at its start (its directory created): raises
+  errors.ConfigError naming `flag` when it is a directory or its directory cannot be created, so a long
+  measurement is not lost to a bad path."""
+  from mtl_rec import errors  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path):
+    raise errors.ConfigError(f'{flag}={path} is a directory; pass a file path, e.g. '
+                             f'{os.path.join(path, "report.json")}')
+  output_directory(os.path.dirname(os.path.abspath(path)), f'the directory of {flag}')
+  return path

@@ -168,6 +168,27 @@ def test_cli_flag_and_config_file_mistakes_are_one_error_line_not_a_traceback(fl
   assert 'Traceback' not in r.stderr and not os.path.exists('/nonexistent/never-written')
 
 
+@pytest.mark.parametrize('args, phrase', [
+    (['train.py', '--workdir={tmp}/run', '--init_from={tmp}/no_such_run'], 'no_such_run holds no checkpoint'),
+    (['train.py', '--workdir={tmp}/run', '--init_from={tmp}/run/checkpoints/latest/7'], 'holds no checkpoint'),
+    (['-m', 'mtl_rec.benchmark', '--out={tmp}/a_file'], '--out={tmp}/a_file is a file, not a directory'),
+    (['-m', 'mtl_rec.export', '--workdir={tmp}/run', '--export_dir={tmp}/a_file'], 'is a file, not a directory'),
+    (['-m', 'mtl_rec.export', '--workdir={tmp}/run', '--version=-3'], 'versions are non-negative'),
+])
+def test_cli_paths_are_checked_before_any_work(tmp_path, args, phrase):
+  """A bad --init_from (ignored by a resumed run, so a typo went unnoticed; a missing one ended in an Orbax thread's
+  traceback at exit), a --out or --export_dir that is a file: one `error:` line, before anything is trained,
+  loaded or created."""
+  (tmp_path / 'a_file').write_text('keep')
+  args = [a.replace('{tmp}', str(tmp_path)) for a in args]
+  r = subprocess.run([sys.executable, *args, '--config=configs/synthetic.py:tiny'] if 'mtl_rec.export' not in args
+                     else [sys.executable, *args], capture_output=True, text=True, timeout=120)
+  assert r.returncode in (1, 2) and 'error: ' in r.stderr and phrase.replace('{tmp}', str(tmp_path)) in r.stderr, (
+      r.stderr[-2000:])
+  assert 'Traceback' not in r.stderr and (tmp_path / 'a_file').read_text() == 'keep'
+  assert not (tmp_path / 'run').exists()
+
+
 def test_cli_workdir_that_is_a_file_is_an_error_and_the_file_is_kept(tmp_path):
   path = tmp_path / 'log.csv'
   path.write_text('user,item\n1,2\n')

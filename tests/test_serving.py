@@ -534,3 +534,19 @@ def test_serving_benchmark_names_a_missing_export_dir(capsys):
   with pytest.raises(SystemExit) as e:
     benchmark.main(['--export_dir=/nonexistent/export'])
   assert e.value.code == 2 and '--export_dir=/nonexistent/export does not exist' in capsys.readouterr().err
+
+
+def test_serving_benchmark_checks_its_out_path_before_measuring(export_dir, tmp_path, capsys):
+  """--out is written after minutes of measuring: a directory there (or under a file) is a usage error at the start,
+  not an IsADirectoryError that loses the measurements."""
+  from mtl_rec.serving import benchmark  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'a_file').write_text('keep')
+  for out, phrase in ((tmp_path, 'is a directory; pass a file path'),
+                      (tmp_path / 'a_file' / 'r.json', 'is a file, not a directory')):
+    with pytest.raises(SystemExit) as e:
+      benchmark.main([f'--export_dir={export_dir}', f'--out={out}', '--skip_http', '--duration=0.1'])
+    assert e.value.code == 2 and phrase in capsys.readouterr().err
+  benchmark_out = tmp_path / 'new' / 'dir' / 'r.json'  # a missing directory is created, the report written
+  benchmark.main([f'--export_dir={export_dir}', f'--out={benchmark_out}', '--skip_http', '--duration=0.05',
+                  '--max_requests=3', '--batch_sizes=1', '--recommend_users=1', '--rate='])
+  assert json.loads(benchmark_out.read_text()) and (tmp_path / 'a_file').read_text() == 'keep'

@@ -372,10 +372,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   from mtl_rec import errors  # pylint: disable=g-import-not-at-top
   from mtl_rec.serving.loader import read_manifest, resolve_version_dir  # pylint: disable=g-import-not-at-top
+  from mtl_rec import files  # pylint: disable=g-import-not-at-top
   try:
     version_dir = resolve_version_dir(args.export_dir)
     manifest = read_manifest(version_dir)
-  except errors.Error as e:  # a bad --export_dir: a usage error naming it
+    files.output_file(args.out, '--out')  # checked now: the report is written after minutes of measuring
+  except errors.Error as e:  # a bad --export_dir or --out: a usage error naming it
     parser.error(str(e))
   report: dict[str, Any] = {
       'model': manifest['name'], 'version': manifest['version'], 'export_dir': version_dir,

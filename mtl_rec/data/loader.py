@@ -23,64 +23,60 @@ from mtl_rec.errors import DataError
 log = logging.getLogger(__name__)
 
 
-def columns_needed(config: ml_collections.ConfigDict) -> dict[str, dict[str, str]]:
-  """{'log' | 'users' | 'items': {column: forced CSV type or ''}} that the config reads."""
+def column_uses(config: ml_collections.ConfigDict) -> list[tuple[str, str, str, str]]:
+  """(table: 'log' | 'users' | 'items', column, forced CSV type or '', the config field that names it) for every
+  column the config reads, the one list behind `columns_needed` and `column_fields`. The side tables' own id
+  columns are not listed (`_entity_table` reads them)."""
   d = config.data
-  need: dict[str, dict[str, str]] = {'log': {d.log.user_column: '', d.log.item_column: ''}, 'users': {}, 'items': {}}
-  for column in (d.log.timestamp_column, d.split_column if d.split == 'column' else '', config.eval.gain_column):
-    if column:
-      need['log'][column] = ''
-  for t in config.tasks.values():
-    if t.label != config_lib.OBSERVED:
-      need['log'][t.label] = ''
-  for name, f in config.features.items():  # a history's condition reads a log column
-    if f.kind == 'history' and f.where:
-      need['log'].setdefault(config_lib.history_condition(f.where, f'features.{name}.where')[0], '')
+  uses = [('log', d.log.user_column, '', 'data.log.user_column'),
+          ('log', d.log.item_column, '', 'data.log.item_column'),
+          ('log', d.log.timestamp_column, '', 'data.log.timestamp_column'),
+          ('log', d.split_column if d.split == 'column' else '', '', 'data.split_column'),
+          ('log', config.eval.gain_column, '', 'eval.gain_column')]
+  uses += [('log', t.label, '', f'tasks.{name}.label') for name, t in config_lib.ordered(config.tasks)
+           if t.label != config_lib.OBSERVED]
+  uses += [('log', config_lib.history_condition(f.where, f'features.{name}.where')[0], '', f'features.{name}.where')
+           for name, f in config_lib.ordered(config.features) if f.kind == 'history' and f.where]
   builtin = d.source != 'files'  # built-in sources come with both side tables
   side = {'user': ('users', builtin or bool(d.user_table.paths), d.log.user_column),
           'item': ('items', builtin or bool(d.item_table.paths), d.log.item_column)}
-  entity_columns = [(f.entity, config_lib.feature_column(name, f), f.dtype) for name, f in config.features.items()
+  entity_columns = [(f.entity, config_lib.feature_column(name, f), f.dtype,
+                     f'features.{name}' + ('.column' if f.column else ''))
+                    for name, f in config_lib.ordered(config.features)
                     if f.kind != 'history']  # histories come from the log's id columns
-  if d.item_table.title_column:
-    entity_columns.append(('item', d.item_table.title_column, 'str'))
-  for entity, column, dtype in entity_columns:
+  entity_columns.append(('item', d.item_table.title_column, 'str', 'data.item_table.title_column'))
+  for entity, column, dtype, field in entity_columns:
     if entity == 'context':
-      need['log'][column] = dtype
+      uses.append(('log', column, dtype, field))
       continue
     table, has_side_table, id_column = side[entity]
     if column != id_column:
-      need[table][column] = dtype
+      uses.append((table, column, dtype, field))
       if not has_side_table:  # read from the log: the value of the entity's first row
-        need['log'][column] = dtype
+        uses.append(('log', column, dtype, field))
+  return [u for u in uses if u[1]]
+
+
+def columns_needed(config: ml_collections.ConfigDict) -> dict[str, dict[str, str]]:
+  """{'log' | 'users' | 'items': {column: forced CSV type or ''}} that the config reads (a column read as text by
+  one use and untyped by another is read as text)."""
+  need: dict[str, dict[str, str]] = {'log': {}, 'users': {}, 'items': {}}
+  for table, column, dtype, _ in column_uses(config):
+    if dtype or column not in need[table]:
+      need[table][column] = dtype
   return need
 
 
 def column_fields(config: ml_collections.ConfigDict, table: str) -> dict[str, str]:
   """{column of `table` ('log', 'users', 'items'): the config field that names it}, for errors about a column a file
   lacks (the first field wins)."""
-  d = config.data
+  out = {}
   if table != 'log':
-    side, entity = ('user_table', 'user') if table == 'users' else ('item_table', 'item')
-    out = {d[side].id_column: f'data.{side}.id_column'}
-    if table == 'items':
-      out.setdefault(d.item_table.title_column, 'data.item_table.title_column')
-    for name, f in config_lib.ordered(config.features):
-      if f.entity == entity and f.kind != 'history':
-        out.setdefault(config_lib.feature_column(name, f), f'features.{name}' + ('.column' if f.column else ''))
-    out.pop('', None)
-    return out
-  out = {d.log.user_column: 'data.log.user_column', d.log.item_column: 'data.log.item_column',
-         d.log.timestamp_column: 'data.log.timestamp_column', config.eval.gain_column: 'eval.gain_column'}
-  if d.split == 'column':
-    out.setdefault(d.split_column, 'data.split_column')
-  for name, t in config_lib.ordered(config.tasks):
-    out.setdefault(t.label, f'tasks.{name}.label')
-  for name, f in config_lib.ordered(config.features):
-    if f.kind == 'history' and f.where:
-      out.setdefault(config_lib.history_condition(f.where, f'features.{name}.where')[0], f'features.{name}.where')
-    elif f.kind != 'history':  # a context feature, or a user/item feature read from the log
-      out.setdefault(config_lib.feature_column(name, f), f'features.{name}' + ('.column' if f.column else ''))
-  out.pop('', None)
+    side = 'user_table' if table == 'users' else 'item_table'
+    out[config.data[side].id_column] = f'data.{side}.id_column'
+  for t, column, _, field in column_uses(config):
+    if t == table:
+      out.setdefault(column, field)
   return out
 
 

@@ -10,11 +10,10 @@ of its best checkpoint in mtl_rec.export.
 """
 
 import logging
-import os
 
 from absl import app, flags
 
-from mtl_rec import checkpoint, distributed, errors, evaluation, export, loop
+from mtl_rec import checkpoint, distributed, errors, evaluation, export, files, loop
 
 _CONFIG = errors.define_config_file('config', 'configs/movielens_100k.py', 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/ml100k', 'Run directory: checkpoints, metrics, logs.')
@@ -32,9 +31,7 @@ def main(argv):
   distributed.initialize()
   config = _CONFIG.value
   with errors.reported():  # bad config values and data files: one line naming the problem and the fix
-    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
-      raise errors.ConfigError(f'--workdir={_WORKDIR.value} is a file, not a directory; pass a new directory, or a '
-                               'run directory to resume')
+    files.output_directory(_WORKDIR.value, '--workdir', create=False)  # created once the data is checked
     if _INIT_FROM.value:  # checked even when a resumed run ignores it: a typo is named, not silently passed over
       checkpoint.find_checkpoint(_INIT_FROM.value)
     result = loop.train_and_evaluate(config, _WORKDIR.value, _INIT_FROM.value)

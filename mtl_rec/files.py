@@ -65,12 +65,15 @@ def read_json(path: str) -> Any:
     return json.load(f)
 
 
-def output_directory(path: str, flag: str) -> str:
+def output_directory(path: str, flag: str, create: bool = True) -> str:
   """`path` as an output directory a command creates (or writes into); raises errors.ConfigError naming `flag` when
-  it is an existing file or cannot be created. Called before any work, so a mistake costs nothing."""
+  it is an existing file or cannot be created. Called before any work, so a mistake costs nothing. `create=False`:
+  only the first check, for a command that creates the directory later (train.py, after the data is checked)."""
   from mtl_rec import errors  # pylint: disable=g-import-not-at-top
   if os.path.exists(path) and not os.path.isdir(path):
     raise errors.ConfigError(f'{flag}={path} is a file, not a directory; pass a directory (created if missing)')
+  if not create:
+    return path
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:

@@ -254,6 +254,15 @@ def run_benchmark(config: ml_collections.ConfigDict, out: str, seeds: int = 3, b
   config_lib.validate(config)
   if seeds < 1:
     raise errors.ConfigError(f'--seeds={seeds}: use at least 1 (3 gives error bars)')
+  if fusion_negatives < 1:
+    raise errors.ConfigError(f'--fusion_negatives={fusion_negatives}: the fusion fits rank each validation item '
+                             'against sampled unrated items; use at least 1 (200 by default)')
+  if serving_requests < 1:
+    raise errors.ConfigError(f'--serving_requests={serving_requests}: the serving cost is timed over these '
+                             'requests; use at least 1 (300 by default)')
+  if max_epochs < 0:
+    raise errors.ConfigError(f"--max_epochs={max_epochs}: a cap on the epochs of every run; use 0 (the config's) "
+                             'or more')
   unknown = [b for b in backbones if b not in BACKBONES]
   if unknown or not backbones:
     raise errors.ConfigError(f'backbones {list(backbones)}: choose from {", ".join(BACKBONES)}')

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from mtl_rec import config as config_lib
 from mtl_rec import errors
 from mtl_rec import export as export_lib
 from mtl_rec import features as features_lib
+from mtl_rec import files
 from mtl_rec import input_pipeline
 from mtl_rec import metrics as metrics_lib
 from mtl_rec import scoring
@@ -61,36 +63,45 @@ from mtl_rec.data import loader
 _CONFIG = errors.define_config_file('config', 'configs/synthetic.py', 'A synthetic-source config: its declared '
                                           'features, tasks and network, on tables of the sizes below.')
 _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON report.', required=True)
-_NUM_USERS = flags.DEFINE_integer('num_users', 2_000_000, 'Users (rows of the user id table).')
-_NUM_ITEMS = flags.DEFINE_integer('num_items', 2_000_000, 'Items (rows of the item id table).')
-_EMBED_DIM = flags.DEFINE_integer('embed_dim', 64, 'Width of every embedding table.')
-_INTERACTIONS = flags.DEFINE_integer('interactions_per_user', 2, 'Synthetic ratings per user (batches draw from them).')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8192, 'Global batch size (rated pairs plus negatives).')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps (after one untimed step).')
+_NUM_USERS = flags.DEFINE_integer('num_users', 2_000_000, 'Users (rows of the user id table).', lower_bound=1)
+_NUM_ITEMS = flags.DEFINE_integer('num_items', 2_000_000, 'Items (rows of the item id table).', lower_bound=1)
+_EMBED_DIM = flags.DEFINE_integer('embed_dim', 64, 'Width of every embedding table.', lower_bound=1)
+_INTERACTIONS = flags.DEFINE_integer('interactions_per_user', 2, 'Synthetic ratings per user (batches draw from '
+                                     'them).', lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8192, 'Global batch size (rated pairs plus negatives).',
+                                   lower_bound=1)
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps (after one untimed step).', lower_bound=1)
 _MESH = flags.DEFINE_list('mesh', ['2', '4'], 'Mesh shape (data, model); -1 = the remaining devices.')
 _DEVICES = flags.DEFINE_integer('devices', 8, 'Simulated CPU devices (ignored if XLA_FLAGS already sets a count '
-                                'or the backend is not CPU).')
+                                'or the backend is not CPU).', lower_bound=1)
 _OPTIMIZERS = flags.DEFINE_list('optimizers', ['dense_adam'], 'Optimizers of the id tables, each run in turn: '
                                 'dense_adam, rowwise_adagrad, lazy_adam (rowwise.py).')
 _CALIBRATION_ROWS = flags.DEFINE_integer('calibration_rows', 1_000_000, 'With several optimizers (rowwise_adagrad '
                                          'among them): users and items of the runs that calibrate '
-                                         'the capacity plan, checked against the main size; 0 = none.')
+                                         'the capacity plan, checked against the main size; 0 = none.', lower_bound=0)
 _EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'With one optimizer: export the trained model to this export '
                                   'root (mtl_rec.export; every synthetic user and item, seen = their ratings), e.g. '
                                   'for `python -m mtl_rec.serving.benchmark --recommend` on a large catalog.')
 _PLAN_ONLY = flags.DEFINE_bool('plan', False, 'Also print and write the capacity plan for the --plan_* size.')
 _CALIBRATION = flags.DEFINE_string('calibration', None, "With --plan: a previous run's JSON whose calibration "
                                    'to use (no runs then).')
-_PLAN_USERS = flags.DEFINE_integer('plan_users', 1_000_000_000, 'Users of the planned configuration.')
-_PLAN_ITEMS = flags.DEFINE_integer('plan_items', 100_000_000, 'Items of the planned configuration.')
+_PLAN_USERS = flags.DEFINE_integer('plan_users', 1_000_000_000, 'Users of the planned configuration.', lower_bound=1)
+_PLAN_ITEMS = flags.DEFINE_integer('plan_items', 100_000_000, 'Items of the planned configuration.', lower_bound=1)
 _PLAN_MESH = flags.DEFINE_list('plan_mesh', ['8', '32'], 'Mesh (data, model) of the planned configuration.')
-_PLAN_BATCH_SIZE = flags.DEFINE_integer('plan_batch_size', 262_144, 'Global batch of the planned configuration.')
+_PLAN_BATCH_SIZE = flags.DEFINE_integer('plan_batch_size', 262_144, 'Global batch of the planned configuration.',
+                                        lower_bound=1)
 _PLAN_DEVICE_GB = flags.DEFINE_float('plan_device_memory_gib', 95.0, 'Memory per device of the planned '
                                      'configuration, GiB (TPU v5p: 95, H100: 80, v5e: 16).')
 _PLAN_BANDWIDTH = flags.DEFINE_float('plan_bandwidth_gbps', None, "Memory bandwidth per device of the planned "
                                      "devices, GB/s (H100: 3350, TPU v5p: 2765); default: this machine's, measured.")
 _PLAN_SECONDS_PER_EXAMPLE = flags.DEFINE_float('plan_seconds_per_example', None, "The network's seconds per "
                                                "example per planned device; default: this machine's, measured.")
+
+for _flag in ('mesh', 'plan_mesh'):
+  flags.register_validator(_flag, lambda v: len(v) == 2 and all(re.fullmatch(r'-1|[1-9][0-9]*', s) for s in v),
+                           message='give the mesh as two sizes (data, model), e.g. 2,4; -1 = the remaining devices')
+for _flag in ('plan_device_memory_gib', 'plan_bandwidth_gbps', 'plan_seconds_per_example'):
+  flags.register_validator(_flag, lambda v: v is None or v > 0, message='must be > 0')
 
 
 def build_encoder(ds: Any, config: Any, user_index: np.ndarray, item_index: np.ndarray) -> Any:
@@ -364,6 +375,7 @@ def _main(argv):
                          f'{", ".join(capacity.OPTIMIZERS)}')
   if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
     jax.config.update('jax_num_cpu_devices', _DEVICES.value)  # before any backend exists; only CPU honours it
+  files.output_file(_OUT.value, '--out')  # before any run: a bad path does not lose the measurements
   mesh = tuple(int(s) for s in _MESH.value)
   if _EXPORT_DIR.value and (len(optimizers) > 1 or _PLAN_ONLY.value):
     raise app.UsageError('--export_dir exports the one run of a single --optimizers entry, without --plan')

@@ -174,6 +174,11 @@ def test_cli_flag_and_config_file_mistakes_are_one_error_line_not_a_traceback(fl
     (['-m', 'mtl_rec.benchmark', '--out={tmp}/a_file'], '--out={tmp}/a_file is a file, not a directory'),
     (['-m', 'mtl_rec.export', '--workdir={tmp}/run', '--export_dir={tmp}/a_file'], 'is a file, not a directory'),
     (['-m', 'mtl_rec.export', '--workdir={tmp}/run', '--version=-3'], 'versions are non-negative'),
+    (['-m', 'mtl_rec.benchmark', '--out={tmp}/b', '--fusion_negatives=-5'], '--fusion_negatives=-5: the fusion fits'),
+    (['-m', 'mtl_rec.benchmark', '--out={tmp}/b', '--serving_requests=0'], '--serving_requests=0: the serving cost'),
+    (['-m', 'mtl_rec.scale_benchmark', '--out={tmp}', '--steps=2'], '--out={tmp} is a directory'),
+    (['-m', 'mtl_rec.scale_benchmark', '--out={tmp}/r.json', '--num_users=0'], '--num_users=0: 0 is not a positive'),
+    (['-m', 'mtl_rec.scale_benchmark', '--out={tmp}/r.json', '--mesh=2,x'], 'give the mesh as two sizes'),
 ])
 def test_cli_paths_are_checked_before_any_work(tmp_path, args, phrase):
   """A bad --init_from (ignored by a resumed run, so a typo went unnoticed; a missing one ended in an Orbax thread's

@@ -7,7 +7,6 @@ Loads only the export (no model or training code). The logic lives in mtl_rec.se
 """
 
 import logging
-import sys
 
 from absl import app, flags
 
@@ -43,12 +42,8 @@ def main(argv):
       host=_HOST.value, port=_PORT.value, max_batch_rows=_MAX_BATCH_ROWS.value, max_wait_ms=_MAX_WAIT_MS.value,
       max_recommend_users=_MAX_RECOMMEND_USERS.value, max_items=_MAX_ITEMS.value,
       max_body_bytes=_MAX_BODY_BYTES.value, max_queued_rows=_MAX_QUEUED_ROWS.value)
-  with errors.reported():  # a bad --export_dir: one line naming it
-    try:
-      serving_app.serve(_EXPORT_DIR.value, options)
-    except OSError as e:  # a busy --port, an unknown --host
-      sys.exit(f'error: cannot listen on --host={options.host} --port={options.port}: {e}; pick another (--port=0: '
-               'any free one)')
+  with errors.reported():  # a bad --export_dir, a --host or --port it cannot listen on: one line naming it
+    serving_app.serve(_EXPORT_DIR.value, options)
 
 
 if __name__ == '__main__':

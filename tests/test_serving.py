@@ -506,13 +506,22 @@ def test_requests_beyond_the_queue_limit_get_a_503_and_the_server_recovers(expor
                                           ('--max_batch_rows=0', 'not a positive integer'),
                                           ('--max_wait_ms=-1', 'not a non-negative number'),
                                           ('--max_items=0', 'not a positive integer'),
-                                          ('--host=no-such-host.invalid', 'cannot listen on --host=no-such-host')])
+                                          ('--host=no-such-host.invalid', 'cannot listen on --host=no-such-host'),
+                                          ('--host=192.0.2.1', 'pass an address of this machine'),
+                                          ('--port=BUSY', 'it is in use'),
+                                          ('--export_dir=serve.py', '--export_dir=serve.py is a file, not a directory')])
 def test_serve_py_flag_mistakes_are_one_error_line(flag, phrase):
   """A bad serving flag (a port out of range used to be an OverflowError traceback from bind) stops serve.py with
   one `error:` line, before it loads anything."""
-  r = subprocess.run([sys.executable, 'serve.py', '--export_dir=/nonexistent/export', flag], capture_output=True,
-                     text=True, timeout=120, cwd=REPO)
-  assert r.returncode == 1 and 'error: ' in r.stderr and phrase in r.stderr, r.stderr[-2000:]
+  with socket.socket() as busy:  # a port another process listens on
+    busy.bind(('127.0.0.1', 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    flag = flag.replace('--port=BUSY', f'--host=127.0.0.1 --port={port}')
+    r = subprocess.run([sys.executable, 'serve.py', '--export_dir=/nonexistent/export', *flag.split()],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert r.returncode == 1 and 'error: ' in r.stderr and phrase.replace('BUSY', str(port)) in r.stderr, (
+      r.stderr[-2000:])
   assert 'Traceback' not in r.stderr
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import socket
 import sys
@@ -30,6 +31,7 @@ import orjson
 from aiohttp import http_exceptions, web
 
 import mtl_rec
+from mtl_rec import errors
 from mtl_rec.serving import protocol
 from mtl_rec.serving.batching import Batcher, Overloaded
 from mtl_rec.serving.loader import ExportedModel, resolve_version_dir
@@ -356,7 +358,11 @@ def serve(export_dir: str, options: ServerOptions) -> None:
   # Bound before loading, so a busy port fails at once rather than after the compilations.
   sock = socket.socket(socket.AF_INET6 if ':' in options.host else socket.AF_INET, socket.SOCK_STREAM)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  sock.bind((options.host, options.port))
+  try:
+    sock.bind((options.host, options.port))
+  except OSError as e:
+    sock.close()
+    raise errors.Error(listen_error(e, options.host, options.port)) from None
   port = sock.getsockname()[1]
   try:
     server = load(export_dir, options)
@@ -371,6 +377,18 @@ def serve(export_dir: str, options: ServerOptions) -> None:
   def ready_line(_: str) -> None:
     print(f'serving {m.name} version {m.version} on http://{options.host}:{port}', flush=True)
   web.run_app(server.app(), sock=sock, print=ready_line, access_log=None, handle_signals=True, loop=_new_loop())
+
+
+def listen_error(e: OSError, host: str, port: int) -> str:
+  """Why the server cannot listen on (host, port), naming the flag to change."""
+  if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+    return (f'cannot listen on --host={host}: {e}; pass an address of this machine (127.0.0.1: local clients only, '
+            '0.0.0.0: every interface)')
+  if e.errno == errno.EADDRINUSE:
+    return f'cannot listen on --port={port}: it is in use ({e}); pick another, or --port=0 for any free one'
+  if e.errno == errno.EACCES:
+    return f'cannot listen on --port={port}: {e}; ports below 1024 need privileges: pick a higher one'
+  return f'cannot listen on --host={host} --port={port}: {e}'
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

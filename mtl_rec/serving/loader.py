@@ -26,7 +26,8 @@ def resolve_version_dir(export_dir: str) -> str:
   if os.path.exists(os.path.join(export_dir, 'manifest.json')):
     return export_dir
   if not os.path.isdir(export_dir):
-    raise errors.Error(f'--export_dir={export_dir} does not exist; pass W/export or W/export/<version> of a train.py '
+    what = 'is a file, not a directory' if os.path.exists(export_dir) else 'does not exist'
+    raise errors.Error(f'--export_dir={export_dir} {what}; pass W/export or W/export/<version> of a train.py '
                        'run (or run `python -m mtl_rec.export --workdir W` first)')
   versions = sorted((int(d) for d in os.listdir(export_dir)
                      if d.isdigit() and os.path.exists(os.path.join(export_dir, d, 'manifest.json'))), reverse=True)

@@ -146,17 +146,28 @@ def step_directory(workdir: str, step: int | None = None) -> str:
   return steps[step]
 
 
+def _saved_tree(step_dir: str) -> Any:
+  return ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, 'state')).item_metadata.tree
+
+
+def _model_key(tree: Any) -> str:
+  """Where a saved state keeps the run's model (trainer.model_params): 'ema' with train.ema_decay, else 'params'."""
+  return 'ema' if 'ema' in tree else 'params'
+
+
 def params_metadata(step_dir: str) -> Any:
-  """The tree of `state['params']` saved in a step directory, as ShapeDtypeStructs (no data is read)."""
-  tree = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, 'state')).item_metadata.tree
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree['params'])
+  """The tree of the model's parameters saved in a step directory (the moving average when the run kept one), as
+  ShapeDtypeStructs (no data is read)."""
+  tree = _saved_tree(step_dir)
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree[_model_key(tree)])
 
 
 def restore_params(step_dir: str, target: Any) -> Any:
-  """Only `state['params']` of a step directory (the optimizer state is not read), placed like `target`, a tree of
-  ShapeDtypeStructs with shardings."""
+  """Only the model's parameters of a step directory (the moving average when the run kept one; the optimizer state
+  is not read), placed like `target`, a tree of ShapeDtypeStructs with shardings."""
+  key = _model_key(_saved_tree(step_dir))
   out = ocp.PyTreeCheckpointer().restore(
       os.path.join(step_dir, 'state'),
-      args=ocp.args.PyTreeRestore(item={'params': target}, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args({'params': target})))
-  return out['params']
+      args=ocp.args.PyTreeRestore(item={key: target}, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args({key: target})))
+  return out[key]

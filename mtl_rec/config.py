@@ -265,6 +265,11 @@ def base_config() -> ml_collections.ConfigDict:
   # amplifies that last-bit noise). Raised to a multiple of the device count where needed; 0 = XLA's sum (faster: a
   # step took 1/1.6 of the time on ML-100K on 2 CPU cores; numbers then differ across meshes).
   c.train.grad_groups = 8
+  # > 0: the run evaluates, selects, checkpoints as its model and exports an exponential moving average of the
+  # parameters (Polyak averaging): the mean of every step's parameters so far until 1 / (1 - ema_decay) steps, then
+  # each step weighed ema_decay times the next. One more copy of the parameters, updated every step: not with
+  # row-wise table optimizers, whose point is to leave untouched rows alone. 0 = the last step's parameters.
+  c.train.ema_decay = 0.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 8192  # rows per eval batch
@@ -494,6 +499,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.schedule_epochs and c.train.schedule_epochs < c.train.epochs:
     raise _err('train.schedule_epochs', c.train.schedule_epochs, f'use 0 (the {c.train.epochs} train.epochs) or at '
                f'least train.epochs: a schedule that ends before training would train at learning rate 0')
+  if not 0 <= c.train.ema_decay < 1:
+    raise _err('train.ema_decay', c.train.ema_decay, 'must be in [0, 1), e.g. 0.997 (0 = no averaging)')
+  if c.train.ema_decay and (tables_name != 'dense' or set(by_feature.values()) - {'dense'}):
+    raise _err('train.ema_decay', c.train.ema_decay, 'averaging updates every row of every table each step, which '
+               'the row-wise table optimizers exist to avoid: set train.ema_decay=0 or optimizer.tables.name=dense')
   if c.train.patience < 0:
     raise _err('train.patience', c.train.patience, 'must be >= 0 (0 disables early stopping)')
   known = known_metrics(c)

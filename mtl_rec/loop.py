@@ -230,6 +230,8 @@ def _start(trainer: trainer_lib.Trainer, exp: experiment_lib.Experiment, ckpt: C
     params = warm_start.init_from_checkpoint(init_from, state['params'], trainer.state_shardings['params'],
                                              exp.encoder)
     state = {**state, 'params': params}
+    if 'ema' in state:  # the average starts from the warm-started parameters, not the random ones
+      state['ema'] = trainer_lib.copy_params(params, trainer.state_shardings['params'])
   return state
 
 
@@ -331,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
         preempted = True
         break
       # End of epoch: validate, early-stopping bookkeeping, checkpoint (latest, and best if improved).
-      scorer = network_scorer(trainer, exp, state['params'])
+      scorer = network_scorer(trainer, exp, trainer_lib.model_params(state))
       valid = evaluation.pointwise_metrics(scorer, exp, exp.valid)
       if any(m not in valid for m in stopping.needed):
         valid.update(evaluation.ranking_metrics(scorer, scorer.weights(config_lib.ranking_task(config)), exp,
@@ -363,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
     return TrainResult({'preempted': True, 'step': step}, None)
 
   best = ckpt.restore_best(state)
-  params = best[0]['params'] if best is not None else state['params']
+  params = trainer_lib.model_params(best[0] if best is not None else state)
   best_step = stopping.best_step if best is not None else step
   scorer = network_scorer(trainer, exp, params)
   result = {

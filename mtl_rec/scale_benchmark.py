@@ -239,7 +239,7 @@ def run(config: Any, num_users: int, num_items: int, embed_dim: int, batch_size:
   exported = None
   if export_root:
     t = time.time()
-    network = scoring.Network(trainer.graphdef, state['params'], tuple(specs))
+    network = scoring.Network(trainer.graphdef, trainer_lib.model_params(state), tuple(specs))
     exported = {'version_dir': export_lib.write_export(export_root, [network], served, config,
                                                        source={'system': 'scale_benchmark', 'steps': steps + 1}),
                 'export_sec': time.time() - t}

@@ -149,15 +149,31 @@ def without(tree: Any, paths: Any) -> Any:
   return tree
 
 
+def model_params(state: dict[str, Any]) -> Any:
+  """The parameters a run evaluates, selects, checkpoints as its model and exports: the moving average
+  (train.ema_decay) when the state keeps one, else the trained parameters."""
+  return state.get('ema', state['params'])
+
+
+def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+  """The moving average after a step: weight min(decay, (t + 1) / (t + 2)) on the old average at step t (0-based),
+  so until 1 / (1 - decay) steps it is the plain mean of the parameters of every step so far, the initial ones
+  included, and a decay's long memory does not keep the random initialization in the model."""
+  t = step.astype(jnp.float32)
+  d = jnp.minimum(jnp.float32(decay), (t + 1.0) / (t + 2.0))
+  return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
+
+
 def train_step(state: dict[str, Any], batch: dict[str, Any], *, value_and_grad: Callable, tx, specs, esmm: bool,
                seed: int, param_shardings: Any, row_optimizer: rowwise.RowOptimizer | None = None,
-               grad_clip_norm: float = 0.0) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+               grad_clip_norm: float = 0.0, ema_decay: float = 0.0) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One optimizer step. Pure: (state, batch) -> (new state, metrics).
 
   `value_and_grad` is `jax.value_and_grad(loss_fn, has_aux=True)` or `deterministic.value_and_grad(loss_fn, ...)`
   (the same sums in an order no mesh changes; config.train.grad_groups), returning ((loss, aux), grads, rows).
   With a `row_optimizer`, its tables' gradients come as rows (None in grads) and it updates their touched rows;
-  optax (`tx`) updates the rest; global-norm clipping (`grad_clip_norm`, also inside `tx`) sees both.
+  optax (`tx`) updates the rest; global-norm clipping (`grad_clip_norm`, also inside `tx`) sees both. With
+  `ema_decay` the state's 'ema' follows the new parameters (`ema_update`).
   """
   rng = jax.random.fold_in(jax.random.key(seed), state['step'])
   params = state['params']
@@ -186,6 +202,8 @@ def train_step(state: dict[str, Any], batch: dict[str, Any], *, value_and_grad: 
     for t in row_tables:
       new_params = trees.replace(new_params, t, trees.get(updated, t))
   new_state['params'] = new_params
+  if ema_decay:
+    new_state['ema'] = ema_update(state['ema'], new_params, state['step'], ema_decay)
   metrics = {'loss': loss, **{f'loss_{k}': v / norms['tasks'][k] for k, v in sums.items()}, 'grad_norm': grad_norm}
   return new_state, metrics
 
@@ -234,6 +252,9 @@ def make_trainer(config: ml_collections.ConfigDict, features: Sequence[FeatureSp
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(dense_params)
   state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated), 'params': params, 'opt_state': opt_state}
   state_shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
+  ema_decay = float(config.train.ema_decay)
+  if ema_decay:
+    state['ema'], state_shardings['ema'] = copy_params(params, param_shardings), param_shardings
   if row_optimizer is not None:
     state['table_opt_state'], state_shardings['table_opt_state'] = row_optimizer.init(params, param_shardings)
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -250,7 +271,7 @@ def make_trainer(config: ml_collections.ConfigDict, features: Sequence[FeatureSp
   step = jax.jit(
       functools.partial(train_step, value_and_grad=value_and_grad, tx=tx, specs=specs, esmm=esmm,
                         seed=int(config.seed), param_shardings=param_shardings, row_optimizer=row_optimizer,
-                        grad_clip_norm=float(config.optimizer.grad_clip_norm)),
+                        grad_clip_norm=float(config.optimizer.grad_clip_norm), ema_decay=ema_decay),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, specs=specs),
@@ -259,12 +280,20 @@ def make_trainer(config: ml_collections.ConfigDict, features: Sequence[FeatureSp
                  row_optimizer)
 
 
+def copy_params(params: Any, shardings: Any) -> Any:
+  """A copy of `params` in new buffers, placed like them (the moving average's start; the step donates the state,
+  and one buffer cannot be donated twice)."""
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+
+
 def memory_report(trainer: Trainer, state: Any, example_batch: Any) -> dict[str, Any]:
   """Parameter/optimizer bytes per device and the compiled train step's memory analysis."""
   report = {'params_bytes_per_device': sharding_lib.bytes_per_device(state['params']),
             # optax's state and the row-wise optimizers' (table_opt_state), together
             'opt_state_bytes_per_device': sharding_lib.bytes_per_device(
                 [state['opt_state'], state.get('table_opt_state', {})])}
+  if 'ema' in state:  # the moving average of the parameters (train.ema_decay)
+    report['ema_bytes_per_device'] = sharding_lib.bytes_per_device(state['ema'])
   abstract_batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.batch_sharding), example_batch)
   abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

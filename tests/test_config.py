@@ -59,6 +59,8 @@ def test_history_variants_add_and_drop_histories_of_the_default():
     ('model.embed_dim', 0, 'model.embed_dim'),
     ('export.retrieve_n', 50, r'at least export.max_k \(100\)'),
     ('export.retrieve_n', -1, 'export.retrieve_n'),
+    ('train.ema_decay', 1.0, r'train.ema_decay=1.0 is invalid: must be in \[0, 1\)'),
+    ('train.ema_decay', -0.1, 'train.ema_decay'),
 ])
 def test_bad_values_name_the_field(field, value, message):
   c = movielens_100k.get_config()
@@ -123,6 +125,11 @@ def test_cross_field_rules():
   with c.unlocked():
     c.features = config_lib.ml_collections.ConfigDict({'user_id': config_lib.feature('user', 'user_id')})
   with pytest.raises(ValueError, match="'item' feature"):
+    config_lib.validate(c)
+  c = movielens_100k.get_config()
+  c.train.ema_decay = 0.99
+  c.optimizer.tables.name = 'rowwise_adagrad'
+  with pytest.raises(ValueError, match='train.ema_decay=0.99 .*row-wise table optimizers'):
     config_lib.validate(c)
 
 

@@ -34,6 +34,8 @@ OVERRIDES = [
     '--config.mesh.shape=(2,2)',
     '--config.export.enabled=False',
 ]
+# The dense runs below keep a moving average of the parameters (train.ema_decay): state a resumed run restores too.
+EMA = ('--config.train.ema_decay=0.9',)
 
 
 @pytest.fixture(scope='module')
@@ -89,7 +91,7 @@ def _metrics(workdir):
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, env):
   workdir = str(tmp_path_factory.mktemp('runs') / 'uninterrupted')
-  _finish(_start(workdir, env), workdir)
+  _finish(_start(workdir, env, EMA), workdir)
   return workdir
 
 
@@ -108,7 +110,7 @@ def _assert_same_run(workdir, reference):
 def test_sigterm_saves_and_the_rerun_continues(uninterrupted, tmp_path, env):
   total = _metrics(uninterrupted)['steps']
   workdir = str(tmp_path / 'preempted')
-  proc = _start(workdir, env)
+  proc = _start(workdir, env, EMA)
   _kill_at(proc, workdir, 10, signal.SIGTERM)
   out = _finish(proc, workdir)  # exit status 0: a clean exit
   assert 'SIGTERM: saved a checkpoint at step' in out
@@ -117,7 +119,7 @@ def test_sigterm_saves_and_the_rerun_continues(uninterrupted, tmp_path, env):
   assert int(max(os.listdir(os.path.join(workdir, 'checkpoints', 'latest')), key=int)) == saved
   assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
 
-  out = _finish(_start(workdir, env), workdir)
+  out = _finish(_start(workdir, env, EMA), workdir)
   assert f'resumed from checkpoint at step {saved}' in out
   _assert_same_run(workdir, uninterrupted)
 
@@ -125,7 +127,7 @@ def test_sigterm_saves_and_the_rerun_continues(uninterrupted, tmp_path, env):
 def test_sigkill_mid_epoch_resumes_from_the_last_complete_checkpoint(uninterrupted, tmp_path, env):
   total = _metrics(uninterrupted)['steps']
   workdir = str(tmp_path / 'killed')
-  proc = _start(workdir, env)
+  proc = _start(workdir, env, EMA)
   _kill_at(proc, workdir, 38, signal.SIGKILL)
   proc.wait(timeout=TIMEOUT)
   latest = os.path.join(workdir, 'checkpoints', 'latest')
@@ -139,7 +141,7 @@ def test_sigkill_mid_epoch_resumes_from_the_last_complete_checkpoint(uninterrupt
   for f in glob.glob(os.path.join(half, '**', 'manifest.ocdbt'), recursive=True)[:1]:
     open(f, 'wb').close()
 
-  out = _finish(_start(workdir, env), workdir)
+  out = _finish(_start(workdir, env, EMA), workdir)
   assert f'resumed from checkpoint at step {max(complete)}' in out
   assert not os.path.exists(half)  # the leftover is cleaned up, never restored
   _assert_same_run(workdir, uninterrupted)

@@ -36,9 +36,10 @@ class Run(NamedTuple):
 
 @pytest.fixture(scope='session')
 def config_on(tiny_config):
-  """A factory: the tiny config on mesh `shape`, with id biases (row-sharded 1-d parameters) and 64-row batches."""
+  """A factory: the tiny config on mesh `shape`, with id biases (row-sharded 1-d parameters), 64-row batches and a
+  moving average of the parameters (train.ema_decay: state the checks below cover too)."""
   def make(shape=(1, 1)):
-    c = tiny_config(train__batch_size=64, model__id_biases=True, mesh__shape=shape)
+    c = tiny_config(train__batch_size=64, model__id_biases=True, mesh__shape=shape, train__ema_decay=0.9)
     c.data.synthetic.num_items = 200
     c.data.synthetic.interactions_per_user = 10
     return c
@@ -349,7 +350,8 @@ def test_checkpoint_restores_onto_another_mesh(runs, exp, target_shape):
 
 @pytest.mark.slow  # compiles on several meshes
 def test_warm_start_keeps_rows_of_known_ids(runs, exp, config_on):
-  """--init_from: a run on more users (new interactions) starts from the (4, 2) checkpoint on a (2, 4) mesh."""
+  """--init_from: a run on more users (new interactions) starts from the (4, 2) checkpoint on a (2, 4) mesh, from
+  its model: the moving average the source run evaluated (train.ema_decay), not the trained parameters beside it."""
   source = runs[(4, 2)]
   warm_start.save_features(exp.encoder, source.ckpt_dir)
   c = config_on((2, 4))
@@ -363,7 +365,8 @@ def test_warm_start_keeps_rows_of_known_ids(runs, exp, config_on):
   assert jax.tree.structure(params) == jax.tree.structure(fresh)
   want = jax.tree.leaves(trainer.state_shardings['params'])
   assert all(x.sharding == s for x, s in zip(jax.tree.leaves(params), want))
-  got, old = jax.device_get(params), source.saved['params']
+  got, old = jax.device_get(params), trainer_lib.model_params(source.saved)
+  assert 'ema' in source.saved and old is source.saved['ema']
   old_vocab, new_vocab = exp.encoder.vocabs['user_id'], new_exp.encoder.vocabs['user_id']
   new_rows = np.arange(1, new_vocab.size)
   old_rows = old_vocab.lookup(new_vocab.keys)

@@ -175,3 +175,45 @@ def test_train_py_prints_the_test_table_and_exports(tmp_path):
     assert key in r.stdout
   assert (tmp_path / 'metrics.json').exists()
   assert (tmp_path / 'export' / '1' / 'manifest.json').exists()
+
+
+def test_a_moving_average_leaves_training_alone_and_is_the_model_a_run_evaluates_and_exports(tmp_path, tiny_config):
+  """train.ema_decay: the trained parameters are bit for bit those of a run without it, step by step, beside their
+  moving average; and the average is the run's model: its metrics, its best checkpoint as runs.load (mtl_rec.export,
+  warm starts) reads it, not the trained parameters saved beside it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from mtl_rec import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from mtl_rec import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from mtl_rec import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  c, ce = tiny_config(train__epochs=2), tiny_config(train__epochs=2, train__ema_decay=0.8)
+  exp = experiment_lib.build(c)
+  plain = trainer_lib.make_trainer(c, exp.encoder.specs, exp.specs, 20)
+  avg = trainer_lib.make_trainer(ce, exp.encoder.specs, exp.specs, 20)
+  s0, s1 = plain.init_state, avg.init_state
+  expected = jax.tree.map(np.array, s0['params'])
+  for t, batch in zip(range(6), exp.stream.epoch(0)):
+    b = sharding_lib.global_batch(batch, plain.batch_sharding)
+    s0, _ = plain.train_step(s0, b)
+    s1, _ = avg.train_step(s1, b)
+    d = min(0.8, (t + 1) / (t + 2))
+    expected = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * np.asarray(p), expected, s0['params'])
+    jax.tree.map(np.testing.assert_array_equal, s1['params'], s0['params'])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s1['ema'], expected)
+
+  result = loop.train_and_evaluate(ce, str(tmp_path))
+  m = result.metrics
+  assert m['memory']['ema_bytes_per_device'] == m['memory']['params_bytes_per_device']
+  best = runs.load(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, best.network.params, result.run.network.params)
+  step_dir = tmp_path / 'checkpoints' / 'best' / str(m['best_step']) / 'state'
+  saved = ocp.PyTreeCheckpointer().restore(str(step_dir))  # Orbax keeps integer keys as strings: compare by path
+  by_path = lambda tree: {jax.tree_util.keystr(tuple(str(getattr(k, 'key', k)) for k in path)): np.asarray(x)
+                          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  loaded, ema, trained = by_path(best.network.params), by_path(saved['ema']), by_path(saved['params'])
+  assert loaded.keys() == ema.keys() == trained.keys()
+  assert all(np.array_equal(loaded[k], ema[k]) for k in loaded)
+  assert not all(np.array_equal(loaded[k], trained[k]) for k in loaded)
+  scorer = NetworkScorer([best.network], best.exp.encoder, ce.eval.batch_size)
+  again = evaluation.full_metrics(scorer, best.exp, 'valid')
+  assert again['rating_rmse'] == pytest.approx(m['valid']['rating_rmse'], rel=1e-6)

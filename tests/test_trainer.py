@@ -112,3 +112,20 @@ def test_combined_model_selection_weighs_every_task_and_the_ranking_alike():
   # one task's best epoch alone no longer decides: rating recovers a little, ranking falls back further
   assert not s.update(s.value(dict(first, rating_rmse=1.05, **{'recall@10': 0.1})), step=3, epoch=2)
   assert s.best_step == 2
+
+
+def test_ema_update_is_the_running_mean_then_an_exponential_average():
+  """train.ema_decay's average: the plain mean of every step's parameters (the initial ones included) while
+  (t + 1) / (t + 2) < decay, then each step weighed `decay` times the next; dtypes kept."""
+  rng = np.random.default_rng(0)
+  ps = [{'w': jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)} for _ in range(7)]
+  ema = ps[0]
+  for t in range(6):
+    ema = trainer_lib.ema_update(ema, ps[t + 1], jnp.asarray(t, jnp.int32), 0.75)
+    if t < 3:  # weights 1/2, 2/3, 3/4 on the old average: the mean of ps[0..t+1]
+      np.testing.assert_allclose(ema['w'], np.mean([p['w'] for p in ps[:t + 2]], axis=0), rtol=1e-5)
+  expected = np.mean([p['w'] for p in ps[:4]], axis=0)
+  for p in ps[4:]:  # from step 3 on, 0.75 (4/5 > 0.75)
+    expected = 0.75 * expected + 0.25 * np.asarray(p['w'])
+  np.testing.assert_allclose(ema['w'], expected, rtol=1e-5)
+  assert ema['w'].dtype == jnp.float32

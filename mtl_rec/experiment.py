@@ -37,6 +37,10 @@ from mtl_rec.input_pipeline import EvalSet, Examples, Labels, StreamedTrain, Tra
 if TYPE_CHECKING:  # imported when used: Grain is needed by data.reader='stream' only
   from mtl_rec.data import stream as stream_lib
 
+# What the streamed survey pass checks in every row, versioned: a survey cached by a version that checked less (or
+# other columns) is computed again. Raise it when the checks change.
+SURVEY_CHECKS = 'labels,timestamps,numeric-context/1'
+
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
@@ -262,11 +266,15 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
       readers.timestamps(cols[column], column, origins, 'interaction log')
     return cols
 
+  # The survey's cache is keyed by the checks too: a rerun that labels or reads another column, or a cache from a
+  # version that checked less, checks every row again.
+  survey_key = json.dumps([key, SURVEY_CHECKS, labels, numbers, ts_column,
+                           {n: t.to_dict() for n, t in config_lib.ordered(config.tasks)}], default=str)
   # the lead process reads the log first; the others then find its passes in a shared run directory
   survey = distributed.lead_first(lambda: stream_lib.survey(
       groups, list(dict.fromkeys([lc.user_column, lc.item_column, *split_columns, *labels, *numbers, *ts_column])),
       lambda cols, g: codes(valid_rows(checked(cols, g), g), g), [lc.user_column, lc.item_column],
-      os.path.join(inputs, 'survey.npz'), key), 'survey')
+      os.path.join(inputs, 'survey.npz'), survey_key), 'survey')
   totals = survey['group_counts'].sum(0)
   if not totals[splits_lib.TRAIN] or not totals[splits_lib.TEST]:
     raise DataError(f'the {d.split!r} split of the {groups.num_rows:,} log rows leaves {totals[0]} training and '

@@ -269,6 +269,28 @@ def test_a_bad_row_outside_the_samples_is_found_before_training_naming_the_users
   assert f"log.csv, row {bad + 1}, line {bad + 2}: column 'rating' holds 9" in str(e.value), str(e.value)
 
 
+def test_a_cached_survey_is_reused_only_for_the_same_checks(tiny_config, tmp_path):
+  """The survey pass checks every row's labels; its cache (W/input/survey.npz) is keyed by those checks too: a rerun
+  whose rating task allows a narrower range reads the log again and finds a row outside it that no sample holds,
+  before training (it reused the first run's survey, and the row stopped the run mid-epoch)."""
+  ds = to_dataset(synthetic.generate(num_users=120, num_items=80, interactions_per_user=25, latent_dim=4, seed=0))
+  bad = len(ds.log['rating']) - 7
+  ds.log['rating'] = np.asarray(ds.log['rating'], np.float64)
+  ds.log['rating'][bad] = 9.0
+  write_lib.write_dataset(ds, str(tmp_path / 'data'), 'parquet', row_group_size=500)
+  c = _files_config(tiny_config, tmp_path / 'data')
+  c.data.stream.update(fit_rows=100, eval_rows=20, row_group_size=500)  # the row is in no sample
+  c.tasks.rating.range = (1.0, 10.0)
+  experiment_lib.build(c, workdir=str(tmp_path / 'run'))
+  survey = tmp_path / 'run' / 'input' / 'survey.npz'
+  written = survey.stat().st_mtime_ns
+  experiment_lib.build(c, workdir=str(tmp_path / 'run'))  # the same checks: reused
+  assert survey.stat().st_mtime_ns == written
+  c.tasks.rating.range = (1.0, 5.0)
+  with pytest.raises(DataError, match=f"row {bad + 1}: column 'rating' holds 9"):
+    experiment_lib.build(c, workdir=str(tmp_path / 'run'))
+
+
 def test_stream_config_errors(tiny_config, files_dir, tmp_path):
   c = _files_config(tiny_config, files_dir, train__batch_size=257)  # 255 divides by 1 + 4 negatives, not by 8 groups
   with pytest.raises(DataError, match='multiple of') as e:

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mtl_rec import errors
 
@@ -147,7 +148,9 @@ def step_directory(workdir: str, step: int | None = None) -> str:
 
 
 def _saved_tree(step_dir: str) -> Any:
-  return ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, 'state')).item_metadata.tree
+  # the handler's metadata: the checkpointer's also looks for a step-level metadata file inside the item directory
+  # and logs a warning that it is not there
+  return ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / 'state').tree
 
 
 def _model_key(tree: Any) -> str:

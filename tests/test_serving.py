@@ -509,7 +509,7 @@ def test_requests_beyond_the_queue_limit_get_a_503_and_the_server_recovers(expor
                                           ('--host=no-such-host.invalid', 'cannot listen on --host=no-such-host'),
                                           ('--host=192.0.2.1', 'pass an address of this machine'),
                                           ('--port=BUSY', 'it is in use'),
-                                          ('--export_dir=serve.py', '--export_dir=serve.py is a file, not a directory')])
+                                          ('--export_dir=serve.py', 'serve.py is a file, not a directory')])
 def test_serve_py_flag_mistakes_are_one_error_line(flag, phrase):
   """A bad serving flag (a port out of range used to be an OverflowError traceback from bind) stops serve.py with
   one `error:` line, before it loads anything."""

@@ -476,7 +476,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise _err(f'optimizer.{field}', c.optimizer[field], 'must be >= 0')
 
   tables_name, by_feature = table_optimizers(c)
-  if tables_name != 'dense' or set(by_feature.values()) - {'dense'}:
+  row_wise = tables_name != 'dense' or bool(set(by_feature.values()) - {'dense'})  # some table updated row-wise
+  if row_wise:
     if not c.train.grad_groups:
       raise _err('optimizer.tables.name', tables_name, 'the row-wise optimizers need train.grad_groups > 0 (the '
                  'fixed-order gradient gives them one gradient per looked-up row); set --config.train.grad_groups=8')
@@ -501,7 +502,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                f'least train.epochs: a schedule that ends before training would train at learning rate 0')
   if not 0 <= c.train.ema_decay < 1:
     raise _err('train.ema_decay', c.train.ema_decay, 'must be in [0, 1), e.g. 0.997 (0 = no averaging)')
-  if c.train.ema_decay and (tables_name != 'dense' or set(by_feature.values()) - {'dense'}):
+  if c.train.ema_decay and row_wise:
     raise _err('train.ema_decay', c.train.ema_decay, 'averaging updates every row of every table each step, which '
                'the row-wise table optimizers exist to avoid: set train.ema_decay=0 or optimizer.tables.name=dense')
   if c.train.patience < 0:

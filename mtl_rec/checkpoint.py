@@ -80,13 +80,13 @@ class Checkpointer:
     step = mngr.latest_step() if step is None else step
     if step is None:
       return None
-    try:
-      out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target)),
-                                                       meta=ocp.args.JsonRestore()))
-    except ValueError as e:  # orbax: the saved tree does not fit the target (features, tasks or model changed)
+    misfits = _misfits(_saved_tree(os.path.join(str(mngr.directory), str(step))), target)
+    if misfits:  # found from the metadata, before orbax reads (and fails on) any array
       raise errors.Error(f'the checkpoint at step {step} under {mngr.directory} does not fit this config\'s model '
-                         f'({str(e)[:300]}); the features, tasks or model changed since it was written: train in a '
-                         'new --workdir, or with the config that run was trained with') from e
+                         f'({"; ".join(misfits)}): the features, tasks or model changed since it was written: train '
+                         'in a new --workdir, or with the config that run was trained with')
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target)),
+                                                     meta=ocp.args.JsonRestore()))
     return out.state, out.meta
 
   def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -151,6 +151,25 @@ def _saved_tree(step_dir: str) -> Any:
   # the handler's metadata: the checkpointer's also looks for a step-level metadata file inside the item directory
   # and logs a warning that it is not there
   return ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / 'state').tree
+
+
+def _misfits(saved: Any, target: Any, limit: int = 3) -> list[str]:
+  """Up to `limit` sentences on how the saved tree (metadata) and `target` differ in structure or shapes; [] if they
+  fit. A moving average saved or expected alone is named by its config field."""
+  # orbax's metadata spells a named tuple's field and a list's index as dict keys: compare the names alone
+  name = lambda k: str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+  flat = lambda tree: {'/'.join(map(name, path)): tuple(leaf.shape)
+                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = flat(saved), flat(target)
+  if ('ema' in saved) != ('ema' in target):
+    return [f'the checkpoint {"holds" if "ema" in saved else "lacks"} the moving average of the parameters ("ema") '
+            f'that this config {"does not keep" if "ema" in saved else "keeps"}: set train.ema_decay as that run did']
+  order = lambda keys: sorted(keys, key=lambda k: not k.startswith('params/'))  # the parameters before their moments
+  misfits = [f'{k} is {have[k]} in the checkpoint, {want[k]} in this model'
+             for k in order(want) if k in have and have[k] != want[k]]
+  misfits += [f'{k} is not in the checkpoint' for k in order(want) if k not in have]
+  misfits += [f'{k} is in the checkpoint, not in this model' for k in order(have) if k not in want]
+  return misfits[:limit] + ([f'{len(misfits) - limit} more'] if len(misfits) > limit else [])
 
 
 def _model_key(tree: Any) -> str:

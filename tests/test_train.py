@@ -141,8 +141,13 @@ def test_a_rerun_that_does_not_fit_the_checkpoint_leaves_the_finished_run_as_it_
   described = ['config.json', 'features.json', 'vocab.npz', 'splits/train.csv', 'splits/test.csv']
   before = {name: (tmp_path / name).read_bytes() for name in described}
   wider = tiny_config(model__embed_dim=2 * c.model.embed_dim)
-  with pytest.raises(ValueError, match='does not fit this config'):
+  with pytest.raises(ValueError, match='does not fit this config') as e:
     loop.train_and_evaluate(wider, str(tmp_path))
+  # the message names a table whose shape changed, both shapes, found before any array is read
+  assert f", {c.model.embed_dim}) in the checkpoint, " in str(e.value)
+  assert f", {2 * c.model.embed_dim}) in this model" in str(e.value)
+  with pytest.raises(ValueError, match='moving average.*set train.ema_decay as that run did'):
+    loop.train_and_evaluate(tiny_config(train__ema_decay=0.9), str(tmp_path))  # trained without one
   assert {name: (tmp_path / name).read_bytes() for name in described} == before
   assert runs.load(str(tmp_path)).config.model.embed_dim == c.model.embed_dim  # loads with its own config
 

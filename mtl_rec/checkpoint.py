@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mtl_rec import errors
+from mtl_rec import errors, trees
 
 
 def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -156,10 +156,8 @@ def _saved_tree(step_dir: str) -> Any:
 def _misfits(saved: Any, target: Any, limit: int = 3) -> list[str]:
   """Up to `limit` sentences on how the saved tree (metadata) and `target` differ in structure or shapes; [] if they
   fit. A moving average saved or expected alone is named by its config field."""
-  # orbax's metadata spells a named tuple's field and a list's index as dict keys: compare the names alone
-  name = lambda k: str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
-  flat = lambda tree: {'/'.join(map(name, path)): tuple(leaf.shape)
-                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  # orbax's metadata spells a named tuple's field and a list's index as dict keys: paths compare as strings
+  flat = lambda tree: {'/'.join(path): tuple(leaf.shape) for path, leaf in trees.leaves_by_path(tree).items()}
   have, want = flat(saved), flat(target)
   if ('ema' in saved) != ('ema' in target):
     return [f'the checkpoint {"holds" if "ema" in saved else "lacks"} the moving average of the parameters ("ema") '

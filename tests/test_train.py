@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from mtl_rec import evaluation, export, files, loop, runs
+from mtl_rec import evaluation, export, files, loop, runs, trees
 from mtl_rec.scoring import NetworkScorer
 
 pytestmark = pytest.mark.slow
@@ -216,8 +216,7 @@ def test_a_moving_average_leaves_training_alone_and_is_the_model_a_run_evaluates
   with warnings.catch_warnings():  # orbax: no target shardings given, it reads them from the files (as we want)
     warnings.simplefilter('ignore', UserWarning)
     saved = ocp.PyTreeCheckpointer().restore(str(step_dir))  # integer keys come back as strings: compare by path
-  by_path = lambda tree: {jax.tree_util.keystr(tuple(str(getattr(k, 'key', k)) for k in path)): np.asarray(x)
-                          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  by_path = lambda tree: {path: np.asarray(x) for path, x in trees.leaves_by_path(tree).items()}
   loaded, ema, trained = by_path(best.network.params), by_path(saved['ema']), by_path(saved['params'])
   assert loaded.keys() == ema.keys() == trained.keys()
   assert all(np.array_equal(loaded[k], ema[k]) for k in loaded)

@@ -377,6 +377,14 @@ def test_405_names_the_allowed_methods_and_v2_slash_is_server_metadata(server):
   status, out, hdrs = http(url, '/v2/health/live', b'{}', method='POST')
   assert status == 405 and 'GET' in hdrs.get('Allow', '').split(', ')
   assert http(url, '/v2/')[1] == http(url, '/v2')[1]
+  # counted under the endpoint the method missed (its route template), not with the paths that match nothing
+  status, out, _ = http(url, '/v2/models/some_model/ready', b'{}', method='POST')
+  assert status == 405
+  m = _metrics(url)
+  assert m['mtl_rec_requests_total{endpoint="/v1/score",code="405"}'] >= 1
+  assert m['mtl_rec_request_errors_total{endpoint="/v2/health/live",code="405"}'] >= 1
+  assert m['mtl_rec_requests_total{endpoint="/v2/models/{name}/ready",code="405"}'] >= 1
+  assert not any('unmatched' in k and 'code="405"' in k for k in m)
 
 
 def test_a_client_hanging_up_mid_body_is_a_client_error_not_a_server_one(server, model):
@@ -454,9 +462,10 @@ def _metrics(url):
   return out
 
 
-def test_metrics_report_requests_errors_latency_and_batches(server):
+def test_metrics_report_requests_errors_latency_and_batches(server, model):
   url, _ = server
   http(url, '/v1/score', b'not json')
+  assert http(url, '/v1/score', {'user': {'user_id': known_user(model)}, 'items': item_ids(model, 2)})[0] == 200
   m = _metrics(url)
   assert m['mtl_rec_requests_total{endpoint="/v1/score",code="400"}'] >= 1
   assert m['mtl_rec_request_errors_total{endpoint="/v1/score",code="400"}'] >= 1

@@ -70,6 +70,16 @@ def _error(status: int, message: str) -> web.Response:
   return _json({'error': message}, status)
 
 
+async def _route_template(request: web.Request) -> str:
+  """The route template of the request's path whatever its method (a 405 is counted under the endpoint it
+  missed, not with paths that match nothing), else 'unmatched'."""
+  for resource in request.app.router.resources():
+    _, allowed = await resource.resolve(request)
+    if allowed:
+      return resource.canonical
+  return 'unmatched'
+
+
 class Server:
   """The application state: the model, the two batchers and the metrics."""
 
@@ -255,6 +265,7 @@ class Server:
     except web.HTTPRequestEntityTooLarge:
       response = _error(413, f'the body is larger than the limit of {self.options.max_body_bytes} bytes')
     except web.HTTPMethodNotAllowed as e:
+      endpoint = await _route_template(request)
       allowed = ', '.join(sorted(e.allowed_methods))
       response = _error(405, f'{request.method} is not allowed on {request.path}; use {allowed}')
       response.headers['Allow'] = allowed  # RFC 9110: a 405 names the methods the resource takes

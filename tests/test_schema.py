@@ -270,6 +270,12 @@ def test_the_worked_example_trains_exports_and_serves_its_own_tasks(tmp_path, im
                          ({'user': {'user_id': 'u1', 'age': 'young'}, 'items': items}, 'user.age')]:
       status, out, _ = http(url, '/v1/score', body)
       assert status == 400 and phrase in out['error'], (body, out)
+    # a float input given an integer no float holds: a 400 (math.isfinite overflowed into a 500)
+    tensor = lambda name, datatype, data: {'name': name, 'datatype': datatype, 'shape': [len(data)], 'data': data}
+    status, out, _ = http(url, '/v2/models/shop/infer', {'inputs': [
+        tensor('user_id', 'BYTES', ['u0007']), tensor('item_id', 'BYTES', items[:1]),
+        tensor('device', 'BYTES', ['web']), tensor('hour', 'FP64', [10**400])]})
+    assert status == 400 and 'FP64 data must be finite numbers' in out['error'], out
   finally:
     stop_server(proc, log_path)
 

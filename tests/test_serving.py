@@ -299,6 +299,10 @@ BAD_REQUESTS = [
      'user.user_id is an integer beyond 64 bits'),
     ('item id beyond 64 bits', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': ['1', 2**64]}, None, 400,
      'items[1] is an integer beyond 64 bits'),
+    ('integer item ids, one beyond 64 bits', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': [1, 2**64]},
+     None, 400, 'items[1] is an integer beyond 64 bits'),
+    ('integer item ids, one below -2**63', 'POST', '/v1/score', {'user': {'user_id': '1'}, 'items': [-2**63 - 1]},
+     None, 400, 'items[0] is an integer beyond 64 bits'),
     ('recommend user_id beyond 64 bits', 'POST', '/v1/recommend', {'user_id': -2**63 - 1}, None, 400,
      'beyond 64 bits'),
     ('recommend new item given twice', 'POST', '/v1/recommend',
@@ -318,16 +322,20 @@ BAD_REQUESTS = [
      "output 'score': unknown field 'shape'"),
     ('v2 unclaimed binary bytes', 'POST', '/v2/models/{model}/infer', 'BINARY_EXTRA', None, 400,
      'not claimed'),
+    ('v2 binary data without its header', 'POST', '/v2/models/{model}/infer', 'BINARY_NO_HEADER', None, 400,
+     'needs the Inference-Header-Content-Length header'),
 ]
 
 
 def _binary_body(kind):
-  """A binary-extension request whose sizes are wrong: (body, headers)."""
+  """A binary-extension request whose sizes are wrong, or without its header: (body, headers)."""
   ids = np.asarray([1, 2], '<i8').tobytes()
   size = len(ids) + (8 if kind == 'BINARY_OVERRUN' else 0)
   header = json.dumps(_infer([GOOD_USER, {'name': 'item_id', 'datatype': 'INT64', 'shape': [2],
                                           'parameters': {'binary_data_size': size}}])).encode()
   extra = b'\0' * 8 if kind == 'BINARY_EXTRA' else b''
+  if kind == 'BINARY_NO_HEADER':
+    return header + ids, {}
   return header + ids + extra, {'Inference-Header-Content-Length': str(len(header))}
 
 
@@ -337,7 +345,7 @@ def test_at_least_30_kinds_of_bad_input_get_a_4xx_and_the_server_keeps_serving(s
   failures = []
   for name, method, path, body, headers, want, phrase in BAD_REQUESTS:
     path = path.replace('{model}', model.name)
-    if body in ('BINARY_OVERRUN', 'BINARY_EXTRA'):
+    if body in ('BINARY_OVERRUN', 'BINARY_EXTRA', 'BINARY_NO_HEADER'):
       body, headers = _binary_body(body)
     status, out, hdrs = http(url, path, body, method=method, headers=headers)
     if (status != want or not isinstance(out, dict) or phrase not in out.get('error', '')

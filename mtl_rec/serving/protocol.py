@@ -26,7 +26,7 @@ import orjson
 
 from mtl_rec import encoding
 from mtl_rec.serving.loader import MAX_ID_CHARS, ExportedModel
-from mtl_rec.serving.validation import BadRequest, parse_json, parse_weights
+from mtl_rec.serving.validation import BadRequest, is_finite, parse_json, parse_weights
 
 INPUT_DATATYPES = {'BYTES': None, 'INT64': '<i8', 'INT32': '<i4', 'FP32': '<f4', 'FP64': '<f8'}
 ID_INPUTS = ('user_id', 'item_id')
@@ -171,7 +171,7 @@ def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int,
         raise BadRequest(f'{where}: BYTES data must be strings, got {bad!r}')
     elif datatype.startswith('FP'):
       for x in values:
-        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+        if not is_finite(x):  # a number (not a bool) finite as a float: a 400-digit integer is not
           raise BadRequest(f'{where}: {datatype} data must be finite numbers, got {x!r}')
     else:
       lo, hi = (-(2**63), 2**63) if datatype == 'INT64' else (-(2**31), 2**31)
@@ -200,7 +200,13 @@ def parse_infer(body: bytes, header_length: str | None, model: ExportedModel, ma
       raise BadRequest(f'{HEADER_LENGTH}={length} is outside the body (length {len(body)})')
     binary = memoryview(body)[length:]
     body = body[:length]
-  req = parse_json(body)
+  try:
+    req = parse_json(body)
+  except BadRequest as e:
+    if header_length is None and b'"binary_data_size"' in body:  # raw tensor bytes after the JSON: say why
+      raise BadRequest(f'{e.message}: a body with binary tensor data needs the {HEADER_LENGTH} header (the length '
+                       'of its JSON part)') from None
+    raise
   if not isinstance(req, dict):
     raise BadRequest('the inference request must be a JSON object with "inputs"')
   unknown = sorted(set(req) - {'id', 'parameters', 'inputs', 'outputs'})

@@ -76,7 +76,7 @@ def _is_number(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _is_finite(x: Any) -> bool:
+def is_finite(x: Any) -> bool:
   """A JSON number that is finite as a float (a 400-digit integer is not: float() overflows)."""
   try:
     return _is_number(x) and math.isfinite(x)
@@ -132,7 +132,7 @@ def parse_weights(value: Any, model: ExportedModel, where: str = 'weights') -> n
   for task, x in value.items():
     if task not in model.task_names:
       raise BadRequest(f'{where} names unknown task {task!r}; tasks: {", ".join(model.task_names)}')
-    if not _is_finite(x):
+    if not is_finite(x):
       raise BadRequest(f'{where}.{task} must be a finite number, got {x!r}')
     if abs(x) > 1e6:
       raise BadRequest(f'{where}.{task}={x!r} is out of range; use |weight| <= 1e6')
@@ -158,14 +158,14 @@ def parse_fields(values: dict[str, Any], fields: dict[str, tuple[str, Any]], whe
         raise BadRequest(f'{where}.{name} must be an integer, got {value!r}')
       out[name] = value
     elif raw_type == 'float':
-      if not _is_finite(value):
+      if not is_finite(value):
         raise BadRequest(f'{where}.{name} must be a finite number, got {value!r}')
       out[name] = value
     elif raw_type == 'id':
       out[name] = check_id(value, f'{where}.{name}')
     elif raw_type == 'list[float]':  # a vector feature: exactly its declared length
       dim = fields[name][1]['dim']
-      if not isinstance(value, list) or not all(_is_finite(v) for v in value):
+      if not isinstance(value, list) or not all(is_finite(v) for v in value):
         raise BadRequest(f'{where}.{name} must be an array of {dim} finite numbers, got {_type_name(value)}')
       if len(value) != dim:
         raise BadRequest(f"{where}.{name} has {len(value)} numbers; this model's {name} vectors have {dim}")
@@ -271,7 +271,8 @@ def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest
   objects = {j: parse_item(x, model, f'items[{j}]') for j, x in enumerate(items) if isinstance(x, dict)}
   # Fast path for well-formed lists; the per-item check finds and names the first bad entry otherwise.
   if objects or not (all(type(x) is str for x in items) and 0 < min(map(len, items)) and
-                     max(map(len, items)) <= MAX_ID_CHARS or all(type(x) is int for x in items)):
+                     max(map(len, items)) <= MAX_ID_CHARS or
+                     all(type(x) is int for x in items) and -(2**63) <= min(items) and max(items) < 2**63):
     items = [objects[j][0] if j in objects else check_id(x, f'items[{j}]') for j, x in enumerate(items)]
   weights = parse_weights(body.get('weights'), model)
   context, context_unknown = parse_context(body.get('context'), model)

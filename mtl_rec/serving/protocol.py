@@ -221,6 +221,10 @@ def parse_infer(body: bytes, header_length: str | None, model: ExportedModel, ma
   for key, value in params.items():
     if not isinstance(value, (str, int, float, bool)):
       raise BadRequest(f'parameter {key!r} must be a string, number or boolean')
+    # Other parameters (tritonclient's, a gateway's) pass; a misspelt weight would silently score with the defaults.
+    if key.lower().startswith('fusion') and not key.startswith(WEIGHT_PARAM_PREFIX):
+      raise BadRequest(f'unknown parameter {key!r}: a task\'s fusion weight is {WEIGHT_PARAM_PREFIX}<task>, '
+                       f'tasks {", ".join(model.task_names)}')
   weights = parse_weights({k[len(WEIGHT_PARAM_PREFIX):]: v for k, v in params.items()
                            if k.startswith(WEIGHT_PARAM_PREFIX)}, model, 'parameters.fusion_weight_<task>')
   binary_default = params.get('binary_data_output', False)

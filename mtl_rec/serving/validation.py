@@ -33,6 +33,16 @@ def _reject_constant(name: str) -> Any:
   raise ValueError(f'{name} is not valid JSON (use a finite number)')
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  """A JSON object whose keys are distinct (the standard parser would keep the last of two silently)."""
+  obj = dict(pairs)
+  if len(obj) != len(pairs):
+    seen = set()
+    key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    raise ValueError(f'the key {key[:40]!r} appears twice in one object')
+  return obj
+
+
 def _finite_float(text: str) -> float:
   value = float(text)
   if not math.isfinite(value):
@@ -54,7 +64,7 @@ def parse_json(body: bytes) -> Any:
   if not body:
     raise BadRequest('empty body: send a JSON object')
   try:
-    obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
   except RecursionError:
     raise BadRequest('invalid JSON: nested too deeply') from None
   except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the constants above are ValueErrors

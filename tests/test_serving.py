@@ -383,6 +383,15 @@ def test_integer_ids_match_only_as_plain_decimal_strings(server, model):
   assert cold['user_cold_start'] == [False, True] and cold['item_cold_start'] == [False, True]
 
 
+def test_string_ids_match_exactly_trailing_nul_included():
+  """numpy strings drop trailing NULs, so 'b\\0' looked up as 'b': an id the table does not hold, scored as a
+  known item. Both lookup paths (vectorized and scalar) must call it unknown."""
+  from mtl_rec.serving.loader import IdIndex  # pylint: disable=g-import-not-at-top
+  index = IdIndex(np.array(['a', 'b', 'c']))
+  assert index.lookup(['b', 'b\0', 'c\0\0', 'a\0b', 'a']).tolist() == [1, -1, -1, -1, 0]
+  assert [index.position(x) for x in ('b', 'b\0')] == [1, -1]
+
+
 def test_405_names_the_allowed_methods_and_v2_slash_is_server_metadata(server):
   url, _ = server
   status, out, hdrs = http(url, '/v1/score', method='DELETE')

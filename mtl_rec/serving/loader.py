@@ -94,8 +94,9 @@ class IdIndex:
     """(values, parseable): request ids (str or int) in the index's dtype. In an integer index a string matches
     only as plain ASCII decimal digits (`_as_int`): '1_0', ' 10', '+10' or '１０' are other ids, not 10."""
     n = len(raw)
-    if not self.is_int:
-      return np.asarray([str(x) for x in raw], dtype=np.str_), np.ones(n, bool)
+    if not self.is_int:  # numpy strings drop trailing NULs: 'a\0' would match 'a'
+      strs = [str(x) for x in raw]
+      return np.asarray(strs, dtype=np.str_), np.fromiter((not x.endswith('\0') for x in strs), bool, n)
     if isinstance(raw, np.ndarray) and raw.dtype.kind == 'i':
       return raw.astype(np.int64), np.ones(n, bool)
     if all(type(x) is int for x in raw) or (all(type(x) is str for x in raw) and

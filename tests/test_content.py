@@ -204,10 +204,13 @@ def test_cold_items_are_served_from_their_content(content_run, tmp_path, import_
   log_path = tmp_path / 'server.log'
   url, proc = start_server(path, log_path, import_blocker)
   try:
-    body = {'user': {'user_id': user_id}, 'items': [{'item_id': 'new-1', **content}, str(cold[0]), warm_id]}
+    body = {'user': {'user_id': user_id}, 'items': [{'item_id': 'new-1', **content}, str(cold[0]), warm_id,
+                                                    {'item_id': warm_id}]}
     status, out, _ = http(url, '/v1/score', body)
     assert status == 200, out
-    new, catalog_cold, warm = out['items']
+    new, catalog_cold, warm, warm_object = out['items']
+    # an object without content fields is the catalog's item, scored from the catalog's features
+    assert 'features' not in warm_object and warm_object['score'] == pytest.approx(warm['score'], abs=1e-6)
     assert new['item_id'] == 'new-1' and new['cold_start'] is True and new['features'] == 'request'
     assert catalog_cold['cold_start'] is True and 'features' not in catalog_cold
     assert warm['cold_start'] is False

@@ -257,7 +257,7 @@ class ScoreRequest:
   item_cold: np.ndarray
   work: ScoreWork
   unknown: list[str]  # fields of the user, the context and given items whose values the model does not know
-  from_request: list[bool]  # per item: scored from content features the request gave
+  from_request: list[bool]  # per item: scored from content features the request gave (an object with fields)
 
 
 def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest:
@@ -301,7 +301,7 @@ def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest
         item_feats[k][j] = v
       unknown += [f'items[{j}].{f}' for f in fields_unknown]
   return ScoreRequest(user, items, model.items_cold(pos), ScoreWork(feats, pos, weights, ctx, item_feats), unknown,
-                      [j in objects for j in range(n)])
+                      [j in objects and bool(objects[j][1]) for j in range(n)])
 
 
 def parse_item(value: dict[str, Any], model: ExportedModel, where: str) -> tuple[Any, dict[str, Any]]:

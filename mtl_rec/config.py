@@ -127,6 +127,8 @@ def task(kind: str, label: str, rows: str = '', **overrides: Any) -> ml_collecti
   t.fusion_weight = 0.0  # default weight in the fused ranking score
   t.temperature = 0.05  # retrieval: the softmax temperature of the towers' cosine similarity
   t.dim = 0  # retrieval: the width of the towers' output (the query and item vectors); 0 = model.embed_dim
+  # retrieval: the towers' hidden widths, e.g. (128,); () = a linear map of the embeddings; None = model.hidden_dims
+  t.tower = config_dict.placeholder(tuple)
   t.logq = True  # retrieval: subtract log q(item), the item's share of the training rows (sampling-bias correction)
   # retrieval: the softmax's candidates. 'in_batch': the items of the gradient group's observed rows; 'mixed' (mixed
   # negative sampling, Yang et al. 2020): those and the items of its sampled-negative rows (sampling.num_negatives
@@ -653,6 +655,9 @@ def _validate_tasks(c: ml_collections.ConfigDict) -> None:
         raise _err(f'{where}.negatives', t.negatives, f'use one of {", ".join(RETRIEVAL_NEGATIVES)}')
       if t.dim < 0:
         raise _err(f'{where}.dim', t.dim, 'must be >= 0 (0: the embedding width, model.embed_dim)')
+      if t.tower is not None and not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in t.tower):
+        raise _err(f'{where}.tower', t.tower, 'give positive integer widths, e.g. (128,); () for a linear map, '
+                   'None for model.hidden_dims')
       first = next(u for _, u in ordered(c.tasks) if u.kind == 'retrieval')
       if t.negatives != first.negatives:
         raise _err(f'{where}.negatives', t.negatives, f"every retrieval task takes the same candidates (batches "

@@ -244,7 +244,8 @@ class MultiTaskModel(nnx.Module):
                            for t in tasks})
     num_item = sum(s.entity == 'item' for s in specs)
     self.towers = nnx.data({t.name: Towers(embed_dim * (num_feats - num_item), embed_dim * num_item,
-                                           tuple(mc.hidden_dims), t.dim or embed_dim, mc.dropout, rngs)
+                                           tuple(mc.hidden_dims) if t.tower is None else t.tower,
+                                           t.dim or embed_dim, mc.dropout, rngs)
                               for t in retrieval})
     self.kinds = {t.name: t.kind for t in tasks}
     # Wide part: a per-task scalar bias for every user and item id (the b_u + b_i of biased MF), added to binary

@@ -39,6 +39,7 @@ class TaskSpec:
   temperature: float = 0.05  # retrieval: softmax temperature of the towers' cosine similarity
   logq: bool = True  # retrieval: subtract log q(item) in the in-batch softmax
   dim: int = 0  # retrieval: the towers' output width; 0 = the embedding width
+  tower: tuple[int, ...] | None = None  # retrieval: the towers' hidden widths; None = the backbone's (model.hidden_dims)
   negatives: str = 'in_batch'  # retrieval: 'in_batch' (observed rows' items) or 'mixed' (and the sampled negatives')
 
   @property
@@ -145,7 +146,8 @@ def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn]
     spec = TaskSpec(name, t.kind, t.label, float(t.weight), float(t.fusion_weight), rows=t.rows,
                     threshold=None if t.threshold is None else float(t.threshold), values=tuple(t.classes),
                     temperature=float(t.temperature), logq=bool(t.logq),
-                    negatives=str(t.negatives), dim=int(t.dim))
+                    negatives=str(t.negatives), dim=int(t.dim),
+                    tower=None if t.tower is None else tuple(int(w) for w in t.tower))
     col = labels[name]
     if t.kind == 'regression':
       train = col.values[train_rows][col.present[train_rows]]

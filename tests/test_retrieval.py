@@ -94,10 +94,34 @@ def test_a_retrieval_task_must_learn_from_observed_pairs(tiny_config):
   c.tasks.retrieval = config_lib.task('retrieval', 'observed', dim=-1)
   with pytest.raises(ValueError, match=r'tasks.retrieval.dim=-1 is invalid: must be >= 0'):
     config_lib.validate(c)
+  for tower in [(0,), (16, -2), (8.5,), (True,)]:
+    c.tasks.retrieval = config_lib.task('retrieval', 'observed', tower=tower)
+    with pytest.raises(ValueError, match=r'tasks.retrieval.tower=.* is invalid: give positive integer widths'):
+      config_lib.validate(c)
   c.tasks.retrieval = config_lib.task('retrieval', 'observed', negatives='mixed')
   c.tasks.second = config_lib.task('retrieval', 'observed')
   with pytest.raises(ValueError, match="tasks.second.negatives.*'mixed' like the first"):
     config_lib.validate(c)
+
+
+def test_the_towers_take_the_tasks_widths_else_the_backbones(tiny_config):
+  """task(..., tower=) sets the retrieval towers' hidden widths (() = a linear map of the embeddings); unset, they
+  are model.hidden_dims. The towers still end in the task's output width."""
+  from mtl_rec import experiment as experiment_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  with c.unlocked():
+    c.tasks.wide = config_lib.task('retrieval', 'observed', dim=RETRIEVAL_DIM)
+    c.tasks.narrow = config_lib.task('retrieval', 'observed', tower=(24,))
+    c.tasks.linear = config_lib.task('retrieval', 'observed', tower=())
+  exp = experiment_lib.build(c)
+  towers = model_lib.build(c, exp.encoder.specs, exp.specs).towers
+  widths = lambda mlp: [layer.kernel.shape[1] for layer in mlp.layers]
+  assert widths(towers['wide'].user) == widths(towers['wide'].item) == list(c.model.hidden_dims)
+  assert widths(towers['narrow'].user) == widths(towers['narrow'].item) == [24]
+  assert widths(towers['linear'].user) == widths(towers['linear'].item) == []
+  assert towers['wide'].user_out.kernel.shape[1] == RETRIEVAL_DIM
+  assert towers['linear'].user_out.kernel.shape[1] == towers['narrow'].item_out.kernel.shape[1] == c.model.embed_dim
+  assert towers['narrow'].user_out.kernel.shape[0] == 24
 
 
 @pytest.fixture(scope='module')

@@ -392,6 +392,24 @@ def test_string_ids_match_exactly_trailing_nul_included():
   assert [index.position(x) for x in ('b', 'b\0')] == [1, -1]
 
 
+def test_a_text_context_input_takes_as_long_a_string_over_v2_as_over_v1():
+  """A text context feature (a search query) takes up to MAX_TEXT_CHARS on /v1/score; the /v2 BYTES input was
+  capped at the ids' MAX_ID_CHARS. Ids keep their cap."""
+  from mtl_rec.serving import protocol  # pylint: disable=g-import-not-at-top
+  from mtl_rec.serving.loader import MAX_ID_CHARS  # pylint: disable=g-import-not-at-top
+  from mtl_rec.serving.validation import MAX_TEXT_CHARS, BadRequest  # pylint: disable=g-import-not-at-top
+  raw_types, max_chars = {'user_id': 'id', 'item_id': 'id', 'query': 'str'}, {'query': MAX_TEXT_CHARS}
+  tensor = lambda name, text: {'name': name, 'datatype': 'BYTES', 'shape': [1], 'data': [text]}
+  parse_input = protocol._parse_input  # pylint: disable=protected-access
+  parse = lambda t: parse_input(t, memoryview(b''), 0, 8, raw_types, max_chars)
+  query = 'cheap flights ' * (MAX_ID_CHARS // 10)
+  assert MAX_ID_CHARS < len(query) <= MAX_TEXT_CHARS and parse(tensor('query', query))[1] == [query]
+  with pytest.raises(BadRequest, match=f"input 'query': values are 0 to {MAX_TEXT_CHARS} characters"):
+    parse(tensor('query', 'x' * (MAX_TEXT_CHARS + 1)))
+  with pytest.raises(BadRequest, match=f"input 'user_id': values are 1 to {MAX_ID_CHARS} characters"):
+    parse(tensor('user_id', query))
+
+
 def test_405_names_the_allowed_methods_and_v2_slash_is_server_metadata(server):
   url, _ = server
   status, out, hdrs = http(url, '/v1/score', method='DELETE')

@@ -26,7 +26,7 @@ import orjson
 
 from mtl_rec import encoding
 from mtl_rec.serving.loader import MAX_ID_CHARS, ExportedModel
-from mtl_rec.serving.validation import BadRequest, is_finite, parse_json, parse_weights
+from mtl_rec.serving.validation import MAX_TEXT_CHARS, BadRequest, is_finite, parse_json, parse_weights
 
 INPUT_DATATYPES = {'BYTES': None, 'INT64': '<i8', 'INT32': '<i4', 'FP32': '<f4', 'FP64': '<f8'}
 ID_INPUTS = ('user_id', 'item_id')
@@ -109,10 +109,10 @@ def _decode_bytes_tensor(buf: bytes, n: int, where: str) -> list[str]:
   return out
 
 
-def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int,
-                 raw_types: dict[str, str]) -> tuple[str, list[Any], list[int], int]:
+def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int, raw_types: dict[str, str],
+                 max_chars: dict[str, int] | None = None) -> tuple[str, list[Any], list[int], int]:
   """One input tensor -> (name, flat values, shape, new binary offset); `raw_types` names the inputs and the raw
-  type each one's encoding reads."""
+  type each one's encoding reads; `max_chars` the longest string each takes (default MAX_ID_CHARS)."""
   if not isinstance(t, dict):
     raise BadRequest(f'each entry of inputs must be an object, got {type(t).__name__}')
   name = t.get('name')
@@ -181,10 +181,11 @@ def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int,
   if datatype.startswith('FP') and not all(math.isfinite(x) for x in values):
     raise BadRequest(f'{where}: {datatype} data must be finite numbers')
   if datatype == 'BYTES':
+    limit = (max_chars or {}).get(name, MAX_ID_CHARS)
     for x in values:
-      if (name in ID_INPUTS and not x) or len(x) > MAX_ID_CHARS:
-        raise BadRequest(f'{where}: values are {1 if name in ID_INPUTS else 0} to {MAX_ID_CHARS} characters, got '
-                         f'{x[:40]!r}')
+      if (name in ID_INPUTS and not x) or len(x) > limit:
+        raise BadRequest(f'{where}: values are {1 if name in ID_INPUTS else 0} to {limit} characters, got '
+                         f'{x[:40]!r}{f" ({len(x)} characters)" if len(x) > limit else ""}')
   return name, values, shape, offset
 
 
@@ -237,8 +238,10 @@ def parse_infer(body: bytes, header_length: str | None, model: ExportedModel, ma
   got: dict[str, tuple[list[Any], list[int]]] = {}
   offset = 0
   raw_types = {'user_id': 'id', 'item_id': 'id', **{f: r['raw_type'] for f, (_, r) in model.context_fields.items()}}
+  # a text context input (a search query) takes as much as /v1 takes: MAX_TEXT_CHARS
+  max_chars = {f: MAX_TEXT_CHARS for f, (_, r) in model.context_fields.items() if r['kind'] == 'text'}
   for t in inputs:
-    name, values, shape, offset = _parse_input(t, binary, offset, max_rows, raw_types)
+    name, values, shape, offset = _parse_input(t, binary, offset, max_rows, raw_types, max_chars)
     if name in got:
       raise BadRequest(f'input {name!r} is given twice')
     got[name] = (values, shape)

@@ -39,7 +39,7 @@ class TaskSpec:
   temperature: float = 0.05  # retrieval: softmax temperature of the towers' cosine similarity
   logq: bool = True  # retrieval: subtract log q(item) in the in-batch softmax
   dim: int = 0  # retrieval: the towers' output width; 0 = the embedding width
-  tower: tuple[int, ...] | None = None  # retrieval: the towers' hidden widths; None = the backbone's (model.hidden_dims)
+  tower: tuple[int, ...] | None = None  # retrieval: the towers' hidden widths; None = model.hidden_dims
   negatives: str = 'in_batch'  # retrieval: 'in_batch' (observed rows' items) or 'mixed' (and the sampled negatives')
 
   @property

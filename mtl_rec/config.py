@@ -69,7 +69,9 @@ def feature(entity: str, column: str = '', kind: str = 'categorical', **override
   # the other entity this one interacted with in the training split, most recent first, pooled through the table
   # of the id feature `of`, leaving out the example's own; SVD++'s implicit feedback, Koren 2008)
   f.kind = kind
-  f.dtype = ''  # read the CSV column as 'str', 'int' or 'float'; '' = inferred (e.g. 'str' keeps zip '01234')
+  # read the CSV column as 'str', 'int' or 'float'; '' = inferred (e.g. 'str' keeps zip '01234'; on an id feature,
+  # the log's and side table's id column: ids '007' and '7' stay two, ids beyond int64 stay exact)
+  f.dtype = ''
   f.sharded = False  # categorical: rows split over the mesh's 'model' axis and L2-regularized per use (id tables)
   # Training only: the share of training examples (seeded) that see this feature as missing (the out-of-vocabulary
   # row, no tokens, zeros). On the item id it teaches the model to score an item from its content, as it must for

@@ -303,3 +303,42 @@ def test_a_binary_task_of_one_class_is_a_data_error_before_training(tiny_config)
     experiment_lib.build(c)
   c.tasks.like.threshold = 4.0
   assert {s.name for s in experiment_lib.build(c).specs} == {'click', 'like', 'rating'}
+
+
+def _ids_config(tmp_path, rows, item_dtype='', **user_id):
+  """A three-column CSV log and the smallest config that reads it (user_id with `user_id` overrides)."""
+  from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'log.csv'
+  path.write_text('user_id,item_id,timestamp\n' + ''.join(f'{u},{i},{t}\n' for t, (u, i) in enumerate(rows)))
+  c = config_lib.base_config()
+  c.data.log.paths = (str(path),)
+  with c.unlocked():
+    c.features.user_id = config_lib.feature('user', **user_id)
+    c.features.item_id = config_lib.feature('item', dtype=item_dtype)
+    c.tasks.click = config_lib.task('binary', config_lib.OBSERVED)
+  return c
+
+
+def test_id_columns_honour_the_id_features_dtype_and_huge_numeric_ids_are_an_error(tmp_path):
+  """'007' and '7' are two users when the id feature says dtype='str' (it was ignored on id columns: read as numbers,
+  they merged), in the log and in the side table; ids beyond int64, read as floating point, used to collapse into one
+  id without a word."""
+  from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
+  rows = [('007', 1), ('7', 2), ('07', 3)]
+  assert loader.load_data(_ids_config(tmp_path, rows)).log['user_id'].tolist() == [7, 7, 7]  # the default: numbers
+  ds = loader.load_data(_ids_config(tmp_path, rows, dtype='str'))
+  assert ds.log['user_id'].tolist() == ['007', '7', '07'] and len(ds.users['user_id']) == 3
+  (tmp_path / 'users.csv').write_text('user_id,age\n07,30\n007,20\n7,40\n')  # a side table's ids are read alike
+  c = _ids_config(tmp_path, rows, dtype='str')
+  c.data.user_table.paths = (str(tmp_path / 'users.csv'),)
+  with c.unlocked():
+    c.features.age = config_lib.feature('user', kind='numeric')
+  ds = loader.load_data(c)
+  age = dict(zip(ds.users['user_id'].tolist(), ds.users['age'].tolist()))
+  assert age == {'007': 20, '7': 40, '07': 30}
+  huge = [(1, 12345678901234567890), (2, 12345678901234567891)]
+  with pytest.raises(DataError, match=r"log.csv, row 1, line 2: column 'item_id' holds the id 12345678901234567\d+, "
+                                      r"too large to read exactly as a number .*dtype='str'"):
+    loader.load_data(_ids_config(tmp_path, huge))
+  ds = loader.load_data(_ids_config(tmp_path, huge, item_dtype='str'))
+  assert ds.log['item_id'].tolist() == ['12345678901234567890', '12345678901234567891']

@@ -54,6 +54,8 @@ def column_uses(config: ml_collections.ConfigDict) -> list[tuple[str, str, str, 
       uses.append((table, column, dtype, field))
       if not has_side_table:  # read from the log: the value of the entity's first row
         uses.append(('log', column, dtype, field))
+    elif dtype:  # the id feature's dtype is the log's id column's (e.g. 'str': '007' stays '007', not 7)
+      uses.append(('log', column, dtype, field))
   return [u for u in uses if u[1]]
 
 
@@ -131,8 +133,9 @@ def _entity_table(config: ml_collections.ConfigDict, entity: str, log_table: dic
     ids, first = np.unique(log_table[id_column], return_index=True)
     return {id_column: ids, **{c: log_table[c][first] for c in columns}}
   what = f'{table_name} table'
+  id_dtype = columns_needed(config)['log'].get(id_column, '')  # the side table's ids are read as the log's are
   side, origins[table_name] = _named_by(config, table_name, lambda: readers.read_tables(
-      side_config.paths, d.format, d.csv_delimiter, {side_config.id_column: '', **columns}, what))
+      side_config.paths, d.format, d.csv_delimiter, {side_config.id_column: id_dtype, **columns}, what))
   ids = readers.check_ids(side.pop(side_config.id_column), side_config.id_column, origins[table_name], what,
                           unique=True)
   ids, log_ids = _same_id_type(ids, log_ids)

@@ -173,6 +173,11 @@ def check_ids(ids: np.ndarray, column: str, origins: tuple[Origin, ...], what: s
       raise DataError(f'{what}: {where(origins, int(bad[0]))}: column {column!r} holds '
                       f'{"a null id" if not np.isfinite(value) else f"the non-integer id {value}"}; every row needs an '
                       'id (drop or fix the row)')
+    big = np.flatnonzero(np.abs(ids) >= 2.0**53)  # read as floating point (beyond int64): digits already lost
+    if big.size:
+      raise DataError(f'{what}: {where(origins, int(big[0]))}: column {column!r} holds the id {ids[big[0]]:.0f}, too '
+                      'large to read exactly as a number (distinct ids would merge); read the ids as text: '
+                      "feature(..., dtype='str') on the id feature, or a string column in Parquet")
     ids = ids.astype(np.int64)
   elif ids.dtype.kind == 'U':
     bad = np.flatnonzero(np.char.str_len(ids) == 0) if ids.size else np.zeros(0, int)

@@ -30,7 +30,7 @@ from mtl_rec.data import readers
 from mtl_rec.data import splits as splits_lib
 from mtl_rec.data.loader import load_data
 from mtl_rec.data.sampling import NegativeSampler
-from mtl_rec.data.types import Dataset
+from mtl_rec.data.types import Dataset, where
 from mtl_rec.errors import DataError
 from mtl_rec.input_pipeline import EvalSet, Examples, Labels, StreamedTrain, TrainStream
 
@@ -89,10 +89,25 @@ class Experiment:
 
   def gains(self, rows: np.ndarray) -> np.ndarray:
     """Graded-relevance gains of log rows (eval.gain_column; 1 where none is declared)."""
-    column = self.config.eval.gain_column
-    if not column:
-      return np.ones(rows.shape[0], np.float64)
-    return readers.numeric(self.data.log[column], column, (), 'interaction log', 'eval.gain_column')[rows]
+    return _gains(self.config, self.data, rows)
+
+
+def _gains(config: ml_collections.ConfigDict, data: Dataset, rows: np.ndarray) -> np.ndarray:
+  """eval.gain_column's values on `rows` (1 where none is declared); a DataError naming the first row whose gain
+  is not a finite number >= 0: checked when the experiment is built, not found by the first ranking evaluation
+  after training."""
+  column = config.eval.gain_column
+  if not column:
+    return np.ones(rows.shape[0], np.float64)
+  origins = data.origins.get('log', ())
+  gains = readers.numeric(data.log[column], column, origins, 'interaction log', 'eval.gain_column')[rows]
+  bad = np.flatnonzero(~(gains >= 0) | ~np.isfinite(gains))
+  if bad.size:
+    value = gains[bad[0]]
+    raise DataError(f'interaction log: {where(origins, int(rows[bad[0]]))}: eval.gain_column {column!r} is '
+                    f'{"missing" if np.isnan(value) else value} on a held-out row; a graded-NDCG gain is a finite '
+                    "number >= 0: fill or drop the row, or set eval.gain_column='' (gain 1 per held-out item)")
+  return gains
 
 
 def _positives(user_index: np.ndarray, item_index: np.ndarray, rows: np.ndarray) -> Examples:
@@ -125,6 +140,7 @@ def build(config: ml_collections.ConfigDict, data: Dataset | None = None, workdi
   iidx = _positions(ds.log[ds.item_column], ds.items[ds.item_column], 'item')
   columns = tasks_lib.label_columns(config, ds)
   specs = tasks_lib.task_specs(config, columns, split.train)
+  _gains(config, ds, np.concatenate([split.valid, split.test]))  # the rows the ranking evaluations read
   encoder = features_lib.fit(ds, split.train, config, uidx, iidx)
   num_items = int(len(ds.items[ds.item_column]))
   train_items = np.unique(iidx[split.train])
@@ -359,6 +375,7 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
                     train_sampler, num_negatives, {n: f.dropout for n, f in config.features.items()}, split_columns,
                     logq)
   positives = lambda r: _positives(uidx, iidx, r)
+  _gains(config, ds, np.concatenate([split.valid, split.test]))  # the sample holds every held-out row
   click_negatives = config.eval.click_negatives if sampled else 0
   return Experiment(
       config=config, data=ds, split=split, encoder=encoder, user_index=uidx, item_index=iidx,

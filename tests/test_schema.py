@@ -342,3 +342,26 @@ def test_id_columns_honour_the_id_features_dtype_and_huge_numeric_ids_are_an_err
     loader.load_data(_ids_config(tmp_path, huge))
   ds = loader.load_data(_ids_config(tmp_path, huge, item_dtype='str'))
   assert ds.log['item_id'].tolist() == ['12345678901234567890', '12345678901234567891']
+
+
+def test_a_bad_graded_ndcg_gain_is_named_before_training(tmp_path):
+  """eval.gain_column was only read by the first ranking evaluation, after training: a blank or negative gain on a
+  held-out row crashed there with a bare ValueError. It is a DataError naming the row when the experiment is built."""
+  rows = [(u, (u + j) % 10 + 1) for u in range(1, 9) for j in range(5)]  # 5 of 10 items each
+  c = _ids_config(tmp_path, rows)
+  path = tmp_path / 'log.csv'
+  lines = path.read_text().splitlines()
+  gains = ['3'] * (len(lines) - 1)
+  c.eval.gain_column = 'stars'
+  c.data.split, c.data.split_test_rows = 'head', 4  # rows 0-3 are the test set
+  c.train.batch_size = 40
+  for bad, phrase in [('', 'missing'), ('-1', '-1.0')]:
+    gains[2] = bad
+    path.write_text('\n'.join([lines[0] + ',stars'] + [f'{x},{g}' for x, g in zip(lines[1:], gains)]) + '\n')
+    with pytest.raises(DataError, match=rf"log.csv, row 3, line 4: eval.gain_column 'stars' is {phrase} on a "
+                                        r"held-out row; a graded-NDCG gain is a finite number >= 0"):
+      experiment.build(c)
+  gains[2] = '4'
+  path.write_text('\n'.join([lines[0] + ',stars'] + [f'{x},{g}' for x, g in zip(lines[1:], gains)]) + '\n')
+  exp = experiment.build(c)
+  assert exp.gains(exp.split.test).tolist() == [3.0, 3.0, 4.0, 3.0]

@@ -124,16 +124,18 @@ def _same_id_type(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def _entity_table(config: ml_collections.ConfigDict, entity: str, log_table: dict[str, Any],
-                  columns: dict[str, str], origins: dict[str, Any]) -> dict[str, Any]:
+                  need: dict[str, dict[str, str]], origins: dict[str, Any]) -> dict[str, Any]:
+  """The entity's side table (`need`: columns_needed), or its ids and first log values where none is declared."""
   d = config.data
   side_config, id_column = (d.user_table, d.log.user_column) if entity == 'user' else (d.item_table, d.log.item_column)
   table_name = 'users' if entity == 'user' else 'items'
+  columns = need[table_name]
   log_ids = np.unique(log_table[id_column])
   if not side_config.paths:
     ids, first = np.unique(log_table[id_column], return_index=True)
     return {id_column: ids, **{c: log_table[c][first] for c in columns}}
   what = f'{table_name} table'
-  id_dtype = columns_needed(config)['log'].get(id_column, '')  # the side table's ids are read as the log's are
+  id_dtype = need['log'].get(id_column, '')  # the side table's ids are read as the log's are
   side, origins[table_name] = _named_by(config, table_name, lambda: readers.read_tables(
       side_config.paths, d.format, d.csv_delimiter, {side_config.id_column: id_dtype, **columns}, what))
   ids = readers.check_ids(side.pop(side_config.id_column), side_config.id_column, origins[table_name], what,
@@ -204,8 +206,8 @@ def load_data(config: ml_collections.ConfigDict) -> Dataset:
   if d.log.timestamp_column:
     log_table[d.log.timestamp_column] = readers.timestamps(
         log_table[d.log.timestamp_column], d.log.timestamp_column, origins['log'], 'interaction log')
-  users = _entity_table(config, 'user', log_table, need['users'], origins)
-  items = _entity_table(config, 'item', log_table, need['items'], origins)
+  users = _entity_table(config, 'user', log_table, need, origins)
+  items = _entity_table(config, 'item', log_table, need, origins)
   return Dataset(name=d.name or 'files', source=', '.join(d.log.paths), log=log_table, users=users, items=items,
                  user_column=d.log.user_column, item_column=d.log.item_column,
                  timestamp_column=d.log.timestamp_column or None, origins=origins)
@@ -217,6 +219,6 @@ def entity_tables(config: ml_collections.ConfigDict, user_ids: np.ndarray,
   tables with the log's ids they lack appended, or the ids alone."""
   d, need, origins = config.data, columns_needed(config), {}
   ids = {d.log.user_column: np.asarray(user_ids), d.log.item_column: np.asarray(item_ids)}
-  users = _entity_table(config, 'user', ids, need['users'], origins)
-  items = _entity_table(config, 'item', ids, need['items'], origins)
+  users = _entity_table(config, 'user', ids, need, origins)
+  items = _entity_table(config, 'item', ids, need, origins)
   return users, items, origins

@@ -110,9 +110,9 @@ def _decode_bytes_tensor(buf: bytes, n: int, where: str) -> list[str]:
 
 
 def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int, raw_types: dict[str, str],
-                 max_chars: dict[str, int] | None = None) -> tuple[str, list[Any], list[int], int]:
+                 max_chars: dict[str, int]) -> tuple[str, list[Any], list[int], int]:
   """One input tensor -> (name, flat values, shape, new binary offset); `raw_types` names the inputs and the raw
-  type each one's encoding reads; `max_chars` the longest string each takes (default MAX_ID_CHARS)."""
+  type each one's encoding reads; `max_chars` the longest string each takes where not MAX_ID_CHARS."""
   if not isinstance(t, dict):
     raise BadRequest(f'each entry of inputs must be an object, got {type(t).__name__}')
   name = t.get('name')
@@ -181,7 +181,7 @@ def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int, raw_typ
   if datatype.startswith('FP') and not all(math.isfinite(x) for x in values):
     raise BadRequest(f'{where}: {datatype} data must be finite numbers')
   if datatype == 'BYTES':
-    limit = (max_chars or {}).get(name, MAX_ID_CHARS)
+    limit = max_chars.get(name, MAX_ID_CHARS)
     for x in values:
       if (name in ID_INPUTS and not x) or len(x) > limit:
         raise BadRequest(f'{where}: values are {1 if name in ID_INPUTS else 0} to {limit} characters, got '

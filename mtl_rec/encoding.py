@@ -85,16 +85,37 @@ class Vocab:
     values = np.asarray(values)
     if self.keys.size == 0 or values.size == 0:
       return np.zeros(values.shape, np.int32)
-    if values.dtype.kind != self.keys.dtype.kind:  # e.g. str ids against an int vocabulary
-      try:
-        values = values.astype(self.keys.dtype)
-      except (ValueError, OverflowError):
-        return np.zeros(values.shape, np.int32)
+    known = True
+    if self.keys.dtype.kind == 'U' and values.dtype.kind != 'U':  # numbers against text: as text, whole
+      values = values.astype(np.str_)
+    elif self.keys.dtype.kind != 'U' and values.dtype.kind != self.keys.dtype.kind:  # e.g. str ids, int vocabulary
+      values, known = _as_int64(values)
     pos = np.searchsorted(self.keys, values)
     pos_c = np.minimum(pos, self.keys.shape[0] - 1)
-    found = self.keys[pos_c] == values
+    found = (self.keys[pos_c] == values) & known
     rows = pos_c if self.order is None else self.order[pos_c]
     return np.where(found, rows + 1, OOV_ROW).astype(np.int32)
+
+
+def _as_int64(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(values as int64, which of them are whole numbers): what an integer vocabulary can look up; 1.5, 'x' and
+  NaN are not (they look up nothing rather than the integer they would truncate to)."""
+  if values.dtype.kind in 'iub':
+    return values.astype(np.int64), np.ones(values.shape, bool)
+  if values.dtype.kind == 'f':
+    ok = np.isfinite(values) & (values == np.round(values)) & (np.abs(values) < 2.0**63)
+    return np.where(ok, values, 0).astype(np.int64), ok
+  try:  # every value an integer's text: one conversion
+    return values.astype(np.int64), np.ones(values.shape, bool)
+  except (ValueError, OverflowError, TypeError):
+    pass
+  out, ok = np.zeros(values.shape, np.int64), np.zeros(values.shape, bool)
+  for j, v in np.ndenumerate(values):
+    try:
+      out[j], ok[j] = int(str(v)), True
+    except (ValueError, OverflowError):
+      pass
+  return out, ok
 
 
 def stable_hash(values: Any) -> np.ndarray:

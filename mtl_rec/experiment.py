@@ -246,6 +246,7 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
       given, d.format, d.csv_delimiter, need['log'], os.path.join(inputs, 'parquet'), d.stream.row_group_size),
                                  'parquet copy')
   groups = stream_lib.RowGroups.of(paths, given)  # errors name the user's files (a CSV's lines), not the copies
+  groups.check_types(need['log'])
   split_columns = tuple(c for c in (lc.timestamp_column if d.split == 'timestamp' else '',
                                     d.split_column if d.split == 'column' else '') if c)
   key = json.dumps([groups.fingerprint(), seed, {k: d[k] for k in ('split', 'test_fraction', 'valid_fraction',

@@ -127,6 +127,24 @@ def _raw_type(values: Any, is_id: bool) -> str:
   return 'str' if values.dtype.kind == 'U' else 'int'
 
 
+def _declared_categories(name: str, f: ml_collections.ConfigDict, raw_type: str, where: str) -> np.ndarray:
+  """A feature's declared `categories` as values of its column's type (ints for a number column, which '7' and 7
+  both name); a DataError for a category that cannot be one."""
+  if raw_type == 'str':
+    return np.asarray([str(v) for v in f.categories]).astype(np.str_)
+  out = []
+  for v in f.categories:
+    try:
+      number = float(v)
+      if number != round(number) or isinstance(v, bool):
+        raise ValueError
+      out.append(int(number))
+    except (TypeError, ValueError, OverflowError):
+      raise DataError(f"{where}: feature '{name}' declares the category {v!r} but column {f.column or name!r} holds "
+                      "numbers; declare whole numbers, or dtype='str' to read the column as text") from None
+  return np.asarray(out, np.int64)
+
+
 def _rule(name: str, f: ml_collections.ConfigDict, raw: Any, weights: np.ndarray, is_id: bool,
           vocabs: dict[str, Vocab], where: str, origins: Any = ()) -> dict[str, Any]:
   """The fitted rule of feature `name` (adds its vocabulary to `vocabs`); `origins`: its table's files, which an
@@ -180,10 +198,16 @@ def _rule(name: str, f: ml_collections.ConfigDict, raw: Any, weights: np.ndarray
           **({'divide': int(f.divide)} if f.divide else {})}
   if f.vocabulary == 'hash':
     return {'kind': 'hash', **rule, 'buckets': int(f.hash_buckets)}
+  if raw_type == 'int' and raw.dtype.kind == 'f':  # a float column: its categories are whole numbers or an error
+    bad = np.flatnonzero(np.isfinite(raw) & (raw != np.round(raw)))
+    if bad.size:
+      raise DataError(f"{where}: {readers.where(origins, int(bad[0]))}: column "
+                      f"{f.column or name!r} of feature '{name}' holds {raw[bad[0]]}, not a whole number, and a "
+                      "categorical feature would merge it with its integer part; declare kind='numeric' for "
+                      "quantities, or dtype='str' to make each distinct value a category")
   rule = {'kind': 'vocab', **rule, 'vocab': name}
   if f.categories:
-    declared = np.asarray(f.categories)
-    vocabs[name] = Vocab.declared(declared.astype(np.str_) if raw_type == 'str' else declared)
+    vocabs[name] = Vocab.declared(_declared_categories(name, f, raw_type, where))
   else:
     values, known = encoding.vocab_values(rule, raw)
     vocabs[name] = _fit_vocab(values, known, weights, f)

@@ -105,17 +105,58 @@ def _read_file(path: str, fmt: str, delimiter: str, columns: dict[str, str], wha
       table = pq.read_table(path, columns=list(columns))
       first_line = None
     else:
-      types = {c: ARROW_TYPES[t] for c, t in columns.items() if t}
       table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                             convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=types,
-                                                                  strings_can_be_null=True))
+                             convert_options=_csv_convert(columns))
       first_line = 2
   except (pa.ArrowException, OSError) as e:
+    _check_utf8_error(e, path, what)
     raise DataError(f'{what}: {path} could not be read ({e}); it may be truncated, corrupt, or hold a value of the '
                     'wrong type (set the feature\'s dtype for CSV columns that look numeric but are not)') from e
   if table.num_rows == 0:
     raise DataError(f'{what}: {path} has no rows; write the data again or drop it from the paths')
+  _check_text(table.schema, path, what)
   return table, first_line
+
+
+def _csv_convert(columns: dict[str, str]) -> pacsv.ConvertOptions:
+  """How a CSV file's `columns` are parsed. Only an empty field is a missing string: pyarrow's null words (NA,
+  null, nan, N/A...) stay text in string columns, where they may be real values (Namibia's country code 'NA'); in
+  number columns they still mark a missing value."""
+  return pacsv.ConvertOptions(include_columns=list(columns), strings_can_be_null=False,
+                              column_types={c: ARROW_TYPES[t] for c, t in columns.items() if t})
+
+
+def _not_utf8(path: str, where_: str) -> DataError:
+  return DataError(f'{where_} holds text that is not UTF-8 (a legacy encoding such as Latin-1 or Windows-1252?); '
+                   f'save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {os.path.basename(path)} > utf8.csv`')
+
+
+def _check_text(schema: pa.Schema, path: str, what: str) -> None:
+  """A DataError if a CSV column came out as bytes: pyarrow's reading of text that is not UTF-8."""
+  for field in schema:
+    if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+      raise _not_utf8(path, f'{what}: {path}: column {field.name!r}')
+
+
+def _check_utf8_error(e: Exception, path: str, what: str) -> None:
+  """The encoding DataError for pyarrow's error on invalid UTF-8 past the block its types were inferred from."""
+  if 'invalid UTF8' in str(e):
+    raise _not_utf8(path, f'{what}: {path}') from e
+
+
+def check_same_types(files: Sequence[str], schemas: Sequence[pa.Schema], columns: Sequence[str], what: str) -> None:
+  """A DataError naming the column and two files if the files' `columns` have types that do not combine (text in
+  one, numbers in another); types that widen into one (int32 and int64, int and float) pass."""
+  for column in columns:
+    fields = [(f, s.field(column)) for f, s in zip(files, schemas) if column in s.names]
+    for f, field in fields[1:]:
+      try:
+        pa.unify_schemas([pa.schema([fields[0][1]]), pa.schema([field])], promote_options='permissive')
+      except (pa.ArrowException, TypeError):
+        raise DataError(f'{what}: column {column!r} holds {field.type} in {f} but {fields[0][1].type} in '
+                        f'{fields[0][0]}; every file must hold the same kind of values in it: write them with one '
+                        "schema (for CSV files, setting the feature's dtype reads the column as one type in all)"
+                        ) from None
 
 
 def to_numpy(col: pa.ChunkedArray | pa.Array, name: str, what: str) -> Any:
@@ -155,11 +196,8 @@ def read_tables(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[st
     tables.append(table.select(list(columns)))
     origins.append(Origin(path, start, table.num_rows, first_line))
     start += table.num_rows
-  try:
-    table = pa.concat_tables(tables, promote_options='permissive')
-  except pa.ArrowException as e:
-    raise DataError(f'{what}: the files hold different types for the same column ({e}); write them with one '
-                    'schema') from e
+  check_same_types([o.path for o in origins], [t.schema for t in tables], list(columns), what)
+  table = pa.concat_tables(tables, promote_options='permissive')
   return {name: to_numpy(table.column(name), name, what) for name in columns}, tuple(origins)
 
 
@@ -238,15 +276,14 @@ def csv_to_parquet(path: str, out: str, delimiter: str, columns: dict[str, str],
   """Converts the CSV file `path` (its `columns`, types as in read_tables) into the Parquet file `out`, block by
   block in bounded memory: the streaming reader (data.reader='stream') reads Parquet row groups."""
   _check_file(path, 'csv', delimiter, columns, what)
-  types = {c: ARROW_TYPES[t] for c, t in columns.items() if t}
   tmp = out + '.tmp'
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   writer, rows = None, 0
   try:
     reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=64 << 20),
                             parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                            convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=types,
-                                                                 strings_can_be_null=True))
+                            convert_options=_csv_convert(columns))
+    _check_text(reader.schema, path, what)
     for batch in reader:
       table = pa.Table.from_batches([batch])
       if writer is None:
@@ -254,6 +291,7 @@ def csv_to_parquet(path: str, out: str, delimiter: str, columns: dict[str, str],
       writer.write_table(table, row_group_size=row_group_size)
       rows += table.num_rows
   except (pa.ArrowException, OSError) as e:
+    _check_utf8_error(e, path, what)
     raise DataError(f"{what}: {path} could not be read ({e}) at about row {rows + 1}: a value of another type than "
                     'the rows before it (set the feature\'s dtype for CSV columns that look numeric but are not), or '
                     'a truncated or corrupt file') from e

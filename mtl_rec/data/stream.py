@@ -77,6 +77,11 @@ class RowGroups:
     start = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if rows.size else rows
     return cls(tuple(paths), np.asarray(file, np.int64), np.asarray(group, np.int64), rows, start, shown)
 
+  def check_types(self, columns: Sequence[str]) -> None:
+    """A DataError naming the files if they hold values of different kinds in one of `columns`."""
+    shown = [src for src, _ in self.sources] if self.sources else list(self.paths)
+    readers.check_same_types(shown, [pq.read_schema(p) for p in self.paths], columns, 'interaction log')
+
   def __len__(self) -> int:
     return int(self.rows.size)
 
@@ -412,7 +417,7 @@ def _survey(groups: RowGroups, columns: Sequence[str], codes: Codes,
   counts: dict[str, list[pa.Table]] = {c: [] for c in id_columns}
 
   def merge(tables: list[pa.Table]) -> list[pa.Table]:
-    return [pa.concat_tables(tables).group_by(['values', 'code']).aggregate([('counts', 'sum')])
+    return [pa.concat_tables(tables, promote_options='permissive').group_by(['values', 'code']).aggregate([('counts', 'sum')])
             .rename_columns(['values', 'code', 'counts'])]
 
   for g in range(len(groups)):

@@ -417,8 +417,8 @@ def _survey(groups: RowGroups, columns: Sequence[str], codes: Codes,
   counts: dict[str, list[pa.Table]] = {c: [] for c in id_columns}
 
   def merge(tables: list[pa.Table]) -> list[pa.Table]:
-    return [pa.concat_tables(tables, promote_options='permissive').group_by(['values', 'code']).aggregate([('counts', 'sum')])
-            .rename_columns(['values', 'code', 'counts'])]
+    return [pa.concat_tables(tables, promote_options='permissive').group_by(['values', 'code'])
+            .aggregate([('counts', 'sum')]).rename_columns(['values', 'code', 'counts'])]
 
   for g in range(len(groups)):
     cols = groups.read(g, columns)

@@ -46,6 +46,7 @@ OOV_ROW = 0
 PAD = -1
 KINDS = ('vocab', 'hash', 'bucket', 'numeric', 'multi', 'text', 'vector', 'history')
 _WORD = re.compile(r'\w+')
+_INT_TEXT = re.compile(r'-?[0-9]+')
 MAX_TOKEN_CHARS = 64  # text: longer words are cut to this (bounds the work one string can cause, here and serving)
 
 
@@ -98,23 +99,18 @@ class Vocab:
 
 
 def _as_int64(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(values as int64, which of them are whole numbers): what an integer vocabulary can look up; 1.5, 'x' and
-  NaN are not (they look up nothing rather than the integer they would truncate to)."""
+  """(values as int64, which of them are whole numbers): what an integer vocabulary can look up; 1.5, 'x', ' 7'
+  and NaN are not (they look up nothing rather than the integer they would be truncated or parsed to)."""
   if values.dtype.kind in 'iub':
     return values.astype(np.int64), np.ones(values.shape, bool)
   if values.dtype.kind == 'f':
     ok = np.isfinite(values) & (values == np.round(values)) & (np.abs(values) < 2.0**63)
     return np.where(ok, values, 0).astype(np.int64), ok
-  try:  # every value an integer's text: one conversion
-    return values.astype(np.int64), np.ones(values.shape, bool)
-  except (ValueError, OverflowError, TypeError):
-    pass
   out, ok = np.zeros(values.shape, np.int64), np.zeros(values.shape, bool)
-  for j, v in np.ndenumerate(values):
-    try:
-      out[j], ok[j] = int(str(v)), True
-    except (ValueError, OverflowError):
-      pass
+  for j, v in np.ndenumerate(values):  # text: ASCII decimal digits only (int() and numpy also take ' 7', '+7', '7_0')
+    number = int(v) if (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) or (isinstance(v, str) and _INT_TEXT.fullmatch(v)) else None
+    if number is not None and -2**63 <= number < 2**63:
+      out[j], ok[j] = number, True
   return out, ok
 
 

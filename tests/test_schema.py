@@ -450,3 +450,16 @@ def test_declared_categories_of_a_number_column_are_numbers(tmp_path):
   assert rows == [2, 3, 1] + [0] * 9  # declared order: '3' row 1, '1' row 2, 2 row 3; 4..12 unknown (row 0)
   with pytest.raises(DataError, match=r"feature 'level' declares the category 'a' but column 'level' holds numbers"):
     experiment.build(_context_config(tmp_path, cells, categories=('1', 'a')))
+
+
+def test_a_number_vocabulary_looks_up_whole_numbers_and_their_decimal_text_only():
+  """What a request's value finds in a vocabulary of numbers: 7, 7.0 and '7'; not 7.5 (which was truncated to 7),
+  nor ' 7', '+7' or '7_0' (which numpy's and Python's int() read as numbers), nor text beyond 64 bits; one such
+  value no longer makes the whole batch unknown. Numbers against a text vocabulary are looked up as their whole
+  text (10 used to be cut to the vocabulary's one-character width and found '1')."""
+  from mtl_rec.encoding import Vocab  # pylint: disable=g-import-not-at-top
+  v = Vocab.fit(np.asarray([-3, 1, 7, 70]))
+  assert v.lookup(np.asarray(['7', ' 7', '+7', '7_0', '-3', '9' * 30])).tolist() == [3, 0, 0, 0, 1, 0]
+  assert v.lookup(np.asarray([7.0, 7.5, np.nan, 70.0])).tolist() == [3, 0, 0, 4]
+  assert v.lookup(np.asarray([7, '70', 2**70, True], dtype=object)).tolist() == [3, 4, 0, 0]
+  assert Vocab.fit(np.asarray(['1', '2'])).lookup(np.asarray([10, 1, 2])).tolist() == [0, 1, 2]

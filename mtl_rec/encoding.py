@@ -146,10 +146,15 @@ def vocab_values(rule: Mapping[str, Any], values: Any) -> tuple[np.ndarray, np.n
     v = np.where(known, v, 0).astype(np.int64)
     return (v // int(rule['divide']) if rule.get('divide') else v), known
   if raw_type == 'str':
+    # numpy strings drop trailing NULs: a request's 'M\0' would be 'M'; it is unknown instead (as ids are)
+    cut = int(rule.get('prefix') or 0) or None
+    nul = None if isinstance(values, np.ndarray) else np.asarray(
+        [isinstance(x, str) and x[:cut].endswith('\0') for x in values], bool)
     v = np.asarray(values).astype(np.str_)
     if rule.get('prefix'):
       v = v.astype(f'<U{int(rule["prefix"])}')  # astype to a shorter width truncates
-    return v, (v != '') if v.size else np.zeros(0, bool)
+    known = (v != '') if v.size else np.zeros(0, bool)
+    return v, known if nul is None or not nul.any() else known & ~nul.reshape(known.shape)
   v = np.asarray(values)
   return v, np.ones(v.shape, bool)
 

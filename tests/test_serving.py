@@ -410,6 +410,18 @@ def test_a_text_context_input_takes_as_long_a_string_over_v2_as_over_v1():
     parse(tensor('user_id', query))
 
 
+def test_categorical_values_match_exactly_trailing_nul_included():
+  """The same for a categorical feature's value (a request's gender 'M\\0' encoded as 'M', and not reported as
+  unknown): it is unknown, on the batch path (encode) and the one-value check (unknown) alike."""
+  from mtl_rec import encoding  # pylint: disable=g-import-not-at-top
+  vocabs = {'g': encoding.Vocab.fit(np.array(['F', 'M']))}
+  rule = {'kind': 'vocab', 'raw': 'g', 'raw_type': 'str', 'vocab': 'g'}
+  assert encoding.encode(rule, ['M', 'M\0', 'F\0\0', 'F'], vocabs).tolist() == [2, 0, 0, 1]
+  assert [encoding.unknown(rule, x, vocabs) for x in ('M', 'M\0')] == [False, True]
+  hashed = {'kind': 'hash', 'raw': 'g', 'raw_type': 'str', 'buckets': 10}
+  assert encoding.encode(hashed, ['M\0'], vocabs).tolist() == [encoding.OOV_ROW]
+
+
 def test_405_names_the_allowed_methods_and_v2_slash_is_server_metadata(server):
   url, _ = server
   status, out, hdrs = http(url, '/v1/score', method='DELETE')

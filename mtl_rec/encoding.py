@@ -108,7 +108,8 @@ def _as_int64(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(ok, values, 0).astype(np.int64), ok
   out, ok = np.zeros(values.shape, np.int64), np.zeros(values.shape, bool)
   for j, v in np.ndenumerate(values):  # text: ASCII decimal digits only (int() and numpy also take ' 7', '+7', '7_0')
-    number = int(v) if (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) or (isinstance(v, str) and _INT_TEXT.fullmatch(v)) else None
+    whole = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    number = int(v) if whole or (isinstance(v, str) and _INT_TEXT.fullmatch(v)) else None
     if number is not None and -2**63 <= number < 2**63:
       out[j], ok[j] = number, True
   return out, ok

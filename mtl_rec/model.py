@@ -211,6 +211,24 @@ class Towers(nnx.Module):
     fold = lambda i: None if rng is None else jax.random.fold_in(rng, i)
     return jnp.stack([self.query(user, fold(0)), self.candidate(item, fold(1))], axis=-2)
 
+  def on_rows(self, user: jax.Array, item: jax.Array, rows: jax.Array, bound: int,
+              rng: jax.Array | None = None) -> jax.Array:
+    """__call__'s [B, 2, dim] on the rows where `rows` [B] is non-zero, zeros elsewhere: the towers run on the first
+    `bound` of those rows only (a static width; rows beyond it are zeros), or on all B rows when more hold. The
+    in-batch softmax reads the observed rows alone, a fifth of a batch with 4 sampled negatives per row."""
+    n = user.shape[0]
+    if bound >= n:
+      return self(user, item, rng) * (rows != 0)[:, None, None]
+    keep = rows != 0
+    idx = jnp.nonzero(keep, size=bound, fill_value=n)[0]  # n: padding, dropped by the scatter below
+
+    def compact():
+      at = jnp.minimum(idx, n - 1)
+      vecs = self(user[at], item[at], rng)
+      return jnp.zeros((n,) + vecs.shape[1:], vecs.dtype).at[idx].set(vecs, mode='drop')
+    return jax.lax.cond(jnp.sum(keep) <= bound, compact,
+                        lambda: self(user, item, rng) * keep[:, None, None].astype(user.dtype))
+
 
 def _unit(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
@@ -298,9 +316,12 @@ class MultiTaskModel(nnx.Module):
     return towers.candidate(jnp.concatenate(vecs, -1)) if 'item' in features else towers.query(
         jnp.concatenate(vecs, -1))
 
-  def __call__(self, features: dict[str, dict[str, jax.Array]],
-               rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    return self._forward(self._vectors(features), features, rng)
+  def __call__(self, features: dict[str, dict[str, jax.Array]], rng: jax.Array | None = None,
+               tower_rows: dict[str, tuple[jax.Array, int]] | None = None
+               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """`tower_rows`: {retrieval task: (rows [B], bound)}, the only rows whose tower outputs are read (the loss's);
+    the others' are zeros (Towers.on_rows). None: every row's."""
+    return self._forward(self._vectors(features), features, rng, tower_rows)
 
   def cross(self, query: dict[str, dict[str, jax.Array]],
             items: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -326,7 +347,8 @@ class MultiTaskModel(nnx.Module):
     return out
 
   def _forward(self, vectors: list[tuple[FeatureSpec, jax.Array]], features: dict[str, dict[str, jax.Array]],
-               rng: jax.Array | None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+               rng: jax.Array | None, tower_rows: dict[str, tuple[jax.Array, int]] | None = None
+               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Outputs from the feature vectors (`_vectors`, declaration order); `features` gives the id biases' ids."""
     feats, user_vecs, item_vecs, sq = [], [], [], 0.0
     for spec, e in vectors:
@@ -352,8 +374,12 @@ class MultiTaskModel(nnx.Module):
         y = y + jnp.take(table[...], features[self.entities[feature]][feature], axis=0)
       out[name] = y
     for j, (name, towers) in enumerate(self.towers.items()):
-      out[name] = towers(jnp.concatenate(user_vecs, axis=-1), jnp.concatenate(item_vecs, axis=-1),
-                         None if rng is None else jax.random.fold_in(rng, 100 + j))
+      args = (jnp.concatenate(user_vecs, axis=-1), jnp.concatenate(item_vecs, axis=-1))
+      task_rng = None if rng is None else jax.random.fold_in(rng, 100 + j)
+      if tower_rows and name in tower_rows:
+        out[name] = towers.on_rows(*args, *tower_rows[name], task_rng)
+      else:
+        out[name] = towers(*args, task_rng)
     return out, {'embedding_sq_norm': sq}
 
 

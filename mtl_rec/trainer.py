@@ -130,11 +130,12 @@ class Trainer:
 
 
 def loss_fn(params: Any, batch: dict[str, Any], rng: jax.Array, norms: dict[str, Any], *, graphdef, specs,
-            esmm: bool, embedding_l2: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+            esmm: bool, embedding_l2: float, tower_share: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, {task: sum of its masked row losses}) of a batch, or of a part of one: a sum over rows, each mean
-  taken over the whole batch's `norms` (tasks.normalizers), so the parts of a batch add up to it."""
+  taken over the whole batch's `norms` (tasks.normalizers), so the parts of a batch add up to it. A retrieval
+  task's towers run on the rows its loss reads (tasks.tower_rows), at most `tower_share` of the rows at a time."""
   model = nnx.merge(graphdef, params)
-  outputs, aux = model(batch, rng)
+  outputs, aux = model(batch, rng, tasks_lib.tower_rows(batch, specs, tower_share))
   sums = tasks_lib.masked_sums(outputs, batch, specs, esmm)
   log_vars = model.log_vars[...] if model.log_vars is not None else None
   total = tasks_lib.weighted_loss({k: v / norms['tasks'][k] for k, v in sums.items()}, specs, log_vars)
@@ -260,7 +261,8 @@ def make_trainer(config: ml_collections.ConfigDict, features: Sequence[FeatureSp
   batch_sharding = sharding_lib.batch_sharding(mesh)
   esmm = bool(config.model.esmm)
   loss = functools.partial(loss_fn, graphdef=graphdef, specs=specs, esmm=esmm,
-                           embedding_l2=float(config.optimizer.embedding_l2))
+                           embedding_l2=float(config.optimizer.embedding_l2),
+                           tower_share=tasks_lib.tower_share(config.sampling.num_negatives))
   if groups:
     value_and_grad = deterministic.value_and_grad(loss, groups=groups, param_shardings=param_shardings,
                                                   batch_sharding=batch_sharding,

@@ -1,6 +1,7 @@
 """The retrieval task (kind='retrieval'): two towers on the shared embeddings trained with a logQ-corrected in-batch
 softmax that masks accidental hits; checked against a hand computation, then trained, evaluated and exported."""
 
+import dataclasses
 import json
 import math
 import os
@@ -299,3 +300,58 @@ def test_ranking_by_the_retrieval_head_alone_uses_its_vectors_and_equals_the_net
   mixed = np.full(len(scorer.task_names), 0.25, np.float32)
   np.testing.assert_allclose(scorer.score_pairs(users, items, mixed, rows),
                              scoring.Scorer.score_pairs(scorer, users, items, mixed, rows), atol=1e-6)
+
+
+def test_the_towers_run_on_the_observed_rows_alone_with_a_fallback_to_all_rows():
+  """Towers.on_rows: the towers of the selected rows, zeros elsewhere, whether they fit the bound (the MLPs then run
+  on `bound` rows, not all) or not (then on all rows): the same vectors either way."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mtl_rec import model as model_lib  # pylint: disable=g-import-not-at-top
+  towers = model_lib.Towers(12, 8, (16,), 4, 0.0, nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  user, item = jnp.asarray(rng.normal(size=(10, 12)), jnp.float32), jnp.asarray(rng.normal(size=(10, 8)), jnp.float32)
+  rows = jnp.asarray([0, 1, 0, 0, 1, 1, 0, 0, 0, 1], jnp.float32)
+  full = np.asarray(towers(user, item))
+  want = full * np.asarray(rows)[:, None, None]
+  for bound in (4, 6, 3, 10):  # 4 rows selected: they fit 4 and 6; 3 falls back to all rows; 10 = every row
+    got = jax.jit(lambda u, i, r, b=bound: towers.on_rows(u, i, r, b))(user, item, rows)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+  assert np.abs(want[np.asarray(rows) > 0]).min() > 0  # the selected rows are not the zeros of the others
+
+
+def test_the_loss_and_gradient_do_not_change_when_the_towers_skip_the_negative_rows(tiny_config):
+  """The training loss (trainer.loss_fn) with the towers on a bounded share of the rows (the default: twice the
+  observed rows' expected share), on every row, or on a share too small for the batch (the fallback): one loss and
+  one gradient, to rounding. With mixed negatives every row is a softmax column: no row is skipped."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mtl_rec import experiment as experiment_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  from mtl_rec import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  with c.unlocked():
+    c.tasks.retrieval = config_lib.task('retrieval', 'observed')
+  exp = experiment_lib.build(c)
+  graphdef, state = nnx.split(model_lib.build(c, exp.encoder.specs, exp.specs))
+  params = nnx.to_pure_dict(state)
+  batch = jax.tree.map(jnp.asarray, next(exp.stream.epoch(0)))
+  norms = tasks_lib.normalizers(batch, exp.specs)
+  observed = float(jnp.sum(batch['labels']['retrieval'] * batch['valid']))
+  n = batch['valid'].shape[0]
+  assert 0 < observed < n / 2  # sampled negatives: most rows are not read by the in-batch softmax
+  share = tasks_lib.tower_share(c.sampling.num_negatives)
+  assert tasks_lib.tower_rows(batch, exp.specs, share)['retrieval'][1] == math.ceil(n * share) < n
+
+  def loss_and_grad(tower_share):
+    fn = lambda p: trainer_lib.loss_fn(p, batch, jax.random.key(0), norms, graphdef=graphdef, specs=exp.specs,
+                                       esmm=False, embedding_l2=1e-4, tower_share=tower_share)
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+  (loss, sums), grads = loss_and_grad(1.0)
+  for tower_share in (share, (observed - 1) / n):  # the default bound, and one the batch overflows
+    (loss_s, sums_s), grads_s = loss_and_grad(tower_share)
+    np.testing.assert_allclose(float(loss_s), float(loss), rtol=1e-5)
+    np.testing.assert_allclose(float(sums_s['retrieval']), float(sums['retrieval']), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6),
+                 grads_s, grads)
+  mixed = [dataclasses.replace(s, negatives='mixed') if s.kind == 'retrieval' else s for s in exp.specs]
+  assert tasks_lib.tower_rows(batch, tuple(mixed), share) == {}

@@ -213,9 +213,11 @@ class Towers(nnx.Module):
 
   def on_rows(self, user: jax.Array, item: jax.Array, rows: jax.Array, bound: int,
               rng: jax.Array | None = None) -> jax.Array:
-    """__call__'s [B, 2, dim] on the rows where `rows` [B] is non-zero, zeros elsewhere: the towers run on the first
-    `bound` of those rows only (a static width; rows beyond it are zeros), or on all B rows when more hold. The
-    in-batch softmax reads the observed rows alone, a fifth of a batch with 4 sampled negatives per row."""
+    """__call__'s [B, 2, dim] on the rows where `rows` [B] is non-zero, zeros elsewhere. The towers run on `bound`
+    rows (a static width: the selected rows, then padding that is dropped), or on all B rows when more than `bound`
+    are selected. The in-batch softmax reads the observed rows alone, a fifth of a batch with 4 sampled negatives
+    per row; the streaming reader's batches hold a shard's observed rows first, so their first gradient groups take
+    the second way."""
     n = user.shape[0]
     if bound >= n:
       return self(user, item, rng) * (rows != 0)[:, None, None]

@@ -46,7 +46,7 @@ OOV_ROW = 0
 PAD = -1
 KINDS = ('vocab', 'hash', 'bucket', 'numeric', 'multi', 'text', 'vector', 'history')
 _WORD = re.compile(r'\w+')
-_INT_TEXT = re.compile(r'-?[0-9]+')
+_INT_TEXT = re.compile(r'-?[0-9]+')  # what text must be to match an integer ([0-9]: ASCII only)
 MAX_TOKEN_CHARS = 64  # text: longer words are cut to this (bounds the work one string can cause, here and serving)
 
 
@@ -107,12 +107,24 @@ def _as_int64(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ok = np.isfinite(values) & (values == np.round(values)) & (np.abs(values) < 2.0**63)
     return np.where(ok, values, 0).astype(np.int64), ok
   out, ok = np.zeros(values.shape, np.int64), np.zeros(values.shape, bool)
-  for j, v in np.ndenumerate(values):  # text: ASCII decimal digits only (int() and numpy also take ' 7', '+7', '7_0')
-    whole = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-    number = int(v) if whole or (isinstance(v, str) and _INT_TEXT.fullmatch(v)) else None
-    if number is not None and -2**63 <= number < 2**63:
+  for j, v in np.ndenumerate(values):
+    number = as_int(v)
+    if number is not None:
       out[j], ok[j] = number, True
   return out, ok
+
+
+def as_int(x: Any) -> int | None:
+  """A raw value as an integer id or category: an integer (not a bool), or a string of ASCII decimal digits (an
+  optional '-'), within 64 bits; None otherwise (no integer matches it). Python's int() and numpy would also read
+  ' 10', '+10', '1_0' and non-ASCII digits as 10: values a client did not mean."""
+  if type(x) is int or isinstance(x, np.integer):
+    v = int(x)
+  elif isinstance(x, str) and _INT_TEXT.fullmatch(x):
+    v = int(x)
+  else:
+    return None
+  return v if -(2**63) <= v < 2**63 else None
 
 
 def stable_hash(values: Any) -> np.ndarray:

@@ -62,21 +62,7 @@ def buckets(max_size: int, smallest: int = 1) -> tuple[int, ...]:
     b *= 2
 
 
-_INT = re.compile(r'-?[0-9]+')  # what a request's string must be to match an integer id ([0-9]: ASCII only)
 _DECIMALS = re.compile(r'-?[0-9]+(?:\n-?[0-9]+)*')  # newline-joined decimal strings
-
-
-def _as_int(x: Any) -> int | None:
-  """A request id as an integer id: a JSON integer, or a string of ASCII decimal digits (an optional '-'), within
-  64 bits; None otherwise (no integer id matches it). Python's int() would also read ' 10', '+10', '1_0' and
-  non-ASCII digits as 10: ids a client did not mean."""
-  if type(x) is int or isinstance(x, np.integer):
-    v = int(x)
-  elif isinstance(x, str) and _INT.fullmatch(x):
-    v = int(x)
-  else:
-    return None
-  return v if -(2**63) <= v < 2**63 else None
 
 
 class IdIndex:
@@ -92,7 +78,7 @@ class IdIndex:
 
   def _canonical(self, raw: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     """(values, parseable): request ids (str or int) in the index's dtype. In an integer index a string matches
-    only as plain ASCII decimal digits (`_as_int`): '1_0', ' 10', '+10' or '１０' are other ids, not 10."""
+    only as plain ASCII decimal digits (`encoding.as_int`): '1_0', ' 10', '+10' or '１０' are other ids, not 10."""
     n = len(raw)
     if not self.is_int:  # numpy strings drop trailing NULs: 'a\0' would match 'a'
       strs = [str(x) for x in raw]
@@ -107,7 +93,7 @@ class IdIndex:
         pass
     vals, ok = np.zeros(n, np.int64), np.ones(n, bool)
     for j, x in enumerate(raw):
-      v = _as_int(x)
+      v = encoding.as_int(x)
       if v is None:
         ok[j] = False  # not an integer (or beyond int64): cannot be in an integer id table
       else:
@@ -128,7 +114,7 @@ class IdIndex:
     if not self.size:
       return -1
     if self.is_int:
-      value = _as_int(raw)
+      value = encoding.as_int(raw)
       if value is None:
         return -1
     else:

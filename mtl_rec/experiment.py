@@ -92,10 +92,10 @@ class Experiment:
     return _gains(self.config, self.data, rows)
 
 
-def _gains(config: ml_collections.ConfigDict, data: Dataset, rows: np.ndarray) -> np.ndarray:
+def _gains(config: ml_collections.ConfigDict, data: Dataset, rows: np.ndarray,
+           kind: str = 'a held-out row') -> np.ndarray:
   """eval.gain_column's values on `rows` (1 where none is declared); a DataError naming the first row whose gain
-  is not a finite number >= 0: checked when the experiment is built, not found by the first ranking evaluation
-  after training."""
+  is not a finite number >= 0 (`kind`: what the rows are, for the message)."""
   column = config.eval.gain_column
   if not column:
     return np.ones(rows.shape[0], np.float64)
@@ -105,9 +105,16 @@ def _gains(config: ml_collections.ConfigDict, data: Dataset, rows: np.ndarray) -
   if bad.size:
     value = gains[bad[0]]
     raise DataError(f'interaction log: {where(origins, int(rows[bad[0]]))}: eval.gain_column {column!r} is '
-                    f'{"missing" if np.isnan(value) else value} on a held-out row; a graded-NDCG gain is a finite '
+                    f'{"missing" if np.isnan(value) else value} on {kind}; a graded-NDCG gain is a finite '
                     "number >= 0: fill or drop the row, or set eval.gain_column='' (gain 1 per held-out item)")
   return gains
+
+
+def _check_gains(config: ml_collections.ConfigDict, data: Dataset, split: splits_lib.Split) -> None:
+  """Every gain an evaluation reads, checked when the experiment is built, not found after training: the ranking
+  evaluations read the held-out rows', the default fusion's fit (fusion_weights) the training rows' largest."""
+  _gains(config, data, np.concatenate([split.valid, split.test]))
+  _gains(config, data, split.train, 'a training row (the fused ranking\'s fit scales by their largest gain)')
 
 
 def _positives(user_index: np.ndarray, item_index: np.ndarray, rows: np.ndarray) -> Examples:
@@ -140,7 +147,7 @@ def build(config: ml_collections.ConfigDict, data: Dataset | None = None, workdi
   iidx = _positions(ds.log[ds.item_column], ds.items[ds.item_column], 'item')
   columns = tasks_lib.label_columns(config, ds)
   specs = tasks_lib.task_specs(config, columns, split.train)
-  _gains(config, ds, np.concatenate([split.valid, split.test]))  # the rows the ranking evaluations read
+  _check_gains(config, ds, split)
   encoder = features_lib.fit(ds, split.train, config, uidx, iidx)
   num_items = int(len(ds.items[ds.item_column]))
   train_items = np.unique(iidx[split.train])
@@ -376,7 +383,7 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
                     train_sampler, num_negatives, {n: f.dropout for n, f in config.features.items()}, split_columns,
                     logq)
   positives = lambda r: _positives(uidx, iidx, r)
-  _gains(config, ds, np.concatenate([split.valid, split.test]))  # the sample holds every held-out row
+  _check_gains(config, ds, split)  # the sample holds every held-out row and the training rows it keeps
   click_negatives = config.eval.click_negatives if sampled else 0
   return Experiment(
       config=config, data=ds, split=split, encoder=encoder, user_index=uidx, item_index=iidx,

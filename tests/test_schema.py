@@ -365,6 +365,14 @@ def test_a_bad_graded_ndcg_gain_is_named_before_training(tmp_path):
   path.write_text('\n'.join([lines[0] + ',stars'] + [f'{x},{g}' for x, g in zip(lines[1:], gains)]) + '\n')
   exp = experiment.build(c)
   assert exp.gains(exp.split.test).tolist() == [3.0, 3.0, 4.0, 3.0]
+  # the served default fusion's fit reads the training rows' gains too: a blank one there stopped the run after
+  # training (fusion_weights.select_default), and is named now
+  row = int(exp.split.train[0])
+  gains[2], gains[row] = '4', ''
+  path.write_text('\n'.join([lines[0] + ',stars'] + [f'{x},{g}' for x, g in zip(lines[1:], gains)]) + '\n')
+  with pytest.raises(DataError, match=rf"log.csv, row {row + 1}, line {row + 2}: eval.gain_column 'stars' is missing "
+                                      r"on a training row \(the fused ranking's fit scales by their largest gain\)"):
+    experiment.build(c)
 
 
 def _log_with(tmp_path, name, header, cells):

@@ -56,16 +56,18 @@ class RowGroups:
   # per file, what errors name: the user's CSV file a Parquet copy was converted from and the line of its first
   # row (2: after the header), or the Parquet file itself (no lines); () = the files themselves
   sources: tuple[tuple[str, int | None], ...] = ()
+  schemas: tuple[pa.Schema, ...] = ()  # per file, its arrow schema (from the footer `of` reads)
 
   @classmethod
   def of(cls, paths: Sequence[str], sources: Sequence[str] = ()) -> 'RowGroups':
     """The row groups of Parquet files `paths`; `sources`: the file each one was converted from, if any (a CSV
     file, which errors then name with its lines), else the path itself."""
     shown = tuple((src, 2) if src != path else (path, None) for src, path in zip(sources, paths))
-    file, group, rows = [], [], []
+    file, group, rows, schemas = [], [], [], []
     for f, path in enumerate(paths):
       try:
         meta = pq.ParquetFile(path).metadata
+        schemas.append(meta.schema.to_arrow_schema())
       except (pa.ArrowException, OSError) as e:
         raise DataError(f'interaction log: {path} is not a readable Parquet file ({e}); it may be truncated or '
                         'corrupt: write it again') from e
@@ -75,12 +77,13 @@ class RowGroups:
         rows.append(meta.row_group(g).num_rows)
     rows = np.asarray(rows, np.int64)
     start = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if rows.size else rows
-    return cls(tuple(paths), np.asarray(file, np.int64), np.asarray(group, np.int64), rows, start, shown)
+    return cls(tuple(paths), np.asarray(file, np.int64), np.asarray(group, np.int64), rows, start, shown,
+               tuple(schemas))
 
   def check_types(self, columns: Sequence[str]) -> None:
     """A DataError naming the files if they hold values of different kinds in one of `columns`."""
     shown = [src for src, _ in self.sources] if self.sources else list(self.paths)
-    readers.check_same_types(shown, [pq.read_schema(p) for p in self.paths], columns, 'interaction log')
+    readers.check_same_types(shown, self.schemas, columns, 'interaction log')
 
   def __len__(self) -> int:
     return int(self.rows.size)

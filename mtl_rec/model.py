@@ -218,18 +218,17 @@ class Towers(nnx.Module):
     are selected. The in-batch softmax reads the observed rows alone, a fifth of a batch with 4 sampled negatives
     per row; the streaming reader's batches hold a shard's observed rows first, so their first gradient groups take
     the second way."""
-    n = user.shape[0]
+    n, keep = user.shape[0], rows != 0
+    every_row = lambda: self(user, item, rng) * keep[:, None, None].astype(user.dtype)
     if bound >= n:
-      return self(user, item, rng) * (rows != 0)[:, None, None]
-    keep = rows != 0
+      return every_row()
     idx = jnp.nonzero(keep, size=bound, fill_value=n)[0]  # n: padding, dropped by the scatter below
 
     def compact():
       at = jnp.minimum(idx, n - 1)
       vecs = self(user[at], item[at], rng)
       return jnp.zeros((n,) + vecs.shape[1:], vecs.dtype).at[idx].set(vecs, mode='drop')
-    return jax.lax.cond(jnp.sum(keep) <= bound, compact,
-                        lambda: self(user, item, rng) * keep[:, None, None].astype(user.dtype))
+    return jax.lax.cond(jnp.sum(keep) <= bound, compact, every_row)
 
 
 def _unit(x: jax.Array) -> jax.Array:

@@ -447,10 +447,81 @@ def test_csv_logs_stream_through_a_parquet_copy(tiny_config, files_dir, tmp_path
     experiment_lib.build(c, workdir=str(tmp_path / 'bad'))
 
 
-@pytest.mark.parametrize('split', ['column', 'column_without_valid', 'timestamp', 'random'])
-def test_every_row_by_row_split_streams_as_in_memory(tiny_config, files_dir, tmp_path, split):
+def test_csv_columns_whose_type_changes_after_the_first_block_stream_as_in_memory(tmp_path, monkeypatch):
+  """The streamed CSV conversion reads a block at a time, and its first block fixed the undeclared columns'
+  types: a column empty there and text later, or integers and then 0.5, stopped the conversion (the in-memory
+  reader, which reads the file whole, infers their type from every row). It now converts again with the column
+  widened: the copy holds the columns the in-memory reader reads."""
+  monkeypatch.setattr(readers, '_CSV_BLOCK_BYTES', 4096)
+  rows = 3000
+  path = tmp_path / 'log.csv'
+  with open(path, 'w') as f:
+    f.write('user_id,survey,watch,late\n')
+    for r in range(rows):
+      f.write(f"{r % 7},{'ok' if r == rows - 2 else ''},{'0.5' if r == rows - 1 else r % 3},"
+              f"{'' if r < rows - 3 else r % 2}\n")
+  columns = {'user_id': '', 'survey': '', 'watch': '', 'late': ''}
+  readers.csv_to_parquet(str(path), str(tmp_path / 'log.parquet'), ',', columns, 'interaction log', 1000)
+  copy = pq.read_table(tmp_path / 'log.parquet')
+  assert [str(t) for t in copy.schema.types] == ['int64', 'string', 'double', 'int64']
+  memory, _ = readers.read_tables([str(path)], 'csv', ',', columns, 'interaction log')
+  for name in columns:
+    np.testing.assert_array_equal(readers.to_numpy(copy.column(name), name, 'log'), memory[name], err_msg=name)
+  # a declared type is not widened: a value that is no number is an error, as before
+  with pytest.raises(DataError, match=r"log.csv could not be read .*invalid value 'ok'"):
+    readers.csv_to_parquet(str(path), str(tmp_path / 'declared.parquet'), ',', {**columns, 'survey': 'float'},
+                           'interaction log')
+
+
+def test_columns_empty_in_a_file_or_dictionary_encoded_stream_as_in_memory(tiny_config, files_dir, tmp_path):
+  """Two Parquet files of one log: a label column empty throughout the second (written as nulls of no type) and
+  a context column dictionary-encoded in the first, plain text in the second. The in-memory reader combines them;
+  the stream refused both ("type null"; "holds string in ... but dictionary<...>")."""
   c = _files_config(tiny_config, files_dir)
   log = pq.read_table(files_dir / 'log.parquet')
+  n = log.num_rows
+  half = n // 2
+  device = np.asarray(['web', 'ios', 'android'])[np.arange(n) % 3]
+  watch = (np.arange(n) % 10) / 10.0
+  first = log.slice(0, half).append_column('device', pa.array(device[:half]).dictionary_encode()) \
+      .append_column('watch', pa.array(watch[:half]))
+  second = log.slice(half).append_column('device', pa.array(device[half:])) \
+      .append_column('watch', pa.nulls(n - half))
+  assert str(second.schema.field('watch').type) == 'null'
+  pq.write_table(first, tmp_path / 'log-1.parquet', row_group_size=500)
+  pq.write_table(second, tmp_path / 'log-2.parquet', row_group_size=500)
+  c.data.log.paths = (str(tmp_path / 'log-*.parquet'),)
+  with c.unlocked():
+    c.features.device = config_lib.feature('context')
+    c.tasks.watch = config_lib.task('regression', 'watch')
+  c.data.reader = 'memory'
+  memory = experiment_lib.build(c)
+  c.data.reader = 'stream'
+  streamed = experiment_lib.build(c, workdir=str(tmp_path / 'run'))
+  _same_experiment(streamed, memory, sampled=True)
+  assert memory.encoder.vocabs['device'].keys.tolist() == ['android', 'ios', 'web']
+  rows = streamed.data.log['_row']
+  for name in ('watch', 'rating'):
+    want, got = memory.labels.columns[name], streamed.labels.columns[name]
+    np.testing.assert_array_equal(got.present, want.present[rows], err_msg=name)
+    np.testing.assert_array_equal(got.values, want.values[rows], err_msg=name)
+  assert 0 < memory.labels.columns['watch'].present.mean() < 1
+  batch = next(iter(streamed.stream.epoch(0)))  # the training stream reads the second file's null column too
+  assert set(np.unique(batch['context']['device'])) <= {1, 2, 3}
+
+
+@pytest.mark.parametrize('split', ['column', 'column_without_valid', 'timestamp', 'timestamp_as_text', 'random'])
+def test_every_row_by_row_split_streams_as_in_memory(tiny_config, files_dir, tmp_path, split):
+  """timestamp_as_text: times written as text (numbers) in Parquet: the stream compared the text with the cut."""
+  c = _files_config(tiny_config, files_dir)
+  log = pq.read_table(files_dir / 'log.parquet')
+  cut = int(np.median(log.column('timestamp').to_numpy()))
+  if split == 'timestamp_as_text':
+    at = log.schema.get_field_index('timestamp')
+    log = log.set_column(at, 'timestamp', pa.array(log.column('timestamp').to_numpy().astype(str)))
+    pq.write_table(log, tmp_path / 'log.parquet', row_group_size=500)
+    c.data.log.paths = (str(tmp_path / 'log.parquet'),)
+    split = 'timestamp'
   if split.startswith('column'):
     names = np.asarray(['train', 'test', 'train', 'valid', 'train'] * (log.num_rows // 5 + 1))[:log.num_rows]
     if split == 'column_without_valid':  # validation is then the seeded share of the 'train' rows, in both readers
@@ -459,7 +530,7 @@ def test_every_row_by_row_split_streams_as_in_memory(tiny_config, files_dir, tmp
     c.data.log.paths = (str(tmp_path / 'log.parquet'),)
     c.data.split, c.data.split_column = 'column', 'set'
   elif split == 'timestamp':
-    c.data.split, c.data.split_cut = 'timestamp', int(np.median(log.column('timestamp').to_numpy()))
+    c.data.split, c.data.split_cut = 'timestamp', cut
   else:
     c.data.split = 'random'
   c.data.reader = 'memory'

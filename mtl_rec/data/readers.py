@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import logging
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,8 +24,11 @@ import pyarrow.parquet as pq
 from mtl_rec.data.types import Origin, shown, where
 from mtl_rec.errors import DataError
 
+log = logging.getLogger(__name__)
+
 FORMATS = {'.parquet': 'parquet', '.pq': 'parquet', '.csv': 'csv', '.tsv': 'csv'}
 ARROW_TYPES = {'str': pa.string(), 'int': pa.int64(), 'float': pa.float64()}
+_CSV_BLOCK_BYTES = 64 << 20  # what the streaming CSV conversion reads at a time (its first block fixes the types)
 
 
 def expand(patterns: Sequence[str], what: str) -> list[str]:
@@ -81,6 +86,10 @@ class MissingColumn(DataError):
 
 def require_columns(path: str, available: Sequence[str], columns: Sequence[str], what: str) -> None:
   """A DataError naming the first of `columns` that file `path` (with columns `available`) lacks, and the fix."""
+  twice = sorted({c for c in columns if list(available).count(c) > 1})
+  if twice:  # which of the two a reader takes is not what the file's author decided
+    raise DataError(f'{what}: {path} has {len(list(available)) - len(set(available))} repeated column name(s) in its '
+                    f'header, among them {twice[0]!r}, which the config reads; rename one of them')
   missing = [c for c in columns if c not in available]
   if missing:
     fix = 'rename the column in the file or point the config at the right one'
@@ -118,12 +127,39 @@ def _read_file(path: str, fmt: str, delimiter: str, columns: dict[str, str], wha
   return table, first_line
 
 
-def _csv_convert(columns: dict[str, str]) -> pacsv.ConvertOptions:
-  """How a CSV file's `columns` are parsed. Only an empty field is a missing string: pyarrow's null words (NA,
-  null, nan, N/A...) stay text in string columns, where they may be real values (Namibia's country code 'NA'); in
-  number columns they still mark a missing value."""
+def _csv_convert(columns: dict[str, str], inferred: dict[str, pa.DataType] | None = None) -> pacsv.ConvertOptions:
+  """How a CSV file's `columns` are parsed (`inferred`: types found for undeclared ones). Only an empty field is a
+  missing string: pyarrow's null words (NA, null, nan, N/A...) stay text in string columns, where they may be real
+  values (Namibia's country code 'NA'); in number columns they still mark a missing value."""
   return pacsv.ConvertOptions(include_columns=list(columns), strings_can_be_null=False,
-                              column_types={c: ARROW_TYPES[t] for c, t in columns.items() if t})
+                              column_types={**(inferred or {}),
+                                            **{c: ARROW_TYPES[t] for c, t in columns.items() if t}})
+
+
+_CONVERSION_ERROR = re.compile(r"In CSV column #(\d+): CSV conversion error to [^:]+: invalid value '(.*)'", re.S)
+
+
+def _widened(error: Exception, header: list[str], schema: pa.Schema, columns: dict[str, str]
+             ) -> tuple[str, pa.DataType] | None:
+  """(column, type) when `error` is a block of the streamed CSV holding a value of another type than the type its
+  first block gave an undeclared column: the type that holds both (null -> number -> float -> string), as reading
+  the file whole infers it; None for any other error."""
+  m = _CONVERSION_ERROR.search(str(error))
+  if not m or int(m.group(1)) >= len(header) or header[int(m.group(1))] not in schema.names:
+    return None
+  column, value = header[int(m.group(1))], m.group(2)
+  if columns.get(column):  # a declared type: the value is wrong, not the inference
+    return None
+  was = schema.field(column).type
+  kind = 'int' if _INT.fullmatch(value.strip()) else 'float' if _is_number(value) else 'str'
+  if pa.types.is_null(was) and kind != 'str':
+    return column, ARROW_TYPES[kind]
+  if pa.types.is_integer(was) and kind != 'str':
+    return column, pa.float64()
+  return (column, pa.string()) if not pa.types.is_string(was) else None
+
+
+_INT = re.compile(r'[+-]?\d+')
 
 
 def _not_utf8(path: str, where_: str) -> DataError:
@@ -144,14 +180,27 @@ def _check_utf8_error(e: Exception, path: str, what: str) -> None:
     raise _not_utf8(path, f'{what}: {path}') from e
 
 
+def value_type(t: pa.DataType) -> pa.DataType:
+  """The type of a column's values: a dictionary-encoded column's values' (Parquet writers encode text that way)."""
+  return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def common_type(types: Sequence[pa.DataType]) -> pa.DataType:
+  """The type columns of `types` in several files are read as (an all-null column takes the others' type, int32
+  and int64 widen...): what concatenating the files gives."""
+  return pa.unify_schemas([pa.schema([pa.field('c', value_type(t))]) for t in types],
+                          promote_options='permissive').field('c').type
+
+
 def check_same_types(files: Sequence[str], schemas: Sequence[pa.Schema], columns: Sequence[str], what: str) -> None:
   """A DataError naming the column and two files if the files' `columns` have types that do not combine (text in
-  one, numbers in another); types that widen into one (int32 and int64, int and float) pass."""
+  one, numbers in another); types that widen into one (int32 and int64, int and float, text and dictionary-encoded
+  text) pass."""
   for column in columns:
     fields = [(f, s.field(column)) for f, s in zip(files, schemas) if column in s.names]
     for f, field in fields[1:]:
       try:
-        pa.unify_schemas([pa.schema([fields[0][1]]), pa.schema([field])], promote_options='permissive')
+        common_type([fields[0][1].type, field.type])
       except (pa.ArrowException, TypeError):
         raise DataError(f'{what}: column {column!r} holds {field.type} in {f} but {fields[0][1].type} in '
                         f'{fields[0][0]}; every file must hold the same kind of values in it: write them with one '
@@ -168,7 +217,7 @@ def to_numpy(col: pa.ChunkedArray | pa.Array, name: str, what: str) -> Any:
   if pa.types.is_string(t) or pa.types.is_large_string(t):
     return np.asarray(pc.fill_null(col, '').to_numpy(zero_copy_only=False)).astype(np.str_)
   if pa.types.is_integer(t):
-    return col.to_numpy().astype(np.float64 if col.null_count else np.int64)
+    return _integers(col, name, what)
   if pa.types.is_floating(t) or pa.types.is_decimal(t):
     return col.cast(pa.float64()).to_numpy()
   if pa.types.is_boolean(t):
@@ -180,8 +229,29 @@ def to_numpy(col: pa.ChunkedArray | pa.Array, name: str, what: str) -> Any:
     out = np.empty(len(col), dtype=object)
     out[:] = [[str(v) for v in x if v is not None] if x is not None else [] for x in col.to_pylist()]
     return out
+  if pa.types.is_null(t):  # every file's cells empty (a file where only some are takes the others' type)
+    raise DataError(f'{what}: column {name!r} is empty in every row; fill it, or drop the feature or task that reads '
+                    'it')
   raise DataError(f'{what}: column {name!r} has type {t}, which mtl_rec does not read; use strings, numbers, '
                   'booleans, timestamps or lists of strings')
+
+
+def _integers(col: pa.ChunkedArray | pa.Array, name: str, what: str) -> np.ndarray:
+  """An integer column as int64, or float64 (NaN = missing) where it has empty cells; a DataError for values
+  neither holds exactly (uint64 beyond 2**63 - 1; beyond 2**53 beside empty cells): ids or categories that would
+  silently become other values."""
+  low, high = (pc.min_max(col)[k].as_py() for k in ('min', 'max'))
+  too_large = None
+  if high is not None and high >= 2**63:
+    too_large = high
+  elif col.null_count and high is not None and max(abs(low), abs(high)) > 2**53:
+    too_large = high if abs(high) >= abs(low) else low
+  if too_large is not None:
+    why = ('is beyond a 64-bit signed integer' if too_large >= 2**63 else
+           'is beyond 2**53 in a column with empty cells, read as floats, which cannot hold it exactly')
+    raise DataError(f'{what}: column {name!r} holds {too_large}, which {why}; store the column as text (ids and '
+                    'categories may be strings)' + ('' if too_large >= 2**63 else ' or fill the empty cells'))
+  return col.to_numpy(zero_copy_only=False).astype(np.float64 if col.null_count else np.int64)
 
 
 def read_tables(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[str, str],
@@ -193,7 +263,8 @@ def read_tables(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[st
   tables, origins, start = [], [], 0
   for path in expand(paths, what):
     table, first_line = _read_file(path, file_format(path, fmt), delimiter, columns, what)
-    tables.append(table.select(list(columns)))
+    table = table.select(list(columns))
+    tables.append(table.cast(pa.schema([pa.field(f.name, value_type(f.type)) for f in table.schema])))
     origins.append(Origin(path, start, table.num_rows, first_line))
     start += table.num_rows
   check_same_types([o.path for o in origins], [t.schema for t in tables], list(columns), what)
@@ -278,26 +349,38 @@ def csv_to_parquet(path: str, out: str, delimiter: str, columns: dict[str, str],
   _check_file(path, 'csv', delimiter, columns, what)
   tmp = out + '.tmp'
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  writer, rows = None, 0
-  try:
-    reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=64 << 20),
-                            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                            convert_options=_csv_convert(columns))
-    _check_text(reader.schema, path, what)
-    for batch in reader:
-      table = pa.Table.from_batches([batch])
-      if writer is None:
-        writer = pq.ParquetWriter(tmp, table.schema)
-      writer.write_table(table, row_group_size=row_group_size)
-      rows += table.num_rows
-  except (pa.ArrowException, OSError) as e:
-    _check_utf8_error(e, path, what)
-    raise DataError(f"{what}: {path} could not be read ({e}) at about row {rows + 1}: a value of another type than "
-                    'the rows before it (set the feature\'s dtype for CSV columns that look numeric but are not), or '
-                    'a truncated or corrupt file') from e
-  finally:
-    if writer is not None:
-      writer.close()
+  # The types of undeclared columns come from the first block. A later block holding another type of value (a
+  # column empty for the first 64 MB, integers and then '0.5') starts the conversion again with the column widened,
+  # as reading the whole file at once infers it (read_tables): the same columns as the in-memory reader's.
+  inferred: dict[str, pa.DataType] = {}
+  while True:
+    writer, rows, schema = None, 0, None
+    try:
+      reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+                              parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                              convert_options=_csv_convert(columns, inferred))
+      schema = reader.schema
+      _check_text(schema, path, what)
+      for batch in reader:
+        table = pa.Table.from_batches([batch])
+        if writer is None:
+          writer = pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table, row_group_size=row_group_size)
+        rows += table.num_rows
+      break
+    except (pa.ArrowException, OSError) as e:
+      widened = None if schema is None else _widened(e, _csv_header(path, delimiter), schema, columns)
+      if widened is not None:
+        log.info('%s: column %r holds %s values after the first block; converting again', path, *widened)
+        inferred[widened[0]] = widened[1]
+        continue
+      _check_utf8_error(e, path, what)
+      raise DataError(f"{what}: {path} could not be read ({e}) at about row {rows + 1}: a value of another type "
+                      "than the rows before it (set the feature's dtype for CSV columns that look numeric but are "
+                      'not), or a truncated or corrupt file') from e
+    finally:
+      if writer is not None:
+        writer.close()
   if not rows:
     raise DataError(f'{what}: {path} has no rows; write the data again or drop it from the paths')
   os.replace(tmp, out)

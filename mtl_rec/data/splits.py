@@ -14,6 +14,7 @@ import numpy as np
 
 from mtl_rec import config as config_lib
 from mtl_rec import files
+from mtl_rec.data import readers
 from mtl_rec.data.types import Dataset
 from mtl_rec.errors import DataError
 
@@ -57,7 +58,10 @@ def assign(rows: np.ndarray, log: dict[str, np.ndarray], data_config: ml_collect
   elif dc.split == 'random':
     test = row_uniform(rows, seed, 0) < dc.test_fraction
   elif dc.split == 'timestamp':
-    test = np.asarray(log[dc.log.timestamp_column]) >= dc.split_cut
+    # numbers stored as text (checked as timestamps by the loader, or the streaming survey) compare as numbers
+    column = dc.log.timestamp_column
+    times = readers.numeric(np.asarray(log[column]), column, (), 'interaction log', 'the timestamp column')
+    test = times >= dc.split_cut
   elif dc.split == 'column':
     names = np.asarray(log[dc.split_column]).astype(np.str_)
     bad = np.flatnonzero(~np.isin(names, ('train', 'valid', 'test')))

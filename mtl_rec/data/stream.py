@@ -24,6 +24,7 @@ holding the next row from the per-row-group counts: nothing consumed before is r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -98,9 +99,16 @@ class RowGroups:
     parquet = pq.ParquetFile(path)
     readers.require_columns(path, parquet.schema_arrow.names, columns, 'interaction log')
     table = parquet.read_row_group(int(self.group[g]), columns=list(columns))
-    out = {name: readers.to_numpy(table.column(name), name, 'interaction log') for name in columns}
+    out = {name: readers.to_numpy(self._as_read(table.column(name), name), name, 'interaction log')
+           for name in columns}
     out['_row'] = np.arange(self.start[g], self.start[g] + self.rows[g], dtype=np.int64)
     return out
+
+  def _as_read(self, col: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+    """A column of one file as the in-memory reader reads it from all files concatenated: in their common type
+    (readers.common_type; a file where it is empty throughout holds nulls of no type)."""
+    want = _common_type(tuple(s.field(name).type for s in self.schemas if name in s.names))
+    return col if col.type == want else col.cast(want)
 
   def origins(self, g: int) -> tuple[Origin, ...]:
     """Where the rows of row group g come from (its file, and its offset in it), for error messages."""
@@ -120,6 +128,11 @@ class RowGroups:
     """What identifies the log's rows (files, row groups and their sizes): a cache made for another log is not
     reused."""
     return [list(self.paths), self.rows.tolist(), [os.path.getsize(p) for p in self.paths]]
+
+
+@functools.lru_cache(maxsize=256)
+def _common_type(types: tuple[pa.DataType, ...]) -> pa.DataType:
+  return readers.common_type(types)
 
 
 def parquet_log(paths: Sequence[str], fmt: str, delimiter: str, columns: dict[str, str], directory: str,

@@ -565,6 +565,8 @@ def _validate_features(c: ml_collections.ConfigDict) -> None:
       raise _err(f'{where}.hash_buckets', f.hash_buckets, "vocabulary='hash' needs hash_buckets > 0")
     if f.kind == 'text' and (f.max_tokens < 1 or f.char_ngrams < 0 or f.char_ngrams == 1):
       raise _err(f'{where}.max_tokens', f.max_tokens, 'text needs max_tokens >= 1 and char_ngrams 0 or >= 2')
+    if f.kind == 'multi_categorical' and not f.delimiter:
+      raise _err(f'{where}.delimiter', f.delimiter, "a string column's values are split at it: give one, e.g. '|'")
     if not 0 <= f.dropout < 1:
       raise _err(f'{where}.dropout', f.dropout, 'must be in [0, 1): the share of training examples without it')
     if f.kind == 'vector' and f.entity == 'context':

@@ -152,11 +152,16 @@ def vocab_values(rule: Mapping[str, Any], values: Any) -> tuple[np.ndarray, np.n
   values floor-divided by `divide` (negative ones unknown then), NaN unknown; ids as they are."""
   raw_type = rule['raw_type']
   if raw_type == 'int':
-    v = np.asarray(values, np.float64)
-    known = np.isfinite(v)
+    v = np.asarray(values)
+    if v.dtype.kind in 'iu':  # integers stay integers: through float64, neighbours beyond 2**53 would merge
+      v, known = v.astype(np.int64), np.ones(v.shape, bool)
+    else:  # floats (a column with empty cells) or None: whole numbers, NaN unknown
+      x = np.asarray(v, np.float64)
+      known = np.isfinite(x)
+      v = np.where(known, x, 0).astype(np.int64)
     if rule.get('divide'):
       known &= v >= 0
-    v = np.where(known, v, 0).astype(np.int64)
+      v = np.where(known, v, 0)
     return (v // int(rule['divide']) if rule.get('divide') else v), known
   if raw_type == 'str':
     # numpy strings drop trailing NULs: a request's 'M\0' would be 'M'; it is unknown instead (as ids are)
@@ -178,7 +183,10 @@ def _hash_rows(rule: Mapping[str, Any], values: np.ndarray) -> np.ndarray:
 
 def numbers(rule: Mapping[str, Any], values: Any) -> np.ndarray:
   """float64 values of a numeric rule (after log1p, negative values counting as 0); NaN where missing."""
-  x = np.asarray(values, np.float64)
+  x = np.asarray(values)
+  if x.dtype.kind == 'U':  # a text column of numbers (readers.numeric checked it when the rule was fitted): '' is
+    x = np.where(x == '', 'nan', x)  # missing, as there
+  x = x.astype(np.float64)
   return np.log1p(np.maximum(x, 0.0)) if rule.get('log1p') else x
 
 

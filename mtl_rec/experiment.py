@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # imported when used: Grain is needed by data.reader='stream'
 
 # What the streamed survey pass checks in every row, versioned: a survey cached by a version that checked less (or
 # other columns) is computed again. Raise it when the checks change.
-SURVEY_CHECKS = 'labels,timestamps,numeric-context/1'
+SURVEY_CHECKS = 'labels,timestamps,numeric-context,categorical-context/2'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +277,8 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   labels = list(dict.fromkeys(t.label for _, t in config_lib.ordered(config.tasks) if t.label != config_lib.OBSERVED))
   numbers = {config_lib.feature_column(n, f): n for n, f in config_lib.ordered(config.features)
              if f.entity == 'context' and f.kind == 'numeric'}
+  categories = {config_lib.feature_column(n, f): n for n, f in config_lib.ordered(config.features)
+                if f.entity == 'context' and f.kind == 'categorical'}
   ts_column = [lc.timestamp_column] if lc.timestamp_column else []
 
   def valid_rows(cols: dict[str, np.ndarray], g: int) -> dict[str, np.ndarray]:
@@ -288,15 +290,18 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
       readers.numeric(cols[column], column, origins, 'interaction log', f"feature '{name}'")
     for column in ts_column:
       readers.timestamps(cols[column], column, origins, 'interaction log')
+    for column, name in categories.items():  # a float column's categories are whole numbers (features._rule)
+      features_lib.check_whole_numbers(cols[column], column, name, 'the interaction log', origins)
     return cols
 
   # The survey's cache is keyed by the checks too: a rerun that labels or reads another column, or a cache from a
   # version that checked less, checks every row again.
-  survey_key = json.dumps([key, SURVEY_CHECKS, labels, numbers, ts_column,
+  survey_key = json.dumps([key, SURVEY_CHECKS, labels, numbers, categories, ts_column,
                            {n: t.to_dict() for n, t in config_lib.ordered(config.tasks)}], default=str)
   # the lead process reads the log first; the others then find its passes in a shared run directory
   survey = distributed.lead_first(lambda: stream_lib.survey(
-      groups, list(dict.fromkeys([lc.user_column, lc.item_column, *split_columns, *labels, *numbers, *ts_column])),
+      groups, list(dict.fromkeys([lc.user_column, lc.item_column, *split_columns, *labels, *numbers, *categories,
+                                  *ts_column])),
       lambda cols, g: codes(valid_rows(checked(cols, g), g), g), [lc.user_column, lc.item_column],
       os.path.join(inputs, 'survey.npz'), survey_key), 'survey')
   totals = survey['group_counts'].sum(0)

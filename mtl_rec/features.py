@@ -127,6 +127,19 @@ def _raw_type(values: Any, is_id: bool) -> str:
   return 'str' if values.dtype.kind == 'U' else 'int'
 
 
+def check_whole_numbers(raw: np.ndarray, column: str, name: str, where: str, origins: tuple[Any, ...]) -> None:
+  """A DataError at the first fractional value of a categorical feature's float column (one with empty cells, or
+  of floats): its categories are whole numbers, and encoding would merge 1.1 and 1.9 with 1."""
+  if raw.dtype.kind != 'f':
+    return
+  bad = np.flatnonzero(np.isfinite(raw) & (raw != np.round(raw)))
+  if bad.size:
+    raise DataError(f"{where}: {readers.where(origins, int(bad[0]))}: column {column!r} of feature '{name}' holds "
+                    f'{raw[bad[0]]}, not a whole number, and a categorical feature would merge it with its integer '
+                    "part; declare kind='numeric' for quantities, or dtype='str' to make each distinct value a "
+                    'category')
+
+
 def _declared_categories(name: str, f: ml_collections.ConfigDict, raw_type: str, where: str) -> np.ndarray:
   """A feature's declared `categories` as values of its column's type (ints for a number column, which '7' and 7
   both name); a DataError for a category that cannot be one."""
@@ -196,15 +209,10 @@ def _rule(name: str, f: ml_collections.ConfigDict, raw: Any, weights: np.ndarray
                     'strings; divide needs integers')
   rule = {'raw': name, 'raw_type': raw_type, **({'prefix': int(f.prefix)} if f.prefix else {}),
           **({'divide': int(f.divide)} if f.divide else {})}
+  if raw_type == 'int':
+    check_whole_numbers(raw, f.column or name, name, where, origins)
   if f.vocabulary == 'hash':
     return {'kind': 'hash', **rule, 'buckets': int(f.hash_buckets)}
-  if raw_type == 'int' and raw.dtype.kind == 'f':  # a float column: its categories are whole numbers or an error
-    bad = np.flatnonzero(np.isfinite(raw) & (raw != np.round(raw)))
-    if bad.size:
-      raise DataError(f"{where}: {readers.where(origins, int(bad[0]))}: column "
-                      f"{f.column or name!r} of feature '{name}' holds {raw[bad[0]]}, not a whole number, and a "
-                      "categorical feature would merge it with its integer part; declare kind='numeric' for "
-                      "quantities, or dtype='str' to make each distinct value a category")
   rule = {'kind': 'vocab', **rule, 'vocab': name}
   if f.categories:
     vocabs[name] = Vocab.declared(_declared_categories(name, f, raw_type, where))

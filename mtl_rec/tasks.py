@@ -96,7 +96,9 @@ def label_columns(config: ml_collections.ConfigDict, ds: Dataset) -> dict[str, L
     what = f"task '{name}'"
     if t.kind == 'multiclass':
       classes = {v: j for j, v in enumerate(t.classes)}
-      numeric = all(isinstance(v, (int, float)) for v in t.classes)
+      # numbers, or text classes ('1', '2') of a number column (one with empty cells holds 1.0, whose text is no class)
+      numeric = all(isinstance(v, (int, float)) for v in t.classes) or (
+          np.asarray(raw).dtype.kind in 'iuf' and all(_is_number(v) for v in t.classes))
       if numeric:
         x = _finite_or_missing(readers.numeric(raw, t.label, origins, 'interaction log', what), t.label, ds, what)
         present = ~np.isnan(x)
@@ -137,6 +139,13 @@ def label_columns(config: ml_collections.ConfigDict, ds: Dataset) -> dict[str, L
   return out
 
 
+def _is_number(value: Any) -> bool:
+  try:
+    return math.isfinite(float(value))
+  except (TypeError, ValueError):
+    return False
+
+
 def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn],
                train_rows: np.ndarray) -> tuple[TaskSpec, ...]:
   """The tasks of config.tasks; a regression head takes its scale (declared, else the data's range) and initial
@@ -153,6 +162,11 @@ def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn]
     if t.kind == 'regression':
       train = col.values[train_rows][col.present[train_rows]]
       have = col.values[col.present]
+      if not t.range and not have.size:
+        raise DataError(f"task '{name}': column {t.label!r} holds no value in the rows its scale is taken from "
+                        "(the log's rows; with data.reader='stream', the evaluation rows and the fitting sample "
+                        f'of data.stream.fit_rows training rows): declare tasks.{name}.range=(lo, hi), or with a '
+                        'stream raise data.stream.fit_rows, or fill the column')
       value_range = tuple(map(float, t.range)) if t.range else (float(have.min()), float(have.max()))
       spec = dataclasses.replace(spec, value_range=value_range, bias_init=float(train.mean()) if train.size else 0.0)
     elif t.kind == 'binary' and t.label != config_lib.OBSERVED:

@@ -82,6 +82,7 @@ def test_bad_values_name_the_field(field, value, message):
     (lambda c: setattr(c.features.gender, 'entity', 'session'), 'features.gender.entity'),
     (lambda c: c.features.gender.update(vocabulary='hash'), 'hash_buckets'),
     (lambda c: setattr(c.features.genres, 'sharded', True), 'features.genres.sharded'),
+    (lambda c: setattr(c.features.genres, 'delimiter', ''), 'features.genres.delimiter'),
     (lambda c: setattr(c.features.age, 'boundaries', (30, 20)), 'strictly increasing'),
     (lambda c: setattr(c.tasks.rating, 'kind', 'multiclass'), 'tasks.rating.classes'),
     (lambda c: setattr(c.tasks.click, 'rows', 'observed'), "label 'observed'"),

@@ -447,6 +447,68 @@ def test_a_categorical_feature_of_fractional_numbers_is_an_error_not_their_integ
     experiment.build(_context_config(tmp_path, cells))
   exp = experiment.build(_context_config(tmp_path, cells, dtype='str'))
   assert '1.5' in exp.encoder.vocabs['level'].keys.tolist()
+  # a hashed vocabulary skipped the check: 1.1 and 1.9 shared a bucket (and serving refused 1.5 as no integer)
+  with pytest.raises(DataError, match=r"row 6, line 7: column 'level' of feature 'level' holds 1.5, not a whole"):
+    experiment.build(_context_config(tmp_path, cells, vocabulary='hash', hash_buckets=100))
+
+
+def test_a_fractional_category_outside_the_streams_samples_is_found_by_its_survey(tmp_path):
+  """The streaming reader fits a context feature on a sample of the training rows: a fractional value elsewhere
+  was encoded as its integer part (1.5 as 1). The survey pass, which reads every row before training, names it as
+  the in-memory reader does."""
+  cells = ['1.0', '2.0', '', '3.0'] * 30
+  cells[99] = '1.5'  # user 4's row, a training row; users 1 and 2 hold the test rows (the evaluation sample)
+  c = _context_config(tmp_path, cells)
+  c.data.reader = 'stream'
+  c.data.stream.update(fit_rows=2, eval_rows=2)
+  with pytest.raises(DataError, match=r"log.csv, row 100, line 101: column 'level' of feature 'level' holds 1.5, "
+                                      r'not a whole number'):
+    experiment.build(c, workdir=str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'input' / 'survey.npz')  # found by the survey, before any fitting
+
+
+def test_a_number_column_read_as_text_encodes_empty_cells_as_missing(tmp_path):
+  """A numeric feature on a column another feature reads as text (dtype='str'): its empty cells raised a raw
+  ValueError (could not convert string to float: ''); they are missing values, as in a number column."""
+  from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
+  cells = ['3', '', '5', '8'] * 3
+  numbers = experiment.build(_context_config(tmp_path, cells, kind='numeric')).encoder.context_table['level']
+  c = _context_config(tmp_path, cells, kind='numeric')
+  with c.unlocked():
+    c.features.level_text = config_lib.feature('context', 'level', dtype='str')
+  exp = experiment.build(c)
+  np.testing.assert_array_equal(exp.encoder.context_table['level'], numbers)
+  assert exp.data.log['level'].dtype.kind == 'U' and exp.encoder.vocabs['level_text'].keys.tolist() == ['3', '5', '8']
+
+
+def test_integers_beyond_float_precision_stay_exact_or_are_an_error():
+  """64-bit categories (a seller id, a 64-bit hash) went through float64, where neighbours beyond 2**53 are one
+  number: six orgs became one category. uint64 ids beyond 2**63 - 1 wrapped to negative ids. Integers stay integers;
+  what no int64 (or, beside empty cells, no float64) holds exactly is an error with the fix."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  from mtl_rec import encoding  # pylint: disable=g-import-not-at-top
+  from mtl_rec.data import readers  # pylint: disable=g-import-not-at-top
+  big = [1_500_000_000_000_000_001 + k for k in range(6)]
+  column = readers.to_numpy(pa.array(big, pa.int64()), 'org', 'the users table')
+  assert column.tolist() == big
+  values, known = encoding.vocab_values({'raw_type': 'int'}, column)
+  assert len(set(values.tolist())) == 6 and known.all()
+  assert len(set(encoding.encode({'kind': 'hash', 'raw_type': 'int', 'buckets': 1 << 30}, column, {}).tolist())) == 6
+  assert encoding.vocab_values({'raw_type': 'int', 'divide': 5}, np.asarray([-7, 12]))[0].tolist() == [0, 2]
+  with pytest.raises(DataError, match=r"column 'item_id' holds 18446744073709551614, which is beyond a 64-bit signed "
+                                      r'integer; store the column as text'):
+    readers.to_numpy(pa.array([1, 2**64 - 2], pa.uint64()), 'item_id', 'interaction log')
+  with pytest.raises(DataError, match=r'beyond 2\*\*53 in a column with empty cells.*or fill the empty cells'):
+    readers.to_numpy(pa.array([big[0], None], pa.int64()), 'org', 'the users table')
+  assert readers.to_numpy(pa.array([2**53, None], pa.int64()), 'org', 'the users table')[0] == 2**53
+
+
+def test_a_repeated_column_name_in_a_header_is_an_error(tmp_path):
+  """rating,rating: the reader silently took the first; which one the file's author meant is not known."""
+  c = _context_config(tmp_path, ['1'] * 12)
+  _rewrite(tmp_path / 'log.csv', lambda t: t.replace('timestamp,level', 'level,level', 1))
+  with pytest.raises(DataError, match=r"log.csv has 1 repeated column name\(s\) in its header, among them 'level'"):
+    experiment.build(c)
 
 
 def test_declared_categories_of_a_number_column_are_numbers(tmp_path):
@@ -471,3 +533,35 @@ def test_a_number_vocabulary_looks_up_whole_numbers_and_their_decimal_text_only(
   assert v.lookup(np.asarray([7.0, 7.5, np.nan, 70.0])).tolist() == [3, 0, 0, 4]
   assert v.lookup(np.asarray([7, '70', 2**70, True], dtype=object)).tolist() == [3, 4, 0, 0]
   assert Vocab.fit(np.asarray(['1', '2'])).lookup(np.asarray([10, 1, 2])).tolist() == [0, 1, 2]
+
+
+def test_a_regression_label_with_no_value_to_take_its_scale_from_is_named():
+  """A regression task takes its scale from its labels; with none (an empty column, or a sparse label the streaming
+  reader's fitting sample holds no value of) that was numpy's 'zero-size array to reduction operation minimum'."""
+  from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mtl_rec import tasks  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  with c.unlocked():
+    c.tasks.watch = config_lib.task('regression', 'watch')
+  labels = {'watch': tasks.LabelColumn(np.zeros(4, np.float32), np.zeros(4, bool))}
+  with pytest.raises(DataError, match=r"task 'watch': column 'watch' holds no value in the rows its scale is taken "
+                                      r'from .*declare tasks.watch.range=\(lo, hi\)'):
+    tasks.task_specs(c, labels, np.arange(4))
+  c.tasks.watch.range = (0.0, 1.0)
+  assert tasks.task_specs(c, labels, np.arange(4))[0].value_range == (0.0, 1.0)
+
+
+def test_text_classes_of_a_number_column_with_empty_cells_are_its_numbers(tmp_path):
+  """classes=('1', '2', '3') on a column of 1-3 with an empty cell (read as floats): 1.0 was compared as the text
+  '1.0' and named 'not one of the classes'; the classes are compared as numbers there, as they are as text in a
+  column of integers."""
+  from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
+  cells = [str(r % 3 + 1) for r in range(12)]
+  cells[7] = ''
+  c = _context_config(tmp_path, cells)
+  with c.unlocked():
+    del c.features['level']
+    c.tasks.stars = config_lib.task('multiclass', 'level', classes=('1', '2', '3'))
+  stars = experiment.build(c).labels.columns['stars']
+  assert stars.present.tolist() == [r != 7 for r in range(12)]
+  assert stars.values[stars.present].tolist() == [r % 3 for r in range(12) if r != 7]

@@ -276,6 +276,29 @@ def test_the_worked_example_trains_exports_and_serves_its_own_tasks(tmp_path, im
         tensor('user_id', 'BYTES', ['u0007']), tensor('item_id', 'BYTES', items[:1]),
         tensor('device', 'BYTES', ['web']), tensor('hour', 'FP64', [10**400])]})
     assert status == 400 and 'FP64 data must be finite numbers' in out['error'], out
+    # numbers finite as float64 but not in the model's float32: a 400, not scores of null or an empty list
+    status, out, _ = http(url, '/v2/models/shop/infer', {'inputs': [
+        tensor('user_id', 'BYTES', ['u0007']), tensor('item_id', 'BYTES', items[:1]),
+        tensor('hour', 'FP32', [1e39])]})
+    assert status == 400 and 'FP32 data must be float32 numbers' in out['error'], out
+    for path, body in [('/v1/score', {'user': {'user_id': 'u0007', 'age': 1e300}, 'items': items}),
+                       ('/v1/recommend', {'user': {'user_id': 'u0007', 'age': 1e300}, 'k': 3})]:
+      status, out, _ = http(url, path, body)
+      assert status == 400 and 'user.age=1e+300 is out of range for this model' in out['error'], out
+    # Hashed user ids are an open vocabulary: a user the export does not know is scored from its id's bucket (every
+    # new user was the out-of-vocabulary row, all alike), on /v1 and on /v2 alike.
+    scores = {}
+    for user in ('u9999', 'new-user-42'):
+      status, out, _ = http(url, '/v1/score', {'user': {'user_id': user}, 'items': items})
+      assert status == 200 and out['user']['features'] == 'hashed id' and out['user']['cold_start'], out
+      scores[user] = [e['click'] for e in out['items']]
+      inputs[0].set_data_from_numpy(np.asarray([user.encode()], dtype=object))
+      inputs[2].set_data_from_numpy(np.asarray([b'web'], dtype=object))
+      res = client.infer('shop', inputs)
+      _, ref, _ = http(url, '/v1/score', {'user': {'user_id': user}, 'items': items,
+                                          'context': {'device': 'web', 'hour': 20}})
+      np.testing.assert_allclose(res.as_numpy('click'), [e['click'] for e in ref['items']], atol=1e-5)
+    assert scores['u9999'] != scores['new-user-42']
   finally:
     stop_server(proc, log_path)
 

@@ -208,7 +208,13 @@ class Server:
       user_pos = np.repeat(user_pos, item_pos.shape[0])
     rows = np.where(user_pos >= 0, user_pos, m.num_users)
     context, unknown = protocol.encode_context(req, m, item_pos.shape[0])
-    work = ScoreWork({k: m.user_table[k][rows] for k in m.user_inputs}, item_pos, req.weights, context)
+    users = {k: m.user_table[k][rows] for k in m.user_inputs}
+    new = np.flatnonzero(user_pos < 0)
+    if new.size and m.hashed_ids['user']:  # unknown users of a hashed vocabulary: their ids' buckets
+      ids = req.user_ids if len(req.user_ids) == user_pos.shape[0] else list(req.user_ids) * user_pos.shape[0]
+      for k, v in m.hashed_id_rows('user', [ids[j] for j in new]).items():
+        users[k][new] = v
+    work = ScoreWork(users, item_pos, req.weights, context)
     out = await self.score_batcher.submit(work, work.rows)
     user_cold = (user_pos < 0) | ((m.user_id_rows[rows] == 0) if m.user_id_rows is not None else False)
     item_cold = m.items_cold(item_pos)
@@ -386,7 +392,8 @@ def serve(export_dir: str, options: ServerOptions) -> None:
   m = server.model
 
   def ready_line(_: str) -> None:
-    print(f'serving {m.name} version {m.version} on http://{options.host}:{port}', flush=True)
+    host = f'[{options.host}]' if ':' in options.host else options.host  # an IPv6 address in a URL (RFC 3986)
+    print(f'serving {m.name} version {m.version} on http://{host}:{port}', flush=True)
   web.run_app(server.app(), sock=sock, print=ready_line, access_log=None, handle_signals=True, loop=_new_loop())
 
 

@@ -76,7 +76,7 @@ class IdIndex:
     self.sorted = self.ids[self.order]
     self.size = int(ids.shape[0])
 
-  def _canonical(self, raw: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+  def canonical(self, raw: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     """(values, parseable): request ids (str or int) in the index's dtype. In an integer index a string matches
     only as plain ASCII decimal digits (`encoding.as_int`): '1_0', ' 10', '+10' or '１０' are other ids, not 10."""
     n = len(raw)
@@ -104,7 +104,7 @@ class IdIndex:
     """Positions of `raw` ids (str or int; decimal strings match integer ids); -1 where unknown."""
     if not len(raw) or not self.size:
       return np.full(len(raw), -1, np.int64)
-    vals, ok = self._canonical(raw)
+    vals, ok = self.canonical(raw)
     pos = np.minimum(np.searchsorted(self.sorted, vals), self.size - 1)
     found = ok & (self.sorted[pos] == vals)
     return np.where(found, self.order[pos], -1)
@@ -196,6 +196,10 @@ class ExportedModel:
     self.no_context = {n: unknown_row(n)[0] for n in self.context_inputs}
     id_input = lambda names: next((n for n in names if self.rules[n]['raw_type'] == 'id' and
                                    self.rules[n]['kind'] == 'vocab'), None)
+    # Id inputs with a hashed vocabulary (an open one): an id the export does not know still has its bucket, as in
+    # training, where every id is hashed; only the other features of an unknown user or item are unknown.
+    hashed = lambda names: [n for n in names if self.rules[n]['raw_type'] == 'id' and self.rules[n]['kind'] == 'hash']
+    self.hashed_ids = {'user': hashed(self.user_inputs), 'item': hashed(self.item_inputs)}
     self.item_id_rows = self.item_table[id_input(self.item_inputs)] if id_input(self.item_inputs) else None
     self.user_id_rows = self.user_table[id_input(self.user_inputs)] if id_input(self.user_inputs) else None
     with np.load(os.path.join(version_dir, m['seen']['file']), allow_pickle=False) as s:
@@ -242,11 +246,25 @@ class ExportedModel:
         unknown.append(raw_name)
     return feats, unknown
 
-  def user_features(self, position: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Encoded features of the user at table `position` (-1: unknown, all OOV), with request-given side features
-    (raw values, already validated) replacing the table's."""
+  def user_features(self, position: int, overrides: dict[str, Any] | None = None,
+                    raw_id: Any = None) -> dict[str, Any]:
+    """Encoded features of the user at table `position` (-1: unknown, all OOV but a hashed id's bucket: `raw_id`),
+    with request-given side features (raw values, already validated) replacing the table's."""
     row = position if position >= 0 else self.num_users
-    return self._encode(self.user_fields, overrides or {}, {n: self.user_table[n][row] for n in self.user_inputs})[0]
+    base = {n: self.user_table[n][row] for n in self.user_inputs}
+    if position < 0 and raw_id is not None:
+      base.update(self.hashed_id_rows('user', [raw_id]))
+      base = {n: v[0] if n in self.hashed_ids['user'] else v for n, v in base.items()}
+    return self._encode(self.user_fields, overrides or {}, base)[0]
+
+  def hashed_id_rows(self, entity: str, raw_ids: Any) -> dict[str, np.ndarray]:
+    """{id input: rows [n]} of raw ids through the entity's hashed id inputs (none where its ids are fitted)."""
+    table, index = (self.user_table, self.users) if entity == 'user' else (self.item_table, self.items)
+    # hashed as training hashed them: in the id column's type (an integer id's hash is not its decimal text's)
+    values, ok = index.canonical(list(raw_ids))
+    return {n: np.where(ok, encoding.encode(self.rules[n], values, self.vocabs),
+                        encoding.missing(self.rules[n])).astype(table[n].dtype)
+            for n in self.hashed_ids[entity]}
 
   def user_unknown_fields(self, overrides: dict[str, Any]) -> list[str]:
     return self._encode(self.user_fields, overrides, {})[1]

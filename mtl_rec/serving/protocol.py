@@ -26,7 +26,8 @@ import orjson
 
 from mtl_rec import encoding
 from mtl_rec.serving.loader import MAX_ID_CHARS, ExportedModel
-from mtl_rec.serving.validation import MAX_TEXT_CHARS, BadRequest, is_finite, parse_json, parse_weights
+from mtl_rec.serving.validation import (FLOAT32_MAX, MAX_TEXT_CHARS, BadRequest, check_float32, is_finite, parse_json,
+                                        parse_weights)
 
 INPUT_DATATYPES = {'BYTES': None, 'INT64': '<i8', 'INT32': '<i4', 'FP32': '<f4', 'FP64': '<f8'}
 ID_INPUTS = ('user_id', 'item_id')
@@ -77,15 +78,16 @@ class InferRequest:
   context: dict[str, list[Any]]  # context field -> values (one, or one per item)
 
 
-def _flatten(data: Any, depth: int, where: str) -> list[Any]:
+def _flatten(data: Any, shape: list[int], where: str) -> list[Any]:
+  """A tensor's JSON data, flat (row-major, as the spec allows) or nested exactly as its shape."""
   if not isinstance(data, list):
     raise BadRequest(f'{where}.data must be an array, got {type(data).__name__}')
-  if depth <= 1 or not any(isinstance(x, list) for x in data):
+  if len(shape) <= 1 or not any(isinstance(x, list) for x in data):
     return data
-  out = []
-  for x in data:
-    out.extend(_flatten(x, depth - 1, where) if isinstance(x, list) else [x])
-  return out
+  if len(data) != shape[0] or not all(isinstance(x, list) and len(x) == shape[1] for x in data):
+    raise BadRequest(f'{where}.data is nested otherwise than its shape {shape}: send it flat, or as {shape[0]} '
+                     f'arrays of {shape[1]}')
+  return [v for x in data for v in x]
 
 
 def _decode_bytes_tensor(buf: bytes, n: int, where: str) -> list[str]:
@@ -130,7 +132,8 @@ def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int, raw_typ
     raise BadRequest(f'{where}: datatype {datatype!r} is not supported; use {" or ".join(accepted)}')
   shape = t.get('shape')
   if (not isinstance(shape, list) or not 1 <= len(shape) <= 2 or
-      not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+      not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or
+      len(shape) == 2 and shape[1] != 1):
     raise BadRequest(f'{where}: shape must be [N] or [N, 1] with non-negative integers, got {shape!r}')
   n = math.prod(shape)
   if n == 0:
@@ -162,7 +165,7 @@ def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int, raw_typ
   else:
     if 'data' not in t:
       raise BadRequest(f'{where}: data is missing')
-    values = _flatten(t['data'], len(shape), where)
+    values = _flatten(t['data'], shape, where)
     if len(values) != n:
       raise BadRequest(f'{where}: data has {len(values)} elements, shape {shape} needs {n}')
     if datatype == 'BYTES':
@@ -173,6 +176,9 @@ def _parse_input(t: Any, binary: memoryview, offset: int, max_rows: int, raw_typ
       for x in values:
         if not is_finite(x):  # a number (not a bool) finite as a float: a 400-digit integer is not
           raise BadRequest(f'{where}: {datatype} data must be finite numbers, got {x!r}')
+        if datatype == 'FP32' and abs(x) > FLOAT32_MAX:
+          raise BadRequest(f'{where}: FP32 data must be float32 numbers (at most {FLOAT32_MAX:.4g} in size), '
+                           f'got {x!r}')
     else:
       lo, hi = (-(2**63), 2**63) if datatype == 'INT64' else (-(2**31), 2**31)
       for x in values:
@@ -301,6 +307,8 @@ def encode_context(req: InferRequest, model: ExportedModel, n: int) -> tuple[dic
   unknown = []
   for field, values in req.context.items():
     name, rule = model.context_fields[field]
+    if rule['raw_type'] == 'float':
+      check_float32(rule, values, f'input {field!r}')
     encoded = encoding.encode(rule, values, model.vocabs)
     out[name] = np.broadcast_to(encoded, (n,) + encoded.shape[1:]) if len(values) == 1 else encoded
     if any(encoding.unknown(rule, v, model.vocabs) for v in set(values)):

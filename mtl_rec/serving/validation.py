@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from mtl_rec import encoding
 from mtl_rec.serving.loader import MAX_ID_CHARS, ExportedModel
 
 MAX_LIST_VALUES = 256  # values of one multi-valued request field
 MAX_TEXT_CHARS = 4096  # characters of one text request field (a description)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the model computes in float32: a larger number is infinite there
 
 
 class BadRequest(Exception):
@@ -63,8 +65,13 @@ def parse_json(body: bytes) -> Any:
   """
   if not body:
     raise BadRequest('empty body: send a JSON object')
+  try:  # strictly: json.loads of bytes decodes with 'surrogatepass' (and UTF-16/32), letting lone surrogates through
+    text = body.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise BadRequest(f'the body is not valid UTF-8 ({e.reason} at byte {e.start}); JSON is sent as UTF-8 '
+                     '(RFC 8259)') from None
   try:
-    obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
+    obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
   except RecursionError:
     raise BadRequest('invalid JSON: nested too deeply') from None
   except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the constants above are ValueErrors
@@ -76,6 +83,23 @@ def parse_json(body: bytes) -> Any:
       raise BadRequest('invalid JSON: a \\uD800-\\uDFFF escape that is not half of a surrogate pair; strings must '
                        'be valid Unicode') from None
   return obj
+
+
+def check_float32(rule: dict[str, Any], values: Any, where: str) -> None:
+  """A 400 where a number's encoding (standardized, log1p...) is not finite in the float32 the model computes in:
+  scores would come back null, a recommendation list empty."""
+  encoded = np.asarray(encoding.encode(rule, values, {}))
+  if encoded.dtype.kind == 'f' and not np.isfinite(encoded.astype(np.float32)).all():
+    bad = next(v for v, e in zip(values, encoded.astype(np.float32).reshape(len(values), -1))
+               if not np.isfinite(e).all())
+    raise BadRequest(f'{where}={bad!r} is out of range for this model: its encoded value overflows float32 (the '
+                     f'training data spans {_fitted_range(rule)})')
+
+
+def _fitted_range(rule: dict[str, Any]) -> str:
+  if 'mean' in rule and 'std' in rule:
+    return f"mean {float(rule['mean']):.4g}, standard deviation {float(rule['std']):.4g}"
+  return 'finite float32 values'
 
 
 def _is_int(x: Any) -> bool:
@@ -170,13 +194,15 @@ def parse_fields(values: dict[str, Any], fields: dict[str, tuple[str, Any]], whe
     elif raw_type == 'float':
       if not is_finite(value):
         raise BadRequest(f'{where}.{name} must be a finite number, got {value!r}')
+      check_float32(fields[name][1], [value], f'{where}.{name}')
       out[name] = value
     elif raw_type == 'id':
       out[name] = check_id(value, f'{where}.{name}')
     elif raw_type == 'list[float]':  # a vector feature: exactly its declared length
       dim = fields[name][1]['dim']
-      if not isinstance(value, list) or not all(is_finite(v) for v in value):
-        raise BadRequest(f'{where}.{name} must be an array of {dim} finite numbers, got {_type_name(value)}')
+      if not isinstance(value, list) or not all(is_finite(v) and abs(v) <= FLOAT32_MAX for v in value):
+        raise BadRequest(f'{where}.{name} must be an array of {dim} finite float32 numbers (at most '
+                         f'{FLOAT32_MAX:.4g} in size), got {_describe(value)}')
       if len(value) != dim:
         raise BadRequest(f"{where}.{name} has {len(value)} numbers; this model's {name} vectors have {dim}")
       out[name] = value
@@ -200,7 +226,9 @@ class UserRef:
   position: int  # in the users table; -1 unknown
   features: dict[str, Any]  # encoded model inputs (table rows, or vectors for multi-valued inputs)
   cold_start: bool
-  source: str  # 'table' | 'request' | 'table+request' | 'oov'
+  # 'table' | 'request' | 'table+request' | 'oov' (an unknown user: every feature unknown) | 'hashed id' (an unknown
+  # user of a hashed id vocabulary: its id's bucket, the other features unknown)
+  source: str
   unknown: list[str] = dataclasses.field(default_factory=list)  # given fields whose value the model does not know
   # catalog positions of the items of a history the request gave (all of them: also those the model's input drops,
   # such as ids without a row or beyond max_values): exclude_seen leaves them out with the training items
@@ -220,9 +248,10 @@ def resolve_user(user: Any, model: ExportedModel, where: str = 'user') -> UserRe
   raw = check_id(user['user_id'], f'{where}.user_id')
   fields = parse_fields(user, model.user_fields, where, also=('user_id',))
   pos = model.users.position(raw)
-  source = ('table' if pos >= 0 else 'oov') if not fields else ('table+request' if pos >= 0 else 'request')
+  unknown_source = 'hashed id' if model.hashed_ids['user'] else 'oov'
+  source = ('table' if pos >= 0 else unknown_source) if not fields else ('table+request' if pos >= 0 else 'request')
   unknown = [f'user.{f}' for f in model.user_unknown_fields(fields)]
-  return UserRef(raw, pos, model.user_features(pos, fields), model.user_is_cold(pos), source, unknown,
+  return UserRef(raw, pos, model.user_features(pos, fields, raw), model.user_is_cold(pos), source, unknown,
                  model.history_items(fields))
 
 

@@ -630,3 +630,15 @@ def test_serving_benchmark_checks_its_out_path_before_measuring(export_dir, tmp_
   benchmark.main([f'--export_dir={export_dir}', f'--out={benchmark_out}', '--skip_http', '--duration=0.05',
                   '--max_requests=3', '--batch_sizes=1', '--recommend_users=1', '--rate='])
   assert json.loads(benchmark_out.read_text()) and (tmp_path / 'a_file').read_text() == 'keep'
+
+
+def test_the_ready_line_of_an_ipv6_host_is_a_url_clients_can_use(export_dir, tmp_path, import_blocker):
+  """serve.py --host=::1 printed http://::1:PORT, which curl and urllib refuse; the address is bracketed."""
+  log_path = tmp_path / 'stderr.log'
+  url, proc = start_server(export_dir, log_path, import_blocker, '--host=::1', '--max_batch_rows=8',
+                           '--max_recommend_users=1')
+  try:
+    assert url.startswith('http://[::1]:'), url
+    assert http(url, '/v2/health/live')[:2] == (200, {'live': True})
+  finally:
+    stop_server(proc, log_path)

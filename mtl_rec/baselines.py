@@ -65,7 +65,9 @@ def fit_bias_model(user_rows: np.ndarray,
   Each half-step is the exact minimizer for one bias given the other:
     b_i = Σ_{u∈R(i)} (r - mu - b_u) / (reg_item + |R(i)|),
     b_u = Σ_{i∈R(u)} (r - mu - b_i) / (reg_user + |R(u)|),
-  so the objective decreases monotonically; a handful of sweeps converges to well below rating precision.
+  so the objective decreases monotonically. The default 10 sweeps stop short of convergence (on ML-100K u1 the
+  test RMSE is 0.0003 above the converged fit's, 0.9557 vs 0.9553, which takes ~80 sweeps): cheap enough to tune the
+  shrinkage over a 36-point grid on every run, at a cost the floor's third decimal barely shows.
   Defaults (25 for items, 10 for users) are Koren's (2010) values for Netflix-scale data.
 
   Args:

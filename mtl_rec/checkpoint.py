@@ -31,7 +31,11 @@ def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.Checkpoi
         max_to_keep=keep, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory))))
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=('state', 'meta', 'input'))
+  try:
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=('state', 'meta', 'input'))
+  except OSError as e:  # a workdir that cannot hold directories (/proc/..., a read-only mount): no traceback
+    raise errors.ConfigError(f'the checkpoint directory {directory} cannot be created ({e.strerror or e}); pass a '
+                             '--workdir you can write') from None
 
 
 def abstract_like(state: Any) -> Any:
@@ -63,10 +67,15 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False,
            input_state: dict[str, Any] | None = None) -> None:
     """Asynchronous save of `state` at `step` (and as the best state when `best`); `input_state`: the streaming
-    reader's position (a grain iterator's state), saved by Grain's handler in the same checkpoint."""
-    self._save(self.latest, step, state, meta, input_state)
+    reader's position (a grain iterator's state), saved by Grain's handler in the same checkpoint.
+
+    The best state is written first, and finished, before the latest: a kill between the two then resumes from the
+    previous latest and reaches this step again, where the other order resumed from a latest whose best was lost
+    (model selection fell back to the last step)."""
     if best:
       self._save(self.best, step, state, meta, input_state)
+      self.best.wait_until_finished()
+    self._save(self.latest, step, state, meta, input_state)
 
   def restore_input(self, step: int, iterator: Any) -> Any:
     """`iterator` (a grain.DatasetIterator) set to the reader position saved at `step`; None if none was saved."""

@@ -35,7 +35,11 @@ def initialize() -> None:
   """
   n = _NUM_PROCESSES.value
   if n == -1:  # a cluster jax recognizes (SLURM, Open MPI, TPU pods, ...) supplies all three values
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      raise app.UsageError(f'--num_processes=-1 found no cluster to join ({e}); give --num_processes=N with '
+                           '--coordinator_address=HOST:PORT and --process_id, or 1 for a single process') from None
   elif n > 1:
     if not _COORDINATOR.value:
       raise app.UsageError('--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0')

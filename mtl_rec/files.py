@@ -70,9 +70,18 @@ def output_directory(path: str, flag: str, create: bool = True) -> str:
   it is an existing file or cannot be created. Called before any work, so a mistake costs nothing. `create=False`:
   only the first check, for a command that creates the directory later (train.py, after the data is checked)."""
   from mtl_rec import errors  # pylint: disable=g-import-not-at-top
+  if not path:
+    raise errors.ConfigError(f'{flag} is empty; pass a directory (created if missing)')
   if os.path.exists(path) and not os.path.isdir(path):
     raise errors.ConfigError(f'{flag}={path} is a file, not a directory; pass a directory (created if missing)')
-  if not create:
+  if not create:  # it must be creatable there later: its nearest existing ancestor a directory this process writes
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+      ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+      raise errors.ConfigError(f'{flag}={path} cannot be created: {ancestor} is '
+                               f'{"not a directory" if not os.path.isdir(ancestor) else "not writable"}; pass a '
+                               'directory you can write')
     return path
   try:
     os.makedirs(path, exist_ok=True)

@@ -186,6 +186,17 @@ class ReportProgress:
     """examples/s measures training: the clock restarts after evaluation."""
     self.t = time.time()
 
+  def state(self) -> dict[str, Any]:
+    """The steps summed since the last report (checkpoint meta): a resumed run's next report averages the same
+    steps as an uninterrupted run's, those before the checkpoint included."""
+    sums = {} if self.n == 0 else {k: float(v) for k, v in jax.device_get(self.sums).items()}
+    return {'n': self.n, 'sums': sums}
+
+  def restore(self, state: dict[str, Any] | None) -> None:
+    if state and state['n']:  # float32 sums, exactly as they were on the device
+      self.sums = {k: jnp.float32(v) for k, v in state['sums'].items()}
+      self.n = int(state['n'])
+
   def __call__(self, step: int, epoch: int, metrics: dict[str, jax.Array]) -> None:
     self.sums = metrics if self.n == 0 else jax.tree.map(jnp.add, self.sums, metrics)
     self.n += 1
@@ -218,12 +229,14 @@ def network_scorer(trainer: trainer_lib.Trainer, exp: experiment_lib.Experiment,
 
 
 def _start(trainer: trainer_lib.Trainer, exp: experiment_lib.Experiment, ckpt: Checkpointer,
-           stopping: EarlyStopping, init_from: str | None) -> Any:
-  """The state to train from: the latest checkpoint (resume), else a warm start from `init_from`, else fresh."""
-  state = trainer.init_state
+           stopping: EarlyStopping, init_from: str | None) -> tuple[Any, dict[str, Any]]:
+  """(the state to train from, its checkpoint's meta): the latest checkpoint (resume), else a warm start from
+  `init_from`, else fresh (meta {})."""
+  state, meta = trainer.init_state, {}
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, meta = restored
+    _check_resumable(exp.config, meta.get('config'), int(state['step']), ckpt)
     stopping.restore(meta)
     log.info('resumed from checkpoint at step %d', int(state['step']))
   elif init_from:  # only a fresh run warm-starts: a resumed one continues from its own checkpoint
@@ -232,7 +245,50 @@ def _start(trainer: trainer_lib.Trainer, exp: experiment_lib.Experiment, ckpt: C
     state = {**state, 'params': params}
     if 'ema' in state:  # the average starts from the warm-started parameters, not the random ones
       state['ema'] = trainer_lib.copy_params(params, trainer.state_shardings['params'])
-  return state
+  return state, meta
+
+
+# What a run is, beyond its model's shapes (which the checkpoint's restore checks): a rerun in its workdir with
+# another value of these would continue (or re-evaluate and re-export) the checkpoint's weights with other data,
+# vocabularies, splits or losses. The rest may change on a resume: how long to train (train.epochs,
+# schedule_epochs), logging and checkpoint cadence, the mesh, evaluation and export settings, reader threads.
+RUN_DEFINING = ('seed', 'data', 'features', 'tasks', 'sampling', 'model', 'optimizer', 'train.batch_size',
+                'train.grad_groups', 'train.ema_decay', 'train.early_stopping_metric')
+RESUME_FREE = ('data.stream.threads', 'data.stream.prefetch')
+
+
+def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {k: v for key, value in tree.items() for k, v in _flat(value, f'{prefix}.{key}' if prefix else key).items()}
+
+
+def _check_resumable(config: ml_collections.ConfigDict, saved: dict[str, Any] | None, step: int,
+                     ckpt: Checkpointer) -> None:
+  """A ConfigError naming the fields where `config` differs from the config the checkpoint at `step` was trained
+  with (RUN_DEFINING), before anything in the workdir is rewritten."""
+  if saved is None:
+    return
+  def flat(tree: dict[str, Any]) -> dict[str, Any]:
+    out = _flat(json.loads(json.dumps(tree, default=str)))
+    for section in ('features', 'tasks'):  # `position` counts declarations process-wide: only their order counts
+      names = sorted((v, k.split('.')[1]) for k, v in out.items() if k.startswith(section + '.') and
+                     k.endswith('.position'))
+      out = {k: v for k, v in out.items() if not (k.startswith(section + '.') and k.endswith('.position'))}
+      out[f'{section} (their order)'] = [name for _, name in names]
+    return out
+  now, then = flat(config.to_dict()), flat(saved)
+  defining = lambda k: (any(k == p or k.startswith(p + '.') or k.startswith(p + ' ') for p in RUN_DEFINING) and
+                        not any(k == p or k.startswith(p + '.') for p in RESUME_FREE))
+  changed = sorted(k for k in set(now) | set(then) if defining(k) and now.get(k) != then.get(k))
+  if changed:
+    shown = '; '.join(f'config.{k} is {now.get(k)!r} here, {then.get(k)!r} there' for k in changed[:3])
+    more = f' (and {len(changed) - 3} more)' if len(changed) > 3 else ''
+    raise errors.ConfigError(
+        f'this workdir holds a run trained with another config (checkpoint at step {step} under '
+        f'{os.path.dirname(str(ckpt.latest.directory))}): {shown}{more}. Resuming would continue or re-export its '
+        'weights with other data, features or losses: train in a new --workdir, or rerun with the config that run '
+        'was trained with (its config.json)')
 
 
 def _resumed_input(exp: experiment_lib.Experiment, ckpt: Checkpointer, step: int, spe: int) -> Any:
@@ -271,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
   trainer = trainer_lib.make_trainer(config, exp.encoder.specs, exp.specs, schedule_steps)
   ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
   stopping = EarlyStopping.from_config(config)
-  state = _start(trainer, exp, ckpt, stopping, init_from)
+  state, meta = _start(trainer, exp, ckpt, stopping, init_from)
   start_step = int(state['step'])
 
   # Only now, with the config checked against any checkpoint already in workdir (a resumed run's model must fit
@@ -304,9 +360,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, init_fro
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     pbar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
   progress = ReportProgress(config.train.log_every_steps, spe, config.train.batch_size, writer, pbar)
+  progress.restore(meta.get('progress'))
   place = sharding_lib.local_batch if streaming else sharding_lib.global_batch
   # the reader's position, saved beside the state: where the next batch starts
-  save = lambda step, state, best=False: ckpt.save(step, state, {**stopping.state(), 'config': config.to_dict()},
+  save = lambda step, state, best=False: ckpt.save(step, state, {**stopping.state(), 'config': config.to_dict(),
+                                                                  'progress': progress.state()},
                                                    best=best,
                                                    input_state=exp.stream.state_at(step) if streaming else None)
 

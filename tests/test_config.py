@@ -179,6 +179,8 @@ def test_cli_flag_and_config_file_mistakes_are_one_error_line_not_a_traceback(fl
 @pytest.mark.parametrize('args, phrase', [
     (['train.py', '--workdir={tmp}/run', '--init_from={tmp}/no_such_run'], 'no_such_run holds no checkpoint'),
     (['train.py', '--workdir={tmp}/run', '--init_from={tmp}/run/checkpoints/latest/7'], 'holds no checkpoint'),
+    (['train.py', '--workdir='], '--workdir is empty'),  # created ./checkpoints, then a FileNotFoundError
+    (['train.py', '--workdir={tmp}/a_file/run'], 'a_file is not a directory'),  # NotADirectoryError after loading
     (['-m', 'mtl_rec.benchmark', '--out={tmp}/a_file'], '--out={tmp}/a_file is a file, not a directory'),
     (['-m', 'mtl_rec.export', '--workdir={tmp}/run', '--export_dir={tmp}/a_file'], 'is a file, not a directory'),
     (['-m', 'mtl_rec.export', '--workdir={tmp}/run', '--version=-3'], 'versions are non-negative'),
@@ -200,6 +202,13 @@ def test_cli_paths_are_checked_before_any_work(tmp_path, args, phrase):
       r.stderr[-2000:])
   assert 'Traceback' not in r.stderr and (tmp_path / 'a_file').read_text() == 'keep'
   assert not (tmp_path / 'run').exists()
+
+
+def test_cli_auto_detected_cluster_that_is_not_there_is_a_usage_error(tmp_path):
+  """--num_processes=-1 outside a cluster jax recognizes was jax's 'coordinator_address should be defined' traceback."""
+  r = _run_train('--config=configs/synthetic.py:tiny', f'--workdir={tmp_path}/run', '--num_processes=-1')
+  assert r.returncode == 1 and '--num_processes=-1 found no cluster to join' in r.stderr, r.stderr[-2000:]
+  assert '--coordinator_address=HOST:PORT' in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_cli_workdir_that_is_a_file_is_an_error_and_the_file_is_kept(tmp_path):

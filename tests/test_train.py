@@ -148,8 +148,61 @@ def test_a_rerun_that_does_not_fit_the_checkpoint_leaves_the_finished_run_as_it_
   assert f", {2 * c.model.embed_dim}) in this model" in str(e.value)
   with pytest.raises(ValueError, match='moving average.*set train.ema_decay as that run did'):
     loop.train_and_evaluate(tiny_config(train__ema_decay=0.9), str(tmp_path))  # trained without one
+  # Same shapes, another run: another seed, split or data would continue (and re-export) the checkpoint's weights
+  # with other vocabularies and splits; it was resumed silently, rewriting the run's description.
+  with pytest.raises(ValueError, match=rf'another config .*config.seed is {c.seed + 1} here, {c.seed} there.*new '
+                                       r'--workdir'):
+    other = tiny_config()
+    other.seed = c.seed + 1
+    loop.train_and_evaluate(other, str(tmp_path))
+  with pytest.raises(ValueError, match=r'config.data.valid_fraction is 0.5 here'):
+    loop.train_and_evaluate(tiny_config(data__valid_fraction=0.5), str(tmp_path))
   assert {name: (tmp_path / name).read_bytes() for name in described} == before
   assert runs.load(str(tmp_path)).config.model.embed_dim == c.model.embed_dim  # loads with its own config
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_crashes_between_checkpoint_saves_resume_into_the_same_run(tmp_path, tiny_config, monkeypatch):
+  """Two crashes a kill can cause, each rerun against the uninterrupted run:
+  1. at an epoch end that improves validation, between the best and the latest save: the latest used to be saved
+     first, so a rerun resumed from it with its best lost and selected the last step instead;
+  2. right after a mid-epoch checkpoint that is not a log step: the steps summed since the last history line were
+     lost, so the next line averaged fewer steps than the uninterrupted run's (history.jsonl differed)."""
+  from mtl_rec import checkpoint  # pylint: disable=g-import-not-at-top
+  c = tiny_config(train__epochs=2, train__log_every_steps=7, train__checkpoint_every_steps=10)
+  want = loop.train_and_evaluate(c, str(tmp_path / 'whole')).metrics
+  spe = want['steps'] // 2
+  assert want['best_step'] == spe  # epoch 1 is the best: its end saves both checkpoints
+  history = lambda d: [json.loads(line) for line in (d / 'history.jsonl').read_text().splitlines()]
+  real = checkpoint.Checkpointer._save
+
+  def crash_at(step, nth, after=False):
+    """Crash at the `nth` save of `step`: before it, or `after` it is on disk."""
+    calls = []
+
+    def save(mngr, at, *args):
+      calls.extend([mngr] if at == step else [])
+      if at == step and len(calls) == nth and not after:
+        raise _Crash
+      real(mngr, at, *args)
+      mngr.wait_until_finished()  # on disk before anything that follows
+      if at == step and len(calls) == nth:
+        raise _Crash
+    monkeypatch.setattr(checkpoint.Checkpointer, '_save', staticmethod(save))
+    with pytest.raises(_Crash):
+      loop.train_and_evaluate(c, str(tmp_path / f'crashed{step}'))
+    monkeypatch.setattr(checkpoint.Checkpointer, '_save', staticmethod(real))
+    got = loop.train_and_evaluate(c, str(tmp_path / f'crashed{step}')).metrics
+    assert got['best_step'] == want['best_step'] and got['test'] == want['test'], step
+    got_history, want_history = history(tmp_path / f'crashed{step}'), history(tmp_path / 'whole')
+    assert [h['step'] for h in got_history] == [h['step'] for h in want_history]
+    np.testing.assert_allclose([h['loss'] for h in got_history], [h['loss'] for h in want_history], rtol=1e-6)
+
+  crash_at(spe, nth=2)  # the second of the epoch end's two saves
+  crash_at(10, nth=1, after=True)  # right after the save at step 10, between the history lines of steps 7 and 14
 
 
 def test_a_longer_schedule_stops_partway_down_it_and_extends_to_the_whole_run(tmp_path, tiny_config):

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # imported when used: Grain is needed by data.reader='stream'
 
 # What the streamed survey pass checks in every row, versioned: a survey cached by a version that checked less (or
 # other columns) is computed again. Raise it when the checks change.
-SURVEY_CHECKS = 'labels,timestamps,numeric-context,categorical-context/2'
+SURVEY_CHECKS = 'labels,timestamps,numeric-context,categorical-context,label-ranges/3'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,11 +299,13 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
   survey_key = json.dumps([key, SURVEY_CHECKS, labels, numbers, categories, ts_column,
                            {n: t.to_dict() for n, t in config_lib.ordered(config.tasks)}], default=str)
   # the lead process reads the log first; the others then find its passes in a shared run directory
+  # regression labels without a declared range take it from every row, as in memory (not from the samples)
+  scaled = {n: t.label for n, t in config_lib.ordered(config.tasks) if t.kind == 'regression' and not t.range}
   survey = distributed.lead_first(lambda: stream_lib.survey(
       groups, list(dict.fromkeys([lc.user_column, lc.item_column, *split_columns, *labels, *numbers, *categories,
                                   *ts_column])),
       lambda cols, g: codes(valid_rows(checked(cols, g), g), g), [lc.user_column, lc.item_column],
-      os.path.join(inputs, 'survey.npz'), survey_key), 'survey')
+      os.path.join(inputs, 'survey.npz'), survey_key, sorted(set(scaled.values()))), 'survey')
   totals = survey['group_counts'].sum(0)
   if not totals[splits_lib.TRAIN] or not totals[splits_lib.TEST]:
     raise DataError(f'the {d.split!r} split of the {groups.num_rows:,} log rows leaves {totals[0]} training and '
@@ -350,7 +352,8 @@ def build_streamed(config: ml_collections.ConfigDict, workdir: str) -> Experimen
              'context': np.bincount(fit_rows, minlength=ds.num_rows).astype(np.float64)}
   weights['user'][user_pos(user_values)] = user_counts[:, splits_lib.TRAIN]
   columns = tasks_lib.label_columns(config, ds)
-  specs = tasks_lib.task_specs(config, columns, fit_rows)
+  specs = tasks_lib.task_specs(config, columns, fit_rows,
+                               {n: tuple(survey[f'{c}_range']) for n, c in scaled.items()})
   def history_tables(requests: list[features_lib.HistoryRequest]) -> dict[str, np.ndarray]:
     """The history features from every training row of the log: a pass over its id (and timestamp, and `where`)
     columns, row group by row group, cached like the others."""

@@ -146,9 +146,10 @@ def _is_number(value: Any) -> bool:
     return False
 
 
-def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn],
-               train_rows: np.ndarray) -> tuple[TaskSpec, ...]:
-  """The tasks of config.tasks; a regression head takes its scale (declared, else the data's range) and initial
+def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn], train_rows: np.ndarray,
+               ranges: dict[str, tuple[float, float]] | None = None) -> tuple[TaskSpec, ...]:
+  """The tasks of config.tasks; a regression head takes its scale (declared, else the data's range: `ranges`
+  {task: (lo, hi)} where the labels at hand are a sample of the log's, a streamed log's survey) and initial
   bias (the training mean) from its label. Raises DataError for a binary label of one class in the training rows
   (nothing to learn, no AUC to report: a threshold beyond the data's range, or a column of one value)."""
   out = []
@@ -162,11 +163,12 @@ def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn]
     if t.kind == 'regression':
       train = col.values[train_rows][col.present[train_rows]]
       have = col.values[col.present]
+      whole = (ranges or {}).get(name, (np.nan, np.nan))  # the whole log's (a streamed log: its survey's)
+      if not t.range and np.isfinite(whole).all():
+        have = np.asarray(whole, np.float32)
       if not t.range and not have.size:
         raise DataError(f"task '{name}': column {t.label!r} holds no value in the rows its scale is taken from "
-                        "(the log's rows; with data.reader='stream', the evaluation rows and the fitting sample "
-                        f'of data.stream.fit_rows training rows): declare tasks.{name}.range=(lo, hi), or with a '
-                        'stream raise data.stream.fit_rows, or fill the column')
+                        f"(every row of the log): declare tasks.{name}.range=(lo, hi), or fill the column")
       value_range = tuple(map(float, t.range)) if t.range else (float(have.min()), float(have.max()))
       spec = dataclasses.replace(spec, value_range=value_range, bias_init=float(train.mean()) if train.size else 0.0)
     elif t.kind == 'binary' and t.label != config_lib.OBSERVED:

@@ -559,8 +559,9 @@ def test_a_number_vocabulary_looks_up_whole_numbers_and_their_decimal_text_only(
 
 
 def test_a_regression_label_with_no_value_to_take_its_scale_from_is_named():
-  """A regression task takes its scale from its labels; with none (an empty column, or a sparse label the streaming
-  reader's fitting sample holds no value of) that was numpy's 'zero-size array to reduction operation minimum'."""
+  """A regression task takes its scale from its labels; with none (an empty column) that was numpy's 'zero-size
+  array to reduction operation minimum'. (A sparse label the streaming reader's samples miss takes the range the
+  survey found in every row: test_stream.)"""
   from mtl_rec import config as config_lib  # pylint: disable=g-import-not-at-top
   from mtl_rec import tasks  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()

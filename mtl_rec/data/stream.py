@@ -416,21 +416,23 @@ Codes = Callable[[dict[str, np.ndarray], int], np.ndarray]  # (row group's colum
 
 
 def survey(groups: RowGroups, columns: Sequence[str], codes: Codes, id_columns: Sequence[str], path: str,
-           key: str) -> dict[str, np.ndarray]:
+           key: str, ranges: Sequence[str] = ()) -> dict[str, np.ndarray]:
   """One streaming pass over the log in bounded memory (pyarrow value counts merged every 8 row groups):
   'group_counts' [G, 3]: each row group's rows per split code (0 train, 1 valid, 2 test), and for each id column c
-  its distinct values, sorted ('<c>_values'), with their rows per split code ('<c>_counts' [n, 3]).
+  its distinct values, sorted ('<c>_values'), with their rows per split code ('<c>_counts' [n, 3]); for each
+  number column c of `ranges`, '<c>_range': its smallest and largest value over every row (NaN, NaN if none).
 
   Written to `path` (.npz) with `key` (what it was computed from) and read from there when the key matches: a
   resumed or repeated run does not read the log again."""
-  return cached(path, key, lambda: _survey(groups, columns, codes, id_columns), 'survey pass')
+  return cached(path, key, lambda: _survey(groups, columns, codes, id_columns, ranges), 'survey pass')
 
 
 def _survey(groups: RowGroups, columns: Sequence[str], codes: Codes,
-            id_columns: Sequence[str]) -> dict[str, np.ndarray]:
+            id_columns: Sequence[str], ranges: Sequence[str] = ()) -> dict[str, np.ndarray]:
   log.info('survey pass: reading %d row groups', len(groups))
   group_counts = np.zeros((len(groups), 3), np.int64)
   counts: dict[str, list[pa.Table]] = {c: [] for c in id_columns}
+  bounds = {c: [np.inf, -np.inf] for c in ranges}
 
   def merge(tables: list[pa.Table]) -> list[pa.Table]:
     return [pa.concat_tables(tables, promote_options='permissive').group_by(['values', 'code'])
@@ -440,6 +442,11 @@ def _survey(groups: RowGroups, columns: Sequence[str], codes: Codes,
     cols = groups.read(g, columns)
     code = codes(cols, g)
     group_counts[g] = np.bincount(code, minlength=3)
+    for name, b in bounds.items():  # numbers (`codes` checked them), NaN where missing
+      x = readers.numeric(cols[name], name, (), 'interaction log', 'a label')
+      x = x[np.isfinite(x)]
+      if x.size:
+        b[0], b[1] = min(b[0], float(x.min())), max(b[1], float(x.max()))
     for name in counts:
       for k in range(3):
         vc = pc.value_counts(pa.array(cols[name][code == k]))
@@ -448,6 +455,8 @@ def _survey(groups: RowGroups, columns: Sequence[str], codes: Codes,
       if len(counts[name]) >= 24:  # bounded memory: merge every few row groups
         counts[name] = merge(counts[name])
   out: dict[str, np.ndarray] = {'group_counts': group_counts}
+  for name, (lo, hi) in bounds.items():
+    out[f'{name}_range'] = np.asarray([lo, hi] if lo <= hi else [np.nan, np.nan], np.float64)
   for name, tables in counts.items():
     t = merge(tables)[0]
     values = t.column('values').to_numpy(zero_copy_only=False)

@@ -353,6 +353,7 @@ def csv_to_parquet(path: str, out: str, delimiter: str, columns: dict[str, str],
   # column empty for the first 64 MB, integers and then '0.5') starts the conversion again with the column widened,
   # as reading the whole file at once infers it (read_tables): the same columns as the in-memory reader's.
   inferred: dict[str, pa.DataType] = {}
+  header = _csv_header(path, delimiter)
   while True:
     writer, rows, schema = None, 0, None
     try:
@@ -369,7 +370,7 @@ def csv_to_parquet(path: str, out: str, delimiter: str, columns: dict[str, str],
         rows += table.num_rows
       break
     except (pa.ArrowException, OSError) as e:
-      widened = None if schema is None else _widened(e, _csv_header(path, delimiter), schema, columns)
+      widened = None if schema is None else _widened(e, header, schema, columns)
       if widened is not None:
         log.info('%s: column %r holds %s values after the first block; converting again', path, *widened)
         inferred[widened[0]] = widened[1]

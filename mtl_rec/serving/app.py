@@ -211,8 +211,8 @@ class Server:
     users = {k: m.user_table[k][rows] for k in m.user_inputs}
     new = np.flatnonzero(user_pos < 0)
     if new.size and m.hashed_ids['user']:  # unknown users of a hashed vocabulary: their ids' buckets
-      ids = req.user_ids if len(req.user_ids) == user_pos.shape[0] else list(req.user_ids) * user_pos.shape[0]
-      for k, v in m.hashed_id_rows('user', [ids[j] for j in new]).items():
+      ids = [req.user_ids[j if len(req.user_ids) > 1 else 0] for j in new]  # one id, or one per row
+      for k, v in m.hashed_id_rows('user', ids).items():
         users[k][new] = v
     work = ScoreWork(users, item_pos, req.weights, context)
     out = await self.score_batcher.submit(work, work.rows)

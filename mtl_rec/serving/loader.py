@@ -253,8 +253,7 @@ class ExportedModel:
     row = position if position >= 0 else self.num_users
     base = {n: self.user_table[n][row] for n in self.user_inputs}
     if position < 0 and raw_id is not None:
-      base.update(self.hashed_id_rows('user', [raw_id]))
-      base = {n: v[0] if n in self.hashed_ids['user'] else v for n, v in base.items()}
+      base.update({n: rows[0] for n, rows in self.hashed_id_rows('user', [raw_id]).items()})
     return self._encode(self.user_fields, overrides or {}, base)[0]
 
   def hashed_id_rows(self, entity: str, raw_ids: Any) -> dict[str, np.ndarray]:

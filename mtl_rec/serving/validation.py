@@ -89,9 +89,9 @@ def check_float32(rule: dict[str, Any], values: Any, where: str) -> None:
   """A 400 where a number's encoding (standardized, log1p...) is not finite in the float32 the model computes in:
   scores would come back null, a recommendation list empty."""
   encoded = np.asarray(encoding.encode(rule, values, {}))
-  if encoded.dtype.kind == 'f' and not np.isfinite(encoded.astype(np.float32)).all():
-    bad = next(v for v, e in zip(values, encoded.astype(np.float32).reshape(len(values), -1))
-               if not np.isfinite(e).all())
+  finite = np.isfinite(encoded.astype(np.float32)).reshape(len(values), -1).all(-1)
+  if encoded.dtype.kind == 'f' and not finite.all():
+    bad = values[int(np.argmin(finite))]
     raise BadRequest(f'{where}={bad!r} is out of range for this model: its encoded value overflows float32 (the '
                      f'training data spans {_fitted_range(rule)})')
 

@@ -642,3 +642,42 @@ def test_the_ready_line_of_an_ipv6_host_is_a_url_clients_can_use(export_dir, tmp
     assert http(url, '/v2/health/live')[:2] == (200, {'live': True})
   finally:
     stop_server(proc, log_path)
+
+
+def test_unknown_items_of_a_hashed_id_vocabulary_are_scored_from_their_buckets(tmp_path, import_blocker):
+  """Hashed item ids are an open vocabulary, as hashed user ids are: an item the export does not know is scored
+  from its id's bucket (as training would encode it), not from the out-of-vocabulary row that made every new item
+  alike — on /v1/score, on /v2 infer and for new items a request describes."""
+  from conftest import make_tiny_config, train_and_export  # pylint: disable=g-import-not-at-top
+  c = make_tiny_config()
+  c.features.item_id.vocabulary = 'hash'
+  c.features.item_id.hash_buckets = 64
+  path = train_and_export(c, str(tmp_path / 'run'))[1]
+  model = ExportedModel(path, max_batch_rows=64)
+  assert model.hashed_ids['item'] == ['item_id']
+  # two new (integer, as the synthetic catalog's) ids in different buckets, hashed as training hashes them
+  top = int(np.max(model.items.ids))
+  rows = {str(x): int(model.hashed_id_rows('item', [str(x)])['item_id'][0]) for x in range(top + 1, top + 20)}
+  first = str(top + 1)
+  new = [first, next(x for x in rows if rows[x] != rows[first])]
+  assert model.items.lookup(new).tolist() == [-1, -1] and min(rows.values()) > 0  # 0: the OOV row
+  log_path = tmp_path / 'server.log'
+  url, proc = start_server(path, log_path, import_blocker, '--max_batch_rows=64', '--max_recommend_users=1')
+  try:
+    user = str(model.users.ids[0])
+    status, out, _ = http(url, '/v1/score', {'user': {'user_id': user}, 'items': new})
+    assert status == 200 and [e['cold_start'] for e in out['items']] == [True, True], out
+    v1 = [e['click'] for e in out['items']]
+    assert v1[0] != v1[1], out  # the OOV row would give both the same score
+    tensor = lambda name, data: {'name': name, 'datatype': 'BYTES', 'shape': [len(data)], 'data': data}
+    status, out, _ = http(url, f'/v2/models/{model.name}/infer',
+                          {'inputs': [tensor('user_id', [user]), tensor('item_id', new)]})
+    assert status == 200, out
+    v2 = next(o['data'] for o in out['outputs'] if o['name'] == 'click')
+    np.testing.assert_allclose(v2, v1, atol=1e-6)
+    # new items the request describes (no content fields here: the id is all the model knows of them); recommend
+    # ranks the new items it is given through the same parsing
+    status, out, _ = http(url, '/v1/score', {'user': {'user_id': user}, 'items': [{'item_id': x} for x in new]})
+    assert status == 200 and [e['click'] for e in out['items']] == pytest.approx(v1, abs=1e-6), out
+  finally:
+    stop_server(proc, log_path)

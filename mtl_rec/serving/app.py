@@ -214,7 +214,7 @@ class Server:
       ids = [req.user_ids[j if len(req.user_ids) > 1 else 0] for j in new]  # one id, or one per row
       for k, v in m.hashed_id_rows('user', ids).items():
         users[k][new] = v
-    work = ScoreWork(users, item_pos, req.weights, context)
+    work = ScoreWork(users, item_pos, req.weights, context, m.item_rows(item_pos, req.item_ids))
     out = await self.score_batcher.submit(work, work.rows)
     user_cold = (user_pos < 0) | ((m.user_id_rows[rows] == 0) if m.user_id_rows is not None else False)
     item_cold = m.items_cold(item_pos)

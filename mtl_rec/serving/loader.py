@@ -268,12 +268,28 @@ class ExportedModel:
   def user_unknown_fields(self, overrides: dict[str, Any]) -> list[str]:
     return self._encode(self.user_fields, overrides, {})[1]
 
-  def item_features(self, position: int, fields: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+  def item_features(self, position: int, fields: dict[str, Any],
+                    raw_id: Any = None) -> tuple[dict[str, Any], list[str]]:
     """(encoded item inputs, fields whose value is unknown) of an item given by the request: the catalog's features
-    where it knows the item (-1: it does not, and its id and every feature not given are unknown, as for an unknown
-    user), replaced by the given content fields."""
+    where it knows the item (-1: it does not, and every feature not given is unknown, as for an unknown user, its id
+    too but a hashed id's bucket: `raw_id`), replaced by the given content fields."""
     row = position if position >= 0 else self.num_items
-    return self._encode(self.item_fields, fields, {n: self.item_table[n][row] for n in self.item_inputs})
+    base = {n: self.item_table[n][row] for n in self.item_inputs}
+    if position < 0 and raw_id is not None:
+      base.update({n: rows[0] for n, rows in self.hashed_id_rows('item', [raw_id]).items()})
+    return self._encode(self.item_fields, fields, base)
+
+  def item_rows(self, positions: np.ndarray, raw_ids: Sequence[Any]) -> dict[str, np.ndarray] | None:
+    """Item inputs [n] of the request's items (`raw_ids`, looked up as catalog `positions`, -1 unknown) where an
+    unknown one is not simply the out-of-vocabulary row: an item of a hashed id vocabulary has its id's bucket, as
+    in training. None where the catalog's rows serve as they are (score_rows' default)."""
+    new = np.flatnonzero(positions < 0)
+    if not (new.size and self.hashed_ids['item']):
+      return None
+    out = {k: v[np.where(positions >= 0, positions, self.num_items)] for k, v in self.item_table.items()}
+    for k, v in self.hashed_id_rows('item', [raw_ids[j] for j in new]).items():
+      out[k][new] = v
+    return out
 
   def context_features(self, values: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
     """(encoded context inputs, fields whose value was unknown) of a request's raw context (missing fields and a

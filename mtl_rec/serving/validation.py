@@ -321,11 +321,13 @@ def parse_score(body: Any, model: ExportedModel, max_items: int) -> ScoreRequest
   feats = {k: broadcast(v, model.user_table[k].dtype) for k, v in user.features.items()}
   ctx = {k: broadcast(v, model.no_context[k].dtype) for k, v in context.items()}
   unknown = user.unknown + context_unknown
-  item_feats = None
+  # unknown items of a hashed id vocabulary: their ids' buckets (None: the catalog's rows, the OOV row if unknown)
+  item_feats = model.item_rows(pos, items)
   if objects:  # items given with their content: their features from the request, the others' from the catalog
-    item_feats = {k: v[np.where(pos >= 0, pos, model.num_items)].copy() for k, v in model.item_table.items()}
+    if item_feats is None:
+      item_feats = {k: v[np.where(pos >= 0, pos, model.num_items)].copy() for k, v in model.item_table.items()}
     for j, (_, fields) in objects.items():
-      given, fields_unknown = model.item_features(int(pos[j]), fields)
+      given, fields_unknown = model.item_features(int(pos[j]), fields, items[j])
       for k, v in given.items():
         item_feats[k][j] = v
       unknown += [f'items[{j}].{f}' for f in fields_unknown]

@@ -53,4 +53,11 @@ def get_config():
   # equals 20 within noise), and a sixth less training.
   c.train.epochs = 5
   c.train.schedule_epochs = 20
+  # Every embedding row decays toward 0 each step, used or not (decoupled weight decay on the tables, beside the
+  # per-use embedding_l2): the rows of rare users and items, which few updates pull back, stay small. Over seeds 0-2
+  # at 0.5, every validation column improved (rating RMSE 0.8838 vs 0.8882, like AUC 0.8133 vs 0.8098, Recall@10
+  # 0.2266 vs 0.2237, NDCG@10 0.1866 vs 0.1822, HR@10 sampled 0.7469 vs 0.7464; 0.3 was a little behind on each), and
+  # on test rating RMSE 0.8906 vs 0.8950, like AUC 0.8180 vs 0.8155, Recall@10 0.1830 vs 0.1809, NDCG@10 0.5301 vs
+  # 0.5239, HR@10 sampled 0.7309 vs 0.7314 (README, "Model"). No cost in time.
+  c.optimizer.embedding_weight_decay = 0.5
   return c

@@ -237,6 +237,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 100  # linear warmup steps
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
   c.optimizer.embedding_l2 = 1e-5  # L2 penalty on the sharded-table rows used in a batch (per example)
+  # Decoupled weight decay on every embedding table (the Embeddings module's tables and projections), every row every
+  # step, times the learning rate as AdamW's: a row shrinks toward 0 whether or not the batch used it, so the rows of
+  # rare ids, which few updates pull back, stay small (the per-use embedding_l2 regularizes each row in proportion to
+  # its uses, a frequent id's most). 0 = off; dense tables only (not beside the row-wise optimizers below).
+  c.optimizer.embedding_weight_decay = 0.0
   # The row-sharded id tables (an id feature's embedding and its id biases form one group): 'dense' (the optimizer
   # above, every row every step), 'rowwise_adagrad' (one accumulator per row, only touched rows read and written:
   # for tables of millions of rows) or 'lazy_adam' (Adam's moments, updated on touched rows only). See rowwise.py.
@@ -475,13 +480,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   one_of('optimizer.name', c.optimizer.name, OPTIMIZERS)
   one_of('optimizer.schedule', c.optimizer.schedule, SCHEDULES)
   positive('optimizer.learning_rate', c.optimizer.learning_rate)
-  for field in ('weight_decay', 'warmup_steps', 'grad_clip_norm', 'embedding_l2'):
+  for field in ('weight_decay', 'warmup_steps', 'grad_clip_norm', 'embedding_l2', 'embedding_weight_decay'):
     if c.optimizer[field] < 0:
       raise _err(f'optimizer.{field}', c.optimizer[field], 'must be >= 0')
 
   tables_name, by_feature = table_optimizers(c)
   row_wise = tables_name != 'dense' or bool(set(by_feature.values()) - {'dense'})  # some table updated row-wise
   if row_wise:
+    if c.optimizer.embedding_weight_decay:
+      raise _err('optimizer.embedding_weight_decay', c.optimizer.embedding_weight_decay, 'decay updates every row of '
+                 'every table each step, which the row-wise table optimizers exist to avoid: set '
+                 'optimizer.embedding_weight_decay=0 or optimizer.tables.name=dense')
     if not c.train.grad_groups:
       raise _err('optimizer.tables.name', tables_name, 'the row-wise optimizers need train.grad_groups > 0 (the '
                  'fixed-order gradient gives them one gradient per looked-up row); set --config.train.grad_groups=8')

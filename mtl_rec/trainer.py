@@ -33,9 +33,17 @@ log = logging.getLogger(__name__)
 
 
 def decay_mask(params: Any) -> Any:
-  """Decoupled weight decay on dense kernels only; embedding rows are regularized per use (embedding_l2)."""
+  """Decoupled weight decay (optimizer.weight_decay) on dense kernels only; embedding rows are regularized per use
+  (embedding_l2) and by their own decay (embedding_weight_decay_mask)."""
   def mask(path, x):
     return x.ndim >= 2 and 'embeddings' not in jax.tree_util.keystr(path)
+  return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def embedding_weight_decay_mask(params: Any) -> Any:
+  """optimizer.embedding_weight_decay's parameters: the embedding tables and projections (Embeddings' matrices)."""
+  def mask(path, x):
+    return x.ndim >= 2 and 'embeddings' in jax.tree_util.keystr(path)
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
@@ -67,7 +75,12 @@ def learning_rate(oc: ml_collections.ConfigDict, total_steps: int, peak: float =
 def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
   """The optimizer of config.optimizer; its update takes `grad_norm=` (the gradient's global norm, for clipping)."""
   lr = learning_rate(oc, total_steps)
-  if oc.name == 'adamw':
+  if oc.embedding_weight_decay:  # adamw's chain (or adam's) with the tables' decay beside the kernels'
+    decays = [optax.add_decayed_weights(oc.weight_decay, mask=decay_mask)] if oc.name == 'adamw' else []
+    opt = optax.chain(optax.scale_by_adam(), *decays,
+                      optax.add_decayed_weights(oc.embedding_weight_decay, mask=embedding_weight_decay_mask),
+                      optax.scale_by_learning_rate(lr))
+  elif oc.name == 'adamw':
     opt = optax.adamw(lr, weight_decay=oc.weight_decay, mask=decay_mask)
   else:
     opt = optax.adam(lr)

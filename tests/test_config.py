@@ -61,6 +61,7 @@ def test_history_variants_add_and_drop_histories_of_the_default():
     ('export.retrieve_n', -1, 'export.retrieve_n'),
     ('train.ema_decay', 1.0, r'train.ema_decay=1.0 is invalid: must be in \[0, 1\)'),
     ('train.ema_decay', -0.1, 'train.ema_decay'),
+    ('optimizer.embedding_weight_decay', -0.3, r'optimizer.embedding_weight_decay=-0.3 is invalid: must be >= 0'),
 ])
 def test_bad_values_name_the_field(field, value, message):
   c = movielens_100k.get_config()
@@ -129,8 +130,15 @@ def test_cross_field_rules():
     config_lib.validate(c)
   c = movielens_100k.get_config()
   c.train.ema_decay = 0.99
+  c.optimizer.embedding_weight_decay = 0.0
   c.optimizer.tables.name = 'rowwise_adagrad'
   with pytest.raises(ValueError, match='train.ema_decay=0.99 .*row-wise table optimizers'):
+    config_lib.validate(c)
+  c = movielens_100k.get_config()
+  c.train.ema_decay = 0.0
+  c.optimizer.embedding_weight_decay = 0.3
+  c.optimizer.tables.by_feature = 'user_id=lazy_adam'
+  with pytest.raises(ValueError, match='optimizer.embedding_weight_decay=0.3 .*row-wise table optimizers'):
     config_lib.validate(c)
 
 

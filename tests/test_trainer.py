@@ -50,6 +50,39 @@ def test_adamw_decays_dense_kernels_only():
   assert not np.any(updates['backbone']['bias']) and not np.any(updates['embeddings']['tables']['user_id'])
 
 
+@pytest.mark.parametrize('name', ['adamw', 'adam'])
+def test_embedding_weight_decay_shrinks_every_table_row_each_step_used_or_not(name):
+  """optimizer.embedding_weight_decay: every row of the embedding tables (and their projections' kernels) decays by
+  lr * decay each step, a row the gradient does not touch too; the dense kernels keep their own decay (adamw's) and
+  biases none. Off (0) it is adamw / adam exactly."""
+  params = {'embeddings': {'tables': {'user_id': jnp.full((4, 2), 2.0)}, 'numeric': {'age': {'kernel': jnp.ones((1, 2)),
+                                                                                          'bias': jnp.ones((2,))}}},
+            'backbone': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}}
+  assert trainer_lib.embedding_weight_decay_mask(params) == {
+      'embeddings': {'tables': {'user_id': True}, 'numeric': {'age': {'kernel': True, 'bias': False}}},
+      'backbone': {'kernel': False, 'bias': False}}
+  settings = dict(name=name, learning_rate=0.1, weight_decay=0.5, warmup_steps=0, schedule='constant',
+                  grad_clip_norm=0.0)
+  tx = trainer_lib.make_optimizer(_optimizer_config(embedding_weight_decay=0.3, **settings), 10)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  grads['embeddings']['tables']['user_id'] = grads['embeddings']['tables']['user_id'].at[0].set(1.0)  # row 0 used
+  updates, _ = tx.update(grads, tx.init(params), params)
+  table = np.asarray(updates['embeddings']['tables']['user_id'])
+  # rows 1-3: no gradient, the decay alone (-lr * 0.3 * 2.0); row 0: Adam's first step (-lr * sign) plus the decay
+  np.testing.assert_allclose(table[1:], -0.1 * 0.3 * 2.0, rtol=1e-6)
+  np.testing.assert_allclose(table[0], -0.1 * (1.0 + 0.3 * 2.0), rtol=1e-5)
+  np.testing.assert_allclose(updates['embeddings']['numeric']['age']['kernel'], -0.1 * 0.3, rtol=1e-6)
+  kernel = -0.1 * 0.5 if name == 'adamw' else 0.0  # adam has no decoupled decay of its own
+  np.testing.assert_allclose(updates['backbone']['kernel'], kernel, rtol=1e-6)
+  assert not np.any(updates['backbone']['bias']) and not np.any(updates['embeddings']['numeric']['age']['bias'])
+  # off: the optimizer of old, bit for bit
+  off = trainer_lib.make_optimizer(_optimizer_config(embedding_weight_decay=0.0, **settings), 10)
+  ref = (optax.adamw(0.1, weight_decay=0.5, mask=trainer_lib.decay_mask) if name == 'adamw' else optax.adam(0.1))
+  for a, b in zip(jax.tree.leaves(off.update(grads, off.init(params), params)[0]),
+                  jax.tree.leaves(ref.update(grads, ref.init(params), params)[0])):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize('scale', [0.1, 10.0])
 def test_clip_matches_optax_clip_by_global_norm(scale):
   rng = np.random.default_rng(0)

@@ -128,18 +128,15 @@ def test_cross_field_rules():
     c.features = config_lib.ml_collections.ConfigDict({'user_id': config_lib.feature('user', 'user_id')})
   with pytest.raises(ValueError, match="'item' feature"):
     config_lib.validate(c)
-  c = movielens_100k.get_config()
-  c.train.ema_decay = 0.99
-  c.optimizer.embedding_weight_decay = 0.0
-  c.optimizer.tables.name = 'rowwise_adagrad'
-  with pytest.raises(ValueError, match='train.ema_decay=0.99 .*row-wise table optimizers'):
-    config_lib.validate(c)
-  c = movielens_100k.get_config()
-  c.train.ema_decay = 0.0
-  c.optimizer.embedding_weight_decay = 0.3
-  c.optimizer.tables.by_feature = 'user_id=lazy_adam'
-  with pytest.raises(ValueError, match='optimizer.embedding_weight_decay=0.3 .*row-wise table optimizers'):
-    config_lib.validate(c)
+  # what updates every row each step is refused beside the row-wise table optimizers, for all or some tables
+  for ema, decay, tables, named in [(0.99, 0.0, {'name': 'rowwise_adagrad'}, 'train.ema_decay=0.99'),
+                                    (0.0, 0.3, {'by_feature': 'user_id=lazy_adam'},
+                                     'optimizer.embedding_weight_decay=0.3')]:
+    c = movielens_100k.get_config()
+    c.train.ema_decay, c.optimizer.embedding_weight_decay = ema, decay
+    c.optimizer.tables.update(tables)
+    with pytest.raises(ValueError, match=f'{named} .*row-wise table optimizers'):
+      config_lib.validate(c)
 
 
 def test_declaration_order_survives_copies_and_json():

@@ -278,11 +278,13 @@ def _check_resumable(config: ml_collections.ConfigDict, saved: dict[str, Any] | 
       out[f'{section} (their order)'] = [name for _, name in names]
     return out
   now, then = flat(config.to_dict()), flat(saved)
+  defaults = flat(config_lib.base_config().to_dict())
+  old = lambda k: then[k] if k in then else defaults.get(k)  # a field newer than the checkpoint: its default then
   defining = lambda k: (any(k == p or k.startswith(p + '.') or k.startswith(p + ' ') for p in RUN_DEFINING) and
                         not any(k == p or k.startswith(p + '.') for p in RESUME_FREE))
-  changed = sorted(k for k in set(now) | set(then) if defining(k) and now.get(k) != then.get(k))
+  changed = sorted(k for k in set(now) | set(then) if defining(k) and now.get(k) != old(k))
   if changed:
-    shown = '; '.join(f'config.{k} is {now.get(k)!r} here, {then.get(k)!r} there' for k in changed[:3])
+    shown = '; '.join(f'config.{k} is {now.get(k)!r} here, {old(k)!r} there' for k in changed[:3])
     more = f' (and {len(changed) - 3} more)' if len(changed) > 3 else ''
     raise errors.ConfigError(
         f'this workdir holds a run trained with another config (checkpoint at step {step} under '

@@ -161,6 +161,25 @@ def test_a_rerun_that_does_not_fit_the_checkpoint_leaves_the_finished_run_as_it_
   assert runs.load(str(tmp_path)).config.model.embed_dim == c.model.embed_dim  # loads with its own config
 
 
+def test_a_checkpoint_from_before_a_config_field_existed_resumes_with_the_field_at_its_default(tiny_config):
+  """A field added to the config schema after a run was checkpointed (its saved config lacks it) is taken at its
+  base_config default, what that run trained with: the run resumes when the field is at the default and is refused,
+  naming the field, when it is not (the missing key read as None refused every such run, even at the default)."""
+  import types  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  saved = c.to_dict()
+  del saved['optimizer']['embedding_weight_decay']  # a run of a version that did not have it
+  ckpt = types.SimpleNamespace(latest=types.SimpleNamespace(directory='/w/checkpoints/latest/10'))
+  loop._check_resumable(c, saved, 10, ckpt)  # pylint: disable=protected-access
+  c.optimizer.embedding_weight_decay = 0.1
+  with pytest.raises(ValueError, match=r'config.optimizer.embedding_weight_decay is 0.1 here, 0.0 there'):
+    loop._check_resumable(c, saved, 10, ckpt)  # pylint: disable=protected-access
+  c.optimizer.embedding_weight_decay = 0.0
+  c.seed += 1  # a field the checkpoint's config has still compares with its saved value
+  with pytest.raises(ValueError, match=rf'config.seed is {c.seed} here, {c.seed - 1} there'):
+    loop._check_resumable(c, saved, 10, ckpt)  # pylint: disable=protected-access
+
+
 class _Crash(Exception):
   pass
 

@@ -36,10 +36,12 @@ class Run(NamedTuple):
 
 @pytest.fixture(scope='session')
 def config_on(tiny_config):
-  """A factory: the tiny config on mesh `shape`, with id biases (row-sharded 1-d parameters), 64-row batches and a
-  moving average of the parameters (train.ema_decay: state the checks below cover too)."""
+  """A factory: the tiny config on mesh `shape`, with id biases (row-sharded 1-d parameters), 64-row batches, a
+  moving average of the parameters (train.ema_decay: state the checks below cover too) and the tables' weight decay
+  (optimizer.embedding_weight_decay, as the ML-100K default: every row of the sharded tables updated each step)."""
   def make(shape=(1, 1)):
-    c = tiny_config(train__batch_size=64, model__id_biases=True, mesh__shape=shape, train__ema_decay=0.9)
+    c = tiny_config(train__batch_size=64, model__id_biases=True, mesh__shape=shape, train__ema_decay=0.9,
+                    optimizer__embedding_weight_decay=0.5)
     c.data.synthetic.num_items = 200
     c.data.synthetic.interactions_per_user = 10
     return c

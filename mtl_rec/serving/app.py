@@ -208,12 +208,8 @@ class Server:
       user_pos = np.repeat(user_pos, item_pos.shape[0])
     rows = np.where(user_pos >= 0, user_pos, m.num_users)
     context, unknown = protocol.encode_context(req, m, item_pos.shape[0])
-    users = {k: m.user_table[k][rows] for k in m.user_inputs}
-    new = np.flatnonzero(user_pos < 0)
-    if new.size and m.hashed_ids['user']:  # unknown users of a hashed vocabulary: their ids' buckets
-      ids = [req.user_ids[j if len(req.user_ids) > 1 else 0] for j in new]  # one id, or one per row
-      for k, v in m.hashed_id_rows('user', ids).items():
-        users[k][new] = v
+    user_ids = req.user_ids if len(req.user_ids) > 1 else req.user_ids * len(user_pos)  # one id, or one per row
+    users = m.id_rows('user', user_pos, user_ids)  # unknown users of a hashed vocabulary: their ids' buckets
     work = ScoreWork(users, item_pos, req.weights, context, m.item_rows(item_pos, req.item_ids))
     out = await self.score_batcher.submit(work, work.rows)
     user_cold = (user_pos < 0) | ((m.user_id_rows[rows] == 0) if m.user_id_rows is not None else False)

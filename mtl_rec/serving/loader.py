@@ -279,17 +279,22 @@ class ExportedModel:
       base.update({n: rows[0] for n, rows in self.hashed_id_rows('item', [raw_id]).items()})
     return self._encode(self.item_fields, fields, base)
 
-  def item_rows(self, positions: np.ndarray, raw_ids: Sequence[Any]) -> dict[str, np.ndarray] | None:
-    """Item inputs [n] of the request's items (`raw_ids`, looked up as catalog `positions`, -1 unknown) where an
-    unknown one is not simply the out-of-vocabulary row: an item of a hashed id vocabulary has its id's bucket, as
-    in training. None where the catalog's rows serve as they are (score_rows' default)."""
+  def id_rows(self, entity: str, positions: np.ndarray, raw_ids: Sequence[Any]) -> dict[str, np.ndarray]:
+    """The inputs [n] of a request's users or items (`entity`): their table rows at `positions` (-1: unknown, the
+    out-of-vocabulary row), an unknown one of a hashed id vocabulary with its id's bucket, as in training
+    (`raw_ids`: the request's id at each position)."""
+    table, oov = (self.user_table, self.num_users) if entity == 'user' else (self.item_table, self.num_items)
+    out = {k: v[np.where(positions >= 0, positions, oov)] for k, v in table.items()}
     new = np.flatnonzero(positions < 0)
-    if not (new.size and self.hashed_ids['item']):
-      return None
-    out = {k: v[np.where(positions >= 0, positions, self.num_items)] for k, v in self.item_table.items()}
-    for k, v in self.hashed_id_rows('item', [raw_ids[j] for j in new]).items():
-      out[k][new] = v
+    if new.size and self.hashed_ids[entity]:
+      for k, v in self.hashed_id_rows(entity, [raw_ids[j] for j in new]).items():
+        out[k][new] = v
     return out
+
+  def item_rows(self, positions: np.ndarray, raw_ids: Sequence[Any]) -> dict[str, np.ndarray] | None:
+    """`id_rows` of a request's items where an unknown one is not simply the out-of-vocabulary row (a hashed item
+    id's bucket); None where the catalog's rows serve as they are (score_rows' default)."""
+    return self.id_rows('item', positions, raw_ids) if self.hashed_ids['item'] and (positions < 0).any() else None
 
   def context_features(self, values: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
     """(encoded context inputs, fields whose value was unknown) of a request's raw context (missing fields and a

@@ -98,7 +98,7 @@ def label_columns(config: ml_collections.ConfigDict, ds: Dataset) -> dict[str, L
       classes = {v: j for j, v in enumerate(t.classes)}
       # numbers, or text classes ('1', '2') of a number column (one with empty cells holds 1.0, whose text is no class)
       numeric = all(isinstance(v, (int, float)) for v in t.classes) or (
-          np.asarray(raw).dtype.kind in 'iuf' and all(_is_number(v) for v in t.classes))
+          np.asarray(raw).dtype.kind in 'iuf' and all(readers.is_number(v, finite=True) for v in t.classes))
       if numeric:
         x = _finite_or_missing(readers.numeric(raw, t.label, origins, 'interaction log', what), t.label, ds, what)
         present = ~np.isnan(x)
@@ -137,13 +137,6 @@ def label_columns(config: ml_collections.ConfigDict, ds: Dataset) -> dict[str, L
                       f'outside what {what} declares; {fix}')
     out[name] = LabelColumn(np.where(present, x, 0).astype(np.float32), present)
   return out
-
-
-def _is_number(value: Any) -> bool:
-  try:
-    return math.isfinite(float(value))
-  except (TypeError, ValueError):
-    return False
 
 
 def task_specs(config: ml_collections.ConfigDict, labels: dict[str, LabelColumn], train_rows: np.ndarray,

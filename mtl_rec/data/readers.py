@@ -11,6 +11,7 @@ import csv
 import glob
 import io
 import logging
+import math
 import os
 import re
 from typing import Any, Sequence
@@ -151,7 +152,7 @@ def _widened(error: Exception, header: list[str], schema: pa.Schema, columns: di
   if columns.get(column):  # a declared type: the value is wrong, not the inference
     return None
   was = schema.field(column).type
-  kind = 'int' if _INT.fullmatch(value.strip()) else 'float' if _is_number(value) else 'str'
+  kind = 'int' if _INT.fullmatch(value.strip()) else 'float' if is_number(value) else 'str'
   if pa.types.is_null(was) and kind != 'str':
     return column, ARROW_TYPES[kind]
   if pa.types.is_integer(was) and kind != 'str':
@@ -315,7 +316,7 @@ def numeric(values: np.ndarray, column: str, origins: tuple[Origin, ...], what: 
     try:
       return np.where(values == '', 'nan', values).astype(np.float64)
     except ValueError:
-      bad = next(j for j, v in enumerate(values) if v and not _is_number(v))
+      bad = next(j for j, v in enumerate(values) if v and not is_number(v))
       sample = values[bad]
       raise DataError(f'{what}: {where(origins, bad)}: column {column!r} holds {shown(sample)}; {why} needs numbers: '
                       'fix the row or the column') from None
@@ -334,12 +335,13 @@ def timestamps(values: np.ndarray, column: str, origins: tuple[Origin, ...], wha
   return ts
 
 
-def _is_number(text: str) -> bool:
+def is_number(value: Any, finite: bool = False) -> bool:
+  """Whether float(value) reads `value` (a number's text: 'nan' and 'inf' too, unless `finite`)."""
   try:
-    float(text)
-    return True
-  except ValueError:
+    x = float(value)
+  except (TypeError, ValueError):
     return False
+  return not finite or math.isfinite(x)
 
 
 def csv_to_parquet(path: str, out: str, delimiter: str, columns: dict[str, str], what: str,
